@@ -1,0 +1,311 @@
+package caddymodule
+
+import (
+	"math"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/dustin/go-humanize"
+)
+
+func init() {
+	httpcaddyfile.RegisterHandlerDirective("wsgate", parseCaddyfile)
+	httpcaddyfile.RegisterDirectiveOrder("wsgate", httpcaddyfile.Before, "reverse_proxy")
+}
+
+func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
+	var m Handler
+	err := m.UnmarshalCaddyfile(h.Dispenser)
+	return &m, err
+}
+
+// UnmarshalCaddyfile sets up the handler from Caddyfile tokens. Syntax:
+//
+//	wsgate [<matcher>] [<upstreams...>] {
+//	    upstream             <ws://host:port/path...>
+//	    dial_timeout         <duration>
+//	    tls {
+//	        ca_file              <pem_files...>
+//	        server_name          <name>
+//	        insecure_skip_verify
+//	        client_certificate   <cert_file> <key_file>
+//	    }
+//	    forward_headers      <header_names...>
+//	    max_message          <size>|off
+//	    max_message_upstream <size>|off
+//	    rate_limit [client|upstream] {
+//	        messages  <count>/<duration> [burst <count>]
+//	        bytes     <size>/<duration>  [burst <size>]
+//	        on_exceed close|drop|throttle
+//	    }
+//	    idle_timeout         <duration>
+//	    ping_interval        <duration>|off
+//	    pong_timeout         <duration>
+//	}
+//
+// Unknown or repeated subdirectives are errors; upstream may repeat and adds
+// upstreams. A rate such as 100/s, 6000/1m or 1MiB/s is an amount over a
+// duration (s, m and h stand for one second, minute and hour).
+func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // consume directive name
+	h.Upstreams = append(h.Upstreams, d.RemainingArgs()...)
+	seen := map[string]bool{}
+	for d.NextBlock(0) {
+		name := d.Val()
+		if name != "upstream" {
+			if seen[name] {
+				return d.Errf("duplicate subdirective %q", name)
+			}
+			seen[name] = true
+		}
+		var err error
+		switch name {
+		case "upstream":
+			args := d.RemainingArgs()
+			if len(args) == 0 {
+				return d.ArgErr()
+			}
+			h.Upstreams = append(h.Upstreams, args...)
+		case "dial_timeout":
+			h.DialTimeout, err = parseDuration(d)
+		case "tls":
+			h.TLS, err = parseTLS(d)
+		case "forward_headers":
+			args := d.RemainingArgs()
+			if len(args) == 0 {
+				return d.ArgErr()
+			}
+			h.ForwardHeaders = args
+		case "max_message":
+			h.MaxMessage, err = parseSize(d, true)
+		case "max_message_upstream":
+			h.MaxMessageUpstream, err = parseSize(d, true)
+			if h.MaxMessageUpstream < 0 {
+				h.MaxMessageUpstream = 0
+			}
+		case "rate_limit":
+			err = h.parseRateLimit(d, seen)
+		case "idle_timeout":
+			h.IdleTimeout, err = parseDuration(d)
+		case "ping_interval":
+			if d.CountRemainingArgs() == 1 && d.NextArg() {
+				if d.Val() == "off" {
+					h.PingInterval = caddy.Duration(-1)
+					break
+				}
+				d.Prev()
+			}
+			h.PingInterval, err = parseDuration(d)
+		case "pong_timeout":
+			h.PongTimeout, err = parseDuration(d)
+		default:
+			return d.Errf("unrecognized subdirective %q", name)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	if len(h.Upstreams) == 0 {
+		return d.Err("wsgate needs at least one upstream")
+	}
+	return nil
+}
+
+func parseDuration(d *caddyfile.Dispenser) (caddy.Duration, error) {
+	var v string
+	if !d.AllArgs(&v) {
+		return 0, d.ArgErr()
+	}
+	dur, err := caddy.ParseDuration(v)
+	if err != nil {
+		return 0, d.Errf("bad duration %q: %v", v, err)
+	}
+	if dur <= 0 {
+		return 0, d.Errf("duration %q must be positive", v)
+	}
+	return caddy.Duration(dur), nil
+}
+
+// parseSize reads one size argument; "off" (if allowed) gives -1.
+func parseSize(d *caddyfile.Dispenser, allowOff bool) (int64, error) {
+	var v string
+	if !d.AllArgs(&v) {
+		return 0, d.ArgErr()
+	}
+	if allowOff && v == "off" {
+		return -1, nil
+	}
+	n, err := humanize.ParseBytes(v)
+	if err != nil || n == 0 || n > math.MaxInt64 {
+		return 0, d.Errf("bad size %q: want a positive size such as 64KiB or 1MiB", v)
+	}
+	return int64(n), nil
+}
+
+func parseTLS(d *caddyfile.Dispenser) (*UpstreamTLS, error) {
+	if d.CountRemainingArgs() > 0 {
+		return nil, d.ArgErr()
+	}
+	t := new(UpstreamTLS)
+	seen := map[string]bool{}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		name := d.Val()
+		if seen[name] {
+			return nil, d.Errf("duplicate tls subdirective %q", name)
+		}
+		seen[name] = true
+		switch name {
+		case "ca_file":
+			t.CAFiles = d.RemainingArgs()
+			if len(t.CAFiles) == 0 {
+				return nil, d.ArgErr()
+			}
+		case "server_name":
+			if !d.AllArgs(&t.ServerName) {
+				return nil, d.ArgErr()
+			}
+		case "insecure_skip_verify":
+			if d.CountRemainingArgs() > 0 {
+				return nil, d.ArgErr()
+			}
+			t.InsecureSkipVerify = true
+		case "client_certificate":
+			if !d.AllArgs(&t.ClientCertFile, &t.ClientKeyFile) {
+				return nil, d.ArgErr()
+			}
+		default:
+			return nil, d.Errf("unrecognized tls subdirective %q", name)
+		}
+	}
+	return t, nil
+}
+
+func (h *Handler) parseRateLimit(d *caddyfile.Dispenser, seen map[string]bool) error {
+	dir := "client"
+	switch args := d.RemainingArgs(); len(args) {
+	case 0:
+	case 1:
+		dir = args[0]
+		if dir != "client" && dir != "upstream" {
+			return d.Errf("rate_limit direction must be client or upstream, not %q", dir)
+		}
+	default:
+		return d.ArgErr()
+	}
+	// rate_limit may appear once per direction
+	delete(seen, "rate_limit")
+	if seen["rate_limit "+dir] {
+		return d.Errf("duplicate rate_limit for %s", dir)
+	}
+	seen["rate_limit "+dir] = true
+
+	rl := new(RateLimit)
+	inner := map[string]bool{}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		name := d.Val()
+		if inner[name] {
+			return d.Errf("duplicate rate_limit subdirective %q", name)
+		}
+		inner[name] = true
+		switch name {
+		case "messages":
+			rate, burst, err := parseRate(d, false)
+			if err != nil {
+				return err
+			}
+			rl.Messages, rl.MessageBurst = rate, burst
+		case "bytes":
+			rate, burst, err := parseRate(d, true)
+			if err != nil {
+				return err
+			}
+			rl.Bytes, rl.ByteBurst = rate, burst
+		case "on_exceed":
+			if !d.AllArgs(&rl.OnExceed) {
+				return d.ArgErr()
+			}
+			switch rl.OnExceed {
+			case "close", "drop", "throttle":
+			default:
+				return d.Errf("on_exceed must be close, drop or throttle, not %q", rl.OnExceed)
+			}
+		default:
+			return d.Errf("unrecognized rate_limit subdirective %q", name)
+		}
+	}
+	if rl.Messages == 0 && rl.Bytes == 0 {
+		return d.Err("rate_limit needs messages or bytes")
+	}
+	if dir == "client" {
+		h.RateLimit = rl
+	} else {
+		h.RateLimitUpstream = rl
+	}
+	return nil
+}
+
+// parseRate reads "<amount>/<duration> [burst <amount>]" and returns the
+// amount per second and the burst.
+func parseRate(d *caddyfile.Dispenser, bytes bool) (float64, int, error) {
+	args := d.RemainingArgs()
+	if len(args) != 1 && (len(args) != 3 || args[1] != "burst") {
+		return 0, 0, d.Errf("want <amount>/<duration> [burst <amount>]")
+	}
+	amountStr, perStr, ok := strings.Cut(args[0], "/")
+	if !ok {
+		return 0, 0, d.Errf("bad rate %q: want <amount>/<duration> such as 100/s", args[0])
+	}
+	amount, err := parseAmount(amountStr, bytes)
+	if err != nil {
+		return 0, 0, d.Errf("bad rate %q: %v", args[0], err)
+	}
+	var per time.Duration
+	switch perStr {
+	case "s":
+		per = time.Second
+	case "m":
+		per = time.Minute
+	case "h":
+		per = time.Hour
+	default:
+		per, err = caddy.ParseDuration(perStr)
+		if err != nil || per <= 0 {
+			return 0, 0, d.Errf("bad rate %q: the duration must be s, m, h or a positive duration", args[0])
+		}
+	}
+	var burst int
+	if len(args) == 3 {
+		b, err := parseAmount(args[2], bytes)
+		if err != nil || b > math.MaxInt32 {
+			return 0, 0, d.Errf("bad burst %q", args[2])
+		}
+		burst = int(b)
+	}
+	return amount / per.Seconds(), burst, nil
+}
+
+func parseAmount(s string, bytes bool) (float64, error) {
+	if bytes {
+		n, err := humanize.ParseBytes(s)
+		if err != nil || n == 0 {
+			return 0, errAmount
+		}
+		return float64(n), nil
+	}
+	n, err := strconv.ParseFloat(s, 64)
+	if err != nil || n <= 0 || math.IsInf(n, 0) || math.IsNaN(n) {
+		return 0, errAmount
+	}
+	return n, nil
+}
+
+type amountError struct{}
+
+func (amountError) Error() string { return "the amount must be a positive number" }
+
+var errAmount = amountError{}

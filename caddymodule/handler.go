@@ -1,0 +1,242 @@
+package caddymodule
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"fmt"
+	"net/http"
+	"os"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+
+	"github.com/wsgate/wsgate/proxy"
+)
+
+func init() {
+	caddy.RegisterModule(Handler{})
+}
+
+// registry tracks every relayed connection of the process. It lives outside
+// any one configuration so that a config reload leaves live connections
+// alone, while process exit still closes each of them with 1001.
+var registry = proxy.NewRegistry()
+
+// shutdownTimeout bounds how long exit waits for closing handshakes.
+const shutdownTimeout = 5 * time.Second
+
+// Handler relays WebSocket connections to upstream apps, enforcing
+// frame-level limits. Requests that are not WebSocket upgrades pass to the
+// next handler untouched.
+type Handler struct {
+	// Upstreams are the ws:// or wss:// URLs of the app. Connections are
+	// spread round-robin; when one cannot be dialled the next is tried. An
+	// upstream URL with a path is dialled at that path; without one, at the
+	// client's request path. The client's query string is appended.
+	Upstreams []string `json:"upstreams,omitempty"`
+
+	// DialTimeout bounds connecting to an upstream and its handshake.
+	// Default: 5s.
+	DialTimeout caddy.Duration `json:"dial_timeout,omitempty"`
+
+	// TLS configures connections to wss:// upstreams. Default: system roots,
+	// server name from the URL.
+	TLS *UpstreamTLS `json:"tls,omitempty"`
+
+	// ForwardHeaders are the client request headers copied to the upstream
+	// handshake. Default: Cookie, Authorization, Origin, User-Agent,
+	// Accept-Language. X-Forwarded-For/Proto/Host and X-Real-IP are always
+	// set by the gateway; hop-by-hop and Sec-WebSocket-* headers are never
+	// copied.
+	ForwardHeaders []string `json:"forward_headers,omitempty"`
+
+	// MaxMessage is the largest message a client may send, in bytes, after
+	// reassembly of fragments; larger ones close the connection with 1009.
+	// Default: 1 MiB (1048576). -1 means unlimited.
+	MaxMessage int64 `json:"max_message,omitempty"`
+
+	// MaxMessageUpstream is the largest message the upstream may send.
+	// Default: unlimited (messages stream through without being held).
+	MaxMessageUpstream int64 `json:"max_message_upstream,omitempty"`
+
+	// RateLimit limits what each client sends. Default: no limit.
+	RateLimit *RateLimit `json:"rate_limit,omitempty"`
+
+	// RateLimitUpstream limits what the upstream sends on each connection.
+	// Default: no limit.
+	RateLimitUpstream *RateLimit `json:"rate_limit_upstream,omitempty"`
+
+	// IdleTimeout closes a connection with 1001 "idle timeout" after this
+	// long without a data message in either direction. Default: none.
+	IdleTimeout caddy.Duration `json:"idle_timeout,omitempty"`
+
+	// PingInterval is how long a client may be silent before the gateway
+	// pings it. Default: 30s. A negative value disables pings.
+	PingInterval caddy.Duration `json:"ping_interval,omitempty"`
+
+	// PongTimeout is how long the gateway waits for any frame after a ping
+	// before it drops the client. Default: 30s.
+	PongTimeout caddy.Duration `json:"pong_timeout,omitempty"`
+
+	gw *proxy.Gateway
+}
+
+// RateLimit limits the messages and bytes one side of a connection sends.
+type RateLimit struct {
+	// Messages is the sustained message rate, per second. Pings and pongs
+	// count as messages. Default: unlimited.
+	Messages float64 `json:"messages,omitempty"`
+	// MessageBurst is how many messages may arrive at once. Default: the
+	// per-second rate rounded up (at least 1).
+	MessageBurst int `json:"message_burst,omitempty"`
+	// Bytes is the sustained payload byte rate, per second. Default:
+	// unlimited.
+	Bytes float64 `json:"bytes,omitempty"`
+	// ByteBurst is how many bytes may arrive at once. Default: one second's
+	// worth. A frame larger than the burst uses the whole bucket.
+	ByteBurst int `json:"byte_burst,omitempty"`
+	// OnExceed is what happens to a message over the limit: "close" (close
+	// 1008 "rate limit exceeded"), "drop" (the message is discarded; a
+	// message whose later fragments go over closes instead), or "throttle"
+	// (the gateway stops reading from the sender until the limit allows).
+	// Default: close.
+	OnExceed string `json:"on_exceed,omitempty"`
+}
+
+// UpstreamTLS configures TLS to wss:// upstreams.
+type UpstreamTLS struct {
+	// CAFiles are PEM files of the CAs trusted for upstream certificates,
+	// instead of the system roots.
+	CAFiles []string `json:"ca_files,omitempty"`
+	// ServerName overrides the name sent in SNI and verified.
+	ServerName string `json:"server_name,omitempty"`
+	// InsecureSkipVerify turns off certificate verification. For testing
+	// only.
+	InsecureSkipVerify bool `json:"insecure_skip_verify,omitempty"`
+	// ClientCertFile and ClientKeyFile are a PEM certificate and key the
+	// gateway presents to the upstream (mutual TLS).
+	ClientCertFile string `json:"client_cert_file,omitempty"`
+	ClientKeyFile  string `json:"client_key_file,omitempty"`
+}
+
+// CaddyModule returns the Caddy module information.
+func (Handler) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "http.handlers.wsgate",
+		New: func() caddy.Module { return new(Handler) },
+	}
+}
+
+// Provision builds the relay engine from the config.
+func (h *Handler) Provision(ctx caddy.Context) error {
+	cfg, err := h.proxyConfig()
+	if err != nil {
+		return err
+	}
+	h.gw = proxy.New(cfg, registry, ctx.Slogger())
+	return nil
+}
+
+func (h *Handler) proxyConfig() (proxy.Config, error) {
+	cfg := proxy.Config{
+		Upstreams:      h.Upstreams,
+		DialTimeout:    time.Duration(h.DialTimeout),
+		ForwardHeaders: h.ForwardHeaders,
+		Client:         proxy.Limits{MaxMessage: h.MaxMessage, Rate: h.RateLimit.proxy()},
+		Upstream:       proxy.Limits{MaxMessage: h.MaxMessageUpstream, Rate: h.RateLimitUpstream.proxy()},
+		IdleTimeout:    time.Duration(h.IdleTimeout),
+		PingInterval:   time.Duration(h.PingInterval),
+		PongTimeout:    time.Duration(h.PongTimeout),
+	}
+	if h.TLS != nil {
+		tc, err := h.TLS.config()
+		if err != nil {
+			return cfg, fmt.Errorf("upstream tls: %w", err)
+		}
+		cfg.TLS = tc
+	}
+	if err := cfg.Prepare(); err != nil {
+		return cfg, fmt.Errorf("wsgate: %w", err)
+	}
+	return cfg, nil
+}
+
+func (r *RateLimit) proxy() *proxy.RateLimit {
+	if r == nil {
+		return nil
+	}
+	return &proxy.RateLimit{
+		Messages: r.Messages, MessageBurst: r.MessageBurst,
+		Bytes: r.Bytes, ByteBurst: r.ByteBurst,
+		OnExceed: proxy.OnExceed(r.OnExceed),
+	}
+}
+
+func (t *UpstreamTLS) config() (*tls.Config, error) {
+	tc := &tls.Config{ServerName: t.ServerName, InsecureSkipVerify: t.InsecureSkipVerify}
+	if len(t.CAFiles) > 0 {
+		pool := x509.NewCertPool()
+		for _, f := range t.CAFiles {
+			pem, err := os.ReadFile(f)
+			if err != nil {
+				return nil, fmt.Errorf("reading CA file: %w", err)
+			}
+			if !pool.AppendCertsFromPEM(pem) {
+				return nil, fmt.Errorf("CA file %s holds no PEM certificate", f)
+			}
+		}
+		tc.RootCAs = pool
+	}
+	if (t.ClientCertFile == "") != (t.ClientKeyFile == "") {
+		return nil, fmt.Errorf("client certificate needs both a certificate and a key file")
+	}
+	if t.ClientCertFile != "" {
+		cert, err := tls.LoadX509KeyPair(t.ClientCertFile, t.ClientKeyFile)
+		if err != nil {
+			return nil, fmt.Errorf("loading client certificate: %w", err)
+		}
+		tc.Certificates = []tls.Certificate{cert}
+	}
+	return tc, nil
+}
+
+// Validate checks the config (Provision has already prepared it).
+func (h *Handler) Validate() error {
+	if h.gw == nil {
+		return fmt.Errorf("wsgate: not provisioned")
+	}
+	return nil
+}
+
+// Cleanup runs when this config is replaced or the process exits. On a
+// reload live connections keep running with the config they started with;
+// on exit every connection is closed with 1001.
+func (h *Handler) Cleanup() error {
+	if caddy.Exiting() {
+		registry.Shutdown(shutdownTimeout)
+	}
+	return nil
+}
+
+// ServeHTTP relays WebSocket upgrades and passes other requests on.
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
+	if !proxy.IsUpgrade(r) {
+		return next.ServeHTTP(w, r)
+	}
+	info := proxy.RequestInfo{}
+	info.ClientIP, _ = caddyhttp.GetVar(r.Context(), caddyhttp.ClientIPVarKey).(string)
+	info.TrustedProxy, _ = caddyhttp.GetVar(r.Context(), caddyhttp.TrustedProxyVarKey).(bool)
+	h.gw.ServeHTTP(w, r, info)
+	return nil
+}
+
+// Interface guards
+var (
+	_ caddy.Provisioner           = (*Handler)(nil)
+	_ caddy.Validator             = (*Handler)(nil)
+	_ caddy.CleanerUpper          = (*Handler)(nil)
+	_ caddyhttp.MiddlewareHandler = (*Handler)(nil)
+	_ caddyfile.Unmarshaler       = (*Handler)(nil)
+)

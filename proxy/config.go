@@ -1,0 +1,178 @@
+package proxy
+
+import (
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/url"
+	"time"
+)
+
+// Defaults applied by Config.setDefaults.
+const (
+	DefaultMaxMessage   = 1 << 20
+	DefaultDialTimeout  = 5 * time.Second
+	DefaultPingInterval = 30 * time.Second
+	DefaultPongTimeout  = 30 * time.Second
+	DefaultCloseTimeout = 5 * time.Second
+)
+
+// DefaultForwardHeaders are the client request headers copied to the
+// upstream handshake when Config.ForwardHeaders is nil.
+var DefaultForwardHeaders = []string{"Cookie", "Authorization", "Origin", "User-Agent", "Accept-Language"}
+
+// OnExceed says what happens to a message that exceeds a rate limit.
+type OnExceed string
+
+// OnExceed values.
+const (
+	// ExceedClose closes the connection with 1008 and a reason.
+	ExceedClose OnExceed = "close"
+	// ExceedDrop drops the message (all its frames) and keeps the connection.
+	ExceedDrop OnExceed = "drop"
+	// ExceedThrottle delays reading from the sender until the limit allows
+	// the message, which pushes back on the sender through TCP.
+	ExceedThrottle OnExceed = "throttle"
+)
+
+// RateLimit limits the messages and bytes one side of a connection may send.
+// A zero rate means no limit of that kind.
+type RateLimit struct {
+	// Messages per second; 0 means unlimited.
+	Messages float64
+	// MessageBurst is the bucket size for messages; defaults to
+	// max(1, ceil(Messages)).
+	MessageBurst int
+	// Bytes per second (payload bytes); 0 means unlimited.
+	Bytes float64
+	// ByteBurst is the bucket size for bytes; defaults to max(1, ceil(Bytes)).
+	// A frame larger than the burst drains the whole bucket.
+	ByteBurst int
+	// OnExceed defaults to ExceedClose.
+	OnExceed OnExceed
+}
+
+func (r *RateLimit) enabled() bool { return r != nil && (r.Messages > 0 || r.Bytes > 0) }
+
+// Limits applies to the messages one side sends.
+type Limits struct {
+	// MaxMessage is the largest message (after reassembly of fragments) in
+	// bytes; larger ones close the connection with 1009. 0 means unlimited.
+	MaxMessage int64
+	// Rate limits messages and bytes; nil means unlimited.
+	Rate *RateLimit
+}
+
+// Config configures relayed connections. The zero value plus Upstreams is
+// usable; setDefaults fills in the documented defaults.
+type Config struct {
+	// Upstreams are ws:// or wss:// URLs. Connections are spread round-robin;
+	// when a dial fails the next upstream is tried.
+	Upstreams []string
+	// DialTimeout bounds connecting to an upstream and its handshake.
+	// Default 5s.
+	DialTimeout time.Duration
+	// TLS is used for wss:// upstreams; nil means the system roots.
+	TLS *tls.Config
+	// ForwardHeaders are the client request headers copied to the upstream
+	// handshake. nil means DefaultForwardHeaders. Hop-by-hop and
+	// Sec-WebSocket-* headers are never copied.
+	ForwardHeaders []string
+
+	// Client limits the messages from the client. MaxMessage 0 here is
+	// replaced by DefaultMaxMessage; use -1 for unlimited.
+	Client Limits
+	// Upstream limits the messages from the upstream (unlimited by default).
+	Upstream Limits
+
+	// IdleTimeout closes a connection (1001 "idle timeout") after this long
+	// without a data message in either direction. 0 disables.
+	IdleTimeout time.Duration
+	// PingInterval is how long the client may be silent before the gateway
+	// pings it. Default 30s; negative disables pings.
+	PingInterval time.Duration
+	// PongTimeout is how long the gateway waits for any frame after a ping
+	// before it drops the connection. Default 30s.
+	PongTimeout time.Duration
+	// CloseTimeout bounds the closing handshake. Default 5s.
+	CloseTimeout time.Duration
+
+	// Now is the clock for rate limits; nil means time.Now.
+	Now func() time.Time
+
+	upstreamURLs []*url.URL
+}
+
+// Prepare validates c and fills in defaults. It must be called once before
+// the config is used.
+func (c *Config) Prepare() error {
+	if len(c.Upstreams) == 0 {
+		return errors.New("no upstream configured")
+	}
+	c.upstreamURLs = c.upstreamURLs[:0]
+	for _, s := range c.Upstreams {
+		u, err := url.Parse(s)
+		if err != nil {
+			return fmt.Errorf("upstream %q: %v", s, err)
+		}
+		if u.Scheme != "ws" && u.Scheme != "wss" {
+			return fmt.Errorf("upstream %q: scheme must be ws or wss", s)
+		}
+		if u.Host == "" {
+			return fmt.Errorf("upstream %q: missing host", s)
+		}
+		c.upstreamURLs = append(c.upstreamURLs, u)
+	}
+	if c.DialTimeout == 0 {
+		c.DialTimeout = DefaultDialTimeout
+	}
+	if c.ForwardHeaders == nil {
+		c.ForwardHeaders = DefaultForwardHeaders
+	}
+	for _, h := range c.ForwardHeaders {
+		if neverForward(http.CanonicalHeaderKey(h)) {
+			return fmt.Errorf("header %q cannot be forwarded: the gateway manages it", h)
+		}
+	}
+	switch {
+	case c.Client.MaxMessage == 0:
+		c.Client.MaxMessage = DefaultMaxMessage
+	case c.Client.MaxMessage < 0:
+		c.Client.MaxMessage = 0
+	}
+	if c.Upstream.MaxMessage < 0 {
+		c.Upstream.MaxMessage = 0
+	}
+	for _, r := range []*RateLimit{c.Client.Rate, c.Upstream.Rate} {
+		if r == nil {
+			continue
+		}
+		if r.Messages < 0 || r.Bytes < 0 || r.MessageBurst < 0 || r.ByteBurst < 0 {
+			return errors.New("rate limits must not be negative")
+		}
+		switch r.OnExceed {
+		case "":
+			r.OnExceed = ExceedClose
+		case ExceedClose, ExceedDrop, ExceedThrottle:
+		default:
+			return fmt.Errorf("on_exceed must be close, drop or throttle, not %q", r.OnExceed)
+		}
+	}
+	if c.IdleTimeout < 0 {
+		return errors.New("idle timeout must not be negative")
+	}
+	if c.PingInterval == 0 {
+		c.PingInterval = DefaultPingInterval
+	}
+	if c.PongTimeout <= 0 {
+		c.PongTimeout = DefaultPongTimeout
+	}
+	if c.CloseTimeout <= 0 {
+		c.CloseTimeout = DefaultCloseTimeout
+	}
+	if c.Now == nil {
+		c.Now = time.Now
+	}
+	return nil
+}

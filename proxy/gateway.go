@@ -1,0 +1,166 @@
+package proxy
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/url"
+	"sync/atomic"
+
+	"github.com/gobwas/ws"
+)
+
+// Gateway relays upgraded client connections to upstreams. One Gateway
+// serves one configuration; connections keep the Gateway they started with,
+// so a new configuration never disturbs live connections.
+type Gateway struct {
+	cfg  Config
+	reg  *Registry
+	log  *slog.Logger
+	next atomic.Uint32
+}
+
+// New makes a Gateway. cfg must have been prepared (Config.Prepare). reg
+// tracks live connections (for shutdown); it may be shared by several
+// Gateways. log may be nil.
+func New(cfg Config, reg *Registry, log *slog.Logger) *Gateway {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	if reg == nil {
+		reg = NewRegistry()
+	}
+	return &Gateway{cfg: cfg, reg: reg, log: log}
+}
+
+// Registry returns the registry the gateway's connections are tracked in.
+func (g *Gateway) Registry() *Registry { return g.reg }
+
+// WriteError answers a refused request with a status and a short JSON body.
+func WriteError(w http.ResponseWriter, status int, msg string, hdr http.Header) {
+	for k, v := range hdr {
+		w.Header()[k] = v
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("X-Content-Type-Options", "nosniff")
+	w.WriteHeader(status)
+	b, _ := json.Marshal(struct {
+		Error string `json:"error"`
+	}{msg})
+	w.Write(append(b, '\n'))
+}
+
+// ServeHTTP checks the handshake, dials an upstream, upgrades the client
+// and starts relaying. It returns once the relay has started (the relay
+// runs on its own goroutines) or after it has written an HTTP error.
+func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, info RequestInfo) {
+	if herr := CheckHandshake(r); herr != nil {
+		WriteError(w, herr.Status, herr.Message, herr.Header)
+		return
+	}
+	up, hs, err := g.dial(r.Context(), r, info)
+	if err != nil {
+		g.log.Warn("upstream unavailable", "error", err.Error(), "remote", r.RemoteAddr)
+		WriteError(w, http.StatusBadGateway, "upstream unavailable", nil)
+		return
+	}
+	u := ws.HTTPUpgrader{
+		Protocol: func(p string) bool { return hs.protocol != "" && p == hs.protocol },
+	}
+	conn, rw, _, err := u.Upgrade(r, w)
+	if err != nil {
+		up.conn.Close()
+		up.putReader()
+		if conn != nil {
+			conn.Close()
+		}
+		g.log.Debug("client upgrade failed", "error", err.Error(), "remote", r.RemoteAddr)
+		return
+	}
+	c := newRelay(g, conn, up.conn)
+	if rw != nil && rw.Reader.Buffered() > 0 {
+		b, _ := rw.Reader.Peek(rw.Reader.Buffered())
+		c.client.rd.prime(b)
+	}
+	if up.br != nil && up.br.Buffered() > 0 {
+		b, _ := up.br.Peek(up.br.Buffered())
+		c.upstream.rd.prime(b)
+	}
+	up.putReader()
+	c.start()
+}
+
+type dialed struct {
+	conn net.Conn
+	br   *bufio.Reader
+}
+
+func (d *dialed) putReader() {
+	if d.br != nil {
+		ws.PutReader(d.br)
+		d.br = nil
+	}
+}
+
+type handshake struct{ protocol string }
+
+// errUpstreamStatus is an upstream that answered the handshake with
+// something other than 101.
+type errUpstreamStatus int
+
+func (e errUpstreamStatus) Error() string { return fmt.Sprintf("upstream answered HTTP %d", int(e)) }
+
+// dial connects to the next upstream, trying each once.
+func (g *Gateway) dial(ctx context.Context, r *http.Request, info RequestInfo) (*dialed, handshake, error) {
+	hdr := g.upstreamHeader(r, info)
+	protocols := offeredProtocols(r)
+	n := len(g.cfg.upstreamURLs)
+	first := int(g.next.Add(1)-1) % n
+	var errs []error
+	for i := 0; i < n; i++ {
+		u := g.cfg.upstreamURLs[(first+i)%n]
+		target := *u
+		target.Path, target.RawPath = joinPath(u, r)
+		if target.RawQuery == "" {
+			target.RawQuery = r.URL.RawQuery
+		} else if r.URL.RawQuery != "" {
+			target.RawQuery += "&" + r.URL.RawQuery
+		}
+		var status int
+		d := ws.Dialer{
+			Timeout:       g.cfg.DialTimeout,
+			Protocols:     protocols,
+			Header:        ws.HandshakeHeaderHTTP(hdr),
+			Host:          r.Host,
+			TLSConfig:     g.cfg.TLS,
+			OnStatusError: func(s int, _ []byte, _ io.Reader) { status = s },
+		}
+		conn, br, hs, err := d.Dial(ctx, target.String())
+		if err == nil {
+			return &dialed{conn: conn, br: br}, handshake{protocol: hs.Protocol}, nil
+		}
+		if status != 0 {
+			err = errUpstreamStatus(status)
+		}
+		errs = append(errs, fmt.Errorf("%s: %w", u.Redacted(), err))
+	}
+	return nil, handshake{}, errors.Join(errs...)
+}
+
+// joinPath picks the upstream request path: the upstream URL's own path
+// when it has one, otherwise the client's (possibly rewritten) path.
+func joinPath(u *url.URL, r *http.Request) (path, raw string) {
+	if u.Path != "" && u.Path != "/" {
+		return u.Path, u.RawPath
+	}
+	if r.URL.Path == "" {
+		return "/", ""
+	}
+	return r.URL.Path, r.URL.RawPath
+}

@@ -1,0 +1,162 @@
+package proxy
+
+import (
+	"encoding/base64"
+	"net"
+	"net/http"
+	"net/textproto"
+	"strings"
+)
+
+// IsUpgrade reports whether r asks for a WebSocket: an HTTP/1.1 upgrade, or
+// an HTTP/2 or HTTP/3 extended CONNECT with :protocol websocket.
+func IsUpgrade(r *http.Request) bool {
+	if r.Method == http.MethodConnect && strings.EqualFold(r.Header.Get(":protocol"), "websocket") {
+		return true
+	}
+	return headerHasToken(r.Header["Connection"], "upgrade") &&
+		headerHasToken(r.Header["Upgrade"], "websocket")
+}
+
+// HandshakeError is a refusal that is answered with an HTTP status before
+// any hijack.
+type HandshakeError struct {
+	Status  int
+	Message string
+	Header  http.Header
+}
+
+func (e *HandshakeError) Error() string { return e.Message }
+
+// CheckHandshake validates a client's opening handshake (RFC 6455 §4.2.1)
+// so that problems are answered with a proper HTTP status instead of a
+// response written into a hijacked socket.
+func CheckHandshake(r *http.Request) *HandshakeError {
+	if r.ProtoMajor >= 2 {
+		return &HandshakeError{Status: http.StatusNotImplemented,
+			Message: "WebSocket over HTTP/2 and HTTP/3 is not supported; connect with HTTP/1.1"}
+	}
+	if r.Method != http.MethodGet {
+		return &HandshakeError{Status: http.StatusMethodNotAllowed, Message: "a WebSocket handshake must use GET",
+			Header: http.Header{"Allow": {http.MethodGet}}}
+	}
+	if r.ProtoMajor != 1 || r.ProtoMinor < 1 {
+		return &HandshakeError{Status: http.StatusBadRequest, Message: "a WebSocket handshake needs HTTP/1.1"}
+	}
+	if v := r.Header.Get("Sec-WebSocket-Version"); v != "13" {
+		return &HandshakeError{Status: http.StatusUpgradeRequired, Message: "unsupported Sec-WebSocket-Version; use 13",
+			Header: http.Header{"Sec-Websocket-Version": {"13"}}}
+	}
+	keys := r.Header["Sec-Websocket-Key"]
+	if len(keys) != 1 {
+		return &HandshakeError{Status: http.StatusBadRequest, Message: "missing or repeated Sec-WebSocket-Key"}
+	}
+	if k, err := base64.StdEncoding.DecodeString(keys[0]); err != nil || len(k) != 16 {
+		return &HandshakeError{Status: http.StatusBadRequest, Message: "malformed Sec-WebSocket-Key"}
+	}
+	for _, p := range offeredProtocols(r) {
+		if !validToken(p) {
+			return &HandshakeError{Status: http.StatusBadRequest, Message: "malformed Sec-WebSocket-Protocol"}
+		}
+	}
+	return nil
+}
+
+// offeredProtocols lists the subprotocols the client offered, in order.
+func offeredProtocols(r *http.Request) []string {
+	var out []string
+	for _, v := range r.Header["Sec-Websocket-Protocol"] {
+		for _, p := range strings.Split(v, ",") {
+			if p = textproto.TrimString(p); p != "" {
+				out = append(out, p)
+			}
+		}
+	}
+	return out
+}
+
+func validToken(s string) bool {
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if c <= ' ' || c >= 0x7f || strings.IndexByte("()<>@,;:\\\"/[]?={}", c) >= 0 {
+			return false
+		}
+	}
+	return s != ""
+}
+
+func headerHasToken(values []string, token string) bool {
+	for _, v := range values {
+		for _, t := range strings.Split(v, ",") {
+			if strings.EqualFold(textproto.TrimString(t), token) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// hopHeaders are never copied from the client's request to the upstream's.
+var hopHeaders = map[string]bool{
+	"Connection": true, "Proxy-Connection": true, "Keep-Alive": true, "Proxy-Authenticate": true,
+	"Proxy-Authorization": true, "Te": true, "Trailer": true, "Transfer-Encoding": true, "Upgrade": true,
+	"Host": true, "Content-Length": true,
+}
+
+// neverForward reports whether a (canonical) header is managed by the
+// gateway and so cannot be listed in ForwardHeaders.
+func neverForward(h string) bool {
+	return hopHeaders[h] || strings.HasPrefix(h, "Sec-Websocket-") || strings.HasPrefix(h, "X-Forwarded-") || h == "X-Real-Ip"
+}
+
+// RequestInfo is what the gateway knows about the client beyond the request:
+// the caller (the Caddy module) fills it from its own trusted-proxy logic.
+type RequestInfo struct {
+	// ClientIP is the real client's address (after trusted proxies).
+	ClientIP string
+	// TrustedProxy is true when the immediate peer is a trusted proxy, so
+	// its X-Forwarded-* headers are kept and extended rather than replaced.
+	TrustedProxy bool
+}
+
+// upstreamHeader builds the headers of the upstream handshake: the chosen
+// client headers, then X-Forwarded-For/Proto/Host and X-Real-IP.
+func (g *Gateway) upstreamHeader(r *http.Request, info RequestInfo) http.Header {
+	h := make(http.Header, len(g.cfg.ForwardHeaders)+4)
+	for _, name := range g.cfg.ForwardHeaders {
+		name = http.CanonicalHeaderKey(name)
+		if vs := r.Header[name]; len(vs) > 0 {
+			h[name] = append([]string(nil), vs...)
+		}
+	}
+	peer, _, err := net.SplitHostPort(r.RemoteAddr)
+	if err != nil {
+		peer = r.RemoteAddr
+	}
+	client := info.ClientIP
+	if client == "" {
+		client = peer
+	}
+	xff := peer
+	proto := "http"
+	if r.TLS != nil {
+		proto = "https"
+	}
+	host := r.Host
+	if info.TrustedProxy {
+		if prior := r.Header.Values("X-Forwarded-For"); len(prior) > 0 {
+			xff = strings.Join(prior, ", ") + ", " + peer
+		}
+		if p := r.Header.Get("X-Forwarded-Proto"); p != "" {
+			proto = p
+		}
+		if p := r.Header.Get("X-Forwarded-Host"); p != "" {
+			host = p
+		}
+	}
+	h.Set("X-Forwarded-For", xff)
+	h.Set("X-Forwarded-Proto", proto)
+	h.Set("X-Forwarded-Host", host)
+	h.Set("X-Real-Ip", client)
+	return h
+}

@@ -1,0 +1,88 @@
+package proxy
+
+import (
+	"sync"
+	"time"
+
+	"github.com/gobwas/ws"
+)
+
+// Registry tracks live connections so they can be closed properly when the
+// process shuts down. It outlives configurations: a config reload creates a
+// new Gateway but keeps the Registry, and live connections stay.
+type Registry struct {
+	mu       sync.Mutex
+	conns    map[*relay]struct{}
+	shutdown bool
+	empty    *sync.Cond
+}
+
+// NewRegistry makes an empty registry.
+func NewRegistry() *Registry {
+	r := &Registry{conns: make(map[*relay]struct{})}
+	r.empty = sync.NewCond(&r.mu)
+	return r
+}
+
+func (r *Registry) add(c *relay) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.conns[c] = struct{}{}
+	return !r.shutdown
+}
+
+func (r *Registry) remove(c *relay) {
+	r.mu.Lock()
+	delete(r.conns, c)
+	if len(r.conns) == 0 {
+		r.empty.Broadcast()
+	}
+	r.mu.Unlock()
+}
+
+// Len is the number of live connections.
+func (r *Registry) Len() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return len(r.conns)
+}
+
+// Shutdown closes every connection with 1001 (going away) and refuses new
+// ones. It waits until all have finished their closing handshake or
+// timeout has passed, and reports whether all finished.
+func (r *Registry) Shutdown(timeout time.Duration) bool {
+	r.mu.Lock()
+	r.shutdown = true
+	conns := make([]*relay, 0, len(r.conns))
+	for c := range r.conns {
+		conns = append(conns, c)
+	}
+	r.mu.Unlock()
+
+	// Close frames are written concurrently: one stuck peer must not hold
+	// up the others.
+	sem := make(chan struct{}, 64)
+	for _, c := range conns {
+		sem <- struct{}{}
+		go func() {
+			defer func() { <-sem }()
+			c.shutdown(ws.StatusGoingAway, "server shutting down")
+		}()
+	}
+
+	done := make(chan struct{})
+	go func() {
+		r.mu.Lock()
+		for len(r.conns) > 0 {
+			r.empty.Wait()
+		}
+		r.mu.Unlock()
+		close(done)
+	}()
+	select {
+	case <-done:
+		return true
+	case <-time.After(timeout):
+		return false
+	}
+}

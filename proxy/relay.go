@@ -1,0 +1,599 @@
+package proxy
+
+import (
+	"encoding/binary"
+	"errors"
+	"io"
+	"math"
+	"math/rand/v2"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+	"unicode/utf8"
+
+	"github.com/gobwas/ws"
+	"golang.org/x/time/rate"
+)
+
+// epoch is the base of the monotonic nanosecond clock used for heartbeats.
+var epoch = time.Now()
+
+func mono() int64 { return int64(time.Since(epoch)) }
+
+// closeErr ends a connection with a close code: sent to the side that
+// caused it, and (as otherCode) to the other side.
+type closeErr struct {
+	code   ws.StatusCode
+	reason string
+}
+
+func (e *closeErr) Error() string { return e.reason }
+
+var (
+	errClosed  = errors.New("closed by peer")
+	errClosing = errors.New("connection is closing")
+)
+
+// writeErr is a failed write to the destination side.
+type writeErr struct{ err error }
+
+func (e writeErr) Error() string { return "write: " + e.err.Error() }
+
+// peer is one side of a relayed connection.
+type peer struct {
+	conn     net.Conn
+	rd       wireReader
+	isClient bool
+	limits   Limits
+	msgLim   *rate.Limiter
+	byteLim  *rate.Limiter
+
+	wmu       sync.Mutex
+	broken    bool // guarded by wmu: a frame to this side was cut short
+	closeSent atomic.Bool
+
+	// reader state, owned by the pump reading this side
+	fragmented bool
+	text       bool
+	dropping   bool
+	msgSize    int64
+	utf8       utf8State
+}
+
+func (p *peer) state() ws.State {
+	s := ws.StateClientSide
+	if p.isClient {
+		s = ws.StateServerSide
+	}
+	if p.fragmented {
+		s |= ws.StateFragmented
+	}
+	return s
+}
+
+func (p *peer) setLimits(l Limits) {
+	p.limits = l
+	if r := l.Rate; r.enabled() {
+		if r.Messages > 0 {
+			b := r.MessageBurst
+			if b == 0 {
+				b = max(1, int(math.Ceil(r.Messages)))
+			}
+			p.msgLim = rate.NewLimiter(rate.Limit(r.Messages), b)
+		}
+		if r.Bytes > 0 {
+			b := r.ByteBurst
+			if b == 0 {
+				b = max(1, int(math.Ceil(r.Bytes)))
+			}
+			p.byteLim = rate.NewLimiter(rate.Limit(r.Bytes), b)
+		}
+	}
+}
+
+// relay is one client connection and its upstream connection.
+type relay struct {
+	g                *Gateway
+	cfg              *Config
+	client, upstream peer
+
+	closing      atomic.Bool
+	closeBy      atomic.Int64 // mono deadline of the closing handshake
+	ended        atomic.Int32
+	lastData     atomic.Int64 // mono time of the last data message, if idle timeout is on
+	quit         chan struct{}
+	finishedOnce sync.Once
+
+	// heartbeat state, owned by the client pump
+	pingOut   bool
+	pingAt    int64
+	lockMiss  int64
+	pingToken [8]byte
+}
+
+func newRelay(g *Gateway, client, upstream net.Conn) *relay {
+	c := &relay{g: g, cfg: &g.cfg, quit: make(chan struct{})}
+	c.client = peer{conn: client, rd: newWireReader(client), isClient: true}
+	c.upstream = peer{conn: upstream, rd: newWireReader(upstream)}
+	c.client.setLimits(g.cfg.Client)
+	c.upstream.setLimits(g.cfg.Upstream)
+	binary.LittleEndian.PutUint64(c.pingToken[:], rand.Uint64())
+	if c.cfg.PingInterval > 0 || c.cfg.IdleTimeout > 0 {
+		c.client.rd.onTimeout = c.tick
+		c.client.rd.track = true
+	}
+	return c
+}
+
+func (c *relay) start() {
+	now := mono()
+	c.lastData.Store(now)
+	c.client.rd.lastRead = now
+	if !c.g.reg.add(c) {
+		// the registry is shutting down
+		c.beginClosing()
+		c.writeClose(&c.client, ws.StatusGoingAway, "server shutting down")
+		c.writeClose(&c.upstream, ws.StatusGoingAway, "gateway shutting down")
+	}
+	c.tick()
+	go c.pump(&c.client, &c.upstream)
+	go c.pump(&c.upstream, &c.client)
+}
+
+// Shutdown starts a closing handshake with code on both sides.
+func (c *relay) shutdown(code ws.StatusCode, reason string) {
+	c.beginClosing()
+	c.writeClose(&c.client, code, reason)
+	c.writeClose(&c.upstream, code, reason)
+}
+
+// beginClosing bounds everything that follows by CloseTimeout.
+func (c *relay) beginClosing() {
+	if !c.closing.CompareAndSwap(false, true) {
+		return
+	}
+	by := mono() + int64(c.cfg.CloseTimeout)
+	c.closeBy.Store(by)
+	t := epoch.Add(time.Duration(by))
+	c.client.conn.SetDeadline(t)
+	c.upstream.conn.SetDeadline(t)
+	close(c.quit)
+}
+
+func (c *relay) pump(src, dst *peer) {
+	err := c.relayFrames(src, dst)
+	var ce *closeErr
+	var we writeErr
+	switch {
+	case err == errClosed:
+	case errors.As(err, &ce):
+		c.beginClosing()
+		c.writeClose(src, ce.code, ce.reason)
+		if src.isClient {
+			c.writeClose(dst, ce.code, ce.reason)
+		} else {
+			c.writeClose(dst, ws.StatusInternalServerError, "upstream error: "+ce.reason)
+		}
+		c.drain(src)
+	case errors.As(err, &we):
+		c.beginClosing()
+		if dst.isClient {
+			c.writeClose(src, ws.StatusGoingAway, "client went away")
+		} else {
+			c.writeClose(src, ws.StatusInternalServerError, "upstream went away")
+		}
+		c.drain(src)
+	default:
+		if !c.closing.Load() {
+			c.beginClosing()
+			if src.isClient {
+				c.writeClose(dst, ws.StatusGoingAway, "client went away")
+			} else {
+				c.writeClose(dst, ws.StatusInternalServerError, "upstream went away")
+			}
+		}
+		if err != nil && !isExpected(err) {
+			c.g.log.Debug("connection read failed", "side", src.name(), "error", err.Error())
+		}
+	}
+	src.rd.releaseAll()
+	if c.ended.Add(1) == 2 {
+		c.finish()
+	} else {
+		c.beginClosing()
+	}
+}
+
+func (p *peer) name() string {
+	if p.isClient {
+		return "client"
+	}
+	return "upstream"
+}
+
+func isExpected(err error) bool {
+	return errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) || errors.Is(err, os.ErrDeadlineExceeded) ||
+		errors.Is(err, errClosing)
+}
+
+func (c *relay) finish() {
+	c.finishedOnce.Do(func() {
+		c.client.conn.Close()
+		c.upstream.conn.Close()
+		c.g.reg.remove(c)
+	})
+}
+
+// relayFrames reads frames from src and forwards them to dst until src
+// closes, fails or breaks a rule.
+func (c *relay) relayFrames(src, dst *peer) error {
+	rd := &src.rd
+	for {
+		rd.release()
+		h, start, err := rd.readHeader()
+		if err != nil {
+			if err == errLengthMSB {
+				return &closeErr{ws.StatusProtocolError, err.Error()}
+			}
+			return err
+		}
+		if err := ws.CheckHeader(h, src.state()); err != nil {
+			return &closeErr{ws.StatusProtocolError, err.Error()}
+		}
+		if h.OpCode == ws.OpClose {
+			return c.handleClose(src, dst, h)
+		}
+		if h.OpCode.IsControl() {
+			if drop, err := c.limit(src, true, h.Length); err != nil {
+				return err
+			} else if drop {
+				rd.r += int(h.Length)
+				continue
+			}
+			if src.isClient && h.OpCode == ws.OpPong && c.ownPong(h) {
+				rd.r += int(h.Length)
+				continue
+			}
+			if err := c.forward(src, dst, h, start); err != nil {
+				return err
+			}
+			continue
+		}
+
+		newMsg := h.OpCode != ws.OpContinuation
+		if newMsg {
+			src.msgSize = 0
+			src.text = h.OpCode == ws.OpText
+			src.dropping = false
+			src.utf8.reset()
+		}
+		src.fragmented = !h.Fin
+		if m := src.limits.MaxMessage; m > 0 && h.Length > m-src.msgSize {
+			return &closeErr{ws.StatusMessageTooBig, "message too big"}
+		}
+		src.msgSize += h.Length
+		if c.cfg.IdleTimeout > 0 && h.Fin {
+			c.lastData.Store(mono())
+		}
+		drop := src.dropping
+		if !drop {
+			if drop, err = c.limit(src, newMsg, h.Length); err != nil {
+				return err
+			}
+		}
+		if drop {
+			if err := rd.skip(h.Length); err != nil {
+				return err
+			}
+			continue
+		}
+		if err := c.forward(src, dst, h, start); err != nil {
+			return err
+		}
+	}
+}
+
+// ownPong reports whether a pong (fully buffered) answers the gateway's own
+// ping; such pongs are not forwarded.
+func (c *relay) ownPong(h ws.Header) bool {
+	if h.Length != int64(len(c.pingToken)) {
+		return false
+	}
+	rd := &c.client.rd
+	p := (*rd.buf)[rd.r : rd.r+len(c.pingToken)]
+	var tok [8]byte
+	copy(tok[:], p)
+	ws.Cipher(tok[:], h.Mask, 0)
+	if tok != c.pingToken {
+		return false
+	}
+	c.pingOut = false
+	return true
+}
+
+// limit applies the rate limits of src to a frame of n payload bytes
+// (msg: the frame starts a message, or is a control frame). It reports
+// whether the frame is to be dropped.
+func (c *relay) limit(src *peer, msg bool, n int64) (drop bool, err error) {
+	if src.msgLim == nil && src.byteLim == nil {
+		return false, nil
+	}
+	now := c.cfg.Now()
+	if src.limits.Rate.OnExceed == ExceedThrottle {
+		var wait time.Duration
+		if msg && src.msgLim != nil {
+			wait = src.msgLim.ReserveN(now, 1).DelayFrom(now)
+		}
+		if src.byteLim != nil {
+			wait = max(wait, src.byteLim.ReserveN(now, int(min(n, int64(src.byteLim.Burst())))).DelayFrom(now))
+		}
+		if wait > 0 {
+			t := time.NewTimer(wait)
+			defer t.Stop()
+			select {
+			case <-t.C:
+			case <-c.quit:
+				return false, errClosing
+			}
+		}
+		return false, nil
+	}
+	ok := true
+	if msg && src.msgLim != nil {
+		ok = src.msgLim.AllowN(now, 1)
+	}
+	if ok && src.byteLim != nil {
+		ok = src.byteLim.AllowN(now, int(min(n, int64(src.byteLim.Burst()))))
+	}
+	if ok {
+		return false, nil
+	}
+	if src.limits.Rate.OnExceed == ExceedDrop && (msg || src.msgSize == n) {
+		// A whole message (or control frame) can be dropped; half of one can't.
+		if msg && src.fragmented {
+			src.dropping = true
+		}
+		return true, nil
+	}
+	return false, &closeErr{ws.StatusPolicyViolation, "rate limit exceeded"}
+}
+
+// forward writes the frame whose header has just been read from src to dst,
+// streaming its payload through src's read buffer: unmasked, checked, masked
+// again for an upstream, and written with the new header in place of the
+// old one (no copy).
+func (c *relay) forward(src, dst *peer, h ws.Header, start int) error {
+	out := h
+	out.Masked = !dst.isClient
+	if out.Masked {
+		binary.LittleEndian.PutUint32(out.Mask[:], rand.Uint32())
+	}
+	hs := headerSize(out)
+	rd := &src.rd
+	text := src.text && !h.OpCode.IsControl()
+	remaining := h.Length
+	offset := 0
+	first := true
+
+	dst.wmu.Lock()
+	defer dst.wmu.Unlock()
+	for {
+		avail := int(min(remaining, int64(rd.buffered())))
+		chunk := (*rd.buf)[rd.r : rd.r+avail]
+		if h.Masked {
+			ws.Cipher(chunk, h.Mask, offset)
+		}
+		if text {
+			last := int64(avail) == remaining && h.Fin
+			if !src.utf8.feed(chunk) || (last && !src.utf8.done()) {
+				if !first {
+					dst.broken = true
+				}
+				return &closeErr{ws.StatusInvalidFramePayloadData, "invalid UTF-8 in text message"}
+			}
+		}
+		if out.Masked {
+			ws.Cipher(chunk, out.Mask, offset)
+		}
+		wbuf := chunk
+		if first {
+			p := rd.r - hs
+			if p < start {
+				panic("wsgate: header does not fit in place")
+			}
+			encodeHeader((*rd.buf)[p:rd.r], out)
+			wbuf = (*rd.buf)[p : rd.r+avail]
+			first = false
+		}
+		if !dst.broken {
+			if _, err := dst.conn.Write(wbuf); err != nil {
+				dst.broken = true
+				return writeErr{err}
+			}
+		}
+		rd.r += avail
+		remaining -= int64(avail)
+		offset += avail
+		if remaining == 0 {
+			return nil
+		}
+		rd.r, rd.w = 0, 0
+		if err := rd.fill(); err != nil {
+			dst.broken = true
+			return err
+		}
+	}
+}
+
+// handleClose handles a close frame from src: it is checked, then forwarded
+// to dst, or answered directly when dst is already closing.
+func (c *relay) handleClose(src, dst *peer, h ws.Header) error {
+	rd := &src.rd
+	payload := (*rd.buf)[rd.r : rd.r+int(h.Length)]
+	rd.r += int(h.Length)
+	if h.Masked {
+		ws.Cipher(payload, h.Mask, 0)
+	}
+	var body [ws.MaxControlFramePayloadSize]byte
+	n := copy(body[:], payload)
+	if n == 1 {
+		return &closeErr{ws.StatusProtocolError, "malformed close frame"}
+	}
+	if n >= 2 {
+		if !validCloseCode(ws.StatusCode(binary.BigEndian.Uint16(body[:2]))) {
+			return &closeErr{ws.StatusProtocolError, "invalid close code"}
+		}
+		if !utf8.Valid(body[2:n]) {
+			return &closeErr{ws.StatusInvalidFramePayloadData, "invalid UTF-8 in close reason"}
+		}
+	}
+	c.beginClosing()
+	if !dst.closeSent.Load() {
+		c.writeControl(dst, ws.OpClose, body[:n])
+	} else if !src.closeSent.Load() {
+		c.writeControl(src, ws.OpClose, body[:n])
+	}
+	return errClosed
+}
+
+// validCloseCode reports whether a close code may appear on the wire
+// (RFC 6455 §7.4 and the IANA registry).
+func validCloseCode(code ws.StatusCode) bool {
+	switch {
+	case code >= 1000 && code <= 1003, code >= 1007 && code <= 1014, code >= 3000 && code <= 4999:
+		return true
+	}
+	return false
+}
+
+// writeClose sends a close frame with code and reason (cut to fit) to p,
+// unless one was sent already.
+func (c *relay) writeClose(p *peer, code ws.StatusCode, reason string) {
+	var body [ws.MaxControlFramePayloadSize]byte
+	binary.BigEndian.PutUint16(body[:2], uint16(code))
+	n := 2 + copy(body[2:], reason)
+	for n > 2 && !utf8.Valid(body[2:n]) {
+		n--
+	}
+	c.writeControl(p, ws.OpClose, body[:n])
+}
+
+// writeControl writes a control frame to p. A close frame is written at
+// most once per side.
+func (c *relay) writeControl(p *peer, op ws.OpCode, payload []byte) error {
+	p.wmu.Lock()
+	defer p.wmu.Unlock()
+	return c.writeControlLocked(p, op, payload)
+}
+
+func (c *relay) writeControlLocked(p *peer, op ws.OpCode, payload []byte) error {
+	if p.broken {
+		return errClosing
+	}
+	if op == ws.OpClose && !p.closeSent.CompareAndSwap(false, true) {
+		return nil
+	}
+	h := ws.Header{Fin: true, OpCode: op, Length: int64(len(payload)), Masked: !p.isClient}
+	if h.Masked {
+		binary.LittleEndian.PutUint32(h.Mask[:], rand.Uint32())
+	}
+	var frame [ws.MaxHeaderSize + ws.MaxControlFramePayloadSize]byte
+	hs := headerSize(h)
+	encodeHeader(frame[:hs], h)
+	n := hs + copy(frame[hs:], payload)
+	if h.Masked {
+		ws.Cipher(frame[hs:n], h.Mask, 0)
+	}
+	_, err := p.conn.Write(frame[:n])
+	if err != nil {
+		p.broken = true
+	}
+	return err
+}
+
+// drain reads and discards frames from p after the gateway has sent it a
+// close frame, until its close frame arrives (or the closing deadline).
+// Waiting for it, instead of closing at once, keeps the kernel from
+// resetting the connection before the peer has read our close frame.
+func (c *relay) drain(p *peer) {
+	rd := &p.rd
+	for {
+		rd.release()
+		h, _, err := rd.readHeader()
+		if err != nil {
+			return
+		}
+		if h.OpCode == ws.OpClose {
+			return
+		}
+		if err := rd.skip(h.Length); err != nil {
+			return
+		}
+	}
+}
+
+// tick runs when the client's read deadline passes: it sends a ping after
+// PingInterval of silence, drops a client that did not answer within
+// PongTimeout, enforces IdleTimeout, and sets the next deadline. Deadlines
+// change only here, never per frame.
+func (c *relay) tick() error {
+	if c.closing.Load() {
+		return errClosing
+	}
+	cfg := c.cfg
+	now := mono()
+	next := int64(math.MaxInt64)
+	if cfg.PingInterval > 0 {
+		if c.pingOut && c.client.rd.lastRead > c.pingAt {
+			c.pingOut = false
+		}
+		if c.pingOut {
+			due := c.pingAt + int64(cfg.PongTimeout)
+			if now >= due {
+				return &closeErr{ws.StatusGoingAway, "ping timeout"}
+			}
+			next = due
+		} else if due := c.client.rd.lastRead + int64(cfg.PingInterval); now >= due {
+			if c.client.wmu.TryLock() {
+				c.lockMiss = 0
+				c.client.conn.SetWriteDeadline(epoch.Add(time.Duration(now + int64(cfg.PongTimeout))))
+				err := c.writeControlLocked(&c.client, ws.OpPing, c.pingToken[:])
+				c.client.conn.SetWriteDeadline(time.Time{})
+				c.client.wmu.Unlock()
+				if err != nil {
+					return writeErr{err}
+				}
+				c.pingOut, c.pingAt = true, now
+				next = now + int64(cfg.PongTimeout)
+			} else {
+				// A frame is being written to the client right now. If that
+				// lasts longer than PongTimeout the client is not reading.
+				if c.lockMiss == 0 {
+					c.lockMiss = now
+				} else if now-c.lockMiss >= int64(cfg.PongTimeout) {
+					return &closeErr{ws.StatusGoingAway, "ping timeout"}
+				}
+				next = now + int64(min(time.Second, cfg.PongTimeout))
+			}
+		} else {
+			next = due
+		}
+	}
+	if cfg.IdleTimeout > 0 {
+		due := c.lastData.Load() + int64(cfg.IdleTimeout)
+		if now >= due {
+			return &closeErr{ws.StatusGoingAway, "idle timeout"}
+		}
+		next = min(next, due)
+	}
+	if next != math.MaxInt64 {
+		c.client.conn.SetReadDeadline(epoch.Add(time.Duration(next)))
+	}
+	if c.closing.Load() {
+		// beginClosing raced with us: its deadline wins.
+		c.client.conn.SetDeadline(epoch.Add(time.Duration(c.closeBy.Load())))
+	}
+	return nil
+}
