@@ -84,6 +84,8 @@ func listen(t testing.TB) net.Listener {
 // gateway is a running cmd/caddy process.
 type gateway struct {
 	t         testing.TB
+	global    string // extra global options
+	env       []string
 	cmd       *exec.Cmd
 	dir       string
 	adminAddr string
@@ -113,12 +115,20 @@ func (s *syncBuffer) String() string {
 // the site block (what goes inside `http://127.0.0.1:PORT { … }`).
 func startGateway(t testing.TB, site string) *gateway {
 	t.Helper()
-	g := &gateway{t: t, dir: t.TempDir(), logs: &syncBuffer{}, exited: make(chan struct{})}
+	return startGatewayWith(t, "", nil, site)
+}
+
+// startGatewayWith is startGateway with extra global options and
+// environment variables for the process.
+func startGatewayWith(t testing.TB, global string, env []string, site string) *gateway {
+	t.Helper()
+	g := &gateway{t: t, global: global, env: env, dir: t.TempDir(), logs: &syncBuffer{}, exited: make(chan struct{})}
 	g.port = freePort(t)
 	g.adminAddr = "127.0.0.1:" + strconv.Itoa(freePort(t))
 	path := g.writeCaddyfile(site)
 	g.cmd = exec.Command(caddyBin, "run", "--config", path, "--adapter", "caddyfile")
 	g.cmd.Env = append(os.Environ(), "HOME="+g.dir, "XDG_DATA_HOME="+g.dir, "XDG_CONFIG_HOME="+g.dir)
+	g.cmd.Env = append(g.cmd.Env, env...)
 	g.cmd.Stdout, g.cmd.Stderr = g.logs, g.logs
 	if err := g.cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -130,8 +140,8 @@ func startGateway(t testing.TB, site string) *gateway {
 }
 
 func (g *gateway) caddyfile(site string) string {
-	return fmt.Sprintf("{\n\tadmin %s\n\tpersist_config off\n\tlog {\n\t\tlevel DEBUG\n\t}\n}\n\nhttp://127.0.0.1:%d {\n%s\n}\n",
-		g.adminAddr, g.port, site)
+	return fmt.Sprintf("{\n\tadmin %s\n\tpersist_config off\n\tlog {\n\t\tlevel DEBUG\n\t}\n%s\n}\n\nhttp://127.0.0.1:%d {\n%s\n}\n",
+		g.adminAddr, g.global, g.port, site)
 }
 
 func (g *gateway) writeCaddyfile(site string) string {
