@@ -95,7 +95,7 @@ func TestNoLeaksAfterWaves(t *testing.T) {
 	// warm up once so lazily started goroutines (pools, timers) exist
 	dial(t, g, "/ws", nil).Close(websocket.StatusNormalClosure, "")
 	eventually(t, 10*time.Second, "warm-up connection to end", func() bool { return g.goroutines() < 100 })
-	baseG, baseF := g.goroutines(), g.openFiles()
+	baseG, baseF, baseRSS := g.goroutines(), g.openFiles(), g.rss()
 
 	const waves, perWave = 4, 500
 	ctx := ctxT(t, 60*time.Second)
@@ -104,8 +104,13 @@ func TestNoLeaksAfterWaves(t *testing.T) {
 		for i := range conns {
 			conns[i] = dial(t, g, "/ws", nil)
 		}
-		if got := g.goroutines(); got < baseG+2*perWave {
-			t.Fatalf("wave %d: %d goroutines with %d connections open (baseline %d)", w, got, perWave, baseG)
+		// one goroutine per side: two per relayed connection, no more
+		if got := g.goroutines(); got < baseG+2*perWave || got > baseG+2*perWave+5 {
+			t.Fatalf("wave %d: %d goroutines with %d connections open (baseline %d), want 2 per connection", w, got, perWave, baseG)
+		}
+		if w == 0 {
+			t.Logf("%d idle connections: %.2f goroutines and %.1f KB RSS per connection",
+				perWave, float64(g.goroutines()-baseG)/perWave, float64(g.rss()-baseRSS)/perWave/1000)
 		}
 		var wg sync.WaitGroup
 		for i, c := range conns {
