@@ -89,7 +89,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				h.MaxMessageUpstream = 0
 			}
 		case "rate_limit":
-			err = h.parseRateLimit(d, seen)
+			err = h.parseRateLimit(d.NewFromNextSegment(), seen)
 		case "idle_timeout":
 			h.IdleTimeout, err = parseDuration(d)
 		case "ping_interval":
@@ -111,6 +111,9 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		}
 	}
 	if len(h.Upstreams) == 0 {
+		// point at the directive, not at the end of its block
+		d.Reset()
+		d.Next()
 		return d.Err("wsgate needs at least one upstream")
 	}
 	return nil
@@ -185,7 +188,10 @@ func parseTLS(d *caddyfile.Dispenser) (*UpstreamTLS, error) {
 	return t, nil
 }
 
+// parseRateLimit reads one rate_limit segment from its own dispenser, so
+// that errors about the block as a whole can point at its first line.
 func (h *Handler) parseRateLimit(d *caddyfile.Dispenser, seen map[string]bool) error {
+	d.Next() // consume "rate_limit"
 	dir := "client"
 	switch args := d.RemainingArgs(); len(args) {
 	case 0:
@@ -239,6 +245,8 @@ func (h *Handler) parseRateLimit(d *caddyfile.Dispenser, seen map[string]bool) e
 		}
 	}
 	if rl.Messages == 0 && rl.Bytes == 0 {
+		d.Reset()
+		d.Next()
 		return d.Err("rate_limit needs messages or bytes")
 	}
 	if dir == "client" {
@@ -278,15 +286,19 @@ func parseRate(d *caddyfile.Dispenser, bytes bool) (float64, int, error) {
 			return 0, 0, d.Errf("bad rate %q: the duration must be s, m, h or a positive duration", args[0])
 		}
 	}
+	rate := amount / per.Seconds()
+	if rate <= 0 || math.IsInf(rate, 0) {
+		return 0, 0, d.Errf("bad rate %q: out of range", args[0])
+	}
 	var burst int
 	if len(args) == 3 {
 		b, err := parseAmount(args[2], bytes)
-		if err != nil || b > math.MaxInt32 {
+		if err != nil || b > math.MaxInt32 || b != math.Trunc(b) {
 			return 0, 0, d.Errf("bad burst %q", args[2])
 		}
 		burst = int(b)
 	}
-	return amount / per.Seconds(), burst, nil
+	return rate, burst, nil
 }
 
 func parseAmount(s string, bytes bool) (float64, error) {

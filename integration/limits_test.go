@@ -12,8 +12,8 @@ import (
 	"fmt"
 	"io"
 	"math/big"
-	"net/http"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -182,7 +182,6 @@ func selfSigned(t testing.TB) (tls.Certificate, []byte) {
 	}
 	return cert, certPEM
 }
-
 
 // TestHTTP2ExtendedConnectRefused: WebSocket over HTTP/2 (RFC 8441) cannot
 // be hijacked; when a client tries it the gateway answers 501 at once.
