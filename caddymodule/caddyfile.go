@@ -46,6 +46,13 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    idle_timeout         <duration>
 //	    ping_interval        <duration>|off
 //	    pong_timeout         <duration>
+//	    origins              <origins...>
+//	    allow_missing_origin
+//	    jwt { … }                    (see parseJWT)
+//	    forward_auth <url> { … }     (see parseForwardAuth)
+//	    refresh_field        <json_field>
+//	    claims_header        <claim_path> <header_name>
+//	    limit_connections { … }      (see parseConnectionLimits)
 //	}
 //
 // Unknown or repeated subdirectives are errors; upstream may repeat and adds
@@ -103,6 +110,41 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			h.PingInterval, err = parseDuration(d)
 		case "pong_timeout":
 			h.PongTimeout, err = parseDuration(d)
+		case "origins":
+			delete(seen, name) // may repeat
+			args := d.RemainingArgs()
+			if len(args) == 0 {
+				return d.ArgErr()
+			}
+			h.Origins = append(h.Origins, args...)
+		case "allow_missing_origin":
+			if d.CountRemainingArgs() > 0 {
+				return d.ArgErr()
+			}
+			h.AllowMissingOrigin = true
+		case "jwt":
+			h.JWT, err = parseJWT(d)
+		case "forward_auth":
+			h.ForwardAuth, err = parseForwardAuth(d)
+		case "refresh_field":
+			if !d.AllArgs(&h.RefreshField) {
+				return d.ArgErr()
+			}
+		case "claims_header":
+			delete(seen, name) // may repeat
+			var claim, header string
+			if !d.AllArgs(&claim, &header) {
+				return d.ArgErr()
+			}
+			if h.ClaimsHeaders == nil {
+				h.ClaimsHeaders = map[string]string{}
+			}
+			if _, dup := h.ClaimsHeaders[claim]; dup {
+				return d.Errf("duplicate claims_header for claim %q", claim)
+			}
+			h.ClaimsHeaders[claim] = header
+		case "limit_connections":
+			h.ConnectionLimits, err = parseConnectionLimits(d)
 		default:
 			return d.Errf("unrecognized subdirective %q", name)
 		}

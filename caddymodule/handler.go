@@ -80,7 +80,33 @@ type Handler struct {
 	// before it drops the client. Default: 30s.
 	PongTimeout caddy.Duration `json:"pong_timeout,omitempty"`
 
-	gw *proxy.Gateway
+	// Origins allowed to open sockets: exact origins (https://app.example.com)
+	// and subdomain wildcards (https://*.example.com). Default: same origin
+	// (the Origin's host must equal the request's Host).
+	Origins []string `json:"origins,omitempty"`
+	// AllowMissingOrigin lets requests without an Origin header through
+	// (non-browser clients). Default: false (refused with 403).
+	AllowMissingOrigin bool `json:"allow_missing_origin,omitempty"`
+
+	// JWT verifies a token at the upgrade. Default: no token required.
+	JWT *JWT `json:"jwt,omitempty"`
+	// ForwardAuth checks credentials (a session cookie) with an auth
+	// endpoint. With JWT too, a request that carries a token is decided by
+	// JWT and one without by forward auth.
+	ForwardAuth *ForwardAuth `json:"forward_auth,omitempty"`
+	// RefreshField enables in-band token refresh: a client text message
+	// {"<field>": "<new token>"} is consumed by the gateway and moves the
+	// connection's expiry. Default: none (connections close at exp).
+	RefreshField string `json:"refresh_field,omitempty"`
+	// ClaimsHeaders maps claim paths (sub, org.id) to headers set on the
+	// upstream handshake. Headers of these names sent by the client are
+	// removed first, whatever their case or '_' spelling.
+	ClaimsHeaders map[string]string `json:"claims_headers,omitempty"`
+	// ConnectionLimits caps open connections. Default: none.
+	ConnectionLimits *ConnectionLimits `json:"connection_limits,omitempty"`
+
+	gw   *proxy.Gateway
+	auth authState
 }
 
 // RateLimit limits the messages and bytes one side of a connection sends.
@@ -136,7 +162,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return err
 	}
 	h.gw = proxy.New(cfg, registry, ctx.Slogger())
-	return nil
+	return h.provisionAuth(ctx)
 }
 
 func (h *Handler) proxyConfig() (proxy.Config, error) {
@@ -214,6 +240,7 @@ func (h *Handler) Validate() error {
 // reload live connections keep running with the config they started with;
 // on exit every connection is closed with 1001.
 func (h *Handler) Cleanup() error {
+	h.cleanupAuth()
 	if caddy.Exiting() {
 		registry.Shutdown(shutdownTimeout)
 	}
@@ -228,6 +255,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	info := proxy.RequestInfo{}
 	info.ClientIP, _ = caddyhttp.GetVar(r.Context(), caddyhttp.ClientIPVarKey).(string)
 	info.TrustedProxy, _ = caddyhttp.GetVar(r.Context(), caddyhttp.TrustedProxyVarKey).(bool)
+	if !h.authorize(w, r, &info) {
+		return nil
+	}
 	h.gw.ServeHTTP(w, r, info)
 	return nil
 }

@@ -60,18 +60,28 @@ func WriteError(w http.ResponseWriter, status int, msg string, hdr http.Header) 
 // and starts relaying. It returns once the relay has started (the relay
 // runs on its own goroutines) or after it has written an HTTP error.
 func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, info RequestInfo) {
+	started := false
+	defer func() {
+		if !started && info.OnClose != nil {
+			info.OnClose()
+		}
+	}()
 	if herr := CheckHandshake(r); herr != nil {
 		WriteError(w, herr.Status, herr.Message, herr.Header)
 		return
 	}
-	up, hs, err := g.dial(r.Context(), r, info)
+	up, hs, err := g.dial(r.Context(), r, &info)
 	if err != nil {
 		g.log.Warn("upstream unavailable", "error", err.Error(), "remote", r.RemoteAddr)
 		WriteError(w, http.StatusBadGateway, "upstream unavailable", nil)
 		return
 	}
+	accept := hs.protocol
+	if accept == "" {
+		accept = info.AcceptProtocol
+	}
 	u := ws.HTTPUpgrader{
-		Protocol: func(p string) bool { return hs.protocol != "" && p == hs.protocol },
+		Protocol: func(p string) bool { return accept != "" && p == accept },
 	}
 	conn, rw, _, err := u.Upgrade(r, w)
 	if err != nil {
@@ -83,7 +93,7 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, info Request
 		g.log.Debug("client upgrade failed", "error", err.Error(), "remote", r.RemoteAddr)
 		return
 	}
-	c := newRelay(g, conn, up.conn)
+	c := newRelay(g, conn, up.conn, &info)
 	if rw != nil && rw.Reader.Buffered() > 0 {
 		b, _ := rw.Reader.Peek(rw.Reader.Buffered())
 		c.client.rd.prime(b)
@@ -93,6 +103,7 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, info Request
 		c.upstream.rd.prime(b)
 	}
 	up.putReader()
+	started = true
 	c.start()
 }
 
@@ -117,9 +128,12 @@ type errUpstreamStatus int
 func (e errUpstreamStatus) Error() string { return fmt.Sprintf("upstream answered HTTP %d", int(e)) }
 
 // dial connects to the next upstream, trying each once.
-func (g *Gateway) dial(ctx context.Context, r *http.Request, info RequestInfo) (*dialed, handshake, error) {
+func (g *Gateway) dial(ctx context.Context, r *http.Request, info *RequestInfo) (*dialed, handshake, error) {
 	hdr := g.upstreamHeader(r, info)
 	protocols := offeredProtocols(r)
+	if info.Protocols != nil {
+		protocols = info.Protocols
+	}
 	n := len(g.cfg.upstreamURLs)
 	first := int(g.next.Add(1)-1) % n
 	var errs []error

@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"net/textproto"
 	"strings"
+	"time"
 )
 
 // IsUpgrade reports whether r asks for a WebSocket: an HTTP/1.1 upgrade, or
@@ -117,11 +118,34 @@ type RequestInfo struct {
 	// TrustedProxy is true when the immediate peer is a trusted proxy, so
 	// its X-Forwarded-* headers are kept and extended rather than replaced.
 	TrustedProxy bool
+
+	// Header is set on the upstream handshake after the forwarded headers
+	// (claims, for instance).
+	Header http.Header
+	// Protocols, if not nil, replaces the subprotocols offered to the
+	// upstream (a token carried in Sec-WebSocket-Protocol is removed so).
+	Protocols []string
+	// AcceptProtocol is answered to the client when the upstream picks no
+	// subprotocol (browsers fail a handshake that offered subprotocols and
+	// got none back).
+	AcceptProtocol string
+
+	// Expiry is when the client's credentials expire: the connection is
+	// closed then (1008 "token expired") unless refreshed. Zero: never.
+	Expiry time.Time
+	// Refresh verifies a token sent in band as a client text message
+	// {"<RefreshField>": "<token>"} and returns its expiry.
+	Refresh      func(token string) (time.Time, error)
+	RefreshField string
+
+	// OnClose is called exactly once when the connection has ended, or when
+	// the request failed before a connection was made.
+	OnClose func()
 }
 
 // upstreamHeader builds the headers of the upstream handshake: the chosen
 // client headers, then X-Forwarded-For/Proto/Host and X-Real-IP.
-func (g *Gateway) upstreamHeader(r *http.Request, info RequestInfo) http.Header {
+func (g *Gateway) upstreamHeader(r *http.Request, info *RequestInfo) http.Header {
 	h := make(http.Header, len(g.cfg.ForwardHeaders)+4)
 	for _, name := range g.cfg.ForwardHeaders {
 		name = http.CanonicalHeaderKey(name)
@@ -158,5 +182,8 @@ func (g *Gateway) upstreamHeader(r *http.Request, info RequestInfo) http.Header 
 	h.Set("X-Forwarded-Proto", proto)
 	h.Set("X-Forwarded-Host", host)
 	h.Set("X-Real-Ip", client)
+	for k, v := range info.Header {
+		h[k] = v
+	}
 	return h
 }

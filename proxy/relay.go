@@ -1,13 +1,16 @@
 package proxy
 
 import (
+	"bytes"
 	"encoding/binary"
+	"encoding/json"
 	"errors"
 	"io"
 	"math"
 	"math/rand/v2"
 	"net"
 	"os"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -106,21 +109,36 @@ type relay struct {
 	quit         chan struct{}
 	finishedOnce sync.Once
 
-	// heartbeat state, owned by the client pump
+	onClose      func()
+	refresh      func(token string) (time.Time, error)
+	refreshField []byte // `"field"`
+
+	// heartbeat and expiry state, owned by the client pump
+	expiry    int64 // mono time the client's credentials expire; 0: never
 	pingOut   bool
 	pingAt    int64
 	lockMiss  int64
 	pingToken [8]byte
 }
 
-func newRelay(g *Gateway, client, upstream net.Conn) *relay {
+func newRelay(g *Gateway, client, upstream net.Conn, info *RequestInfo) *relay {
 	c := &relay{g: g, cfg: &g.cfg, quit: make(chan struct{})}
 	c.client = peer{conn: client, rd: newWireReader(client), isClient: true}
 	c.upstream = peer{conn: upstream, rd: newWireReader(upstream)}
 	c.client.setLimits(g.cfg.Client)
 	c.upstream.setLimits(g.cfg.Upstream)
 	binary.LittleEndian.PutUint64(c.pingToken[:], rand.Uint64())
-	if c.cfg.PingInterval > 0 || c.cfg.IdleTimeout > 0 {
+	if info.OnClose != nil {
+		c.onClose = info.OnClose
+	}
+	if !info.Expiry.IsZero() {
+		c.setExpiry(info.Expiry)
+	}
+	if info.Refresh != nil && info.RefreshField != "" {
+		c.refresh = info.Refresh
+		c.refreshField = []byte(strconv.Quote(info.RefreshField))
+	}
+	if c.cfg.PingInterval > 0 || c.cfg.IdleTimeout > 0 || c.expiry != 0 {
 		c.client.rd.onTimeout = c.tick
 		c.client.rd.track = true
 	}
@@ -223,6 +241,9 @@ func (c *relay) finish() {
 		c.client.conn.Close()
 		c.upstream.conn.Close()
 		c.g.reg.remove(c)
+		if c.onClose != nil {
+			c.onClose()
+		}
 	})
 }
 
@@ -230,9 +251,13 @@ func (c *relay) finish() {
 // closes, fails or breaks a rule.
 func (c *relay) relayFrames(src, dst *peer) error {
 	rd := &src.rd
+	whole := 0
+	if src.isClient && c.refresh != nil {
+		whole = maxRefreshMessage
+	}
 	for {
 		rd.release()
-		h, start, err := rd.readHeader()
+		h, start, err := rd.readHeader(whole)
 		if err != nil {
 			if err == errLengthMSB {
 				return &closeErr{ws.StatusProtocolError, err.Error()}
@@ -262,6 +287,19 @@ func (c *relay) relayFrames(src, dst *peer) error {
 			continue
 		}
 
+		if whole > 0 && h.OpCode == ws.OpText && h.Fin && h.Length <= int64(whole) {
+			// A refresh message is consumed here; anything else goes on,
+			// already unmasked.
+			payload := (*rd.buf)[rd.r : rd.r+int(h.Length)]
+			ws.Cipher(payload, h.Mask, 0)
+			h.Masked = false
+			if consumed, err := c.tryRefresh(payload); err != nil {
+				return err
+			} else if consumed {
+				rd.r += len(payload)
+				continue
+			}
+		}
 		newMsg := h.OpCode != ws.OpContinuation
 		if newMsg {
 			src.msgSize = 0
@@ -521,7 +559,7 @@ func (c *relay) drain(p *peer) {
 	rd := &p.rd
 	for {
 		rd.release()
-		h, _, err := rd.readHeader()
+		h, _, err := rd.readHeader(0)
 		if err != nil {
 			return
 		}
@@ -581,6 +619,12 @@ func (c *relay) tick() error {
 			next = due
 		}
 	}
+	if c.expiry != 0 {
+		if now >= c.expiry {
+			return &closeErr{ws.StatusPolicyViolation, "token expired"}
+		}
+		next = min(next, c.expiry)
+	}
 	if cfg.IdleTimeout > 0 {
 		due := c.lastData.Load() + int64(cfg.IdleTimeout)
 		if now >= due {
@@ -596,4 +640,47 @@ func (c *relay) tick() error {
 		c.client.conn.SetDeadline(epoch.Add(time.Duration(c.closeBy.Load())))
 	}
 	return nil
+}
+
+// maxRefreshMessage bounds the client text messages inspected for an
+// in-band token refresh.
+const maxRefreshMessage = 12 << 10
+
+// setExpiry records when the client's credentials expire.
+func (c *relay) setExpiry(exp time.Time) {
+	c.expiry = max(1, mono()+int64(exp.Sub(c.cfg.Now())))
+}
+
+// tryRefresh consumes a client message {"<field>": "<token>"}: the token is
+// verified, and the connection's expiry moves to the new token's. A refresh
+// with a bad token closes the connection (1008 "invalid token").
+func (c *relay) tryRefresh(payload []byte) (bool, error) {
+	if len(payload) == 0 || payload[0] != '{' || !bytes.Contains(payload, c.refreshField) {
+		return false, nil
+	}
+	var m map[string]json.RawMessage
+	if json.Unmarshal(payload, &m) != nil {
+		return false, nil
+	}
+	raw, ok := m[string(c.refreshField[1:len(c.refreshField)-1])]
+	if !ok {
+		return false, nil
+	}
+	var token string
+	if json.Unmarshal(raw, &token) != nil || token == "" {
+		return true, &closeErr{ws.StatusPolicyViolation, "invalid token"}
+	}
+	exp, err := c.refresh(token)
+	if err != nil {
+		return true, &closeErr{ws.StatusPolicyViolation, "invalid token"}
+	}
+	if exp.IsZero() {
+		c.expiry = 0
+	} else {
+		c.setExpiry(exp)
+	}
+	if c.client.rd.onTimeout == nil {
+		c.client.rd.onTimeout = c.tick
+	}
+	return true, c.tick()
 }

@@ -212,8 +212,10 @@ var errLengthMSB = errors.New("frame length has its most significant bit set")
 
 // readHeader reads and decodes one frame header. It returns the header and
 // the offset in the buffer where the header started (so a relay can rewrite
-// it in place). Only the header bytes are consumed.
-func (wr *wireReader) readHeader() (h ws.Header, start int, err error) {
+// it in place). Only the header bytes are consumed. When the payload is at
+// most whole bytes long (and always for control frames) it is buffered
+// too, right after the header.
+func (wr *wireReader) readHeader(whole int) (h ws.Header, start int, err error) {
 	if err = wr.need(2); err != nil {
 		return h, 0, err
 	}
@@ -231,10 +233,21 @@ func (wr *wireReader) readHeader() (h ws.Header, start int, err error) {
 	if err = wr.need(size); err != nil {
 		return h, 0, err
 	}
-	start = wr.r
 	h, err = decodeHeader((*wr.buf)[wr.r : wr.r+size])
+	if err != nil {
+		return h, 0, err
+	}
+	if h.OpCode.IsControl() {
+		whole = max(whole, ws.MaxControlFramePayloadSize)
+	}
+	if h.Length <= int64(whole) {
+		if err = wr.need(size + int(h.Length)); err != nil {
+			return h, 0, err
+		}
+	}
+	start = wr.r
 	wr.r += size
-	return h, start, err
+	return h, start, nil
 }
 
 // decodeHeader decodes a complete frame header (b holds exactly its bytes).

@@ -1,0 +1,316 @@
+package caddymodule
+
+import (
+	"strconv"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+)
+
+// parseJWT reads:
+//
+//	jwt {
+//	    issuer <iss> {                      # one block per issuer, or the
+//	        audience   <aud...>             # key lines directly in jwt for one
+//	        secret     <value>     [kid <id>] [alg <algs...>]
+//	        public_key <pem_file>  [kid <id>] [alg <algs...>]
+//	        jwks       <url>       [refresh <duration>] [alg <algs...>]
+//	    }
+//	    leeway            <duration>
+//	    require_claims    <names...>
+//	    allow_missing_exp
+//	    max_token_size    <size>
+//	    from header [<name>] | query <name> | cookie <name> | protocol [<marker>]
+//	}
+func parseJWT(d *caddyfile.Dispenser) (*JWT, error) {
+	if d.CountRemainingArgs() > 0 {
+		return nil, d.ArgErr()
+	}
+	j := new(JWT)
+	var top JWTIssuer
+	topUsed := false
+	seen := map[string]bool{}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		name := d.Val()
+		switch name {
+		case "issuer":
+			var iss string
+			if !d.NextArg() {
+				return nil, d.ArgErr()
+			}
+			iss = d.Val()
+			if d.NextArg() {
+				return nil, d.ArgErr()
+			}
+			is := JWTIssuer{Issuer: iss}
+			block := false
+			for inner := d.Nesting(); d.NextBlock(inner); {
+				block = true
+				if err := parseIssuerLine(d, &is); err != nil {
+					return nil, err
+				}
+			}
+			if block {
+				j.Issuers = append(j.Issuers, is)
+			} else {
+				if top.Issuer != "" {
+					return nil, d.Errf("duplicate issuer line; use an issuer block per issuer")
+				}
+				top.Issuer = iss
+				topUsed = true
+			}
+			continue
+		case "audience", "secret", "public_key", "jwks":
+			if err := parseIssuerLine(d, &top); err != nil {
+				return nil, err
+			}
+			topUsed = true
+			continue
+		case "from":
+			args := d.RemainingArgs()
+			if len(args) < 1 || len(args) > 2 {
+				return nil, d.Errf("from needs a kind (header, query, cookie, protocol) and maybe a name")
+			}
+			src := TokenSource{Kind: args[0]}
+			if len(args) == 2 {
+				src.Name = args[1]
+			}
+			switch src.Kind {
+			case "header", "protocol":
+			case "query", "cookie":
+				if src.Name == "" {
+					return nil, d.Errf("from %s needs a name", src.Kind)
+				}
+			default:
+				return nil, d.Errf("unknown token source %q: want header, query, cookie or protocol", src.Kind)
+			}
+			j.From = append(j.From, src)
+			continue
+		}
+		if seen[name] {
+			return nil, d.Errf("duplicate jwt subdirective %q", name)
+		}
+		seen[name] = true
+		switch name {
+		case "leeway":
+			dur, err := parseDuration(d)
+			if err != nil {
+				return nil, err
+			}
+			j.Leeway = dur
+		case "require_claims":
+			j.RequiredClaims = d.RemainingArgs()
+			if len(j.RequiredClaims) == 0 {
+				return nil, d.ArgErr()
+			}
+		case "allow_missing_exp":
+			if d.CountRemainingArgs() > 0 {
+				return nil, d.ArgErr()
+			}
+			j.AllowMissingExp = true
+		case "max_token_size":
+			n, err := parseSize(d, false)
+			if err != nil {
+				return nil, err
+			}
+			j.MaxTokenSize = int(n)
+		default:
+			return nil, d.Errf("unrecognized jwt subdirective %q", name)
+		}
+	}
+	if topUsed {
+		j.Issuers = append([]JWTIssuer{top}, j.Issuers...)
+	}
+	if len(j.Issuers) == 0 {
+		return nil, d.Err("jwt needs a key: secret, public_key or jwks (directly or in an issuer block)")
+	}
+	for _, is := range j.Issuers {
+		if len(is.Keys) == 0 && is.JWKSURL == "" {
+			return nil, d.Errf("jwt issuer %q has no key", is.Issuer)
+		}
+	}
+	return j, nil
+}
+
+func parseIssuerLine(d *caddyfile.Dispenser, is *JWTIssuer) error {
+	switch d.Val() {
+	case "audience":
+		args := d.RemainingArgs()
+		if len(args) == 0 {
+			return d.ArgErr()
+		}
+		is.Audience = append(is.Audience, args...)
+	case "secret", "public_key":
+		kind := d.Val()
+		if !d.NextArg() {
+			return d.ArgErr()
+		}
+		k := JWTKey{}
+		if kind == "secret" {
+			k.Secret = d.Val()
+		} else {
+			k.PublicKeyFile = d.Val()
+		}
+		for d.NextArg() {
+			switch d.Val() {
+			case "kid":
+				if !d.NextArg() {
+					return d.ArgErr()
+				}
+				k.ID = d.Val()
+			case "alg":
+				k.Algorithms = d.RemainingArgs()
+				if len(k.Algorithms) == 0 {
+					return d.ArgErr()
+				}
+			default:
+				return d.Errf("unexpected %q: want kid <id> or alg <algorithms...>", d.Val())
+			}
+		}
+		is.Keys = append(is.Keys, k)
+	case "jwks":
+		if is.JWKSURL != "" {
+			return d.Errf("duplicate jwks for issuer %q", is.Issuer)
+		}
+		if !d.NextArg() {
+			return d.ArgErr()
+		}
+		is.JWKSURL = d.Val()
+		for d.NextArg() {
+			switch d.Val() {
+			case "refresh":
+				if !d.NextArg() {
+					return d.ArgErr()
+				}
+				dur, err := caddy.ParseDuration(d.Val())
+				if err != nil || dur <= 0 {
+					return d.Errf("bad refresh duration %q", d.Val())
+				}
+				is.JWKSRefresh = caddy.Duration(dur)
+			case "alg":
+				is.JWKSAlgorithms = d.RemainingArgs()
+				if len(is.JWKSAlgorithms) == 0 {
+					return d.ArgErr()
+				}
+			default:
+				return d.Errf("unexpected %q: want refresh <duration> or alg <algorithms...>", d.Val())
+			}
+		}
+	default:
+		return d.Errf("unrecognized issuer subdirective %q", d.Val())
+	}
+	return nil
+}
+
+// parseForwardAuth reads:
+//
+//	forward_auth <url> {
+//	    copy_headers <names...>
+//	    timeout      <duration>
+//	    cache        <duration>
+//	    claims_from_body
+//	    claim_header <reply_header> <claim>
+//	}
+func parseForwardAuth(d *caddyfile.Dispenser) (*ForwardAuth, error) {
+	f := new(ForwardAuth)
+	if !d.AllArgs(&f.URL) {
+		return nil, d.ArgErr()
+	}
+	seen := map[string]bool{}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		name := d.Val()
+		if name != "claim_header" {
+			if seen[name] {
+				return nil, d.Errf("duplicate forward_auth subdirective %q", name)
+			}
+			seen[name] = true
+		}
+		switch name {
+		case "copy_headers":
+			f.CopyHeaders = d.RemainingArgs()
+			if len(f.CopyHeaders) == 0 {
+				return nil, d.ArgErr()
+			}
+		case "timeout":
+			dur, err := parseDuration(d)
+			if err != nil {
+				return nil, err
+			}
+			f.Timeout = dur
+		case "cache":
+			dur, err := parseDuration(d)
+			if err != nil {
+				return nil, err
+			}
+			f.CacheTTL = dur
+		case "claims_from_body":
+			if d.CountRemainingArgs() > 0 {
+				return nil, d.ArgErr()
+			}
+			f.ClaimsFromBody = true
+		case "claim_header":
+			var hdr, claim string
+			if !d.AllArgs(&hdr, &claim) {
+				return nil, d.ArgErr()
+			}
+			if f.ClaimHeaders == nil {
+				f.ClaimHeaders = map[string]string{}
+			}
+			f.ClaimHeaders[hdr] = claim
+		default:
+			return nil, d.Errf("unrecognized forward_auth subdirective %q", name)
+		}
+	}
+	return f, nil
+}
+
+// parseConnectionLimits reads:
+//
+//	limit_connections {
+//	    total       <n>
+//	    per_ip      <n>
+//	    per_subject <n>
+//	    zone        <name>
+//	}
+func parseConnectionLimits(d *caddyfile.Dispenser) (*ConnectionLimits, error) {
+	if d.CountRemainingArgs() > 0 {
+		return nil, d.ArgErr()
+	}
+	l := new(ConnectionLimits)
+	seen := map[string]bool{}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		name := d.Val()
+		if seen[name] {
+			return nil, d.Errf("duplicate limit_connections subdirective %q", name)
+		}
+		seen[name] = true
+		if name == "zone" {
+			if !d.AllArgs(&l.Zone) {
+				return nil, d.ArgErr()
+			}
+			continue
+		}
+		var v string
+		if !d.AllArgs(&v) {
+			return nil, d.ArgErr()
+		}
+		n, err := strconv.Atoi(v)
+		if err != nil || n <= 0 {
+			return nil, d.Errf("%s must be a positive number, not %q", name, v)
+		}
+		switch name {
+		case "total":
+			l.Total = n
+		case "per_ip":
+			l.PerIP = n
+		case "per_subject":
+			l.PerSubject = n
+		default:
+			return nil, d.Errf("unrecognized limit_connections subdirective %q", name)
+		}
+	}
+	if l.Total == 0 && l.PerIP == 0 && l.PerSubject == 0 {
+		return nil, d.Err("limit_connections needs total, per_ip or per_subject")
+	}
+	return l, nil
+}

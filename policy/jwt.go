@@ -1,0 +1,398 @@
+package policy
+
+import (
+	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/ed25519"
+	"crypto/rsa"
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"net/http"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/MicahParks/jwkset"
+	"github.com/MicahParks/keyfunc/v3"
+	"github.com/golang-jwt/jwt/v5"
+	"golang.org/x/time/rate"
+)
+
+// ErrToken is returned (wrapped) for every refused token. Its messages
+// never contain the token.
+var ErrToken = errors.New("invalid token")
+
+// DefaultMaxTokenSize is the longest token accepted, in bytes.
+const DefaultMaxTokenSize = 8 << 10
+
+// JWTConfig configures token verification.
+type JWTConfig struct {
+	// Issuers lists who may issue tokens, each with its own keys. A token's
+	// iss claim selects the issuer; its kid is only looked up among that
+	// issuer's keys. With one issuer whose Issuer is empty, iss is not
+	// checked.
+	Issuers []IssuerConfig
+	// Leeway tolerates clock skew on exp, nbf and iat.
+	Leeway time.Duration
+	// RequiredClaims must be present in every token.
+	RequiredClaims []string
+	// AllowMissingExp accepts tokens without exp (they never expire).
+	AllowMissingExp bool
+	// MaxTokenSize bounds the token length; default DefaultMaxTokenSize.
+	MaxTokenSize int
+	// Now is the clock; nil means time.Now.
+	Now func() time.Time
+	// HTTPClient fetches JWKS; nil means a client with a 10 s timeout.
+	HTTPClient *http.Client
+}
+
+// IssuerConfig is one token issuer.
+type IssuerConfig struct {
+	// Issuer is the exact iss value.
+	Issuer string
+	// Audience, if set, must intersect the token's aud.
+	Audience []string
+	// Keys are static verification keys.
+	Keys []KeyConfig
+	// JWKSURL is fetched for keys (never a URL taken from a token).
+	JWKSURL string
+	// JWKSRefresh is how often the JWKS is refetched; default 1h. An unknown
+	// kid also triggers a refetch, at most once per JWKSMinRefresh.
+	JWKSRefresh time.Duration
+	// JWKSMinRefresh bounds refetches on unknown kids; default 1m.
+	JWKSMinRefresh time.Duration
+	// JWKSAlgorithms limits the algorithms accepted with JWKS keys; default
+	// all algorithms that fit each key's type.
+	JWKSAlgorithms []string
+}
+
+// KeyConfig is one static key. Exactly one of Secret and PEM is set.
+type KeyConfig struct {
+	// ID is matched against the token's kid; a key without ID matches
+	// tokens without kid.
+	ID string
+	// Secret is an HMAC secret.
+	Secret []byte
+	// PEM is a PEM-encoded public key or certificate (RSA, ECDSA, Ed25519).
+	PEM []byte
+	// Algorithms accepted with this key; default by key type: HS256 for
+	// secrets, RS256 for RSA, ES256/ES384 for P-256/P-384, EdDSA.
+	Algorithms []string
+}
+
+// Claims are a verified token's claims.
+type Claims map[string]any
+
+// Subject is the sub claim, or "".
+func (c Claims) Subject() string { s, _ := c["sub"].(string); return s }
+
+// Verifier verifies tokens.
+type Verifier struct {
+	cfg     JWTConfig
+	issuers map[string]*issuer
+}
+
+type issuer struct {
+	cfg    IssuerConfig
+	keys   []staticKey
+	jwks   keyfunc.Keyfunc
+	parser *jwt.Parser
+	algs   []string
+}
+
+type staticKey struct {
+	id   string
+	key  any
+	algs []string
+}
+
+var (
+	hmacAlgs  = []string{"HS256", "HS384", "HS512"}
+	rsaAlgs   = []string{"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"}
+	ecAlgs    = map[string][]string{"P-256": {"ES256"}, "P-384": {"ES384"}, "P-521": {"ES512"}}
+	eddsaAlgs = []string{"EdDSA"}
+)
+
+// algsFor lists the algorithms that fit a key's type.
+func algsFor(key any) []string {
+	switch k := key.(type) {
+	case []byte:
+		return hmacAlgs
+	case *rsa.PublicKey:
+		return rsaAlgs
+	case *ecdsa.PublicKey:
+		return ecAlgs[k.Curve.Params().Name]
+	case ed25519.PublicKey:
+		return eddsaAlgs
+	}
+	return nil
+}
+
+// NewVerifier compiles cfg. ctx ends the JWKS refresh goroutines.
+func NewVerifier(ctx context.Context, cfg JWTConfig) (*Verifier, error) {
+	if len(cfg.Issuers) == 0 {
+		return nil, errors.New("jwt: no issuer configured")
+	}
+	if cfg.MaxTokenSize <= 0 {
+		cfg.MaxTokenSize = DefaultMaxTokenSize
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.HTTPClient == nil {
+		cfg.HTTPClient = &http.Client{Timeout: 10 * time.Second}
+	}
+	v := &Verifier{cfg: cfg, issuers: map[string]*issuer{}}
+	for i, ic := range cfg.Issuers {
+		if ic.Issuer == "" && len(cfg.Issuers) > 1 {
+			return nil, fmt.Errorf("jwt issuer #%d: several issuers need an issuer name each", i+1)
+		}
+		if _, dup := v.issuers[ic.Issuer]; dup {
+			return nil, fmt.Errorf("jwt issuer %q: configured twice", ic.Issuer)
+		}
+		is, err := newIssuer(ctx, cfg, ic)
+		if err != nil {
+			return nil, fmt.Errorf("jwt issuer %q: %w", ic.Issuer, err)
+		}
+		v.issuers[ic.Issuer] = is
+	}
+	return v, nil
+}
+
+func newIssuer(ctx context.Context, cfg JWTConfig, ic IssuerConfig) (*issuer, error) {
+	is := &issuer{cfg: ic}
+	if len(ic.Keys) == 0 && ic.JWKSURL == "" {
+		return nil, errors.New("no key and no JWKS URL")
+	}
+	ids := map[string]bool{}
+	for _, kc := range ic.Keys {
+		sk, err := newStaticKey(kc)
+		if err != nil {
+			return nil, err
+		}
+		if ids[sk.id] {
+			if sk.id == "" {
+				return nil, errors.New("several keys without an id: give each key an id (kid)")
+			}
+			return nil, fmt.Errorf("key id %q used twice", sk.id)
+		}
+		ids[sk.id] = true
+		is.keys = append(is.keys, sk)
+		is.algs = append(is.algs, sk.algs...)
+	}
+	if ic.JWKSURL != "" {
+		refresh := ic.JWKSRefresh
+		if refresh <= 0 {
+			refresh = time.Hour
+		}
+		minRefresh := ic.JWKSMinRefresh
+		if minRefresh <= 0 {
+			minRefresh = time.Minute
+		}
+		store, err := jwkset.NewStorageFromHTTP(ic.JWKSURL, jwkset.HTTPClientStorageOptions{
+			Client:                    cfg.HTTPClient,
+			Ctx:                       ctx,
+			HTTPTimeout:               cfg.HTTPClient.Timeout,
+			NoErrorReturnFirstHTTPReq: true, // an IdP that is down at start must not stop the gateway
+			RefreshInterval:           refresh,
+			RefreshErrorHandler:       func(context.Context, error) {},
+		})
+		if err != nil {
+			return nil, fmt.Errorf("jwks: %w", err)
+		}
+		client, err := jwkset.NewHTTPClient(jwkset.HTTPClientOptions{
+			HTTPURLs:          map[string]jwkset.Storage{ic.JWKSURL: store},
+			RefreshUnknownKID: rate.NewLimiter(rate.Every(minRefresh), 1),
+			RateLimitWaitMax:  time.Millisecond,
+		})
+		if err != nil {
+			return nil, fmt.Errorf("jwks: %w", err)
+		}
+		is.jwks, err = keyfunc.New(keyfunc.Options{Ctx: ctx, Storage: client})
+		if err != nil {
+			return nil, fmt.Errorf("jwks: %w", err)
+		}
+		if len(ic.JWKSAlgorithms) > 0 {
+			is.algs = append(is.algs, ic.JWKSAlgorithms...)
+		} else {
+			is.algs = append(is.algs, rsaAlgs...)
+			is.algs = append(is.algs, "ES256", "ES384", "ES512", "EdDSA")
+		}
+	}
+	for _, a := range is.algs {
+		if jwt.GetSigningMethod(a) == nil || a == "none" {
+			return nil, fmt.Errorf("unknown algorithm %q", a)
+		}
+	}
+	opts := []jwt.ParserOption{
+		jwt.WithValidMethods(is.algs),
+		jwt.WithLeeway(cfg.Leeway),
+		jwt.WithTimeFunc(cfg.Now),
+		jwt.WithIssuedAt(),
+	}
+	if !cfg.AllowMissingExp {
+		opts = append(opts, jwt.WithExpirationRequired())
+	}
+	if ic.Issuer != "" {
+		opts = append(opts, jwt.WithIssuer(ic.Issuer))
+	}
+	if len(ic.Audience) > 0 {
+		opts = append(opts, jwt.WithAudience(ic.Audience...))
+	}
+	is.parser = jwt.NewParser(opts...)
+	return is, nil
+}
+
+func newStaticKey(kc KeyConfig) (staticKey, error) {
+	sk := staticKey{id: kc.ID}
+	switch {
+	case len(kc.Secret) > 0 && len(kc.PEM) > 0:
+		return sk, errors.New("a key is either a secret or a PEM key, not both")
+	case len(kc.Secret) > 0:
+		if len(kc.Secret) < 32 {
+			return sk, errors.New("an HMAC secret needs at least 32 bytes")
+		}
+		sk.key = kc.Secret
+	case len(kc.PEM) > 0:
+		k, err := parsePublicKeyPEM(kc.PEM)
+		if err != nil {
+			return sk, err
+		}
+		sk.key = k
+	default:
+		return sk, errors.New("a key needs a secret or a PEM key")
+	}
+	fit := algsFor(sk.key)
+	if len(fit) == 0 {
+		return sk, errors.New("unsupported key type")
+	}
+	sk.algs = kc.Algorithms
+	if len(sk.algs) == 0 {
+		sk.algs = fit[:1]
+		if _, ok := sk.key.(*ecdsa.PublicKey); ok {
+			sk.algs = fit
+		}
+	}
+	for _, a := range sk.algs {
+		if !slices.Contains(fit, a) {
+			return sk, fmt.Errorf("algorithm %s does not fit this key (it takes %s)", a, strings.Join(fit, ", "))
+		}
+	}
+	return sk, nil
+}
+
+func parsePublicKeyPEM(b []byte) (any, error) {
+	block, _ := pem.Decode(b)
+	if block == nil {
+		return nil, errors.New("no PEM block found")
+	}
+	switch block.Type {
+	case "CERTIFICATE":
+		cert, err := x509.ParseCertificate(block.Bytes)
+		if err != nil {
+			return nil, err
+		}
+		return cert.PublicKey, nil
+	case "PUBLIC KEY":
+		return x509.ParsePKIXPublicKey(block.Bytes)
+	case "RSA PUBLIC KEY":
+		return x509.ParsePKCS1PublicKey(block.Bytes)
+	}
+	return nil, fmt.Errorf("PEM block %q is not a public key or certificate (never configure a private key here)", block.Type)
+}
+
+// Verify checks a token and returns its claims.
+func (v *Verifier) Verify(ctx context.Context, token string) (Claims, error) {
+	if len(token) > v.cfg.MaxTokenSize {
+		return nil, fmt.Errorf("%w: too large", ErrToken)
+	}
+	if strings.Count(token, ".") != 2 {
+		return nil, fmt.Errorf("%w: malformed", ErrToken)
+	}
+	// Read iss (unverified) only to pick the issuer whose keys and rules apply.
+	var peek jwt.RegisteredClaims
+	if _, _, err := jwt.NewParser().ParseUnverified(token, &peek); err != nil {
+		return nil, fmt.Errorf("%w: malformed", ErrToken)
+	}
+	is := v.issuers[peek.Issuer]
+	if is == nil {
+		if len(v.issuers) == 1 {
+			is = v.issuers[""]
+		}
+		if is == nil {
+			return nil, fmt.Errorf("%w: unknown issuer", ErrToken)
+		}
+	}
+	claims := jwt.MapClaims{}
+	_, err := is.parser.ParseWithClaims(token, claims, func(t *jwt.Token) (any, error) { return is.key(ctx, t) })
+	if err != nil {
+		return nil, fmt.Errorf("%w: %s", ErrToken, reason(err))
+	}
+	for _, c := range v.cfg.RequiredClaims {
+		if claims[c] == nil {
+			return nil, fmt.Errorf("%w: claim %q missing", ErrToken, c)
+		}
+	}
+	return Claims(claims), nil
+}
+
+// reason turns a jwt error into a short message without token content.
+func reason(err error) string {
+	switch {
+	case errors.Is(err, jwt.ErrTokenExpired):
+		return "expired"
+	case errors.Is(err, jwt.ErrTokenNotValidYet), errors.Is(err, jwt.ErrTokenUsedBeforeIssued):
+		return "not valid yet"
+	case errors.Is(err, jwt.ErrTokenInvalidAudience):
+		return "wrong audience"
+	case errors.Is(err, jwt.ErrTokenInvalidIssuer):
+		return "wrong issuer"
+	case errors.Is(err, jwt.ErrTokenRequiredClaimMissing):
+		return "required claim missing"
+	case errors.Is(err, jwt.ErrTokenSignatureInvalid):
+		return "bad signature"
+	case errors.Is(err, jwt.ErrTokenUnverifiable):
+		return "unverifiable"
+	case errors.Is(err, jwt.ErrTokenMalformed):
+		return "malformed"
+	}
+	return "rejected"
+}
+
+// key finds the verification key for a token among this issuer's keys,
+// and checks the token's algorithm fits that key.
+func (is *issuer) key(ctx context.Context, t *jwt.Token) (any, error) {
+	alg := t.Method.Alg()
+	kid, hasKid := t.Header["kid"].(string)
+	if _, present := t.Header["kid"]; present && !hasKid {
+		return nil, errors.New("kid is not a string")
+	}
+	for _, k := range is.keys {
+		if k.id == kid {
+			if !slices.Contains(k.algs, alg) {
+				return nil, fmt.Errorf("algorithm %s not allowed for this key", alg)
+			}
+			return k.key, nil
+		}
+	}
+	if is.jwks == nil || !hasKid {
+		return nil, errors.New("no key for this token")
+	}
+	if len(is.cfg.JWKSAlgorithms) > 0 && !slices.Contains(is.cfg.JWKSAlgorithms, alg) {
+		return nil, fmt.Errorf("algorithm %s not allowed", alg)
+	}
+	key, err := is.jwks.KeyfuncCtx(ctx)(t)
+	if err != nil {
+		return nil, err
+	}
+	if pk, ok := key.(interface{ Public() crypto.PublicKey }); ok {
+		key = pk.Public()
+	}
+	if !slices.Contains(algsFor(key), alg) {
+		return nil, fmt.Errorf("algorithm %s does not fit the key", alg)
+	}
+	return key, nil
+}
