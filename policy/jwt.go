@@ -28,6 +28,9 @@ var ErrToken = errors.New("invalid token")
 // DefaultMaxTokenSize is the longest token accepted, in bytes.
 const DefaultMaxTokenSize = 8 << 10
 
+// jwksRefetchTimeout bounds a JWKS refetch caused by an unknown kid.
+const jwksRefetchTimeout = 3 * time.Second
+
 // JWTConfig configures token verification.
 type JWTConfig struct {
 	// Issuers lists who may issue tokens, each with its own keys. A token's
@@ -206,7 +209,9 @@ func newIssuer(ctx context.Context, cfg JWTConfig, ic IssuerConfig) (*issuer, er
 		client, err := jwkset.NewHTTPClient(jwkset.HTTPClientOptions{
 			HTTPURLs:          map[string]jwkset.Storage{ic.JWKSURL: store},
 			RefreshUnknownKID: rate.NewLimiter(rate.Every(minRefresh), 1),
-			RateLimitWaitMax:  time.Millisecond,
+			// Bounds both the wait for the limiter (a wait longer than this
+			// fails at once) and the refetch itself.
+			RateLimitWaitMax: jwksRefetchTimeout,
 		})
 		if err != nil {
 			return nil, fmt.Errorf("jwks: %w", err)
