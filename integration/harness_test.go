@@ -122,8 +122,22 @@ func startGateway(t testing.TB, site string) *gateway {
 // environment variables for the process.
 func startGatewayWith(t testing.TB, global string, env []string, site string) *gateway {
 	t.Helper()
+	return startGatewayFull(t, 0, global, env, site)
+}
+
+// startGatewayOnPort starts a gateway on a port chosen beforehand.
+func startGatewayOnPort(t testing.TB, port int, site string) *gateway {
+	t.Helper()
+	return startGatewayFull(t, port, "", nil, site)
+}
+
+func startGatewayFull(t testing.TB, port int, global string, env []string, site string) *gateway {
+	t.Helper()
 	g := &gateway{t: t, global: global, env: env, dir: t.TempDir(), logs: &syncBuffer{}, exited: make(chan struct{})}
-	g.port = freePort(t)
+	g.port = port
+	if g.port == 0 {
+		g.port = freePort(t)
+	}
 	g.adminAddr = "127.0.0.1:" + strconv.Itoa(freePort(t))
 	path := g.writeCaddyfile(site)
 	g.cmd = exec.Command(caddyBin, "run", "--config", path, "--adapter", "caddyfile")
