@@ -135,7 +135,7 @@ func TestJWTRefusals(t *testing.T) {
 		{"issuer A with issuer B's kid", k.sign(t, "ES256", "ec", claims(iss, "u1")), 401},
 		{"issuer B with its own kid", k.sign(t, "ES256", "ec", claims("https://other.test", "u1", "aud", nil)), 101},
 		{"no exp", k.sign(t, "HS256", "hs", claims(iss, "u1", "exp", nil)), 401},
-		{"1 MB of dots", strings.Repeat(".", 1<<20), 431}, // over Caddy's 16 KiB header limit: refused before wsgate
+		{"1 MB of dots", strings.Repeat(".", 1<<20), 431},   // over Caddy's 16 KiB header limit: refused before wsgate
 		{"12 KB of dots", strings.Repeat(".", 12<<10), 401}, // over max_token_size (8 KiB): refused by length
 		{"garbage", "not-a-token", 401},
 	}
