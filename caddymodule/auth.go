@@ -222,12 +222,12 @@ func (h *Handler) cleanupAuth() {
 
 // authorize runs the upgrade-time checks. It fills info, or writes the
 // refusal and returns false.
-func (h *Handler) authorize(w http.ResponseWriter, r *http.Request, info *proxy.RequestInfo) bool {
+func (h *Handler) authorize(w http.ResponseWriter, r *http.Request, info *proxy.RequestInfo) (policy.Claims, bool) {
 	a := &h.auth
 	policy.StripHeaders(r.Header, a.strip)
 	if err := a.origin.Check(r.Header.Values("Origin"), r.Host); err != nil {
 		h.refuse(w, r, http.StatusForbidden, "origin not allowed", err)
-		return false
+		return nil, false
 	}
 
 	var claims policy.Claims
@@ -247,25 +247,25 @@ func (h *Handler) authorize(w http.ResponseWriter, r *http.Request, info *proxy.
 			c, err := a.verifier.Verify(r.Context(), ex.Token)
 			if err != nil {
 				h.unauthorized(w, r, err)
-				return false
+				return nil, false
 			}
 			claims = c
 			break
 		}
 		if a.forward == nil {
 			h.unauthorized(w, r, fmt.Errorf("%w: no token", policy.ErrToken))
-			return false
+			return nil, false
 		}
 		fallthrough
 	case a.forward != nil:
 		c, err := a.forward.Check(r.Context(), r)
 		if errors.Is(err, policy.ErrAuthUnavailable) {
 			h.refuse(w, r, http.StatusServiceUnavailable, "authentication unavailable", err)
-			return false
+			return nil, false
 		}
 		if err != nil {
 			h.unauthorized(w, r, err)
-			return false
+			return nil, false
 		}
 		claims = c
 	}
@@ -275,7 +275,7 @@ func (h *Handler) authorize(w http.ResponseWriter, r *http.Request, info *proxy.
 		if err != nil {
 			w.Header().Set("Retry-After", "5")
 			h.refuse(w, r, http.StatusTooManyRequests, "too many connections", err)
-			return false
+			return nil, false
 		}
 		info.OnClose = release
 	}
@@ -324,7 +324,7 @@ func (h *Handler) authorize(w http.ResponseWriter, r *http.Request, info *proxy.
 		}
 		info.AcceptProtocol = tokenSrc.Name
 	}
-	return true
+	return claims, true
 }
 
 func expiry(c policy.Claims) (time.Time, bool) {

@@ -53,6 +53,8 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    refresh_field        <json_field>
 //	    claims_header        <claim_path> <header_name>
 //	    limit_connections { … }      (see parseConnectionLimits)
+//	    channels { … }               (see parseChannels)
+//	    relay_channels { … }         (see parseRelayChannels)
 //	}
 //
 // Unknown or repeated subdirectives are errors; upstream may repeat and adds
@@ -145,6 +147,10 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			h.ClaimsHeaders[claim] = header
 		case "limit_connections":
 			h.ConnectionLimits, err = parseConnectionLimits(d)
+		case "channels":
+			h.Channels, err = parseChannels(d)
+		case "relay_channels":
+			h.RelayChannels, err = parseRelayChannels(d)
 		default:
 			return d.Errf("unrecognized subdirective %q", name)
 		}

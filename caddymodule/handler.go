@@ -105,8 +105,16 @@ type Handler struct {
 	// ConnectionLimits caps open connections. Default: none.
 	ConnectionLimits *ConnectionLimits `json:"connection_limits,omitempty"`
 
-	gw   *proxy.Gateway
-	auth authState
+	// Channels is the channel policy: ordered rules, first match wins, and
+	// anything unmatched is denied. Default: none (no channel checks).
+	Channels []ChannelRule `json:"channels,omitempty"`
+	// RelayChannels says where relayed client frames name their channel
+	// and action; required with Channels.
+	RelayChannels *RelayChannels `json:"relay_channels,omitempty"`
+
+	gw       *proxy.Gateway
+	auth     authState
+	channels *channelState
 }
 
 // RateLimit limits the messages and bytes one side of a connection sends.
@@ -162,6 +170,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return err
 	}
 	h.gw = proxy.New(cfg, registry, ctx.Slogger())
+	if err := h.provisionChannels(); err != nil {
+		return err
+	}
 	return h.provisionAuth(ctx)
 }
 
@@ -255,8 +266,12 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	info := proxy.RequestInfo{}
 	info.ClientIP, _ = caddyhttp.GetVar(r.Context(), caddyhttp.ClientIPVarKey).(string)
 	info.TrustedProxy, _ = caddyhttp.GetVar(r.Context(), caddyhttp.TrustedProxyVarKey).(bool)
-	if !h.authorize(w, r, &info) {
+	claims, ok := h.authorize(w, r, &info)
+	if !ok {
 		return nil
+	}
+	if h.channels != nil {
+		info.Inspect = h.channels.inspector(claims)
 	}
 	h.gw.ServeHTTP(w, r, info)
 	return nil

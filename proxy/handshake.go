@@ -141,7 +141,27 @@ type RequestInfo struct {
 	// OnClose is called exactly once when the connection has ended, or when
 	// the request failed before a connection was made.
 	OnClose func()
+
+	// Inspect, if set, sees every complete client message (unmasked; text
+	// already checked as UTF-8) before it is forwarded, and says whether it
+	// passes. A drop may carry a text reply for the client. Fragmented
+	// messages are assembled first (up to the client's MaxMessage) and
+	// forwarded as one frame.
+	Inspect func(msg []byte, text bool) (Verdict, []byte)
 }
+
+// Verdict is what Inspect decides for a message.
+type Verdict uint8
+
+// Verdicts.
+const (
+	// Pass forwards the message.
+	Pass Verdict = iota
+	// Drop discards it (and sends the reply, if any); the connection stays.
+	Drop
+	// Close closes the connection with 1008 "forbidden".
+	Close
+)
 
 // upstreamHeader builds the headers of the upstream handshake: the chosen
 // client headers, then X-Forwarded-For/Proto/Host and X-Real-IP.

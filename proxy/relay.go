@@ -63,6 +63,8 @@ type peer struct {
 	dropping   bool
 	msgSize    int64
 	utf8       utf8State
+	msg        []byte    // a message being assembled for inspection
+	msgOp      ws.OpCode // its opcode
 }
 
 func (p *peer) state() ws.State {
@@ -110,6 +112,7 @@ type relay struct {
 	finishedOnce sync.Once
 
 	onClose      func()
+	inspect      func(msg []byte, text bool) (Verdict, []byte)
 	refresh      func(token string) (time.Time, error)
 	refreshField []byte // `"field"`
 
@@ -134,6 +137,7 @@ func newRelay(g *Gateway, client, upstream net.Conn, info *RequestInfo) *relay {
 	if !info.Expiry.IsZero() {
 		c.setExpiry(info.Expiry)
 	}
+	c.inspect = info.Inspect
 	if info.Refresh != nil && info.RefreshField != "" {
 		c.refresh = info.Refresh
 		c.refreshField = []byte(strconv.Quote(info.RefreshField))
@@ -252,8 +256,8 @@ func (c *relay) finish() {
 func (c *relay) relayFrames(src, dst *peer) error {
 	rd := &src.rd
 	whole := 0
-	if src.isClient && c.refresh != nil {
-		whole = maxRefreshMessage
+	if src.isClient && (c.refresh != nil || c.inspect != nil) {
+		whole = maxWholeMessage
 	}
 	for {
 		rd.release()
@@ -287,7 +291,7 @@ func (c *relay) relayFrames(src, dst *peer) error {
 			continue
 		}
 
-		if whole > 0 && h.OpCode == ws.OpText && h.Fin && h.Length <= int64(whole) {
+		if c.refresh != nil && src.isClient && h.OpCode == ws.OpText && h.Fin && h.Length <= maxRefreshMessage {
 			// A refresh message is consumed here; anything else goes on,
 			// already unmasked.
 			payload := (*rd.buf)[rd.r : rd.r+int(h.Length)]
@@ -327,10 +331,145 @@ func (c *relay) relayFrames(src, dst *peer) error {
 			}
 			continue
 		}
+		if c.inspect != nil && src.isClient {
+			if newMsg && h.Fin && h.Length <= int64(whole) {
+				// The whole message is in the read buffer: inspect it in place.
+				payload := (*rd.buf)[rd.r : rd.r+int(h.Length)]
+				if h.Masked {
+					ws.Cipher(payload, h.Mask, 0)
+					h.Masked = false
+				}
+				if src.text && !utf8.Valid(payload) {
+					return &closeErr{ws.StatusInvalidFramePayloadData, "invalid UTF-8 in text message"}
+				}
+				if pass, err := c.judge(src, payload); err != nil {
+					return err
+				} else if !pass {
+					rd.r += len(payload)
+					continue
+				}
+			} else {
+				if err := c.assemble(src, dst, h); err != nil {
+					return err
+				}
+				continue
+			}
+		}
 		if err := c.forward(src, dst, h, start); err != nil {
 			return err
 		}
 	}
+}
+
+// maxWholeMessage is the largest frame payload inspected in place in the
+// read buffer (larger or fragmented messages are assembled).
+const maxWholeMessage = readBufSize - ws.MaxHeaderSize
+
+// assembleCap bounds an assembled message when MaxMessage is unlimited.
+const assembleCap = 16 << 20
+
+// judge asks the inspector about a complete client message. It reports
+// whether the message may be forwarded; a drop may send a reply to the
+// client, and a close verdict ends the connection.
+func (c *relay) judge(src *peer, msg []byte) (bool, error) {
+	v, reply := c.inspect(msg, src.text)
+	switch v {
+	case Pass:
+		return true, nil
+	case Close:
+		return false, &closeErr{ws.StatusPolicyViolation, "forbidden"}
+	}
+	if len(reply) > 0 {
+		if err := c.writeMessage(src, ws.OpText, reply); err != nil {
+			return false, writeErr{err}
+		}
+	}
+	return false, nil
+}
+
+// assemble collects a fragmented (or large) client message, unmasked, so
+// the inspector sees all of it; the message is forwarded as one frame.
+// Control frames between fragments are relayed meanwhile by relayFrames.
+func (c *relay) assemble(src, dst *peer, h ws.Header) error {
+	rd := &src.rd
+	if h.OpCode != ws.OpContinuation {
+		src.msg = append(src.msg[:0], make([]byte, ws.MaxHeaderSize)...)
+		src.msgOp = h.OpCode
+	}
+	limit := src.limits.MaxMessage
+	if limit <= 0 {
+		limit = assembleCap
+	}
+	if int64(len(src.msg)-ws.MaxHeaderSize)+h.Length > limit {
+		return &closeErr{ws.StatusMessageTooBig, "message too big"}
+	}
+	remaining := h.Length
+	offset := 0
+	for {
+		avail := int(min(remaining, int64(rd.buffered())))
+		chunk := (*rd.buf)[rd.r : rd.r+avail]
+		if h.Masked {
+			ws.Cipher(chunk, h.Mask, offset)
+		}
+		if src.text && !src.utf8.feed(chunk) {
+			return &closeErr{ws.StatusInvalidFramePayloadData, "invalid UTF-8 in text message"}
+		}
+		src.msg = append(src.msg, chunk...)
+		rd.r += avail
+		remaining -= int64(avail)
+		offset += avail
+		if remaining == 0 {
+			break
+		}
+		rd.r, rd.w = 0, 0
+		if err := rd.fill(); err != nil {
+			return err
+		}
+	}
+	if !h.Fin {
+		return nil
+	}
+	msg := src.msg
+	src.msg = nil // no payload buffer is kept between messages
+	if src.text && !src.utf8.done() {
+		return &closeErr{ws.StatusInvalidFramePayloadData, "invalid UTF-8 in text message"}
+	}
+	pass, err := c.judge(src, msg[ws.MaxHeaderSize:])
+	if err != nil || !pass {
+		return err
+	}
+	return c.writeFramed(dst, src.msgOp, msg)
+}
+
+// writeMessage writes one unfragmented message to p.
+func (c *relay) writeMessage(p *peer, op ws.OpCode, payload []byte) error {
+	buf := make([]byte, ws.MaxHeaderSize+len(payload))
+	copy(buf[ws.MaxHeaderSize:], payload)
+	return c.writeFramed(p, op, buf)
+}
+
+// writeFramed writes buf[MaxHeaderSize:] as one frame to p, encoding the
+// header into the headroom in front of it (and masking the payload in
+// place for an upstream).
+func (c *relay) writeFramed(p *peer, op ws.OpCode, buf []byte) error {
+	payload := buf[ws.MaxHeaderSize:]
+	h := ws.Header{Fin: true, OpCode: op, Length: int64(len(payload)), Masked: !p.isClient}
+	if h.Masked {
+		binary.LittleEndian.PutUint32(h.Mask[:], rand.Uint32())
+		ws.Cipher(payload, h.Mask, 0)
+	}
+	hs := headerSize(h)
+	encodeHeader(buf[ws.MaxHeaderSize-hs:ws.MaxHeaderSize], h)
+	p.wmu.Lock()
+	defer p.wmu.Unlock()
+	if p.broken {
+		return nil
+	}
+	if _, err := p.conn.Write(buf[ws.MaxHeaderSize-hs:]); err != nil {
+		p.broken = true
+		return writeErr{err}
+	}
+	return nil
 }
 
 // ownPong reports whether a pong (fully buffered) answers the gateway's own

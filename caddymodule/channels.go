@@ -1,0 +1,190 @@
+package caddymodule
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strings"
+
+	"github.com/wsgate/wsgate/policy"
+	"github.com/wsgate/wsgate/proxy"
+)
+
+// ChannelRule is one rule of the channel policy.
+type ChannelRule struct {
+	// Effect is "allow" or "deny".
+	Effect string `json:"effect"`
+	// Actions the rule applies to: "subscribe", "publish", custom words, or
+	// "*" for any.
+	Actions []string `json:"actions"`
+	// Pattern is a channel pattern: ':'-separated segments, "*" for one
+	// segment, "**" (last) for any number of trailing segments, and
+	// {claims.path} or {claims.path[*]} (any element of an array claim)
+	// substituted as literals.
+	Pattern string `json:"pattern"`
+}
+
+// RelayChannels says how channel and action are read from relayed client
+// frames (JSON text messages of the app's own protocol).
+type RelayChannels struct {
+	// ActionField is the dotted path of the action word ("type").
+	ActionField string `json:"action_field,omitempty"`
+	// ChannelField is the dotted path of the channel ("payload.room").
+	ChannelField string `json:"channel_field"`
+	// Actions maps policy actions to the app's words:
+	// {"subscribe": ["join", "subscribe"], "publish": ["say", "message"]}.
+	// A word that is not mapped is its own action.
+	Actions map[string][]string `json:"actions,omitempty"`
+	// Unmatched decides messages that name no channel: binary messages,
+	// text that is not JSON, JSON without the channel field. "pass" or
+	// "deny". Default: pass. Text that starts like a JSON object but does
+	// not parse strictly, has a duplicate policy key or a non-string channel
+	// is always denied.
+	Unmatched string `json:"unmatched,omitempty"`
+	// OnDeny is "drop" (the message is discarded and the client gets
+	// DenyReply) or "close" (close 1008 "forbidden"). Default: drop.
+	OnDeny string `json:"on_deny,omitempty"`
+	// DenyReply is the text sent to the client for a dropped message;
+	// {channel} and {action} are replaced by JSON strings. Default:
+	// {"error":"forbidden","channel":{channel}}. "off" sends nothing.
+	DenyReply string `json:"deny_reply,omitempty"`
+}
+
+const defaultDenyReply = `{"error":"forbidden","channel":{channel}}`
+
+type channelState struct {
+	policy    *policy.ChannelPolicy
+	paths     []policy.FieldPath // [channel, action?]
+	words     map[string]string  // app word → policy action
+	unmatched proxy.Verdict
+	deny      proxy.Verdict
+	reply     string
+}
+
+func (h *Handler) provisionChannels() error {
+	if len(h.Channels) == 0 {
+		if h.RelayChannels != nil {
+			return errors.New("relay_channels needs a channels block")
+		}
+		return nil
+	}
+	rules := make([]policy.Rule, 0, len(h.Channels))
+	for _, r := range h.Channels {
+		var eff policy.Effect
+		switch r.Effect {
+		case "allow":
+			eff = policy.Allow
+		case "deny":
+			eff = policy.Deny
+		default:
+			return fmt.Errorf("channel rule %q: effect must be allow or deny", r.Pattern)
+		}
+		rules = append(rules, policy.Rule{Effect: eff, Actions: r.Actions, Pattern: r.Pattern})
+	}
+	p, err := policy.CompileChannelPolicy(rules)
+	if err != nil {
+		return err
+	}
+	rc := h.RelayChannels
+	if rc == nil || rc.ChannelField == "" {
+		return errors.New("channels in relay mode need relay_channels with a channel_field: without it no frame would be checked")
+	}
+	cs := &channelState{policy: p, words: map[string]string{}, reply: defaultDenyReply, deny: proxy.Drop}
+	chPath, err := policy.ParseFieldPath(rc.ChannelField)
+	if err != nil {
+		return fmt.Errorf("relay_channels: %w", err)
+	}
+	cs.paths = []policy.FieldPath{chPath}
+	if rc.ActionField != "" {
+		aPath, err := policy.ParseFieldPath(rc.ActionField)
+		if err != nil {
+			return fmt.Errorf("relay_channels: %w", err)
+		}
+		cs.paths = append(cs.paths, aPath)
+	}
+	for action, words := range rc.Actions {
+		if !policy.ValidAction(action) || action == "*" {
+			return fmt.Errorf("relay_channels: bad action %q", action)
+		}
+		for _, w := range words {
+			if prev, dup := cs.words[w]; dup && prev != action {
+				return fmt.Errorf("relay_channels: word %q maps to both %s and %s", w, prev, action)
+			}
+			cs.words[w] = action
+		}
+	}
+	switch rc.Unmatched {
+	case "", "pass":
+		cs.unmatched = proxy.Pass
+	case "deny":
+		cs.unmatched = proxy.Drop
+	default:
+		return fmt.Errorf("relay_channels: unmatched must be pass or deny, not %q", rc.Unmatched)
+	}
+	switch rc.OnDeny {
+	case "", "drop":
+	case "close":
+		cs.deny = proxy.Close
+	default:
+		return fmt.Errorf("relay_channels: on_deny must be drop or close, not %q", rc.OnDeny)
+	}
+	switch rc.DenyReply {
+	case "":
+	case "off":
+		cs.reply = ""
+	default:
+		cs.reply = rc.DenyReply
+	}
+	if cs.unmatched != proxy.Pass {
+		cs.unmatched = cs.deny
+	}
+	h.channels = cs
+	return nil
+}
+
+// inspector decides relayed client messages for one connection.
+func (cs *channelState) inspector(claims policy.Claims) func([]byte, bool) (proxy.Verdict, []byte) {
+	return func(msg []byte, text bool) (proxy.Verdict, []byte) {
+		if !text {
+			return cs.unmatched, nil
+		}
+		var vals [2]string
+		var found [2]bool
+		err := policy.ExtractJSONFields(msg, cs.paths, vals[:len(cs.paths)], found[:len(cs.paths)])
+		if err != nil {
+			if errors.Is(err, policy.ErrJSON) && !looksLikeObject(msg) {
+				return cs.unmatched, nil // not JSON at all: the app's other frames
+			}
+			return cs.deny, cs.replyFor("", "")
+		}
+		if !found[0] {
+			return cs.unmatched, nil
+		}
+		ch, word := vals[0], ""
+		if len(cs.paths) > 1 && found[1] {
+			word = vals[1]
+		}
+		action := word
+		if a, ok := cs.words[word]; ok {
+			action = a
+		}
+		if cs.policy.Decide(action, ch, claims) == policy.Allow {
+			return proxy.Pass, nil
+		}
+		return cs.deny, cs.replyFor(ch, action)
+	}
+}
+
+func looksLikeObject(msg []byte) bool {
+	t := bytes.TrimLeft(msg, " \t\r\n")
+	return len(t) > 0 && (t[0] == '{' || t[0] == '[')
+}
+
+func (cs *channelState) replyFor(ch, action string) []byte {
+	if cs.reply == "" || cs.deny == proxy.Close {
+		return nil
+	}
+	q := func(s string) string { b, _ := json.Marshal(s); return string(b) }
+	return []byte(strings.NewReplacer("{channel}", q(ch), "{action}", q(action)).Replace(cs.reply))
+}

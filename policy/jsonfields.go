@@ -1,0 +1,426 @@
+package policy
+
+import (
+	"errors"
+	"strings"
+	"unicode/utf16"
+	"unicode/utf8"
+)
+
+// Errors of ExtractJSONFields.
+var (
+	ErrJSON          = errors.New("malformed JSON")
+	ErrJSONDuplicate = errors.New("duplicate JSON key on a policy path")
+	ErrJSONType      = errors.New("policy field is not a string")
+)
+
+// maxJSONDepth bounds nesting in inspected messages.
+const maxJSONDepth = 64
+
+// FieldPath is a dotted path into a JSON object ("payload.room"), split.
+type FieldPath []string
+
+// ParseFieldPath splits "a.b.c".
+func ParseFieldPath(s string) (FieldPath, error) {
+	if s == "" {
+		return nil, errors.New("empty field path")
+	}
+	parts := strings.Split(s, ".")
+	for _, p := range parts {
+		if p == "" {
+			return nil, errors.New("empty name in field path " + s)
+		}
+	}
+	return parts, nil
+}
+
+// ExtractJSONFields validates doc as one JSON value and returns the string
+// values at the paths (found[i] says whether path i was present). The
+// whole document is checked, so what the gateway reads is what any strict
+// parser reads; a key on a policy path that appears twice in one object is
+// an error (parsers disagree on which one wins), and so is a non-string
+// value at a path. Keys are compared after unescaping.
+func ExtractJSONFields(doc []byte, paths []FieldPath, vals []string, found []bool) error {
+	s := jscan{b: doc, paths: paths, vals: vals, found: found}
+	for i := range found {
+		found[i] = false
+	}
+	s.ws()
+	active := uint64(0)
+	for i := range paths {
+		active |= 1 << uint(i)
+	}
+	if err := s.value(active, 0, -1); err != nil {
+		return err
+	}
+	s.ws()
+	if s.i != len(s.b) {
+		return ErrJSON
+	}
+	return nil
+}
+
+type jscan struct {
+	b     []byte
+	i     int
+	paths []FieldPath
+	vals  []string
+	found []bool
+	depth int
+}
+
+func (s *jscan) ws() {
+	for s.i < len(s.b) {
+		switch s.b[s.i] {
+		case ' ', '\t', '\n', '\r':
+			s.i++
+		default:
+			return
+		}
+	}
+}
+
+// value parses one value. active is the set of paths whose first level
+// elements matched so far (level is how many); target >= 0 means the value
+// completes path target and must be a string.
+func (s *jscan) value(active uint64, level int, target int) error {
+	if s.i >= len(s.b) {
+		return ErrJSON
+	}
+	c := s.b[s.i]
+	if target >= 0 && c != '"' {
+		if err := s.value(0, 0, -1); err != nil {
+			return err
+		}
+		return ErrJSONType
+	}
+	switch {
+	case c == '{':
+		return s.object(active, level)
+	case c == '[':
+		return s.array()
+	case c == '"':
+		str, err := s.str(target >= 0)
+		if err != nil {
+			return err
+		}
+		if target >= 0 {
+			s.vals[target] = str
+			s.found[target] = true
+		}
+		return nil
+	case c == 't':
+		return s.lit("true")
+	case c == 'f':
+		return s.lit("false")
+	case c == 'n':
+		return s.lit("null")
+	case c == '-' || (c >= '0' && c <= '9'):
+		return s.number()
+	}
+	return ErrJSON
+}
+
+func (s *jscan) enter() error {
+	s.depth++
+	if s.depth > maxJSONDepth {
+		return ErrJSON
+	}
+	return nil
+}
+
+func (s *jscan) object(active uint64, level int) error {
+	if err := s.enter(); err != nil {
+		return err
+	}
+	s.i++ // {
+	s.ws()
+	if s.i < len(s.b) && s.b[s.i] == '}' {
+		s.i++
+		s.depth--
+		return nil
+	}
+	var seen uint64
+	for {
+		s.ws()
+		if s.i >= len(s.b) || s.b[s.i] != '"' {
+			return ErrJSON
+		}
+		keyStart := s.i
+		raw, escaped, err := s.strRaw()
+		if err != nil {
+			return err
+		}
+		var key string
+		var next uint64
+		target := -1
+		if active != 0 {
+			if escaped {
+				key, err = jsonUnescape(s.b[keyStart+1 : s.i-1])
+				if err != nil {
+					return err
+				}
+			}
+			for p := range s.paths {
+				if active&(1<<uint(p)) == 0 {
+					continue
+				}
+				name := s.paths[p][level]
+				var eq bool
+				if escaped {
+					eq = key == name
+				} else {
+					eq = string(raw) == name
+				}
+				if !eq {
+					continue
+				}
+				if seen&(1<<uint(p)) != 0 {
+					return ErrJSONDuplicate
+				}
+				seen |= 1 << uint(p)
+				if level == len(s.paths[p])-1 {
+					target = p
+				} else {
+					next |= 1 << uint(p)
+				}
+			}
+		}
+		s.ws()
+		if s.i >= len(s.b) || s.b[s.i] != ':' {
+			return ErrJSON
+		}
+		s.i++
+		s.ws()
+		if target >= 0 && next != 0 {
+			// one path ends where another goes deeper: the value can't be both
+			if err := s.value(0, 0, -1); err != nil {
+				return err
+			}
+			return ErrJSONType
+		}
+		if next != 0 && (s.i >= len(s.b) || s.b[s.i] != '{') {
+			next = 0 // not an object: the deeper paths are absent
+		}
+		if err := s.value(next, level+1, target); err != nil {
+			return err
+		}
+		s.ws()
+		if s.i >= len(s.b) {
+			return ErrJSON
+		}
+		if s.b[s.i] == ',' {
+			s.i++
+			continue
+		}
+		if s.b[s.i] == '}' {
+			s.i++
+			s.depth--
+			return nil
+		}
+		return ErrJSON
+	}
+}
+
+func (s *jscan) array() error {
+	if err := s.enter(); err != nil {
+		return err
+	}
+	s.i++ // [
+	s.ws()
+	if s.i < len(s.b) && s.b[s.i] == ']' {
+		s.i++
+		s.depth--
+		return nil
+	}
+	for {
+		s.ws()
+		if err := s.value(0, 0, -1); err != nil {
+			return err
+		}
+		s.ws()
+		if s.i >= len(s.b) {
+			return ErrJSON
+		}
+		if s.b[s.i] == ',' {
+			s.i++
+			continue
+		}
+		if s.b[s.i] == ']' {
+			s.i++
+			s.depth--
+			return nil
+		}
+		return ErrJSON
+	}
+}
+
+func (s *jscan) lit(w string) error {
+	if !strings.HasPrefix(string(s.b[s.i:min(len(s.b), s.i+len(w))]), w) {
+		return ErrJSON
+	}
+	s.i += len(w)
+	return nil
+}
+
+func (s *jscan) number() error {
+	b, i := s.b, s.i
+	if i < len(b) && b[i] == '-' {
+		i++
+	}
+	switch {
+	case i < len(b) && b[i] == '0':
+		i++
+	case i < len(b) && b[i] >= '1' && b[i] <= '9':
+		for i < len(b) && b[i] >= '0' && b[i] <= '9' {
+			i++
+		}
+	default:
+		return ErrJSON
+	}
+	if i < len(b) && b[i] == '.' {
+		i++
+		if i >= len(b) || b[i] < '0' || b[i] > '9' {
+			return ErrJSON
+		}
+		for i < len(b) && b[i] >= '0' && b[i] <= '9' {
+			i++
+		}
+	}
+	if i < len(b) && (b[i] == 'e' || b[i] == 'E') {
+		i++
+		if i < len(b) && (b[i] == '+' || b[i] == '-') {
+			i++
+		}
+		if i >= len(b) || b[i] < '0' || b[i] > '9' {
+			return ErrJSON
+		}
+		for i < len(b) && b[i] >= '0' && b[i] <= '9' {
+			i++
+		}
+	}
+	s.i = i
+	return nil
+}
+
+// strRaw scans a string at s.i and returns its raw contents (between the
+// quotes) and whether it has escapes; it validates escapes, control
+// characters and UTF-8.
+func (s *jscan) strRaw() ([]byte, bool, error) {
+	s.i++ // opening quote
+	start := s.i
+	escaped := false
+	for s.i < len(s.b) {
+		c := s.b[s.i]
+		switch {
+		case c == '"':
+			raw := s.b[start:s.i]
+			s.i++
+			if !utf8.Valid(raw) {
+				return nil, false, ErrJSON
+			}
+			return raw, escaped, nil
+		case c == '\\':
+			escaped = true
+			if s.i+1 >= len(s.b) {
+				return nil, false, ErrJSON
+			}
+			switch s.b[s.i+1] {
+			case '"', '\\', '/', 'b', 'f', 'n', 'r', 't':
+				s.i += 2
+			case 'u':
+				if s.i+6 > len(s.b) {
+					return nil, false, ErrJSON
+				}
+				for _, h := range s.b[s.i+2 : s.i+6] {
+					if hexVal(h) < 0 {
+						return nil, false, ErrJSON
+					}
+				}
+				s.i += 6
+			default:
+				return nil, false, ErrJSON
+			}
+		case c < 0x20:
+			return nil, false, ErrJSON
+		default:
+			s.i++
+		}
+	}
+	return nil, false, ErrJSON
+}
+
+func (s *jscan) str(want bool) (string, error) {
+	start := s.i
+	raw, escaped, err := s.strRaw()
+	if err != nil || !want {
+		return "", err
+	}
+	if !escaped {
+		return string(raw), nil
+	}
+	return jsonUnescape(s.b[start+1 : s.i-1])
+}
+
+func hexVal(c byte) int {
+	switch {
+	case c >= '0' && c <= '9':
+		return int(c - '0')
+	case c >= 'a' && c <= 'f':
+		return int(c-'a') + 10
+	case c >= 'A' && c <= 'F':
+		return int(c-'A') + 10
+	}
+	return -1
+}
+
+// jsonUnescape decodes the inside of a validated JSON string the way
+// encoding/json does (lone surrogates become U+FFFD).
+func jsonUnescape(b []byte) (string, error) {
+	var out strings.Builder
+	out.Grow(len(b))
+	for i := 0; i < len(b); {
+		c := b[i]
+		if c != '\\' {
+			out.WriteByte(c)
+			i++
+			continue
+		}
+		switch b[i+1] {
+		case '"', '\\', '/':
+			out.WriteByte(b[i+1])
+		case 'b':
+			out.WriteByte('\b')
+		case 'f':
+			out.WriteByte('\f')
+		case 'n':
+			out.WriteByte('\n')
+		case 'r':
+			out.WriteByte('\r')
+		case 't':
+			out.WriteByte('\t')
+		case 'u':
+			r := rune(hex4(b[i+2 : i+6]))
+			i += 6
+			if utf16.IsSurrogate(r) {
+				if i+6 <= len(b) && b[i] == '\\' && b[i+1] == 'u' {
+					r2 := rune(hex4(b[i+2 : i+6]))
+					if dec := utf16.DecodeRune(r, r2); dec != utf8.RuneError {
+						out.WriteRune(dec)
+						i += 6
+						continue
+					}
+				}
+				r = utf8.RuneError
+			}
+			out.WriteRune(r)
+			continue
+		}
+		i += 2
+	}
+	return out.String(), nil
+}
+
+func hex4(b []byte) int {
+	return hexVal(b[0])<<12 | hexVal(b[1])<<8 | hexVal(b[2])<<4 | hexVal(b[3])
+}
