@@ -64,6 +64,15 @@ type Limits struct {
 	Rate *RateLimit
 }
 
+// SlowConsumer is the policy for clients that do not keep up with fan-out.
+type SlowConsumer string
+
+// SlowConsumer values.
+const (
+	SlowClose SlowConsumer = "close"
+	SlowDrop  SlowConsumer = "drop"
+)
+
 // Config configures relayed connections. The zero value plus Upstreams is
 // usable; setDefaults fills in the documented defaults.
 type Config struct {
@@ -98,6 +107,12 @@ type Config struct {
 	// CloseTimeout bounds the closing handshake. Default 5s.
 	CloseTimeout time.Duration
 
+	// SendQueue bounds the frames queued for a client by fan-out. Default 256.
+	SendQueue int
+	// SlowConsumer says what happens when the queue is full: SlowClose
+	// (close 1013 "slow consumer", the default) or SlowDrop (drop frames).
+	SlowConsumer SlowConsumer
+
 	// Now is the clock for rate limits; nil means time.Now.
 	Now func() time.Time
 
@@ -105,11 +120,9 @@ type Config struct {
 }
 
 // Prepare validates c and fills in defaults. It must be called once before
-// the config is used.
+// the config is used. A config without upstreams serves sessions only
+// (rooms).
 func (c *Config) Prepare() error {
-	if len(c.Upstreams) == 0 {
-		return errors.New("no upstream configured")
-	}
 	c.upstreamURLs = c.upstreamURLs[:0]
 	for _, s := range c.Upstreams {
 		u, err := url.Parse(s)
@@ -170,6 +183,16 @@ func (c *Config) Prepare() error {
 	}
 	if c.CloseTimeout <= 0 {
 		c.CloseTimeout = DefaultCloseTimeout
+	}
+	if c.SendQueue <= 0 {
+		c.SendQueue = 256
+	}
+	switch c.SlowConsumer {
+	case "":
+		c.SlowConsumer = SlowClose
+	case SlowClose, SlowDrop:
+	default:
+		return fmt.Errorf("slow consumer policy must be close or drop, not %q", c.SlowConsumer)
 	}
 	if c.Now == nil {
 		c.Now = time.Now

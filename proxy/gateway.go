@@ -70,6 +70,10 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, info Request
 		WriteError(w, herr.Status, herr.Message, herr.Header)
 		return
 	}
+	if len(g.cfg.upstreamURLs) == 0 {
+		WriteError(w, http.StatusInternalServerError, "no upstream configured", nil)
+		return
+	}
 	up, hs, err := g.dial(r.Context(), r, &info)
 	if err != nil {
 		g.log.Warn("upstream unavailable", "error", err.Error(), "remote", r.RemoteAddr)
@@ -103,6 +107,50 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, info Request
 		c.upstream.rd.prime(b)
 	}
 	up.putReader()
+	started = true
+	c.start()
+}
+
+// ServeSession upgrades the client with subprotocol (when the client
+// offered it; refused with 400 otherwise) and serves it without an
+// upstream: every client message goes to info.Inspect, and info.OnStart
+// gets the Session used to send to the client.
+func (g *Gateway) ServeSession(w http.ResponseWriter, r *http.Request, info RequestInfo, subprotocol string) {
+	started := false
+	defer func() {
+		if !started && info.OnClose != nil {
+			info.OnClose()
+		}
+	}()
+	if herr := CheckHandshake(r); herr != nil {
+		WriteError(w, herr.Status, herr.Message, herr.Header)
+		return
+	}
+	offered := false
+	for _, p := range offeredProtocols(r) {
+		offered = offered || p == subprotocol
+	}
+	if !offered {
+		WriteError(w, http.StatusBadRequest, "this endpoint speaks the "+subprotocol+" subprotocol; offer it in Sec-WebSocket-Protocol", nil)
+		return
+	}
+	if info.Inspect == nil {
+		WriteError(w, http.StatusInternalServerError, "no session handler", nil)
+		return
+	}
+	u := ws.HTTPUpgrader{Protocol: func(p string) bool { return p == subprotocol }}
+	conn, rw, _, err := u.Upgrade(r, w)
+	if err != nil {
+		if conn != nil {
+			conn.Close()
+		}
+		return
+	}
+	c := newRelay(g, conn, nil, &info)
+	if rw != nil && rw.Reader.Buffered() > 0 {
+		b, _ := rw.Reader.Peek(rw.Reader.Buffered())
+		c.client.rd.prime(b)
+	}
 	started = true
 	c.start()
 }

@@ -148,6 +148,14 @@ type RequestInfo struct {
 	// messages are assembled first (up to the client's MaxMessage) and
 	// forwarded as one frame.
 	Inspect func(msg []byte, text bool) (Verdict, []byte)
+
+	// OnStart is called once the connection is live, with a handle to it.
+	OnStart func(Session)
+
+	// UpstreamControl, if set, sees single-frame text messages from the
+	// upstream (up to 16 KiB) and reports whether it consumed them (they
+	// then never reach the client).
+	UpstreamControl func(msg []byte) bool
 }
 
 // Verdict is what Inspect decides for a message.

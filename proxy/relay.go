@@ -111,8 +111,18 @@ type relay struct {
 	quit         chan struct{}
 	finishedOnce sync.Once
 
-	onClose      func()
-	inspect      func(msg []byte, text bool) (Verdict, []byte)
+	onClose func()
+	onStart func(Session)
+	control func(msg []byte) bool
+	solo    bool // no upstream: the gateway itself serves the client (rooms)
+	inspect func(msg []byte, text bool) (Verdict, []byte)
+
+	// frames queued for the client by other goroutines (fan-out); a writer
+	// goroutine exists only while the queue is not empty
+	qmu          sync.Mutex
+	queue        [][]byte
+	writing      bool
+	slow         bool
 	refresh      func(token string) (time.Time, error)
 	refreshField []byte // `"field"`
 
@@ -127,7 +137,11 @@ type relay struct {
 func newRelay(g *Gateway, client, upstream net.Conn, info *RequestInfo) *relay {
 	c := &relay{g: g, cfg: &g.cfg, quit: make(chan struct{})}
 	c.client = peer{conn: client, rd: newWireReader(client), isClient: true}
-	c.upstream = peer{conn: upstream, rd: newWireReader(upstream)}
+	if upstream != nil {
+		c.upstream = peer{conn: upstream, rd: newWireReader(upstream)}
+	} else {
+		c.solo = true
+	}
 	c.client.setLimits(g.cfg.Client)
 	c.upstream.setLimits(g.cfg.Upstream)
 	binary.LittleEndian.PutUint64(c.pingToken[:], rand.Uint64())
@@ -138,6 +152,8 @@ func newRelay(g *Gateway, client, upstream net.Conn, info *RequestInfo) *relay {
 		c.setExpiry(info.Expiry)
 	}
 	c.inspect = info.Inspect
+	c.onStart = info.OnStart
+	c.control = info.UpstreamControl
 	if info.Refresh != nil && info.RefreshField != "" {
 		c.refresh = info.Refresh
 		c.refreshField = []byte(strconv.Quote(info.RefreshField))
@@ -160,8 +176,13 @@ func (c *relay) start() {
 		c.writeClose(&c.upstream, ws.StatusGoingAway, "gateway shutting down")
 	}
 	c.tick()
+	if c.onStart != nil {
+		c.onStart(c)
+	}
 	go c.pump(&c.client, &c.upstream)
-	go c.pump(&c.upstream, &c.client)
+	if !c.solo {
+		go c.pump(&c.upstream, &c.client)
+	}
 }
 
 // Shutdown starts a closing handshake with code on both sides.
@@ -180,7 +201,9 @@ func (c *relay) beginClosing() {
 	c.closeBy.Store(by)
 	t := epoch.Add(time.Duration(by))
 	c.client.conn.SetDeadline(t)
-	c.upstream.conn.SetDeadline(t)
+	if !c.solo {
+		c.upstream.conn.SetDeadline(t)
+	}
 	close(c.quit)
 }
 
@@ -221,7 +244,11 @@ func (c *relay) pump(src, dst *peer) {
 		}
 	}
 	src.rd.releaseAll()
-	if c.ended.Add(1) == 2 {
+	pumps := int32(2)
+	if c.solo {
+		pumps = 1
+	}
+	if c.ended.Add(1) == pumps {
 		c.finish()
 	} else {
 		c.beginClosing()
@@ -243,7 +270,12 @@ func isExpected(err error) bool {
 func (c *relay) finish() {
 	c.finishedOnce.Do(func() {
 		c.client.conn.Close()
-		c.upstream.conn.Close()
+		if !c.solo {
+			c.upstream.conn.Close()
+		}
+		c.qmu.Lock()
+		c.queue = nil
+		c.qmu.Unlock()
 		c.g.reg.remove(c)
 		if c.onClose != nil {
 			c.onClose()
@@ -256,7 +288,7 @@ func (c *relay) finish() {
 func (c *relay) relayFrames(src, dst *peer) error {
 	rd := &src.rd
 	whole := 0
-	if src.isClient && (c.refresh != nil || c.inspect != nil) {
+	if src.isClient && (c.refresh != nil || c.inspect != nil) || !src.isClient && c.control != nil {
 		whole = maxWholeMessage
 	}
 	for {
@@ -285,6 +317,18 @@ func (c *relay) relayFrames(src, dst *peer) error {
 				rd.r += int(h.Length)
 				continue
 			}
+			if c.solo {
+				// No upstream: the gateway answers pings itself.
+				payload := (*rd.buf)[rd.r : rd.r+int(h.Length)]
+				rd.r += len(payload)
+				if h.OpCode == ws.OpPing {
+					ws.Cipher(payload, h.Mask, 0)
+					if err := c.writeControl(src, ws.OpPong, payload); err != nil {
+						return writeErr{err}
+					}
+				}
+				continue
+			}
 			if err := c.forward(src, dst, h, start); err != nil {
 				return err
 			}
@@ -300,6 +344,14 @@ func (c *relay) relayFrames(src, dst *peer) error {
 			if consumed, err := c.tryRefresh(payload); err != nil {
 				return err
 			} else if consumed {
+				rd.r += len(payload)
+				continue
+			}
+		}
+		if c.control != nil && !src.isClient && h.OpCode == ws.OpText && h.Fin && h.Length <= int64(whole) {
+			// Upstream control messages (a configured prefix) are consumed.
+			payload := (*rd.buf)[rd.r : rd.r+int(h.Length)]
+			if c.control(payload) {
 				rd.r += len(payload)
 				continue
 			}
@@ -627,7 +679,7 @@ func (c *relay) handleClose(src, dst *peer, h ws.Header) error {
 		}
 	}
 	c.beginClosing()
-	if !dst.closeSent.Load() {
+	if !c.solo && !dst.closeSent.Load() {
 		c.writeControl(dst, ws.OpClose, body[:n])
 	} else if !src.closeSent.Load() {
 		c.writeControl(src, ws.OpClose, body[:n])
@@ -666,6 +718,9 @@ func (c *relay) writeControl(p *peer, op ws.OpCode, payload []byte) error {
 }
 
 func (c *relay) writeControlLocked(p *peer, op ws.OpCode, payload []byte) error {
+	if p.conn == nil {
+		return nil // solo mode has no upstream
+	}
 	if p.broken {
 		return errClosing
 	}
@@ -822,4 +877,101 @@ func (c *relay) tryRefresh(payload []byte) (bool, error) {
 		c.client.rd.onTimeout = c.tick
 	}
 	return true, c.tick()
+}
+
+// Session is what code outside the relay may do with a live connection.
+type Session interface {
+	// Enqueue queues an encoded server frame (shared, not modified) for the
+	// client without blocking. When the queue is full the client is a slow
+	// consumer: the connection is closed with 1013 (or, with SlowConsumer
+	// drop, the frame is dropped) and Enqueue returns false.
+	Enqueue(frame []byte) bool
+	// Close closes the connection with code and reason.
+	Close(code uint16, reason string)
+}
+
+// Enqueue implements Session.
+func (c *relay) Enqueue(frame []byte) bool {
+	c.qmu.Lock()
+	if c.closing.Load() || c.slow {
+		c.qmu.Unlock()
+		return false
+	}
+	if len(c.queue) >= c.cfg.SendQueue {
+		if c.cfg.SlowConsumer == SlowDrop {
+			c.qmu.Unlock()
+			return false
+		}
+		c.slow = true
+		c.qmu.Unlock()
+		go c.shutdownSide(ws.StatusCode(1013), "slow consumer")
+		return false
+	}
+	c.queue = append(c.queue, frame)
+	if !c.writing {
+		c.writing = true
+		go c.writeQueued()
+	}
+	c.qmu.Unlock()
+	return true
+}
+
+// Close implements Session.
+func (c *relay) Close(code uint16, reason string) {
+	c.shutdownSide(ws.StatusCode(code), reason)
+}
+
+func (c *relay) shutdownSide(code ws.StatusCode, reason string) {
+	c.beginClosing()
+	c.writeClose(&c.client, code, reason)
+	c.writeClose(&c.upstream, code, reason)
+}
+
+// writeQueued drains the queue with vectored writes, then exits.
+func (c *relay) writeQueued() {
+	var batch net.Buffers
+	for {
+		c.qmu.Lock()
+		if len(c.queue) == 0 {
+			c.writing = false
+			c.queue = nil
+			c.qmu.Unlock()
+			return
+		}
+		frames := c.queue
+		c.queue = nil
+		c.qmu.Unlock()
+
+		p := &c.client
+		p.wmu.Lock()
+		if p.broken || p.closeSent.Load() {
+			p.wmu.Unlock()
+			continue
+		}
+		batch = append(batch[:0], frames...)
+		_, err := batch.WriteTo(p.conn)
+		if err != nil {
+			p.broken = true
+		}
+		p.wmu.Unlock()
+		if err != nil {
+			c.qmu.Lock()
+			c.writing = false
+			c.queue = nil
+			c.qmu.Unlock()
+			c.beginClosing()
+			return
+		}
+	}
+}
+
+// EncodeServerFrame encodes payload as one unmasked (server-to-client)
+// frame: the bytes fan-out writes to every subscriber.
+func EncodeServerFrame(op ws.OpCode, payload []byte) []byte {
+	h := ws.Header{Fin: true, OpCode: op, Length: int64(len(payload))}
+	hs := headerSize(h)
+	b := make([]byte, hs+len(payload))
+	encodeHeader(b[:hs], h)
+	copy(b[hs:], payload)
+	return b
 }

@@ -1,0 +1,85 @@
+package broker
+
+import (
+	"context"
+	"errors"
+	"sync"
+)
+
+// Handler receives the publications of the channels a node subscribed to.
+// It is called from one goroutine per subscription stream, in the order
+// the broker delivered them, and must not block for long.
+type Handler func(channel string, data []byte)
+
+// Broker moves publications between nodes.
+type Broker interface {
+	// Publish sends data to every node subscribed to channel, this one
+	// included (through its own subscription, never directly).
+	Publish(ctx context.Context, channel string, data []byte) error
+	// Subscribe makes this node receive channel's publications. Subscribing
+	// twice is the same as once.
+	Subscribe(ctx context.Context, channel string) error
+	// Unsubscribe stops them.
+	Unsubscribe(ctx context.Context, channel string) error
+	// Close releases the broker's connections.
+	Close() error
+}
+
+// ErrUnavailable wraps errors of a broker that cannot reach its backend.
+var ErrUnavailable = errors.New("broker unavailable")
+
+// ErrClosed is returned after Close.
+var ErrClosed = errors.New("broker closed")
+
+// Memory is the single-node broker: a publication goes straight to the
+// handler if the channel is subscribed.
+type Memory struct {
+	h      Handler
+	mu     sync.RWMutex
+	subs   map[string]bool
+	closed bool
+}
+
+// NewMemory makes a memory broker delivering to h.
+func NewMemory(h Handler) *Memory { return &Memory{h: h, subs: map[string]bool{}} }
+
+// Publish delivers data to the handler when channel is subscribed.
+func (m *Memory) Publish(_ context.Context, channel string, data []byte) error {
+	m.mu.RLock()
+	ok, closed := m.subs[channel], m.closed
+	m.mu.RUnlock()
+	if closed {
+		return ErrClosed
+	}
+	if ok {
+		m.h(channel, data)
+	}
+	return nil
+}
+
+// Subscribe marks channel subscribed.
+func (m *Memory) Subscribe(_ context.Context, channel string) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed {
+		return ErrClosed
+	}
+	m.subs[channel] = true
+	return nil
+}
+
+// Unsubscribe forgets channel.
+func (m *Memory) Unsubscribe(_ context.Context, channel string) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	delete(m.subs, channel)
+	return nil
+}
+
+// Close stops deliveries.
+func (m *Memory) Close() error {
+	m.mu.Lock()
+	m.closed = true
+	m.mu.Unlock()
+	return nil
+}
