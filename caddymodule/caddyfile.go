@@ -144,6 +144,13 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if _, dup := h.ClaimsHeaders[claim]; dup {
 				return d.Errf("duplicate claims_header for claim %q", claim)
 			}
+			// which claim would win would depend on map order; '_' reads
+			// as '-', as in the stripping of client headers
+			for c, other := range h.ClaimsHeaders {
+				if strings.EqualFold(strings.ReplaceAll(other, "_", "-"), strings.ReplaceAll(header, "_", "-")) {
+					return d.Errf("claims %q and %q both set header %q", c, claim, header)
+				}
+			}
 			h.ClaimsHeaders[claim] = header
 		case "limit_connections":
 			h.ConnectionLimits, err = parseConnectionLimits(d)
@@ -151,6 +158,29 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			h.Channels, err = parseChannels(d)
 		case "relay_channels":
 			h.RelayChannels, err = parseRelayChannels(d)
+		case "rooms":
+			h.Rooms, err = parseRooms(d)
+		case "upstream_control":
+			if !d.AllArgs(&h.UpstreamControl) {
+				return d.ArgErr()
+			}
+		case "send_queue":
+			var v string
+			if !d.AllArgs(&v) {
+				return d.ArgErr()
+			}
+			n, convErr := strconv.Atoi(v)
+			if convErr != nil || n <= 0 {
+				return d.Errf("send_queue must be a positive number, not %q", v)
+			}
+			h.SendQueue = n
+		case "slow_consumer":
+			if !d.AllArgs(&h.SlowConsumer) {
+				return d.ArgErr()
+			}
+			if h.SlowConsumer != "close" && h.SlowConsumer != "drop" {
+				return d.Errf("slow_consumer must be close or drop, not %q", h.SlowConsumer)
+			}
 		default:
 			return d.Errf("unrecognized subdirective %q", name)
 		}
@@ -158,13 +188,60 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			return err
 		}
 	}
-	if len(h.Upstreams) == 0 {
+	if len(h.Upstreams) == 0 && h.Rooms == nil {
 		// point at the directive, not at the end of its block
 		d.Reset()
 		d.Next()
-		return d.Err("wsgate needs at least one upstream")
+		return d.Err("wsgate needs at least one upstream (or rooms)")
+	}
+	if len(h.Upstreams) > 0 && h.Rooms != nil {
+		d.Reset()
+		d.Next()
+		return d.Err("wsgate: rooms and upstream exclude each other")
 	}
 	return nil
+}
+
+// parseRooms reads:
+//
+//	rooms {
+//	    max_subscriptions <n>
+//	    max_data          <size>
+//	}
+func parseRooms(d *caddyfile.Dispenser) (*RoomsConfig, error) {
+	if d.CountRemainingArgs() > 0 {
+		return nil, d.ArgErr()
+	}
+	rc := new(RoomsConfig)
+	seen := map[string]bool{}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		name := d.Val()
+		if seen[name] {
+			return nil, d.Errf("duplicate rooms subdirective %q", name)
+		}
+		seen[name] = true
+		switch name {
+		case "max_subscriptions":
+			var v string
+			if !d.AllArgs(&v) {
+				return nil, d.ArgErr()
+			}
+			n, err := strconv.Atoi(v)
+			if err != nil || n <= 0 {
+				return nil, d.Errf("max_subscriptions must be a positive number, not %q", v)
+			}
+			rc.MaxSubscriptions = n
+		case "max_data":
+			n, err := parseSize(d, false)
+			if err != nil {
+				return nil, err
+			}
+			rc.MaxData = int(n)
+		default:
+			return nil, d.Errf("unrecognized rooms subdirective %q", name)
+		}
+	}
+	return rc, nil
 }
 
 func parseDuration(d *caddyfile.Dispenser) (caddy.Duration, error) {

@@ -86,6 +86,13 @@ func (h *Handler) provisionChannels() error {
 	if err != nil {
 		return err
 	}
+	if h.Rooms != nil {
+		if h.RelayChannels != nil {
+			return errors.New("relay_channels is for relay mode; rooms clients name channels in the protocol")
+		}
+		h.channels = &channelState{policy: p}
+		return nil
+	}
 	rc := h.RelayChannels
 	if rc == nil || rc.ChannelField == "" {
 		return errors.New("channels in relay mode need relay_channels with a channel_field: without it no frame would be checked")

@@ -13,6 +13,7 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 
 	"github.com/wsgate/wsgate/proxy"
+	"github.com/wsgate/wsgate/rooms"
 )
 
 func init() {
@@ -105,6 +106,27 @@ type Handler struct {
 	// ConnectionLimits caps open connections. Default: none.
 	ConnectionLimits *ConnectionLimits `json:"connection_limits,omitempty"`
 
+	// Rooms serves the wsgate.v1 rooms protocol (subprotocol "wsgate.v1")
+	// instead of relaying to an upstream: clients subscribe to and publish
+	// on channels, fanned out through the wsgate app's broker.
+	Rooms *RoomsConfig `json:"rooms,omitempty"`
+
+	// UpstreamControl, in relay mode, is a prefix (such as "wsgate:") that
+	// marks upstream text messages meant for the gateway:
+	// <prefix>{"subscribe":"<channel>"} or {"unsubscribe":…} subscribes the
+	// connection, and publications on the channel are then sent to the
+	// client as they are. Such messages never reach the client, and client
+	// messages starting with the prefix never reach the upstream.
+	UpstreamControl string `json:"upstream_control,omitempty"`
+
+	// SendQueue bounds the fan-out messages waiting for one client.
+	// Default: 256.
+	SendQueue int `json:"send_queue,omitempty"`
+	// SlowConsumer is what happens when the queue is full: "close" (close
+	// 1013 "slow consumer") or "drop" (the message is dropped for this
+	// client). Default: close.
+	SlowConsumer string `json:"slow_consumer,omitempty"`
+
 	// Channels is the channel policy: ordered rules, first match wins, and
 	// anything unmatched is denied. Default: none (no channel checks).
 	Channels []ChannelRule `json:"channels,omitempty"`
@@ -115,6 +137,15 @@ type Handler struct {
 	gw       *proxy.Gateway
 	auth     authState
 	channels *channelState
+	hub      *rooms.Hub
+}
+
+// RoomsConfig configures rooms mode.
+type RoomsConfig struct {
+	// MaxSubscriptions per connection. Default: 100.
+	MaxSubscriptions int `json:"max_subscriptions,omitempty"`
+	// MaxData bounds the data of one publish, in bytes. Default: 65536.
+	MaxData int `json:"max_data,omitempty"`
 }
 
 // RateLimit limits the messages and bytes one side of a connection sends.
@@ -170,6 +201,11 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return err
 	}
 	h.gw = proxy.New(cfg, registry, ctx.Slogger())
+	if h.Rooms != nil || h.UpstreamControl != "" {
+		if h.hub, _, err = hubFor(ctx); err != nil {
+			return err
+		}
+	}
 	if err := h.provisionChannels(); err != nil {
 		return err
 	}
@@ -177,7 +213,17 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 }
 
 func (h *Handler) proxyConfig() (proxy.Config, error) {
+	switch {
+	case h.Rooms != nil && len(h.Upstreams) > 0:
+		return proxy.Config{}, fmt.Errorf("wsgate: rooms and upstream exclude each other")
+	case h.Rooms == nil && len(h.Upstreams) == 0:
+		return proxy.Config{}, fmt.Errorf("wsgate: no upstream configured (or rooms)")
+	case h.Rooms != nil && h.UpstreamControl != "":
+		return proxy.Config{}, fmt.Errorf("wsgate: upstream_control is for relay mode")
+	}
 	cfg := proxy.Config{
+		SendQueue:      h.SendQueue,
+		SlowConsumer:   proxy.SlowConsumer(h.SlowConsumer),
 		Upstreams:      h.Upstreams,
 		DialTimeout:    time.Duration(h.DialTimeout),
 		ForwardHeaders: h.ForwardHeaders,
@@ -270,8 +316,15 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if !ok {
 		return nil
 	}
+	if h.Rooms != nil {
+		h.serveRooms(w, r, info, claims)
+		return nil
+	}
 	if h.channels != nil {
 		info.Inspect = h.channels.inspector(claims)
+	}
+	if h.UpstreamControl != "" {
+		h.addUpstreamControl(&info)
 	}
 	h.gw.ServeHTTP(w, r, info)
 	return nil

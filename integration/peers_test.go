@@ -15,6 +15,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -182,7 +183,22 @@ type rawConn struct {
 
 func rawDial(t testing.TB, g *gateway, path string, extra http.Header) *rawConn {
 	t.Helper()
-	conn, err := net.Dial("tcp", g.addr())
+	return rawDialBuf(t, g, path, extra, 0)
+}
+
+// rawDialBuf is rawDial with the socket's receive buffer set (before the
+// connection is made, so the kernel does not grow it) when rcvbuf > 0.
+func rawDialBuf(t testing.TB, g *gateway, path string, extra http.Header, rcvbuf int) *rawConn {
+	t.Helper()
+	d := net.Dialer{}
+	if rcvbuf > 0 {
+		d.Control = func(_, _ string, c syscall.RawConn) error {
+			var serr error
+			c.Control(func(fd uintptr) { serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, rcvbuf) })
+			return serr
+		}
+	}
+	conn, err := d.Dial("tcp", g.addr())
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -902,9 +902,18 @@ func (c *relay) Enqueue(frame []byte) bool {
 			c.qmu.Unlock()
 			return false
 		}
+		// Slow consumer: nothing more is queued; the writer finishes the
+		// frame it is writing, then sends close 1013. Closing bounds it all
+		// by CloseTimeout, so a client that never reads is still dropped.
 		c.slow = true
+		c.queue = nil
+		writing := c.writing
 		c.qmu.Unlock()
-		go c.shutdownSide(ws.StatusCode(1013), "slow consumer")
+		c.g.log.Info("slow consumer: closing with 1013", "remote", c.client.conn.RemoteAddr().String(), "send_queue", c.cfg.SendQueue)
+		c.beginClosing()
+		if !writing {
+			go c.closeSlow()
+		}
 		return false
 	}
 	c.queue = append(c.queue, frame)
@@ -927,11 +936,22 @@ func (c *relay) shutdownSide(code ws.StatusCode, reason string) {
 	c.writeClose(&c.upstream, code, reason)
 }
 
+func (c *relay) closeSlow() {
+	c.writeClose(&c.client, ws.StatusCode(1013), "slow consumer")
+	c.writeClose(&c.upstream, ws.StatusCode(1013), "slow consumer")
+}
+
 // writeQueued drains the queue with vectored writes, then exits.
 func (c *relay) writeQueued() {
 	var batch net.Buffers
 	for {
 		c.qmu.Lock()
+		if c.slow {
+			c.writing = false
+			c.qmu.Unlock()
+			c.closeSlow()
+			return
+		}
 		if len(c.queue) == 0 {
 			c.writing = false
 			c.queue = nil
@@ -974,4 +994,18 @@ func EncodeServerFrame(op ws.OpCode, payload []byte) []byte {
 	encodeHeader(b[:hs], h)
 	copy(b[hs:], payload)
 	return b
+}
+
+// Extend moves the connection's expiry (a refreshed token). It must be
+// called from the Inspect hook, which runs on the client's reader.
+func (c *relay) Extend(exp time.Time) {
+	if exp.IsZero() {
+		c.expiry = 0
+	} else {
+		c.setExpiry(exp)
+	}
+	if c.client.rd.onTimeout == nil {
+		c.client.rd.onTimeout = c.tick
+	}
+	c.tick()
 }

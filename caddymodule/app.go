@@ -1,0 +1,231 @@
+package caddymodule
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+
+	"github.com/wsgate/wsgate/broker"
+	"github.com/wsgate/wsgate/rooms"
+)
+
+func init() {
+	caddy.RegisterModule(App{})
+	httpcaddyfile.RegisterGlobalOption("wsgate", parseApp)
+}
+
+// App holds what every wsgate handler of the process shares: the broker
+// and the local subscription hub. They are keyed by the broker config and
+// kept across config reloads, so live subscriptions survive a reload that
+// keeps the same broker.
+type App struct {
+	// Broker configures fan-out between nodes. Default: memory (one node).
+	Broker *BrokerConfig `json:"broker,omitempty"`
+
+	hub *sharedHub
+	key string
+}
+
+// BrokerConfig selects and configures the broker.
+type BrokerConfig struct {
+	// Type is "memory" or "redis". Default: memory.
+	Type string `json:"type,omitempty"`
+	// URL of a standalone Redis: redis://[[user]:password@]host:port[/db],
+	// or rediss:// for TLS.
+	URL string `json:"url,omitempty"`
+	// Addrs of Sentinel or Cluster nodes.
+	Addrs []string `json:"addrs,omitempty"`
+	// MasterName selects Sentinel.
+	MasterName string `json:"master_name,omitempty"`
+	// Cluster selects Redis Cluster (sharded pub/sub).
+	Cluster bool `json:"cluster,omitempty"`
+	// Username and Password for Redis; placeholders such as {env.REDIS_PASSWORD} work.
+	Username string `json:"username,omitempty"`
+	Password string `json:"password,omitempty"`
+	// Prefix is put in front of channel names on Redis. Default: "wsgate:".
+	Prefix string `json:"prefix,omitempty"`
+}
+
+// CaddyModule returns the Caddy module information.
+func (App) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{ID: "wsgate", New: func() caddy.Module { return new(App) }}
+}
+
+// sharedHub is a hub and its broker, shared through hubs.
+type sharedHub struct {
+	hub    *rooms.Hub
+	broker broker.Broker
+}
+
+func (s *sharedHub) Destruct() error { return s.broker.Close() }
+
+// hubs keeps hubs across config reloads, keyed by broker config.
+var hubs = caddy.NewUsagePool()
+
+// Provision connects the broker (or takes the one a previous config made).
+func (a *App) Provision(ctx caddy.Context) error {
+	bc := a.Broker
+	if bc == nil {
+		bc = &BrokerConfig{Type: "memory"}
+	}
+	repl := caddy.NewReplacer()
+	resolved := *bc
+	resolved.Password = repl.ReplaceKnown(bc.Password, "")
+	if resolved.Prefix == "" {
+		resolved.Prefix = "wsgate:"
+	}
+	keyb, _ := json.Marshal(resolved)
+	a.key = string(keyb)
+	v, _, err := hubs.LoadOrNew(a.key, func() (caddy.Destructor, error) {
+		return newSharedHub(ctx, resolved)
+	})
+	if err != nil {
+		return fmt.Errorf("wsgate broker: %w", err)
+	}
+	a.hub = v.(*sharedHub)
+	return nil
+}
+
+func newSharedHub(ctx caddy.Context, bc BrokerConfig) (*sharedHub, error) {
+	h := rooms.NewHub()
+	var b broker.Broker
+	switch bc.Type {
+	case "", "memory":
+		b = broker.NewMemory(h.Handle)
+	case "redis":
+		r, err := broker.NewRedis(broker.RedisOptions{
+			URL: bc.URL, Addrs: bc.Addrs, MasterName: bc.MasterName, Cluster: bc.Cluster,
+			Username: bc.Username, Password: bc.Password, Prefix: bc.Prefix, Logger: ctx.Slogger(),
+		}, h.Handle)
+		if err != nil {
+			return nil, err
+		}
+		b = r
+	default:
+		return nil, fmt.Errorf("unknown broker type %q: want memory or redis", bc.Type)
+	}
+	h.SetBroker(b)
+	return &sharedHub{hub: h, broker: b}, nil
+}
+
+// Start is a no-op: the broker connects lazily.
+func (a *App) Start() error { return nil }
+
+// Stop is a no-op: connections are closed by the handlers on exit.
+func (a *App) Stop() error { return nil }
+
+// Cleanup releases this config's hold on the shared hub.
+func (a *App) Cleanup() error {
+	if a.key != "" {
+		_, err := hubs.Delete(a.key)
+		return err
+	}
+	return nil
+}
+
+// defaultHub serves handlers when no wsgate app is configured.
+var defaultHub = func() *sharedHub {
+	h := rooms.NewHub()
+	b := broker.NewMemory(h.Handle)
+	h.SetBroker(b)
+	return &sharedHub{hub: h, broker: b}
+}()
+
+// hubFor finds the hub of the configured wsgate app, or the default one.
+func hubFor(ctx caddy.Context) (*rooms.Hub, broker.Broker, error) {
+	v, err := ctx.AppIfConfigured("wsgate")
+	if err != nil || v == nil {
+		return defaultHub.hub, defaultHub.broker, nil
+	}
+	a := v.(*App)
+	return a.hub.hub, a.hub.broker, nil
+}
+
+// parseApp reads the global option:
+//
+//	wsgate {
+//	    broker memory
+//	    broker redis <url> {
+//	        prefix      <prefix>
+//	        username    <user>
+//	        password    <password>
+//	    }
+//	    broker redis_cluster <addrs...> { prefix …; username …; password … }
+//	    broker redis_sentinel <master> <addrs...> { … }
+//	}
+func parseApp(d *caddyfile.Dispenser, _ any) (any, error) {
+	d.Next() // option name
+	app := new(App)
+	for d.NextBlock(0) {
+		if d.Val() != "broker" {
+			return nil, d.Errf("unrecognized wsgate option %q", d.Val())
+		}
+		if app.Broker != nil {
+			return nil, d.Err("duplicate broker")
+		}
+		if !d.NextArg() {
+			return nil, d.ArgErr()
+		}
+		bc := &BrokerConfig{}
+		switch kind := d.Val(); kind {
+		case "memory":
+			bc.Type = "memory"
+			if d.NextArg() {
+				return nil, d.ArgErr()
+			}
+		case "redis":
+			bc.Type = "redis"
+			if !d.AllArgs(&bc.URL) {
+				return nil, d.Errf("broker redis needs one URL")
+			}
+		case "redis_cluster":
+			bc.Type, bc.Cluster = "redis", true
+			bc.Addrs = d.RemainingArgs()
+			if len(bc.Addrs) == 0 {
+				return nil, d.ArgErr()
+			}
+		case "redis_sentinel":
+			bc.Type = "redis"
+			args := d.RemainingArgs()
+			if len(args) < 2 {
+				return nil, d.Errf("broker redis_sentinel needs a master name and sentinel addresses")
+			}
+			bc.MasterName, bc.Addrs = args[0], args[1:]
+		default:
+			return nil, d.Errf("unknown broker %q: want memory, redis, redis_cluster or redis_sentinel", kind)
+		}
+		for nesting := d.Nesting(); d.NextBlock(nesting); {
+			var dst *string
+			switch d.Val() {
+			case "prefix":
+				dst = &bc.Prefix
+			case "username":
+				dst = &bc.Username
+			case "password":
+				dst = &bc.Password
+			default:
+				return nil, d.Errf("unrecognized broker option %q", d.Val())
+			}
+			if !d.AllArgs(dst) {
+				return nil, d.ArgErr()
+			}
+		}
+		app.Broker = bc
+	}
+	return httpcaddyfile.App{Name: "wsgate", Value: caddyconfig.JSON(app, nil)}, nil
+}
+
+// Interface guards
+var (
+	_ caddy.App          = (*App)(nil)
+	_ caddy.Provisioner  = (*App)(nil)
+	_ caddy.CleanerUpper = (*App)(nil)
+	_ caddy.Destructor   = (*sharedHub)(nil)
+)
+
+var _ = context.Background

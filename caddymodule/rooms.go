@@ -1,0 +1,59 @@
+package caddymodule
+
+import (
+	"bytes"
+	"net/http"
+
+	"github.com/wsgate/wsgate/policy"
+	"github.com/wsgate/wsgate/proxy"
+	"github.com/wsgate/wsgate/rooms"
+)
+
+// serveRooms serves one wsgate.v1 client.
+func (h *Handler) serveRooms(w http.ResponseWriter, r *http.Request, info proxy.RequestInfo, claims policy.Claims) {
+	cfg := rooms.ConnConfig{
+		MaxSubscriptions: h.Rooms.MaxSubscriptions,
+		MaxData:          h.Rooms.MaxData,
+		Refresh:          info.Refresh,
+		Format:           rooms.FormatProtocol,
+	}
+	if h.channels != nil {
+		p := h.channels.policy
+		cfg.Authorize = func(action, channel string) bool {
+			return p.Decide(action, channel, claims) == policy.Allow
+		}
+	}
+	rc := rooms.NewConn(h.hub, cfg)
+	info.Refresh, info.RefreshField = nil, "" // the protocol's refresh op replaces the relay's field
+	info.Inspect = rc.Handle
+	info.OnStart = rc.Attach
+	info.OnClose = chain(rc.Close, info.OnClose)
+	h.gw.ServeSession(w, r, info, rooms.Subprotocol)
+}
+
+// addUpstreamControl lets the upstream subscribe the connection to
+// channels, and keeps clients from forging the prefix.
+func (h *Handler) addUpstreamControl(info *proxy.RequestInfo) {
+	prefix := []byte(h.UpstreamControl)
+	rc := rooms.NewConn(h.hub, rooms.ConnConfig{Format: rooms.FormatRaw, MaxSubscriptions: 1000})
+	info.UpstreamControl = rc.Control(prefix)
+	info.OnStart = rc.Attach
+	info.OnClose = chain(rc.Close, info.OnClose)
+	inner := info.Inspect
+	info.Inspect = func(msg []byte, text bool) (proxy.Verdict, []byte) {
+		if text && bytes.HasPrefix(msg, prefix) {
+			return proxy.Drop, nil
+		}
+		if inner != nil {
+			return inner(msg, text)
+		}
+		return proxy.Pass, nil
+	}
+}
+
+func chain(first, then func()) func() {
+	if then == nil {
+		return first
+	}
+	return func() { first(); then() }
+}

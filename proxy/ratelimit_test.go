@@ -1,0 +1,202 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/coder/websocket"
+)
+
+func TestRateLimitClose(t *testing.T) {
+	clock := newFakeClock()
+	up := startUpstream(t, nil, nil)
+	tg := startGateway(t, up.url, func(c *Config) {
+		c.Now = clock.Now
+		c.Client.Rate = &RateLimit{Messages: 1, MessageBurst: 2}
+	})
+	c, _ := dialCoder(t, tg, "/", nil)
+	uc := up.next(t)
+	ctx := context.Background()
+	// The burst of 2 passes; each echo is awaited so that nothing is in
+	// flight when the third message closes the connection.
+	for i := 0; i < 2; i++ {
+		c.Write(ctx, websocket.MessageText, []byte("ok"))
+		if _, _, err := c.Read(ctx); err != nil {
+			t.Fatalf("message %d: %v", i, err)
+		}
+	}
+	c.Write(ctx, websocket.MessageText, []byte("one too many"))
+	_, _, err := c.Read(ctx)
+	var ce websocket.CloseError
+	if !errors.As(err, &ce) || ce.Code != websocket.StatusPolicyViolation || ce.Reason != "rate limit exceeded" {
+		t.Fatalf("read: %v, want close 1008 \"rate limit exceeded\"", err)
+	}
+	if code, reason := uc.closeCode(t); code != websocket.StatusPolicyViolation || reason != "rate limit exceeded" {
+		t.Fatalf("upstream close %d %q", code, reason)
+	}
+	for i := 0; i < 2; i++ {
+		uc.nextMsg(t)
+	}
+	if len(uc.msgs) != 0 {
+		t.Fatal("the message over the limit reached the upstream")
+	}
+}
+
+func TestRateLimitBytesClose(t *testing.T) {
+	clock := newFakeClock()
+	up := startUpstream(t, nil, nil)
+	tg := startGateway(t, up.url, func(c *Config) {
+		c.Now = clock.Now
+		c.Client.Rate = &RateLimit{Bytes: 100}
+	})
+	rc := dialRaw(t, tg.addr(), nil)
+	uc := up.next(t)
+	rc.write(cf(opBinary, make([]byte, 60)))
+	if got := uc.nextMsg(t); len(got.data) != 60 {
+		t.Fatalf("upstream got %d bytes", len(got.data))
+	}
+	clock.Advance(200 * time.Millisecond) // 20 bytes back: 60 in the bucket
+	rc.write(cf(opBinary, make([]byte, 60)))
+	if got := uc.nextMsg(t); len(got.data) != 60 {
+		t.Fatalf("upstream got %d bytes", len(got.data))
+	}
+	rc.write(cf(opBinary, make([]byte, 1)))
+	if code, reason, _ := rc.readClose(); code != 1008 || reason != "rate limit exceeded" {
+		t.Fatalf("close %d %q", code, reason)
+	}
+}
+
+// TestRateLimitDrop: a message over the limit never reaches the upstream
+// (none of its fragments), while later ones do; control frames count too.
+func TestRateLimitDrop(t *testing.T) {
+	clock := newFakeClock()
+	up := startUpstream(t, nil, nil)
+	tg := startGateway(t, up.url, func(c *Config) {
+		c.Now = clock.Now
+		c.Client.Rate = &RateLimit{Messages: 1, OnExceed: ExceedDrop}
+	})
+	rc := dialRaw(t, tg.addr(), nil)
+	uc := up.next(t)
+	for i := 0; i < 3; i++ {
+		m := fmt.Sprintf("m%d", i)
+		calls := clock.calls.Load()
+		rc.write(cf(opText, []byte(m)), cf(opText, []byte("dropped")))
+		// A fragmented message over the limit, bad UTF-8 and all: its
+		// frames are skipped unread.
+		rc.write(cfrag(opText, []byte("drop")), cfrag(opCont, []byte("\xff")), cf(opCont, []byte("ped")))
+		rc.write(cf(opPing, []byte("dropped ping")))
+		if got := uc.nextMsg(t); string(got.data) != m {
+			t.Fatalf("upstream got %q, want %q", got.data, m)
+		}
+		if f := rc.readData(); string(f.payload) != m {
+			t.Fatalf("client got %q back, want %q", f.payload, m)
+		}
+		// The limiter is asked once per message or control frame: wait
+		// until it has seen all four before time moves on.
+		poll(t, "the limiter to see all frames", func() bool { return clock.calls.Load() >= calls+4 })
+		clock.Advance(time.Second)
+	}
+	rc.write(cf(opText, []byte("last")))
+	if got := uc.nextMsg(t); string(got.data) != "last" {
+		t.Fatalf("upstream got %q, want \"last\"", got.data)
+	}
+	select {
+	case p := <-uc.pings:
+		t.Fatalf("upstream got ping %q", p)
+	default:
+	}
+}
+
+// TestRateLimitDropBytes: with a byte rate, frames over the bucket are
+// dropped whole; an empty ping costs nothing and marks where the dropped
+// frames end.
+func TestRateLimitDropBytes(t *testing.T) {
+	clock := newFakeClock()
+	up := startUpstream(t, nil, nil)
+	tg := startGateway(t, up.url, func(c *Config) {
+		c.Now = clock.Now
+		c.Client.Rate = &RateLimit{Bytes: 10, OnExceed: ExceedDrop}
+	})
+	rc := dialRaw(t, tg.addr(), nil)
+	uc := up.next(t)
+	for i := 0; i < 3; i++ {
+		m := fmt.Sprintf("message %d", i) // 9 bytes
+		rc.write(cf(opText, []byte(m)), cf(opText, []byte("dropped")),
+			cfrag(opText, []byte("dro")), cf(opCont, []byte("pped")), cf(opPing, nil))
+		if got := uc.nextMsg(t); string(got.data) != m {
+			t.Fatalf("upstream got %q, want %q", got.data, m)
+		}
+		select {
+		case <-uc.pings:
+		case <-time.After(waitFor):
+			t.Fatal("the empty ping did not reach the upstream")
+		}
+		clock.Advance(time.Second)
+	}
+	if len(uc.msgs) != 0 {
+		t.Fatalf("upstream got %d messages over the limit", len(uc.msgs))
+	}
+}
+
+// TestRateLimitThrottle: messages over the limit are delayed, not lost.
+// It uses the real clock and a short rate.
+func TestRateLimitThrottle(t *testing.T) {
+	up := startUpstream(t, nil, nil)
+	tg := startGateway(t, up.url, func(c *Config) {
+		c.Client.Rate = &RateLimit{Messages: 20, MessageBurst: 1, OnExceed: ExceedThrottle}
+	})
+	c, _ := dialCoder(t, tg, "/", nil)
+	uc := up.next(t)
+	ctx := context.Background()
+	start := time.Now()
+	const n = 5
+	for i := 0; i < n; i++ {
+		if err := c.Write(ctx, websocket.MessageText, []byte(fmt.Sprint(i))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := 0; i < n; i++ {
+		if got := uc.nextMsg(t); string(got.data) != fmt.Sprint(i) {
+			t.Fatalf("message %d: %q", i, got.data)
+		}
+	}
+	// 4 messages beyond the burst at 20/s: at least 200ms (some slack).
+	if d := time.Since(start); d < 150*time.Millisecond {
+		t.Fatalf("5 messages passed in %v: not throttled", d)
+	}
+	for i := 0; i < n; i++ {
+		if _, _, err := c.Read(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// TestRateLimitUpstream: the upstream's limits apply to the upstream; a
+// breach closes the upstream with 1008 and the client with 1011.
+func TestRateLimitUpstream(t *testing.T) {
+	clock := newFakeClock()
+	up := startUpstream(t, nil, func(uc *upConn) error {
+		ctx := context.Background()
+		for i := 0; i < 2; i++ {
+			uc.c.Write(ctx, websocket.MessageText, []byte("news"))
+		}
+		_, _, err := uc.c.Read(ctx)
+		return err
+	})
+	tg := startGateway(t, up.url, func(c *Config) {
+		c.Now = clock.Now
+		c.Upstream.Rate = &RateLimit{Messages: 1}
+	})
+	rc := dialRaw(t, tg.addr(), nil)
+	uc := up.next(t)
+	code, reason, data := rc.readClose()
+	if code != 1011 || len(data) != 1 {
+		t.Fatalf("client close %d %q after %d messages, want 1011 after 1", code, reason, len(data))
+	}
+	if code, reason := uc.closeCode(t); code != websocket.StatusPolicyViolation {
+		t.Fatalf("upstream close %d %q, want 1008", code, reason)
+	}
+}

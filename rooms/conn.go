@@ -1,0 +1,210 @@
+package rooms
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/wsgate/wsgate/broker"
+	"github.com/wsgate/wsgate/policy"
+	"github.com/wsgate/wsgate/proxy"
+)
+
+// Authorizer decides an action ("subscribe", "publish") on a channel; nil
+// allows everything.
+type Authorizer func(action, channel string) bool
+
+// ConnConfig configures one connection's rooms.
+type ConnConfig struct {
+	// MaxSubscriptions per connection; default 100.
+	MaxSubscriptions int
+	// MaxData bounds a publish's data; default 64 KiB.
+	MaxData int
+	// Authorize checks subscribe and publish; nil allows all.
+	Authorize Authorizer
+	// Refresh verifies a refresh token and returns its expiry.
+	Refresh func(token string) (time.Time, error)
+	// Format of deliveries: FormatProtocol for wsgate.v1 clients,
+	// FormatRaw for relayed apps.
+	Format Format
+}
+
+// Conn is one client connection's subscriptions.
+type Conn struct {
+	hub  *Hub
+	cfg  ConnConfig
+	sess proxy.Session
+
+	mu     sync.Mutex
+	subs   map[string]struct{}
+	closed bool
+}
+
+// NewConn makes a Conn; Attach must be called when the connection starts.
+func NewConn(h *Hub, cfg ConnConfig) *Conn {
+	if cfg.MaxSubscriptions <= 0 {
+		cfg.MaxSubscriptions = 100
+	}
+	if cfg.MaxData <= 0 {
+		cfg.MaxData = 64 << 10
+	}
+	return &Conn{hub: h, cfg: cfg, subs: map[string]struct{}{}}
+}
+
+// Attach is the proxy's OnStart hook.
+func (c *Conn) Attach(s proxy.Session) { c.sess = s }
+
+// Deliver queues a publication for the client.
+func (c *Conn) Deliver(p *Publication) {
+	if s := c.sess; s != nil {
+		s.Enqueue(p.Frame(c.cfg.Format))
+	}
+}
+
+// Close drops every subscription; it is the proxy's OnClose hook.
+func (c *Conn) Close() {
+	c.mu.Lock()
+	subs := c.subs
+	c.subs = nil
+	c.closed = true
+	c.mu.Unlock()
+	for ch := range subs {
+		c.hub.Unsubscribe(context.Background(), ch, c)
+	}
+}
+
+// Handle is the proxy's Inspect hook in rooms mode: every client message
+// is a request, consumed here, and answered.
+func (c *Conn) Handle(msg []byte, text bool) (proxy.Verdict, []byte) {
+	if !text {
+		return proxy.Drop, ErrorReply(Request{}, &ProtoError{CodeBadRequest, "wsgate.v1 messages are JSON text"})
+	}
+	r, perr := ParseRequest(msg, c.cfg.MaxData)
+	if perr != nil {
+		return proxy.Drop, ErrorReply(r, perr)
+	}
+	if perr := c.do(r); perr != nil {
+		return proxy.Drop, ErrorReply(r, perr)
+	}
+	return proxy.Drop, OK(r)
+}
+
+func (c *Conn) do(r Request) *ProtoError {
+	ctx := context.Background()
+	switch r.Op {
+	case "ping":
+		return nil
+	case "refresh":
+		if c.cfg.Refresh == nil {
+			return &ProtoError{CodeNotFound, "token refresh is not enabled"}
+		}
+		exp, err := c.cfg.Refresh(r.Token)
+		if err != nil {
+			return &ProtoError{CodeForbidden, "invalid token"}
+		}
+		if ext, ok := c.sess.(interface{ Extend(time.Time) }); ok {
+			ext.Extend(exp)
+		}
+		return nil
+	case "presence":
+		return &ProtoError{CodeNotFound, "presence is not available"}
+	}
+	if policy.ValidateChannel(r.Channel) != nil {
+		return &ProtoError{CodeBadRequest, "invalid channel name"}
+	}
+	switch r.Op {
+	case "subscribe":
+		if r.Since != "" {
+			return &ProtoError{CodeNotFound, "history is not available"}
+		}
+		if c.cfg.Authorize != nil && !c.cfg.Authorize("subscribe", r.Channel) {
+			return &ProtoError{CodeForbidden, "subscribe to " + r.Channel + " denied"}
+		}
+		return c.Subscribe(ctx, r.Channel)
+	case "unsubscribe":
+		c.Unsubscribe(ctx, r.Channel)
+		return nil
+	case "publish":
+		if c.cfg.Authorize != nil && !c.cfg.Authorize("publish", r.Channel) {
+			return &ProtoError{CodeForbidden, "publish to " + r.Channel + " denied"}
+		}
+		if err := c.hub.Publish(ctx, r.Channel, r.Data); err != nil {
+			if errors.Is(err, broker.ErrUnavailable) {
+				return &ProtoError{CodeUnavailable, "delivered on this node only: the broker is unavailable"}
+			}
+			return &ProtoError{CodeUnavailable, "publish failed"}
+		}
+		return nil
+	}
+	return &ProtoError{CodeNotFound, "unknown op"}
+}
+
+// Subscribe subscribes the connection to channel (no policy check: the
+// caller decides).
+func (c *Conn) Subscribe(ctx context.Context, channel string) *ProtoError {
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return &ProtoError{CodeUnavailable, "connection closing"}
+	}
+	if _, ok := c.subs[channel]; ok {
+		c.mu.Unlock()
+		return nil
+	}
+	if len(c.subs) >= c.cfg.MaxSubscriptions {
+		c.mu.Unlock()
+		return &ProtoError{CodeForbidden, "too many subscriptions (max " + strconv.Itoa(c.cfg.MaxSubscriptions) + ")"}
+	}
+	c.subs[channel] = struct{}{}
+	c.mu.Unlock()
+	if err := c.hub.Subscribe(ctx, channel, c); err != nil {
+		c.mu.Lock()
+		delete(c.subs, channel)
+		c.mu.Unlock()
+		return &ProtoError{CodeUnavailable, "subscribe failed"}
+	}
+	return nil
+}
+
+// Unsubscribe removes the connection from channel.
+func (c *Conn) Unsubscribe(ctx context.Context, channel string) {
+	c.mu.Lock()
+	_, ok := c.subs[channel]
+	delete(c.subs, channel)
+	c.mu.Unlock()
+	if ok {
+		c.hub.Unsubscribe(ctx, channel, c)
+	}
+}
+
+// Control handles an upstream control message in relay mode: a text
+// message that starts with prefix followed by {"subscribe":"<channel>"} or
+// {"unsubscribe":"<channel>"}. It reports whether msg was one (then it is
+// consumed, whatever its content).
+func (c *Conn) Control(prefix []byte) func(msg []byte) bool {
+	return func(msg []byte) bool {
+		body, ok := bytes.CutPrefix(msg, prefix)
+		if !ok {
+			return false
+		}
+		var cmd struct {
+			Subscribe   *string `json:"subscribe"`
+			Unsubscribe *string `json:"unsubscribe"`
+		}
+		if json.Unmarshal(body, &cmd) != nil {
+			return true
+		}
+		ctx := context.Background()
+		if cmd.Subscribe != nil && policy.ValidateChannel(*cmd.Subscribe) == nil {
+			c.Subscribe(ctx, *cmd.Subscribe)
+		}
+		if cmd.Unsubscribe != nil {
+			c.Unsubscribe(ctx, *cmd.Unsubscribe)
+		}
+		return true
+	}
+}

@@ -1,0 +1,11 @@
+// Package rooms is the wsgate.v1 rooms protocol and the node-local
+// subscription hub that fans channel publications out to connections.
+//
+// The hub subscribes the node to a channel through a broker.Broker when
+// the first local connection subscribes, and unsubscribes after the last
+// leaves. A publication is encoded into a WebSocket frame once per format
+// and the same bytes are queued to every subscriber.
+//
+// rooms imports the standard library, broker, policy (channel names) and
+// proxy (frames and sessions); never Caddy.
+package rooms

@@ -1,0 +1,193 @@
+package rooms
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"sync"
+	"sync/atomic"
+
+	"github.com/gobwas/ws"
+
+	"github.com/wsgate/wsgate/broker"
+	"github.com/wsgate/wsgate/proxy"
+)
+
+// Format is how a publication is framed for a subscriber.
+type Format uint8
+
+// Formats.
+const (
+	// FormatProtocol frames {"op":"message","channel":…,"data":…} (wsgate.v1).
+	FormatProtocol Format = iota
+	// FormatRaw frames the data as it is (relayed apps' own protocol).
+	FormatRaw
+)
+
+// Publication is one message on a channel. Its frames are encoded once,
+// on first use, and shared by every subscriber.
+type Publication struct {
+	Channel string
+	Data    []byte
+	frames  [2]atomic.Pointer[[]byte]
+}
+
+// Frame returns the encoded server frame for f.
+func (p *Publication) Frame(f Format) []byte {
+	if b := p.frames[f].Load(); b != nil {
+		return *b
+	}
+	var payload []byte
+	if f == FormatRaw {
+		payload = p.Data
+	} else {
+		ch, _ := json.Marshal(p.Channel)
+		payload = make([]byte, 0, len(p.Data)+len(ch)+40)
+		payload = append(payload, `{"op":"message","channel":`...)
+		payload = append(payload, ch...)
+		payload = append(payload, `,"data":`...)
+		payload = append(payload, p.Data...)
+		payload = append(payload, '}')
+	}
+	b := proxy.EncodeServerFrame(ws.OpText, payload)
+	p.frames[f].Store(&b)
+	return b
+}
+
+// Subscriber receives publications. Deliver must not block.
+type Subscriber interface {
+	Deliver(p *Publication)
+}
+
+// Hub holds a node's local subscriptions.
+type Hub struct {
+	b    broker.Broker
+	bmu  sync.Mutex // serializes broker (un)subscriptions
+	mu   sync.RWMutex
+	subs map[string]map[Subscriber]struct{}
+
+	published, delivered atomic.Int64
+}
+
+// NewHub makes a hub; SetBroker must be called before use (the broker
+// needs the hub's Handle as its handler).
+func NewHub() *Hub { return &Hub{subs: map[string]map[Subscriber]struct{}{}} }
+
+// SetBroker sets the broker.
+func (h *Hub) SetBroker(b broker.Broker) { h.b = b }
+
+// Handle is the broker's handler: it fans a publication out locally.
+func (h *Hub) Handle(channel string, data []byte) {
+	p := &Publication{Channel: channel, Data: data}
+	h.mu.RLock()
+	set := h.subs[channel]
+	n := 0
+	for s := range set {
+		s.Deliver(p)
+		n++
+	}
+	h.mu.RUnlock()
+	h.delivered.Add(int64(n))
+}
+
+// Subscribe adds s to channel's local subscribers, subscribing the node
+// when s is the first. A broker that is down is not an error: the
+// subscription is made when it comes back.
+func (h *Hub) Subscribe(ctx context.Context, channel string, s Subscriber) error {
+	h.bmu.Lock()
+	defer h.bmu.Unlock()
+	h.mu.Lock()
+	set := h.subs[channel]
+	first := set == nil
+	if first {
+		set = map[Subscriber]struct{}{}
+		h.subs[channel] = set
+	}
+	set[s] = struct{}{}
+	h.mu.Unlock()
+	if first {
+		if err := h.b.Subscribe(ctx, channel); err != nil && !errors.Is(err, broker.ErrUnavailable) {
+			h.mu.Lock()
+			delete(set, s)
+			if len(set) == 0 {
+				delete(h.subs, channel)
+			}
+			h.mu.Unlock()
+			return err
+		}
+	}
+	return nil
+}
+
+// Unsubscribe removes s, unsubscribing the node after the last one.
+func (h *Hub) Unsubscribe(ctx context.Context, channel string, s Subscriber) {
+	h.bmu.Lock()
+	defer h.bmu.Unlock()
+	h.mu.Lock()
+	set := h.subs[channel]
+	if set == nil {
+		h.mu.Unlock()
+		return
+	}
+	delete(set, s)
+	last := len(set) == 0
+	if last {
+		delete(h.subs, channel)
+	}
+	h.mu.Unlock()
+	if last {
+		h.b.Unsubscribe(ctx, channel)
+	}
+}
+
+// Publish sends data to channel through the broker. When the broker is
+// unavailable the publication still reaches this node's subscribers, and
+// the error is returned.
+func (h *Hub) Publish(ctx context.Context, channel string, data []byte) error {
+	h.published.Add(1)
+	err := h.b.Publish(ctx, channel, data)
+	if errors.Is(err, broker.ErrUnavailable) {
+		h.Handle(channel, data)
+	}
+	return err
+}
+
+// Channels is the number of channels with local subscribers.
+func (h *Hub) Channels() int {
+	h.mu.RLock()
+	defer h.mu.RUnlock()
+	return len(h.subs)
+}
+
+// Subscribers is the number of local subscribers of channel.
+func (h *Hub) Subscribers(channel string) int {
+	h.mu.RLock()
+	defer h.mu.RUnlock()
+	return len(h.subs[channel])
+}
+
+// batchPublisher is a broker that can send several publications at once.
+type batchPublisher interface {
+	PublishBatch(ctx context.Context, channels []string, data [][]byte) error
+}
+
+// PublishBatch publishes several messages, in order, in one round trip
+// when the broker supports it.
+func (h *Hub) PublishBatch(ctx context.Context, channels []string, data [][]byte) error {
+	h.published.Add(int64(len(channels)))
+	if bp, ok := h.b.(batchPublisher); ok {
+		err := bp.PublishBatch(ctx, channels, data)
+		if errors.Is(err, broker.ErrUnavailable) {
+			for i, ch := range channels {
+				h.Handle(ch, data[i])
+			}
+		}
+		return err
+	}
+	for i, ch := range channels {
+		if err := h.b.Publish(ctx, ch, data[i]); err != nil {
+			return err
+		}
+	}
+	return nil
+}
