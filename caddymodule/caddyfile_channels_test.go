@@ -553,7 +553,6 @@ func TestChannelsInspector(t *testing.T) {
 // TestChannelsSameFieldTwice: with channel_field and action_field naming
 // the same field, no frame has a channel and all of them pass.
 func TestChannelsSameFieldTwice(t *testing.T) {
-	t.Skip("bug: ExtractJSONFields fills only the last of two equal paths, so found[0] is false and the frame passes as unmatched; refuse equal fields in parseRelayChannels/provisionChannels, and fill every equal path in jsonfields.go")
 	h := &Handler{
 		Channels:      []ChannelRule{{Effect: "deny", Actions: []string{"*"}, Pattern: "**"}},
 		RelayChannels: &RelayChannels{ChannelField: "type", ActionField: "type"},

@@ -108,6 +108,10 @@ func (h *Handler) provisionChannels() error {
 		if err != nil {
 			return fmt.Errorf("relay_channels: %w", err)
 		}
+		a, c := rc.ActionField+".", rc.ChannelField+"."
+		if strings.HasPrefix(a, c) || strings.HasPrefix(c, a) {
+			return fmt.Errorf("relay_channels: action_field %q and channel_field %q must name different, unnested fields", rc.ActionField, rc.ChannelField)
+		}
 		cs.paths = append(cs.paths, aPath)
 	}
 	for action, words := range rc.Actions {

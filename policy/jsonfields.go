@@ -41,6 +41,14 @@ func ParseFieldPath(s string) (FieldPath, error) {
 // an error (parsers disagree on which one wins), and so is a non-string
 // value at a path. Keys are compared after unescaping.
 func ExtractJSONFields(doc []byte, paths []FieldPath, vals []string, found []bool) error {
+	if len(paths) > 64 {
+		return errors.New("at most 64 field paths")
+	}
+	for _, p := range paths {
+		if len(p) == 0 {
+			return errors.New("empty field path")
+		}
+	}
 	s := jscan{b: doc, paths: paths, vals: vals, found: found}
 	for i := range found {
 		found[i] = false
@@ -50,7 +58,7 @@ func ExtractJSONFields(doc []byte, paths []FieldPath, vals []string, found []boo
 	for i := range paths {
 		active |= 1 << uint(i)
 	}
-	if err := s.value(active, 0, -1); err != nil {
+	if err := s.value(active, 0, 0); err != nil {
 		return err
 	}
 	s.ws()
@@ -81,15 +89,15 @@ func (s *jscan) ws() {
 }
 
 // value parses one value. active is the set of paths whose first level
-// elements matched so far (level is how many); target >= 0 means the value
-// completes path target and must be a string.
-func (s *jscan) value(active uint64, level int, target int) error {
+// elements matched so far (level is how many); targets is the set of paths
+// this value completes (it must then be a string).
+func (s *jscan) value(active uint64, level int, targets uint64) error {
 	if s.i >= len(s.b) {
 		return ErrJSON
 	}
 	c := s.b[s.i]
-	if target >= 0 && c != '"' {
-		if err := s.value(0, 0, -1); err != nil {
+	if targets != 0 && c != '"' {
+		if err := s.value(0, 0, 0); err != nil {
 			return err
 		}
 		return ErrJSONType
@@ -100,13 +108,15 @@ func (s *jscan) value(active uint64, level int, target int) error {
 	case c == '[':
 		return s.array()
 	case c == '"':
-		str, err := s.str(target >= 0)
+		str, err := s.str(targets != 0)
 		if err != nil {
 			return err
 		}
-		if target >= 0 {
-			s.vals[target] = str
-			s.found[target] = true
+		for p := range s.paths {
+			if targets&(1<<uint(p)) != 0 {
+				s.vals[p] = str
+				s.found[p] = true
+			}
 		}
 		return nil
 	case c == 't':
@@ -152,8 +162,7 @@ func (s *jscan) object(active uint64, level int) error {
 			return err
 		}
 		var key string
-		var next uint64
-		target := -1
+		var next, targets uint64
 		if active != 0 {
 			if escaped {
 				key, err = jsonUnescape(s.b[keyStart+1 : s.i-1])
@@ -180,7 +189,7 @@ func (s *jscan) object(active uint64, level int) error {
 				}
 				seen |= 1 << uint(p)
 				if level == len(s.paths[p])-1 {
-					target = p
+					targets |= 1 << uint(p)
 				} else {
 					next |= 1 << uint(p)
 				}
@@ -192,9 +201,9 @@ func (s *jscan) object(active uint64, level int) error {
 		}
 		s.i++
 		s.ws()
-		if target >= 0 && next != 0 {
+		if targets != 0 && next != 0 {
 			// one path ends where another goes deeper: the value can't be both
-			if err := s.value(0, 0, -1); err != nil {
+			if err := s.value(0, 0, 0); err != nil {
 				return err
 			}
 			return ErrJSONType
@@ -202,7 +211,7 @@ func (s *jscan) object(active uint64, level int) error {
 		if next != 0 && (s.i >= len(s.b) || s.b[s.i] != '{') {
 			next = 0 // not an object: the deeper paths are absent
 		}
-		if err := s.value(next, level+1, target); err != nil {
+		if err := s.value(next, level+1, targets); err != nil {
 			return err
 		}
 		s.ws()
@@ -235,7 +244,7 @@ func (s *jscan) array() error {
 	}
 	for {
 		s.ws()
-		if err := s.value(0, 0, -1); err != nil {
+		if err := s.value(0, 0, 0); err != nil {
 			return err
 		}
 		s.ws()

@@ -306,7 +306,6 @@ func TestExtractJSONFieldsResults(t *testing.T) {
 // TestExtractJSONFieldsSamePathTwice asks for one field under two names, as
 // relay_channels does when channel_field and action_field are equal.
 func TestExtractJSONFieldsSamePathTwice(t *testing.T) {
-	t.Skip("bug: with two equal paths only the last is filled (jsonfields.go object(): target = p keeps one path); the inspector then sees no channel and passes the frame as unmatched")
 	got, err := jfExtract(`{"type":"chat:secret"}`, jfPaths(t, "type", "type"))
 	if err != nil {
 		t.Fatal(err)
@@ -319,7 +318,6 @@ func TestExtractJSONFieldsSamePathTwice(t *testing.T) {
 // TestExtractJSONFieldsManyPaths asks for more paths than the scanner's
 // 64-bit sets hold.
 func TestExtractJSONFieldsManyPaths(t *testing.T) {
-	t.Skip("bug: paths past the 64th are silently never found (jsonfields.go: 1<<uint(p) is 0 for p >= 64); refuse more than 64 paths")
 	var names []string
 	var doc strings.Builder
 	doc.WriteString("{")
@@ -344,7 +342,6 @@ func TestExtractJSONFieldsManyPaths(t *testing.T) {
 // TestExtractJSONFieldsEmptyPath passes a path with no names, which
 // ParseFieldPath never makes but the exported function accepts.
 func TestExtractJSONFieldsEmptyPath(t *testing.T) {
-	t.Skip("bug: an empty FieldPath panics (jsonfields.go object(): s.paths[p][level] out of range); return an error for it")
 	defer func() {
 		if r := recover(); r != nil {
 			t.Errorf("panic: %v", r)

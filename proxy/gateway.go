@@ -70,6 +70,10 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, info Request
 		WriteError(w, herr.Status, herr.Message, herr.Header)
 		return
 	}
+	if g.reg.closed() {
+		WriteError(w, http.StatusServiceUnavailable, "server shutting down", nil)
+		return
+	}
 	if len(g.cfg.upstreamURLs) == 0 {
 		WriteError(w, http.StatusInternalServerError, "no upstream configured", nil)
 		return
@@ -87,6 +91,7 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, info Request
 	u := ws.HTTPUpgrader{
 		Protocol: func(p string) bool { return accept != "" && p == accept },
 	}
+	normalizeUpgradeHeaders(r)
 	conn, rw, _, err := u.Upgrade(r, w)
 	if err != nil {
 		up.conn.Close()
@@ -126,6 +131,10 @@ func (g *Gateway) ServeSession(w http.ResponseWriter, r *http.Request, info Requ
 		WriteError(w, herr.Status, herr.Message, herr.Header)
 		return
 	}
+	if g.reg.closed() {
+		WriteError(w, http.StatusServiceUnavailable, "server shutting down", nil)
+		return
+	}
 	offered := false
 	for _, p := range offeredProtocols(r) {
 		offered = offered || p == subprotocol
@@ -139,6 +148,7 @@ func (g *Gateway) ServeSession(w http.ResponseWriter, r *http.Request, info Requ
 		return
 	}
 	u := ws.HTTPUpgrader{Protocol: func(p string) bool { return p == subprotocol }}
+	normalizeUpgradeHeaders(r)
 	conn, rw, _, err := u.Upgrade(r, w)
 	if err != nil {
 		if conn != nil {
@@ -225,4 +235,13 @@ func joinPath(u *url.URL, r *http.Request) (path, raw string) {
 		return "/", ""
 	}
 	return r.URL.Path, r.URL.RawPath
+}
+
+// normalizeUpgradeHeaders rewrites the (already checked) Connection and
+// Upgrade headers to one line each: gobwas/ws reads only the first line
+// of a header, and a client may spread "Connection: keep-alive, Upgrade"
+// over several.
+func normalizeUpgradeHeaders(r *http.Request) {
+	r.Header.Set("Connection", "Upgrade")
+	r.Header.Set("Upgrade", "websocket")
 }

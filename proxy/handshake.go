@@ -44,6 +44,10 @@ func CheckHandshake(r *http.Request) *HandshakeError {
 	if r.ProtoMajor != 1 || r.ProtoMinor < 1 {
 		return &HandshakeError{Status: http.StatusBadRequest, Message: "a WebSocket handshake needs HTTP/1.1"}
 	}
+	if !headerHasToken(r.Header["Connection"], "upgrade") || !headerHasToken(r.Header["Upgrade"], "websocket") {
+		return &HandshakeError{Status: http.StatusBadRequest,
+			Message: "not a WebSocket upgrade: Connection: Upgrade and Upgrade: websocket are required"}
+	}
 	if v := r.Header.Get("Sec-WebSocket-Version"); v != "13" {
 		return &HandshakeError{Status: http.StatusUpgradeRequired, Message: "unsupported Sec-WebSocket-Version; use 13",
 			Header: http.Header{"Sec-Websocket-Version": {"13"}}}

@@ -40,6 +40,12 @@ func (r *Registry) remove(c *relay) {
 	r.mu.Unlock()
 }
 
+func (r *Registry) closed() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.shutdown
+}
+
 // Len is the number of live connections.
 func (r *Registry) Len() int {
 	r.mu.Lock()

@@ -54,7 +54,8 @@ type peer struct {
 	byteLim  *rate.Limiter
 
 	wmu       sync.Mutex
-	broken    bool // guarded by wmu: a frame to this side was cut short
+	broken    bool        // guarded by wmu: a frame to this side was cut short
+	writing   atomic.Bool // a write to this side is in progress right now
 	closeSent atomic.Bool
 
 	// reader state, owned by the pump reading this side
@@ -65,6 +66,7 @@ type peer struct {
 	utf8       utf8State
 	msg        []byte    // a message being assembled for inspection
 	msgOp      ws.OpCode // its opcode
+	rest       int64     // payload of the frame being read still on the wire
 }
 
 func (p *peer) state() ws.State {
@@ -293,7 +295,11 @@ func (c *relay) relayFrames(src, dst *peer) error {
 	}
 	for {
 		rd.release()
+		src.rest = 0
 		h, start, err := rd.readHeader(whole)
+		if err == nil {
+			src.rest = h.Length
+		}
 		if err != nil {
 			if err == errLengthMSB {
 				return &closeErr{ws.StatusProtocolError, err.Error()}
@@ -514,10 +520,13 @@ func (c *relay) writeFramed(p *peer, op ws.OpCode, buf []byte) error {
 	encodeHeader(buf[ws.MaxHeaderSize-hs:ws.MaxHeaderSize], h)
 	p.wmu.Lock()
 	defer p.wmu.Unlock()
-	if p.broken {
+	if p.broken || p.closeSent.Load() {
 		return nil
 	}
-	if _, err := p.conn.Write(buf[ws.MaxHeaderSize-hs:]); err != nil {
+	p.writing.Store(true)
+	_, err := p.conn.Write(buf[ws.MaxHeaderSize-hs:])
+	p.writing.Store(false)
+	if err != nil {
 		p.broken = true
 		return writeErr{err}
 	}
@@ -636,14 +645,20 @@ func (c *relay) forward(src, dst *peer, h ws.Header, start int) error {
 			wbuf = (*rd.buf)[p : rd.r+avail]
 			first = false
 		}
-		if !dst.broken {
-			if _, err := dst.conn.Write(wbuf); err != nil {
+		// Nothing goes to a peer after a close frame; the frame is still
+		// read from src.
+		if !dst.broken && !dst.closeSent.Load() {
+			dst.writing.Store(true)
+			_, err := dst.conn.Write(wbuf)
+			dst.writing.Store(false)
+			if err != nil {
 				dst.broken = true
 				return writeErr{err}
 			}
 		}
 		rd.r += avail
 		remaining -= int64(avail)
+		src.rest = remaining
 		offset += avail
 		if remaining == 0 {
 			return nil
@@ -662,6 +677,7 @@ func (c *relay) handleClose(src, dst *peer, h ws.Header) error {
 	rd := &src.rd
 	payload := (*rd.buf)[rd.r : rd.r+int(h.Length)]
 	rd.r += int(h.Length)
+	src.rest = 0
 	if h.Masked {
 		ws.Cipher(payload, h.Mask, 0)
 	}
@@ -738,7 +754,9 @@ func (c *relay) writeControlLocked(p *peer, op ws.OpCode, payload []byte) error 
 	if h.Masked {
 		ws.Cipher(frame[hs:n], h.Mask, 0)
 	}
+	p.writing.Store(true)
 	_, err := p.conn.Write(frame[:n])
+	p.writing.Store(false)
 	if err != nil {
 		p.broken = true
 	}
@@ -751,6 +769,12 @@ func (c *relay) writeControlLocked(p *peer, op ws.OpCode, payload []byte) error 
 // resetting the connection before the peer has read our close frame.
 func (c *relay) drain(p *peer) {
 	rd := &p.rd
+	// First the rest of the frame that broke the rules, if any of it is
+	// still unread: it is payload, not frame headers.
+	if err := rd.skip(p.rest); err != nil {
+		return
+	}
+	p.rest = 0
 	for {
 		rd.release()
 		h, _, err := rd.readHeader(0)
@@ -799,6 +823,11 @@ func (c *relay) tick() error {
 				}
 				c.pingOut, c.pingAt = true, now
 				next = now + int64(cfg.PongTimeout)
+			} else if !c.client.writing.Load() {
+				// The lock is held by a frame whose payload is still coming
+				// from the upstream: the client is not the one stalling.
+				c.lockMiss = 0
+				next = now + int64(min(time.Second, cfg.PongTimeout))
 			} else {
 				// A frame is being written to the client right now. If that
 				// lasts longer than PongTimeout the client is not reading.
@@ -969,7 +998,9 @@ func (c *relay) writeQueued() {
 			continue
 		}
 		batch = append(batch[:0], frames...)
+		p.writing.Store(true)
 		_, err := batch.WriteTo(p.conn)
+		p.writing.Store(false)
 		if err != nil {
 			p.broken = true
 		}
