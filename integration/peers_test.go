@@ -27,6 +27,7 @@ import (
 //
 //	cmd:close:<code>:<reason>   close with that code and reason
 //	cmd:frag:<a>,<b>,…          answer with one message fragmented into those parts
+//	cmd:send:<text>             send <text> to the client (no echo)
 type upstream struct {
 	URL      string
 	srv      *http.Server
@@ -111,6 +112,10 @@ func (u *upstream) serve(w http.ResponseWriter, r *http.Request) {
 				code, _ := strconv.Atoi(parts[2])
 				c.Close(websocket.StatusCode(code), parts[3])
 				return
+			case "send":
+				// cmd:send:<text> makes the app send <text> to the client
+				c.Write(ctx, websocket.MessageText, []byte(strings.SplitN(string(msg), ":", 3)[2]))
+				continue
 			case "frag":
 				wr, err := c.Writer(ctx, websocket.MessageText)
 				if err != nil {
