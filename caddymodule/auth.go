@@ -134,46 +134,8 @@ func (h *Handler) provisionAuth(ctx caddy.Context) error {
 	if a.origin, err = policy.NewOriginPolicy(h.Origins, h.AllowMissingOrigin); err != nil {
 		return err
 	}
-	repl := caddy.NewReplacer()
-	if j := h.JWT; j != nil {
-		cfg := policy.JWTConfig{
-			Leeway:          time.Duration(j.Leeway),
-			RequiredClaims:  j.RequiredClaims,
-			AllowMissingExp: j.AllowMissingExp,
-			MaxTokenSize:    j.MaxTokenSize,
-		}
-		for _, is := range j.Issuers {
-			ic := policy.IssuerConfig{
-				Issuer: is.Issuer, Audience: is.Audience,
-				JWKSURL: is.JWKSURL, JWKSRefresh: time.Duration(is.JWKSRefresh), JWKSAlgorithms: is.JWKSAlgorithms,
-			}
-			for _, k := range is.Keys {
-				kc := policy.KeyConfig{ID: k.ID, Algorithms: k.Algorithms}
-				if k.Secret != "" {
-					kc.Secret = []byte(repl.ReplaceKnown(k.Secret, ""))
-					if len(kc.Secret) == 0 {
-						return fmt.Errorf("jwt key %q: secret is empty (unset environment variable?)", k.ID)
-					}
-				}
-				if k.PublicKeyFile != "" {
-					if kc.PEM, err = os.ReadFile(k.PublicKeyFile); err != nil {
-						return fmt.Errorf("jwt key: %w", err)
-					}
-				}
-				ic.Keys = append(ic.Keys, kc)
-			}
-			cfg.Issuers = append(cfg.Issuers, ic)
-		}
-		if a.verifier, err = policy.NewVerifier(ctx, cfg); err != nil {
-			return err
-		}
-		for _, s := range j.From {
-			src, err := policy.ParseSource(s.Kind, s.Name)
-			if err != nil {
-				return err
-			}
-			a.sources = append(a.sources, src)
-		}
+	if err := h.provisionJWT(ctx); err != nil {
+		return err
 	}
 	if f := h.ForwardAuth; f != nil {
 		if a.forward, err = policy.NewForwardAuth(policy.ForwardAuthConfig{
@@ -300,7 +262,7 @@ func (h *Handler) authorize(w http.ResponseWriter, r *http.Request, info *proxy.
 		if exp, ok := expiry(claims); ok && a.verifier != nil {
 			info.Expiry = exp
 		}
-		if h.RefreshField != "" && a.verifier != nil {
+		if a.verifier != nil {
 			sub := claims.Subject()
 			verifier := a.verifier
 			info.RefreshField = h.RefreshField
@@ -363,4 +325,52 @@ func (h *Handler) logRedacted(r *http.Request, src policy.TokenSource) {
 	}
 	h.auth.logger.Info("websocket request (token redacted; not in the access log)",
 		zap.String("remote", r.RemoteAddr), zap.String("host", r.Host), zap.String("uri", uri))
+}
+
+// provisionJWT builds the verifier and token sources from h.JWT.
+func (h *Handler) provisionJWT(ctx caddy.Context) error {
+	a := &h.auth
+	var err error
+	repl := caddy.NewReplacer()
+	if j := h.JWT; j != nil {
+		cfg := policy.JWTConfig{
+			Leeway:          time.Duration(j.Leeway),
+			RequiredClaims:  j.RequiredClaims,
+			AllowMissingExp: j.AllowMissingExp,
+			MaxTokenSize:    j.MaxTokenSize,
+		}
+		for _, is := range j.Issuers {
+			ic := policy.IssuerConfig{
+				Issuer: is.Issuer, Audience: is.Audience,
+				JWKSURL: is.JWKSURL, JWKSRefresh: time.Duration(is.JWKSRefresh), JWKSAlgorithms: is.JWKSAlgorithms,
+			}
+			for _, k := range is.Keys {
+				kc := policy.KeyConfig{ID: k.ID, Algorithms: k.Algorithms}
+				if k.Secret != "" {
+					kc.Secret = []byte(repl.ReplaceKnown(k.Secret, ""))
+					if len(kc.Secret) == 0 {
+						return fmt.Errorf("jwt key %q: secret is empty (unset environment variable?)", k.ID)
+					}
+				}
+				if k.PublicKeyFile != "" {
+					if kc.PEM, err = os.ReadFile(k.PublicKeyFile); err != nil {
+						return fmt.Errorf("jwt key: %w", err)
+					}
+				}
+				ic.Keys = append(ic.Keys, kc)
+			}
+			cfg.Issuers = append(cfg.Issuers, ic)
+		}
+		if a.verifier, err = policy.NewVerifier(ctx, cfg); err != nil {
+			return err
+		}
+		for _, s := range j.From {
+			src, err := policy.ParseSource(s.Kind, s.Name)
+			if err != nil {
+				return err
+			}
+			a.sources = append(a.sources, src)
+		}
+	}
+	return nil
 }

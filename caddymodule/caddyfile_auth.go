@@ -2,6 +2,7 @@ package caddymodule
 
 import (
 	"strconv"
+	"strings"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
@@ -22,7 +23,11 @@ import (
 //	    max_token_size    <size>
 //	    from header [<name>] | query <name> | cookie <name> | protocol [<marker>]
 //	}
-func parseJWT(d *caddyfile.Dispenser) (*JWT, error) {
+func parseJWT(outer *caddyfile.Dispenser) (*JWT, error) {
+	// a dispenser of its own, so that errors about the block as a whole
+	// can point at its first line
+	d := outer.NewFromNextSegment()
+	d.Next() // consume "jwt"
 	if d.CountRemainingArgs() > 0 {
 		return nil, d.ArgErr()
 	}
@@ -34,23 +39,30 @@ func parseJWT(d *caddyfile.Dispenser) (*JWT, error) {
 		name := d.Val()
 		switch name {
 		case "issuer":
+			sub := d.NewFromNextSegment()
+			sub.Next() // consume "issuer"
 			var iss string
-			if !d.NextArg() {
-				return nil, d.ArgErr()
+			if !sub.NextArg() {
+				return nil, sub.ArgErr()
 			}
-			iss = d.Val()
-			if d.NextArg() {
-				return nil, d.ArgErr()
+			iss = sub.Val()
+			if sub.NextArg() {
+				return nil, sub.ArgErr()
 			}
 			is := JWTIssuer{Issuer: iss}
 			block := false
-			for inner := d.Nesting(); d.NextBlock(inner); {
+			for inner := sub.Nesting(); sub.NextBlock(inner); {
 				block = true
-				if err := parseIssuerLine(d, &is); err != nil {
+				if err := parseIssuerLine(sub, &is); err != nil {
 					return nil, err
 				}
 			}
 			if block {
+				if len(is.Keys) == 0 && is.JWKSURL == "" {
+					sub.Reset()
+					sub.Next()
+					return nil, sub.Errf("jwt issuer %q has no key", is.Issuer)
+				}
 				j.Issuers = append(j.Issuers, is)
 			} else {
 				if top.Issuer != "" {
@@ -121,6 +133,8 @@ func parseJWT(d *caddyfile.Dispenser) (*JWT, error) {
 	if topUsed {
 		j.Issuers = append([]JWTIssuer{top}, j.Issuers...)
 	}
+	d.Reset()
+	d.Next()
 	if len(j.Issuers) == 0 {
 		return nil, d.Err("jwt needs a key: secret, public_key or jwks (directly or in an issuer block)")
 	}
@@ -253,6 +267,14 @@ func parseForwardAuth(d *caddyfile.Dispenser) (*ForwardAuth, error) {
 			if !d.AllArgs(&hdr, &claim) {
 				return nil, d.ArgErr()
 			}
+			for h, c := range f.ClaimHeaders {
+				if strings.EqualFold(h, hdr) {
+					return nil, d.Errf("duplicate claim_header for header %q", hdr)
+				}
+				if c == claim {
+					return nil, d.Errf("duplicate claim_header for claim %q", claim)
+				}
+			}
 			if f.ClaimHeaders == nil {
 				f.ClaimHeaders = map[string]string{}
 			}
@@ -272,7 +294,9 @@ func parseForwardAuth(d *caddyfile.Dispenser) (*ForwardAuth, error) {
 //	    per_subject <n>
 //	    zone        <name>
 //	}
-func parseConnectionLimits(d *caddyfile.Dispenser) (*ConnectionLimits, error) {
+func parseConnectionLimits(outer *caddyfile.Dispenser) (*ConnectionLimits, error) {
+	d := outer.NewFromNextSegment()
+	d.Next() // consume "limit_connections"
 	if d.CountRemainingArgs() > 0 {
 		return nil, d.ArgErr()
 	}
@@ -284,6 +308,11 @@ func parseConnectionLimits(d *caddyfile.Dispenser) (*ConnectionLimits, error) {
 			return nil, d.Errf("duplicate limit_connections subdirective %q", name)
 		}
 		seen[name] = true
+		switch name {
+		case "zone", "total", "per_ip", "per_subject":
+		default:
+			return nil, d.Errf("unrecognized limit_connections subdirective %q", name)
+		}
 		if name == "zone" {
 			if !d.AllArgs(&l.Zone) {
 				return nil, d.ArgErr()
@@ -305,11 +334,11 @@ func parseConnectionLimits(d *caddyfile.Dispenser) (*ConnectionLimits, error) {
 			l.PerIP = n
 		case "per_subject":
 			l.PerSubject = n
-		default:
-			return nil, d.Errf("unrecognized limit_connections subdirective %q", name)
 		}
 	}
 	if l.Total == 0 && l.PerIP == 0 && l.PerSubject == 0 {
+		d.Reset()
+		d.Next()
 		return nil, d.Err("limit_connections needs total, per_ip or per_subject")
 	}
 	return l, nil

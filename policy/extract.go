@@ -145,13 +145,18 @@ func protocolToken(values []string, marker string) string {
 
 // StripProtocolToken returns the offered subprotocols without the marker
 // and the token that follows it, so neither reaches the upstream, and the
-// token is never echoed back as the accepted subprotocol.
+// token is never echoed back as the accepted subprotocol. The token is
+// dropped wherever else it is offered too.
 func StripProtocolToken(values []string, marker string) []string {
+	tok := protocolToken(values, marker)
 	e := protocolEntries(values)
 	out := e[:0]
 	for i := 0; i < len(e); i++ {
 		if e[i] == marker && i+1 < len(e) {
 			i++
+			continue
+		}
+		if tok != "" && e[i] == tok {
 			continue
 		}
 		out = append(out, e[i])

@@ -136,6 +136,9 @@ func (f *ForwardAuth) Check(ctx context.Context, r *http.Request) (Claims, error
 			if err := json.Unmarshal(body, &claims); err != nil {
 				return nil, fmt.Errorf("%w: reply is not a JSON object", ErrAuthUnavailable)
 			}
+			if claims == nil { // the body was null
+				claims = Claims{}
+			}
 		}
 	}
 	for hname, claim := range f.cfg.ClaimHeaders {

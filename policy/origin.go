@@ -58,6 +58,11 @@ func (p *OriginPolicy) add(a string) error {
 	if a != strings.ToLower(a) {
 		return fmt.Errorf("origin %q: write origins in lower case, as browsers send them", a)
 	}
+	// The parser unescapes the host and drops an empty query or fragment;
+	// an entry must match as written.
+	if canon := u.Scheme + "://" + u.Host; a != canon && a != canon+"/" {
+		return fmt.Errorf("origin %q: want scheme://host[:port], as browsers send it", a)
+	}
 	host, port := u.Hostname(), u.Port()
 	if port != "" && port == defaultPort(u.Scheme) {
 		return fmt.Errorf("origin %q: browsers omit the default port; write %s://%s", a, u.Scheme, host)
@@ -116,8 +121,13 @@ func (p *OriginPolicy) Check(origins []string, host string) error {
 		scheme, hostport, ok := strings.Cut(o, "://")
 		if ok && o == strings.ToLower(o) {
 			h, port := splitHostPort(hostport)
+			// SplitHostPort also reads "[host]:port" and "host:"
+			canon := h
+			if port != "" {
+				canon += ":" + port
+			}
 			for _, w := range p.wild {
-				if w.scheme == scheme && w.port == port && len(h) > len(w.suffix) &&
+				if canon == hostport && w.scheme == scheme && w.port == port && len(h) > len(w.suffix) &&
 					strings.HasSuffix(h, w.suffix) && validHost(h[:len(h)-len(w.suffix)]) {
 					return nil
 				}
