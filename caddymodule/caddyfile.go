@@ -165,15 +165,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.ArgErr()
 			}
 		case "send_queue":
-			var v string
-			if !d.AllArgs(&v) {
-				return d.ArgErr()
-			}
-			n, convErr := strconv.Atoi(v)
-			if convErr != nil || n <= 0 {
-				return d.Errf("send_queue must be a positive number, not %q", v)
-			}
-			h.SendQueue = n
+			h.SendQueue, err = parsePositiveInt(d, name)
 		case "slow_consumer":
 			if !d.AllArgs(&h.SlowConsumer) {
 				return d.ArgErr()
@@ -222,13 +214,9 @@ func parseRooms(d *caddyfile.Dispenser) (*RoomsConfig, error) {
 		seen[name] = true
 		switch name {
 		case "max_subscriptions":
-			var v string
-			if !d.AllArgs(&v) {
-				return nil, d.ArgErr()
-			}
-			n, err := strconv.Atoi(v)
-			if err != nil || n <= 0 {
-				return nil, d.Errf("max_subscriptions must be a positive number, not %q", v)
+			n, err := parsePositiveInt(d, name)
+			if err != nil {
+				return nil, err
 			}
 			rc.MaxSubscriptions = n
 		case "max_data":
@@ -257,6 +245,19 @@ func parseDuration(d *caddyfile.Dispenser) (caddy.Duration, error) {
 		return 0, d.Errf("duration %q must be positive", v)
 	}
 	return caddy.Duration(dur), nil
+}
+
+// parsePositiveInt reads one argument that must be a positive integer.
+func parsePositiveInt(d *caddyfile.Dispenser, name string) (int, error) {
+	var v string
+	if !d.AllArgs(&v) {
+		return 0, d.ArgErr()
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil || n <= 0 {
+		return 0, d.Errf("%s must be a positive number, not %q", name, v)
+	}
+	return n, nil
 }
 
 // parseSize reads one size argument; "off" (if allowed) gives -1.

@@ -1,7 +1,6 @@
 package caddymodule
 
 import (
-	"strconv"
 	"strings"
 
 	"github.com/caddyserver/caddy/v2"
@@ -319,13 +318,9 @@ func parseConnectionLimits(outer *caddyfile.Dispenser) (*ConnectionLimits, error
 			}
 			continue
 		}
-		var v string
-		if !d.AllArgs(&v) {
-			return nil, d.ArgErr()
-		}
-		n, err := strconv.Atoi(v)
-		if err != nil || n <= 0 {
-			return nil, d.Errf("%s must be a positive number, not %q", name, v)
+		n, err := parsePositiveInt(d, name)
+		if err != nil {
+			return nil, err
 		}
 		switch name {
 		case "total":

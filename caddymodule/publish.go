@@ -225,13 +225,9 @@ func (p *Publish) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 			p.MaxBody = n
 		case "max_batch":
-			var v string
-			if !d.AllArgs(&v) {
-				return d.ArgErr()
-			}
-			n, err := strconv.Atoi(v)
-			if err != nil || n <= 0 {
-				return d.Errf("max_batch must be a positive number, not %q", v)
+			n, err := parsePositiveInt(d, name)
+			if err != nil {
+				return err
 			}
 			p.MaxBatch = n
 		default:

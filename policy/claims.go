@@ -71,17 +71,7 @@ func ClaimString(v any) (s string, ok bool) {
 
 // Lookup finds a claim by dotted path ("org.id").
 func (c Claims) Lookup(path string) (any, bool) {
-	var cur any = map[string]any(c)
-	for _, part := range strings.Split(path, ".") {
-		m, ok := cur.(map[string]any)
-		if !ok {
-			return nil, false
-		}
-		if cur, ok = m[part]; !ok {
-			return nil, false
-		}
-	}
-	return cur, true
+	return lookupPath(c, strings.Split(path, "."))
 }
 
 // Flatten lists every claim that renders as a string, by dotted path, in a

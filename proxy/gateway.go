@@ -66,12 +66,7 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, info Request
 			info.OnClose()
 		}
 	}()
-	if herr := CheckHandshake(r); herr != nil {
-		WriteError(w, herr.Status, herr.Message, herr.Header)
-		return
-	}
-	if g.reg.closed() {
-		WriteError(w, http.StatusServiceUnavailable, "server shutting down", nil)
+	if !g.admit(w, r) {
 		return
 	}
 	if len(g.cfg.upstreamURLs) == 0 {
@@ -127,12 +122,7 @@ func (g *Gateway) ServeSession(w http.ResponseWriter, r *http.Request, info Requ
 			info.OnClose()
 		}
 	}()
-	if herr := CheckHandshake(r); herr != nil {
-		WriteError(w, herr.Status, herr.Message, herr.Header)
-		return
-	}
-	if g.reg.closed() {
-		WriteError(w, http.StatusServiceUnavailable, "server shutting down", nil)
+	if !g.admit(w, r) {
 		return
 	}
 	offered := false
@@ -163,6 +153,20 @@ func (g *Gateway) ServeSession(w http.ResponseWriter, r *http.Request, info Requ
 	}
 	started = true
 	c.start()
+}
+
+// admit answers a request that cannot be upgraded (bad handshake, or the
+// gateway is shutting down) and reports whether it may go on.
+func (g *Gateway) admit(w http.ResponseWriter, r *http.Request) bool {
+	if herr := CheckHandshake(r); herr != nil {
+		WriteError(w, herr.Status, herr.Message, herr.Header)
+		return false
+	}
+	if g.reg.closed() {
+		WriteError(w, http.StatusServiceUnavailable, "server shutting down", nil)
+		return false
+	}
+	return true
 }
 
 type dialed struct {

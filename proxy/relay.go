@@ -897,15 +897,7 @@ func (c *relay) tryRefresh(payload []byte) (bool, error) {
 	if err != nil {
 		return true, &closeErr{ws.StatusPolicyViolation, "invalid token"}
 	}
-	if exp.IsZero() {
-		c.expiry = 0
-	} else {
-		c.setExpiry(exp)
-	}
-	if c.client.rd.onTimeout == nil {
-		c.client.rd.onTimeout = c.tick
-	}
-	return true, c.tick()
+	return true, c.extend(exp)
 }
 
 // Session is what code outside the relay may do with a live connection.
@@ -1029,7 +1021,9 @@ func EncodeServerFrame(op ws.OpCode, payload []byte) []byte {
 
 // Extend moves the connection's expiry (a refreshed token). It must be
 // called from the Inspect hook, which runs on the client's reader.
-func (c *relay) Extend(exp time.Time) {
+func (c *relay) Extend(exp time.Time) { c.extend(exp) }
+
+func (c *relay) extend(exp time.Time) error {
 	if exp.IsZero() {
 		c.expiry = 0
 	} else {
@@ -1038,5 +1032,5 @@ func (c *relay) Extend(exp time.Time) {
 	if c.client.rd.onTimeout == nil {
 		c.client.rd.onTimeout = c.tick
 	}
-	c.tick()
+	return c.tick()
 }
