@@ -6,6 +6,7 @@ import (
 	"crypto/ecdsa"
 	"crypto/ed25519"
 	"crypto/rsa"
+	"crypto/sha256"
 	"crypto/x509"
 	"encoding/pem"
 	"errors"
@@ -13,6 +14,7 @@ import (
 	"net/http"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/MicahParks/jwkset"
@@ -96,7 +98,24 @@ func (c Claims) Subject() string { s, _ := c["sub"].(string); return s }
 type Verifier struct {
 	cfg     JWTConfig
 	issuers map[string]*issuer
+
+	// verified tokens, so a client that reconnects with the same token
+	// costs a hash, not a signature check
+	cacheMu sync.Mutex
+	cache   map[[32]byte]cachedToken
 }
+
+type cachedToken struct {
+	claims Claims
+	until  time.Time
+}
+
+// Verified tokens are remembered for at most verifiedTTL (and never past
+// their exp plus leeway), at most maxVerified of them.
+const (
+	verifiedTTL = time.Minute
+	maxVerified = 10000
+)
 
 type issuer struct {
 	cfg    IssuerConfig
@@ -148,7 +167,7 @@ func NewVerifier(ctx context.Context, cfg JWTConfig) (*Verifier, error) {
 	if cfg.HTTPClient == nil {
 		cfg.HTTPClient = &http.Client{Timeout: 10 * time.Second}
 	}
-	v := &Verifier{cfg: cfg, issuers: map[string]*issuer{}}
+	v := &Verifier{cfg: cfg, issuers: map[string]*issuer{}, cache: map[[32]byte]cachedToken{}}
 	for i, ic := range cfg.Issuers {
 		if ic.Issuer == "" && len(cfg.Issuers) > 1 {
 			return nil, fmt.Errorf("jwt issuer #%d: several issuers need an issuer name each", i+1)
@@ -317,6 +336,52 @@ func (v *Verifier) Verify(ctx context.Context, token string) (Claims, error) {
 	if strings.Count(token, ".") != 2 {
 		return nil, fmt.Errorf("%w: malformed", ErrToken)
 	}
+	key := keyOf(token)
+	now := v.cfg.Now()
+	v.cacheMu.Lock()
+	hit, ok := v.cache[key]
+	v.cacheMu.Unlock()
+	if ok && now.Before(hit.until) {
+		return hit.claims, nil
+	}
+	claims, err := v.verify(ctx, token)
+	if err != nil {
+		return nil, err
+	}
+	until := now.Add(verifiedTTL)
+	if exp, err := claims.exp(); err == nil && exp != nil {
+		until = minTime(until, exp.Add(v.cfg.Leeway))
+	}
+	v.cacheMu.Lock()
+	if len(v.cache) >= maxVerified {
+		for k, e := range v.cache {
+			if !now.Before(e.until) {
+				delete(v.cache, k)
+			}
+		}
+		if len(v.cache) >= maxVerified {
+			clear(v.cache)
+		}
+	}
+	v.cache[key] = cachedToken{claims: claims, until: until}
+	v.cacheMu.Unlock()
+	return claims, nil
+}
+
+func keyOf(token string) [32]byte { return sha256.Sum256([]byte(token)) }
+
+func minTime(a, b time.Time) time.Time {
+	if b.Before(a) {
+		return b
+	}
+	return a
+}
+
+// exp is the token's exp claim.
+func (c Claims) exp() (*jwt.NumericDate, error) { return jwt.MapClaims(c).GetExpirationTime() }
+
+// verify checks a token's signature and claims.
+func (v *Verifier) verify(ctx context.Context, token string) (Claims, error) {
 	// Read iss (unverified) only to pick the issuer whose keys and rules apply.
 	var peek jwt.RegisteredClaims
 	if _, _, err := jwt.NewParser().ParseUnverified(token, &peek); err != nil {
