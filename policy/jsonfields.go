@@ -319,13 +319,15 @@ func (s *jscan) strRaw() ([]byte, bool, error) {
 	s.i++ // opening quote
 	start := s.i
 	escaped := false
+	var high byte // OR of all bytes: ASCII-only strings skip the UTF-8 pass
 	for s.i < len(s.b) {
 		c := s.b[s.i]
+		high |= c
 		switch {
 		case c == '"':
 			raw := s.b[start:s.i]
 			s.i++
-			if !utf8.Valid(raw) {
+			if high >= utf8.RuneSelf && !utf8.Valid(raw) {
 				return nil, false, ErrJSON
 			}
 			return raw, escaped, nil
@@ -353,7 +355,17 @@ func (s *jscan) strRaw() ([]byte, bool, error) {
 		case c < 0x20:
 			return nil, false, ErrJSON
 		default:
-			s.i++
+			// Skip the plain run up to the next byte that needs a look.
+			j := s.i + 1
+			for j < len(s.b) {
+				d := s.b[j]
+				if d == '"' || d == '\\' || d < 0x20 {
+					break
+				}
+				high |= d
+				j++
+			}
+			s.i = j
 		}
 	}
 	return nil, false, ErrJSON

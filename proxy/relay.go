@@ -67,6 +67,11 @@ type peer struct {
 	msg        []byte    // a message being assembled for inspection
 	msgOp      ws.OpCode // its opcode
 	rest       int64     // payload of the frame being read still on the wire
+
+	// out is a run of complete frames, rewritten in place in this side's
+	// read buffer, that is still to be written to the other side: frames
+	// that arrived together leave together, in one write.
+	out struct{ start, end int }
 }
 
 func (p *peer) state() ws.State {
@@ -146,6 +151,12 @@ func newRelay(g *Gateway, client, upstream net.Conn, info *RequestInfo) *relay {
 	}
 	c.client.setLimits(g.cfg.Client)
 	c.upstream.setLimits(g.cfg.Upstream)
+	// Waiting frames are written before the read buffer is refilled or
+	// compacted (which would move or overwrite them).
+	c.client.rd.beforeRefill = func() error { return c.flush(&c.client, &c.upstream) }
+	if !c.solo {
+		c.upstream.rd.beforeRefill = func() error { return c.flush(&c.upstream, &c.client) }
+	}
 	binary.LittleEndian.PutUint64(c.pingToken[:], rand.Uint64())
 	if info.OnClose != nil {
 		c.onClose = info.OnClose
@@ -293,8 +304,14 @@ func (c *relay) relayFrames(src, dst *peer) error {
 	if src.isClient && (c.refresh != nil || c.inspect != nil) || !src.isClient && c.control != nil {
 		whole = maxWholeMessage
 	}
+	defer c.flush(src, dst)
 	for {
-		rd.release()
+		if rd.buffered() == 0 {
+			if err := c.flush(src, dst); err != nil {
+				return err
+			}
+			rd.release()
+		}
 		src.rest = 0
 		h, start, err := rd.readHeader(whole)
 		if err == nil {
@@ -335,7 +352,7 @@ func (c *relay) relayFrames(src, dst *peer) error {
 				}
 				continue
 			}
-			if err := c.forward(src, dst, h, start); err != nil {
+			if err := c.forward(src, dst, h, start, false); err != nil {
 				return err
 			}
 			continue
@@ -389,6 +406,7 @@ func (c *relay) relayFrames(src, dst *peer) error {
 			}
 			continue
 		}
+		checked := false // the payload was already checked as UTF-8
 		if c.inspect != nil && src.isClient {
 			if newMsg && h.Fin && h.Length <= int64(whole) {
 				// The whole message is in the read buffer: inspect it in place.
@@ -400,6 +418,7 @@ func (c *relay) relayFrames(src, dst *peer) error {
 				if src.text && !utf8.Valid(payload) {
 					return &closeErr{ws.StatusInvalidFramePayloadData, "invalid UTF-8 in text message"}
 				}
+				checked = true
 				if pass, err := c.judge(src, payload); err != nil {
 					return err
 				} else if !pass {
@@ -413,7 +432,7 @@ func (c *relay) relayFrames(src, dst *peer) error {
 				continue
 			}
 		}
-		if err := c.forward(src, dst, h, start); err != nil {
+		if err := c.forward(src, dst, h, start, checked); err != nil {
 			return err
 		}
 	}
@@ -494,6 +513,9 @@ func (c *relay) assemble(src, dst *peer, h ws.Header) error {
 	}
 	pass, err := c.judge(src, msg[ws.MaxHeaderSize:])
 	if err != nil || !pass {
+		return err
+	}
+	if err := c.flush(src, dst); err != nil {
 		return err
 	}
 	return c.writeFramed(dst, src.msgOp, msg)
@@ -598,11 +620,12 @@ func (c *relay) limit(src *peer, msg bool, n int64) (drop bool, err error) {
 	return false, &closeErr{ws.StatusPolicyViolation, "rate limit exceeded"}
 }
 
-// forward writes the frame whose header has just been read from src to dst,
+// forward writes the frame whose header has just been read from src to dst
+// (checked: its payload was already validated as UTF-8),
 // streaming its payload through src's read buffer: unmasked, checked, masked
 // again for an upstream, and written with the new header in place of the
 // old one (no copy).
-func (c *relay) forward(src, dst *peer, h ws.Header, start int) error {
+func (c *relay) forward(src, dst *peer, h ws.Header, start int, checked bool) error {
 	out := h
 	out.Masked = !dst.isClient
 	if out.Masked {
@@ -610,11 +633,45 @@ func (c *relay) forward(src, dst *peer, h ws.Header, start int) error {
 	}
 	hs := headerSize(out)
 	rd := &src.rd
-	text := src.text && !h.OpCode.IsControl()
+	text := src.text && !h.OpCode.IsControl() && !checked
 	remaining := h.Length
 	offset := 0
 	first := true
 
+	if int64(rd.buffered()) >= remaining {
+		// The whole frame is here: rewrite it in place and add it to the
+		// run of frames waiting to be written.
+		n := int(remaining)
+		payload := (*rd.buf)[rd.r : rd.r+n]
+		if h.Masked {
+			ws.Cipher(payload, h.Mask, 0)
+		}
+		if text && (!src.utf8.feed(payload) || (h.Fin && !src.utf8.done())) {
+			return &closeErr{ws.StatusInvalidFramePayloadData, "invalid UTF-8 in text message"}
+		}
+		if out.Masked {
+			ws.Cipher(payload, out.Mask, 0)
+		}
+		p := rd.r - hs
+		if p < start {
+			panic("wsgate: header does not fit in place")
+		}
+		encodeHeader((*rd.buf)[p:rd.r], out)
+		rd.r += n
+		src.rest = 0
+		if src.out.end > src.out.start && src.out.end == p {
+			src.out.end = rd.r
+			return nil
+		}
+		if err := c.flush(src, dst); err != nil {
+			return err
+		}
+		src.out.start, src.out.end = p, rd.r
+		return nil
+	}
+	if err := c.flush(src, dst); err != nil {
+		return err
+	}
 	dst.wmu.Lock()
 	defer dst.wmu.Unlock()
 	for {
@@ -671,6 +728,29 @@ func (c *relay) forward(src, dst *peer, h ws.Header, start int) error {
 	}
 }
 
+// flush writes src's run of waiting frames to dst.
+func (c *relay) flush(src, dst *peer) error {
+	o := &src.out
+	if o.end <= o.start {
+		return nil
+	}
+	b := (*src.rd.buf)[o.start:o.end]
+	o.start, o.end = 0, 0
+	dst.wmu.Lock()
+	defer dst.wmu.Unlock()
+	if dst.broken || dst.closeSent.Load() {
+		return nil
+	}
+	dst.writing.Store(true)
+	_, err := dst.conn.Write(b)
+	dst.writing.Store(false)
+	if err != nil {
+		dst.broken = true
+		return writeErr{err}
+	}
+	return nil
+}
+
 // handleClose handles a close frame from src: it is checked, then forwarded
 // to dst, or answered directly when dst is already closing.
 func (c *relay) handleClose(src, dst *peer, h ws.Header) error {
@@ -693,6 +773,9 @@ func (c *relay) handleClose(src, dst *peer, h ws.Header) error {
 		if !utf8.Valid(body[2:n]) {
 			return &closeErr{ws.StatusInvalidFramePayloadData, "invalid UTF-8 in close reason"}
 		}
+	}
+	if err := c.flush(src, dst); err != nil {
+		return err
 	}
 	c.beginClosing()
 	if !c.solo && !dst.closeSent.Load() {

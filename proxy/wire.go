@@ -40,6 +40,10 @@ type wireReader struct {
 	// track makes successful reads record lastRead (mono time).
 	track    bool
 	lastRead int64
+
+	// beforeRefill runs before the buffer is refilled or compacted: bytes
+	// still waiting in it (frames to be written) must leave first.
+	beforeRefill func() error
 }
 
 func newWireReader(c net.Conn) wireReader {
@@ -97,6 +101,11 @@ func (wr *wireReader) buffered() int { return wr.w - wr.r }
 // fill reads more bytes into the buffer; it blocks until at least one byte
 // arrived or the read failed.
 func (wr *wireReader) fill() error {
+	if wr.beforeRefill != nil {
+		if err := wr.beforeRefill(); err != nil {
+			return err
+		}
+	}
 	for {
 		var err error
 		if wr.buf == nil {
@@ -194,6 +203,11 @@ func (wr *wireReader) fillIdle() error {
 // need makes sure at least n (≤ readBufSize) bytes are buffered.
 func (wr *wireReader) need(n int) error {
 	for wr.buffered() < n {
+		if wr.beforeRefill != nil {
+			if err := wr.beforeRefill(); err != nil {
+				return err
+			}
+		}
 		if wr.buf != nil && len(*wr.buf)-wr.r < n {
 			b := *wr.buf
 			wr.w = copy(b, b[wr.r:wr.w])
