@@ -1,0 +1,398 @@
+package bench
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// Benchmark traffic identifies itself with these; the wsgate routes allow
+// goodOrigin and the tokens' org, so every benchmark message passes every
+// check (and is still read by each of them).
+const (
+	goodOrigin = "https://app.bench.test"
+	badOrigin  = "https://evil.bench.test"
+	benchPath  = "/bench"
+)
+
+// Ports are picked in [portLow, portHigh): below 32768 as the project
+// requires, and away from 20000–32000 where the integration tests pick
+// theirs, so the two can run at the same time.
+const (
+	portLow  = 12000
+	portHigh = 20000
+)
+
+// caddyProc is a running `caddy run` with the benchmark Caddyfile.
+type caddyProc struct {
+	cmd       *exec.Cmd
+	dir       string
+	admin     string // host:port of the admin endpoint
+	esPort    int    // wsgate: Origin + ES256 JWT + rate limit + channel policy
+	hsPort    int    // the same with an HS256 secret
+	stockPort int    // stock reverse_proxy
+	logPath   string
+	exited    chan struct{}
+	http      *http.Client
+}
+
+// caddyfile is the benchmark configuration: one site per route so that
+// no variant pays for another's matchers.
+func (e *env) caddyfile(c *caddyProc) string {
+	upstream := e.up.addr()
+	wsgate := func(jwt string) string {
+		return fmt.Sprintf(`	wsgate {
+		upstream ws://%s
+		origins %s
+		jwt {
+%s
+		}
+		rate_limit {
+			messages 10000000/s burst 10000000
+			bytes 1GiB/s burst 1GiB
+		}
+		channels {
+			allow publish org:{claims.org}:*
+		}
+		relay_channels {
+			action_field  type
+			channel_field room
+			action publish say
+		}
+	}
+`, upstream, goodOrigin, jwt)
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "{\n\tadmin %s\n\tpersist_config off\n\tauto_https off\n}\n\n", c.admin)
+	fmt.Fprintf(&b, "http://127.0.0.1:%d {\n%s}\n\n", c.esPort,
+		wsgate(fmt.Sprintf("\t\t\tpublic_key %s alg ES256", e.pemPath)))
+	fmt.Fprintf(&b, "http://127.0.0.1:%d {\n%s}\n\n", c.hsPort,
+		wsgate(fmt.Sprintf("\t\t\tsecret %s alg HS256", e.hmacSecret)))
+	fmt.Fprintf(&b, "http://127.0.0.1:%d {\n\treverse_proxy %s\n}\n", c.stockPort, upstream)
+	return b.String()
+}
+
+// startCaddy starts a fresh Caddy; a port taken between picking it and
+// Caddy binding it (by another program on the machine) costs a retry.
+func (e *env) startCaddy(ctx context.Context) (*caddyProc, error) {
+	var errs []error
+	for range 3 {
+		c, err := e.tryStartCaddy(ctx)
+		if err == nil {
+			return c, nil
+		}
+		errs = append(errs, err)
+		if ctx.Err() != nil {
+			break
+		}
+	}
+	return nil, fmt.Errorf("starting caddy: %w", errors.Join(errs...))
+}
+
+func (e *env) tryStartCaddy(ctx context.Context) (*caddyProc, error) {
+	e.caddyN++
+	dir := filepath.Join(e.dir, "caddy-"+strconv.Itoa(e.caddyN))
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, err
+	}
+	ports, err := freePorts(4)
+	if err != nil {
+		return nil, err
+	}
+	c := &caddyProc{
+		dir:       dir,
+		admin:     "127.0.0.1:" + strconv.Itoa(ports[0]),
+		esPort:    ports[1],
+		hsPort:    ports[2],
+		stockPort: ports[3],
+		logPath:   filepath.Join(dir, "caddy.log"),
+		exited:    make(chan struct{}),
+		// No keep-alive: an admin connection held open between two
+		// snapshots would itself show up as a goroutine and a descriptor.
+		http: &http.Client{Timeout: 60 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}},
+	}
+	cfgPath := filepath.Join(dir, "Caddyfile")
+	if err := os.WriteFile(cfgPath, []byte(e.caddyfile(c)), 0o600); err != nil {
+		return nil, err
+	}
+	logf, err := os.Create(c.logPath)
+	if err != nil {
+		return nil, err
+	}
+	defer logf.Close() // the child holds its own descriptor
+	c.cmd = exec.Command(e.opt.Caddy, "run", "--config", cfgPath, "--adapter", "caddyfile")
+	c.cmd.Env = append(os.Environ(), "HOME="+dir, "XDG_DATA_HOME="+dir, "XDG_CONFIG_HOME="+dir)
+	c.cmd.Stdout, c.cmd.Stderr = logf, logf
+	// A harness killed without a chance to clean up takes Caddy with it.
+	c.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := c.cmd.Start(); err != nil {
+		return nil, fmt.Errorf("running %s: %w", e.opt.Caddy, err)
+	}
+	e.procs = append(e.procs, c)
+	go func() { c.cmd.Wait(); close(c.exited) }()
+	if err := c.waitReady(ctx); err != nil {
+		c.stop()
+		return nil, err
+	}
+	return c, nil
+}
+
+func (c *caddyProc) pid() int { return c.cmd.Process.Pid }
+
+func (c *caddyProc) waitReady(ctx context.Context) error {
+	ready := func() (bool, error) {
+		select {
+		case <-c.exited:
+			return false, fmt.Errorf("caddy exited early:\n%s", c.logTail())
+		default:
+		}
+		resp, err := c.http.Get("http://" + c.admin + "/config/")
+		if err != nil {
+			return false, nil
+		}
+		resp.Body.Close()
+		for _, p := range []int{c.esPort, c.hsPort, c.stockPort} {
+			conn, err := net.Dial("tcp", "127.0.0.1:"+strconv.Itoa(p))
+			if err != nil {
+				return false, nil
+			}
+			conn.Close()
+		}
+		return true, nil
+	}
+	if err := poll(ctx, 30*time.Second, "caddy to serve", ready); err != nil {
+		return fmt.Errorf("%w\n%s", err, c.logTail())
+	}
+	return nil
+}
+
+// stop ends Caddy gracefully (SIGINT), and kills it if it lingers.
+func (c *caddyProc) stop() {
+	select {
+	case <-c.exited:
+		return
+	default:
+	}
+	c.cmd.Process.Signal(os.Interrupt)
+	t := time.NewTimer(15 * time.Second)
+	defer t.Stop()
+	select {
+	case <-c.exited:
+	case <-t.C:
+		c.cmd.Process.Kill()
+		<-c.exited
+	}
+}
+
+func (c *caddyProc) logTail() string {
+	b, _ := os.ReadFile(c.logPath)
+	if len(b) > 4000 {
+		b = b[len(b)-4000:]
+	}
+	return string(b)
+}
+
+func (c *caddyProc) get(ctx context.Context, path string) ([]byte, error) {
+	req, err := http.NewRequestWithContext(ctx, "GET", "http://"+c.admin+path, nil)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("admin %s: %w", path, err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err == nil && resp.StatusCode != 200 {
+		err = fmt.Errorf("admin %s: %s", path, resp.Status)
+	}
+	return b, err
+}
+
+// procSnapshot is what the gateway process holds at one moment, taken
+// right after a forced GC so that the heap is live objects only.
+type procSnapshot struct {
+	rss        int64 // bytes
+	heap       int64 // HeapAlloc after GC, bytes
+	stack      int64 // StackInuse, bytes
+	goroutines int
+	fds        int
+}
+
+func (c *caddyProc) snapshot(ctx context.Context) (procSnapshot, error) {
+	var s procSnapshot
+	// The heap profile handler runs a GC first when asked (gc=1); Caddy's
+	// admin offers no other way to trigger one.
+	if _, err := c.get(ctx, "/debug/pprof/heap?gc=1"); err != nil {
+		return s, err
+	}
+	b, err := c.get(ctx, "/debug/vars")
+	if err != nil {
+		return s, err
+	}
+	var v struct {
+		Memstats struct{ HeapAlloc, StackInuse int64 }
+	}
+	if err := json.Unmarshal(b, &v); err != nil {
+		return s, fmt.Errorf("admin /debug/vars: %w", err)
+	}
+	s.heap, s.stack = v.Memstats.HeapAlloc, v.Memstats.StackInuse
+	if s.goroutines, err = c.goroutines(ctx); err != nil {
+		return s, err
+	}
+	if s.rss, err = procRSS(c.pid()); err != nil {
+		return s, err
+	}
+	s.fds, err = procFDs(c.pid())
+	return s, err
+}
+
+func (c *caddyProc) goroutines(ctx context.Context) (int, error) {
+	b, err := c.get(ctx, "/debug/pprof/goroutine?debug=1")
+	if err != nil {
+		return 0, err
+	}
+	// "goroutine profile: total N"
+	line, _, _ := bytes.Cut(b, []byte("\n"))
+	f := strings.Fields(string(line))
+	if len(f) == 0 {
+		return 0, fmt.Errorf("goroutine profile: %q", line)
+	}
+	n, err := strconv.Atoi(f[len(f)-1])
+	if err != nil {
+		return 0, fmt.Errorf("goroutine profile: %q", line)
+	}
+	return n, nil
+}
+
+// procRSS is VmRSS of pid in bytes.
+func procRSS(pid int) (int64, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0, err
+	}
+	for line := range strings.SplitSeq(string(b), "\n") {
+		if f := strings.Fields(line); len(f) == 3 && f[0] == "VmRSS:" {
+			kb, err := strconv.ParseInt(f[1], 10, 64)
+			return kb * 1024, err
+		}
+	}
+	return 0, fmt.Errorf("no VmRSS for pid %d", pid)
+}
+
+// userHZ is the unit of utime and stime in /proc/PID/stat: USER_HZ, 100
+// on every Linux architecture Go supports.
+const userHZ = 100
+
+// procCPU is the user+system CPU time pid has used, all threads included.
+func procCPU(pid int) (time.Duration, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, err
+	}
+	// The command name may hold spaces and parentheses; fields resume
+	// after the last ')'. utime and stime are fields 14 and 15.
+	i := bytes.LastIndexByte(b, ')')
+	f := strings.Fields(string(b[i+1:]))
+	if len(f) < 13 {
+		return 0, fmt.Errorf("short /proc/%d/stat", pid)
+	}
+	ut, err1 := strconv.ParseInt(f[11], 10, 64)
+	st, err2 := strconv.ParseInt(f[12], 10, 64)
+	if err := errors.Join(err1, err2); err != nil {
+		return 0, err
+	}
+	return time.Duration(ut+st) * time.Second / userHZ, nil
+}
+
+func procFDs(pid int) (int, error) {
+	ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+	return len(ents), err
+}
+
+// freePorts picks n distinct ports that are free right now. Caddy binds
+// them a moment later; startCaddy retries if one was taken meanwhile.
+func freePorts(n int) ([]int, error) {
+	var ports []int
+	seen := map[int]bool{}
+	for tries := 0; len(ports) < n; tries++ {
+		if tries > 500 {
+			return nil, errors.New("no free port")
+		}
+		p := portLow + rand.IntN(portHigh-portLow)
+		if seen[p] {
+			continue
+		}
+		seen[p] = true
+		ln, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(p))
+		if err != nil {
+			continue
+		}
+		ln.Close()
+		ports = append(ports, p)
+	}
+	return ports, nil
+}
+
+// listenFree opens a listener on a free port in the benchmark's range.
+func listenFree() (net.Listener, error) {
+	for range 500 {
+		p := portLow + rand.IntN(portHigh-portLow)
+		ln, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(p))
+		if err == nil {
+			return ln, nil
+		}
+	}
+	return nil, errors.New("no free port")
+}
+
+// poll checks cond until it holds, fails, or within passes.
+func poll(ctx context.Context, within time.Duration, what string, cond func() (bool, error)) error {
+	deadline := time.Now().Add(within)
+	t := time.NewTimer(0)
+	defer t.Stop()
+	for {
+		ok, err := cond()
+		if err != nil {
+			return err
+		}
+		if ok {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("timed out after %v waiting for %s", within, what)
+		}
+		t.Reset(10 * time.Millisecond)
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-t.C:
+		}
+	}
+}
+
+// pause waits d unless ctx ends first. It holds a load for a set time; it
+// is never used to wait for a condition (poll does that).
+func pause(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return nil
+	}
+}

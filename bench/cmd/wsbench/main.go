@@ -1,0 +1,46 @@
+// Command wsbench runs wsgate side by side with stock Caddy's
+// reverse_proxy and with the upstream reached directly, and writes
+// bench/RESULTS.md. It builds nothing: give it the cmd/caddy binary.
+//
+//	go build -o caddy ./cmd/caddy
+//	go run ./bench/cmd/wsbench            # full run, under 10 minutes on 2 cores
+//	go run ./bench/cmd/wsbench -quick     # smoke run, under a minute
+//
+// See the bench package for what is measured and how.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+
+	"github.com/wsgate/wsgate/bench"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	err := bench.Main(ctx, invokedAs(), os.Args[1:], os.Stdout, os.Stderr)
+	if errors.Is(err, flag.ErrHelp) {
+		return
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "wsbench:", err)
+		stop()
+		os.Exit(1)
+	}
+}
+
+// invokedAs is the command as the user typed it: `go run` builds into a
+// temporary directory, which is no use in the results file.
+func invokedAs() string {
+	if strings.Contains(os.Args[0], "go-build") {
+		return "go run ./bench/cmd/wsbench"
+	}
+	return os.Args[0]
+}

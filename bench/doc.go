@@ -1,0 +1,15 @@
+// Package bench is the side-by-side benchmark of wsgate against stock
+// Caddy's reverse_proxy and against the upstream reached directly: the
+// harness behind cmd/wsbench (issue 6).
+//
+// It measures the gateway from the outside, as a user would: it runs a
+// prebuilt cmd/caddy binary from a generated Caddyfile, an in-process echo
+// upstream and load-generating clients (both on gobwas/ws, so the load
+// generator's own footprint stays small), and reads the Caddy process's
+// /proc entries and admin endpoint. It imports no Caddy or wsgate package,
+// so it can never share a bug with the code it measures.
+//
+// Everything it starts is stopped before Main returns, on success, error
+// or cancellation; a Caddy left behind by a killed harness dies with it
+// (Pdeathsig).
+package bench

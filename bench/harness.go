@@ -1,0 +1,404 @@
+package bench
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"encoding/hex"
+	"encoding/pem"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// Options configure one run of the harness.
+type Options struct {
+	// Caddy is the cmd/caddy binary to measure. Default "./caddy", what
+	// the README's build step produces.
+	Caddy string
+	// Out is where the Markdown results go. Default "bench/RESULTS.md".
+	Out string
+	// Quick is the smoke mode: tiny counts and durations, one run per
+	// variant, the whole run well under a minute. Its figures mean nothing.
+	Quick bool
+	// Runs per variant; the report gives medians. Default 3 (1 with Quick).
+	Runs int
+	// Scenarios to run, from "abcde". Default a, b, c and e (d, fan-out,
+	// needs the rooms mode and is only reported as not yet measured).
+	Scenarios string
+	// Profile, when set, is a directory where CPU profiles of the gateway
+	// are written, taken during one extra throughput run per variant and
+	// size and one extra handshake burst per variant, after the measured
+	// ones (so profiling never skews a figure).
+	Profile string
+	// CmdLine is the command line recorded in the results.
+	CmdLine string
+	// Log receives progress lines. Default: discarded.
+	Log io.Writer
+}
+
+// params are the sizes of one run, from the issue's scenarios (or tiny,
+// for Quick).
+type params struct {
+	runs int
+
+	idleConns int
+	idleHold  time.Duration
+
+	pingWarm, pingRounds int
+
+	openConns, openRate int
+	openWarm, openDur   time.Duration
+
+	tputConns, tputWindow int
+	tputSizes             []int
+	tputWarm, tputDur     time.Duration
+
+	hsLoops int
+	hsDur   time.Duration
+}
+
+func fullParams() params {
+	return params{
+		runs:      3,
+		idleConns: 8000, idleHold: 10 * time.Second,
+		pingWarm: 500, pingRounds: 5000,
+		openConns: 64, openRate: 2000, openWarm: 500 * time.Millisecond, openDur: 5 * time.Second,
+		tputConns: 32, tputWindow: 16, tputSizes: []int{64, 4096},
+		tputWarm: 500 * time.Millisecond, tputDur: 5 * time.Second,
+		hsLoops: 8, hsDur: 3 * time.Second,
+	}
+}
+
+func quickParams() params {
+	return params{
+		runs:      1,
+		idleConns: 200, idleHold: time.Second,
+		pingWarm: 50, pingRounds: 300,
+		openConns: 64, openRate: 2000, openWarm: 100 * time.Millisecond, openDur: 500 * time.Millisecond,
+		tputConns: 32, tputWindow: 16, tputSizes: []int{64, 4096},
+		tputWarm: 100 * time.Millisecond, tputDur: 500 * time.Millisecond,
+		hsLoops: 8, hsDur: 300 * time.Millisecond,
+	}
+}
+
+// Main is the wsbench command: it parses args (without the program
+// name), runs the benchmark and writes the results. name is how the
+// command was invoked, for the record in the results.
+func Main(ctx context.Context, name string, args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("wsbench", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() {
+		fmt.Fprintf(stderr, "usage: %s [flags]\n\nRuns wsgate side by side with stock Caddy and the upstream reached directly, and writes the results.\n\n", name)
+		fs.PrintDefaults()
+	}
+	opt := Options{Log: stderr}
+	fs.StringVar(&opt.Caddy, "caddy", "./caddy", "the cmd/caddy `binary` to measure (go build -o caddy ./cmd/caddy)")
+	fs.StringVar(&opt.Out, "out", "bench/RESULTS.md", "results `file` (Markdown)")
+	fs.BoolVar(&opt.Quick, "quick", false, "smoke run: tiny counts and durations, under a minute, figures meaningless")
+	fs.IntVar(&opt.Runs, "runs", 0, "runs per variant, medians reported (default 3, 1 with -quick)")
+	fs.StringVar(&opt.Scenarios, "scenarios", "a,b,c,e", "scenarios to run: a idle, b latency, c throughput, d fan-out (not yet measurable), e handshakes")
+	fs.StringVar(&opt.Profile, "profile", "", "`directory` for gateway CPU profiles from extra, unmeasured throughput and handshake runs")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected arguments: %q", fs.Args())
+	}
+	opt.CmdLine = commandLine(name, args)
+	res, err := Run(ctx, opt)
+	if res != nil {
+		fmt.Fprint(stdout, res.Markdown)
+	}
+	return err
+}
+
+// commandLine renders the invocation so that it can be pasted back.
+func commandLine(name string, args []string) string {
+	parts := []string{name}
+	for _, a := range args {
+		if a == "" || strings.ContainsAny(a, " \t\"'$\\") {
+			a = strconv.Quote(a)
+		}
+		parts = append(parts, a)
+	}
+	return strings.Join(parts, " ")
+}
+
+// Result is what a run produced.
+type Result struct {
+	Markdown string // what was written to Options.Out
+	Path     string
+}
+
+// env is the state of one harness run.
+type env struct {
+	opt Options
+	p   params
+	dir string
+	up  *upstream
+
+	procs  []*caddyProc // every Caddy started, for the final cleanup
+	caddyN int
+
+	pemPath    string // ES256 public key for the wsgate route
+	hmacSecret string // HS256 secret for the other wsgate route
+	tokES      []string
+	tokHS      []string
+	tokBad     []string // ES256, signed by a key the gateway does not know
+
+	start time.Time
+}
+
+// tokenPool is how many distinct tokens of each kind clients take turns
+// with: enough that a gateway-side cache of verified tokens would show.
+const tokenPool = 256
+
+// Run runs the benchmark and writes the results file. When a scenario
+// fails, the results gathered so far are still written (the failed
+// scenario says why) and the error is returned as well; when ctx ends
+// first, nothing is written.
+func Run(ctx context.Context, opt Options) (*Result, error) {
+	if opt.Caddy == "" {
+		opt.Caddy = "./caddy"
+	}
+	if opt.Out == "" {
+		opt.Out = "bench/RESULTS.md"
+	}
+	if opt.Scenarios == "" {
+		opt.Scenarios = "a,b,c,e"
+	}
+	if opt.Log == nil {
+		opt.Log = io.Discard
+	}
+	scen, err := parseScenarios(opt.Scenarios)
+	if err != nil {
+		return nil, err
+	}
+	p := fullParams()
+	if opt.Quick {
+		p = quickParams()
+	}
+	if opt.Runs > 0 {
+		p.runs = opt.Runs
+	}
+	if st, err := os.Stat(opt.Caddy); err != nil || st.IsDir() {
+		return nil, fmt.Errorf("no caddy binary at %s (build one with `go build -o caddy ./cmd/caddy`)", opt.Caddy)
+	}
+	if opt.Caddy, err = filepath.Abs(opt.Caddy); err != nil {
+		return nil, err
+	}
+	nofile, err := raiseNoFile()
+	if err != nil {
+		return nil, err
+	}
+	// Idle connections hold a client and an upstream socket each in this
+	// process.
+	if need := uint64(2*p.idleConns + 1000); scen['a'] && nofile < need {
+		return nil, fmt.Errorf("open-file limit %d is below the %d that %d idle connections need here", nofile, need, p.idleConns)
+	}
+
+	e := &env{opt: opt, p: p, start: time.Now()}
+	defer e.close()
+	if err := e.setup(); err != nil {
+		return nil, err
+	}
+	rep := &report{opt: opt, p: p, scen: scen, machine: machineInfo(opt.Caddy), started: e.start}
+	var errs []error
+	fail := func(s byte, err error) {
+		err = fmt.Errorf("scenario %c: %w", s, err)
+		e.logf("%v", err)
+		errs = append(errs, err)
+	}
+
+	if scen['a'] {
+		e.logf("a. idle: %d connections held %v, %d run(s) per variant", p.idleConns, p.idleHold, p.runs)
+		rep.idle, rep.idleErr = e.runIdle(ctx)
+		if rep.idleErr != nil {
+			fail('a', rep.idleErr)
+		}
+	}
+	var shared *caddyProc
+	if (scen['b'] || scen['c'] || scen['e']) && ctx.Err() == nil {
+		// One Caddy for the remaining scenarios: they measure rates and
+		// deltas, which a long-lived process does not skew.
+		if shared, err = e.startCaddy(ctx); err != nil {
+			for _, s := range []byte("bce") {
+				if scen[s] {
+					fail(s, err)
+				}
+			}
+		}
+	}
+	if shared != nil {
+		if scen['b'] {
+			e.logf("b. echo latency")
+			rep.lat, rep.latErr = e.runLatency(ctx, shared)
+			if rep.latErr != nil {
+				fail('b', rep.latErr)
+			}
+		}
+		if scen['c'] {
+			e.logf("c. throughput")
+			rep.tput, rep.tputErr = e.runThroughput(ctx, shared)
+			if rep.tputErr != nil {
+				fail('c', rep.tputErr)
+			}
+		}
+		if scen['e'] {
+			e.logf("e. handshakes")
+			rep.hs, rep.hsErr = e.runHandshakes(ctx, shared)
+			if rep.hsErr != nil {
+				fail('e', rep.hsErr)
+			}
+		}
+		if opt.Profile != "" {
+			rep.profiles, err = e.profile(ctx, shared, scen['c'] && rep.tputErr == nil, scen['e'] && rep.hsErr == nil)
+			if err != nil {
+				errs = append(errs, fmt.Errorf("profiling: %w", err))
+			}
+		}
+		shared.stop()
+	}
+	if err := ctx.Err(); err != nil {
+		// An interrupted run keeps the results file it would overwrite.
+		return nil, fmt.Errorf("interrupted, %s left as it was: %w", opt.Out, err)
+	}
+	rep.elapsed = time.Since(e.start)
+	md := rep.markdown()
+	if old, err := os.ReadFile(opt.Out); err == nil {
+		md += keptSection(string(old))
+	}
+	res := &Result{Markdown: md, Path: opt.Out}
+	if dir := filepath.Dir(opt.Out); dir != "" {
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			return res, err
+		}
+	}
+	if err := os.WriteFile(opt.Out, []byte(md), 0o644); err != nil {
+		return res, err
+	}
+	e.logf("wrote %s (%v)", opt.Out, rep.elapsed.Round(time.Second))
+	return res, errors.Join(errs...)
+}
+
+func parseScenarios(s string) (map[byte]bool, error) {
+	m := map[byte]bool{}
+	for f := range strings.SplitSeq(s, ",") {
+		f = strings.TrimSpace(strings.ToLower(f))
+		if len(f) != 1 || f[0] < 'a' || f[0] > 'e' {
+			return nil, fmt.Errorf("unknown scenario %q (want letters a to e, comma-separated)", f)
+		}
+		m[f[0]] = true
+	}
+	return m, nil
+}
+
+// raiseNoFile lifts the open-file soft limit to the hard limit: thousands
+// of client and upstream sockets live in this process.
+func raiseNoFile() (uint64, error) {
+	var lim syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+		return 0, fmt.Errorf("reading the open-file limit: %w", err)
+	}
+	if lim.Cur < lim.Max {
+		lim.Cur = lim.Max
+		if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+			return 0, fmt.Errorf("raising the open-file limit: %w", err)
+		}
+	}
+	return lim.Cur, nil
+}
+
+func (e *env) setup() error {
+	var err error
+	if e.dir, err = os.MkdirTemp("", "wsbench-"); err != nil {
+		return err
+	}
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return err
+	}
+	stranger, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return err
+	}
+	der, err := x509.MarshalPKIXPublicKey(&key.PublicKey)
+	if err != nil {
+		return err
+	}
+	e.pemPath = filepath.Join(e.dir, "es256.pem")
+	if err := os.WriteFile(e.pemPath, pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der}), 0o600); err != nil {
+		return err
+	}
+	secret := make([]byte, 32)
+	rand.Read(secret)
+	e.hmacSecret = hex.EncodeToString(secret)
+	for i := range tokenPool {
+		tok, err := mintES256(key, benchClaims(i))
+		if err != nil {
+			return err
+		}
+		bad, err := mintES256(stranger, benchClaims(i))
+		if err != nil {
+			return err
+		}
+		e.tokES = append(e.tokES, tok)
+		e.tokBad = append(e.tokBad, bad)
+		e.tokHS = append(e.tokHS, mintHS256([]byte(e.hmacSecret), benchClaims(i)))
+	}
+	e.up, err = startUpstream()
+	return err
+}
+
+// close stops everything the run started.
+func (e *env) close() {
+	for _, c := range e.procs {
+		c.stop()
+	}
+	if e.up != nil {
+		e.up.close()
+	}
+	if e.dir != "" {
+		os.RemoveAll(e.dir)
+	}
+}
+
+func (e *env) logf(format string, args ...any) {
+	fmt.Fprintf(e.opt.Log, "[%6.1fs] %s\n", time.Since(e.start).Seconds(), fmt.Sprintf(format, args...))
+}
+
+// order is the variants of run r: rotated each run, so that no variant
+// always goes first (or always follows the heaviest one).
+func order(vs []string, r int) []string {
+	out := slices.Clone(vs)
+	k := r % len(out)
+	return append(out[k:], out[:k]...)
+}
+
+// Go micro-benchmarks (go test -bench) are recorded by hand in RESULTS.md
+// between these markers; rewriting the file keeps them.
+const (
+	keepBegin = "<!-- micro-benchmarks: kept when wsbench rewrites this file -->"
+	keepEnd   = "<!-- end of micro-benchmarks -->"
+)
+
+// keptSection returns the micro-benchmark section of an old RESULTS.md.
+func keptSection(old string) string {
+	i := strings.Index(old, keepBegin)
+	j := strings.Index(old, keepEnd)
+	if i < 0 || j < i {
+		return ""
+	}
+	return "\n" + old[i:j+len(keepEnd)] + "\n"
+}
