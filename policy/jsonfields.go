@@ -1,6 +1,7 @@
 package policy
 
 import (
+	"encoding/binary"
 	"errors"
 	"strings"
 	"unicode/utf16"
@@ -355,8 +356,21 @@ func (s *jscan) strRaw() ([]byte, bool, error) {
 		case c < 0x20:
 			return nil, false, ErrJSON
 		default:
-			// Skip the plain run up to the next byte that needs a look.
+			// Skip the plain run up to the next byte that needs a look,
+			// eight bytes at a time while none of them might.
 			j := s.i + 1
+			var acc uint64
+			for j+8 <= len(s.b) {
+				x := binary.LittleEndian.Uint64(s.b[j:])
+				if (x-lsb*0x20)&^x&msb|hasZero(x^(lsb*'"'))|hasZero(x^(lsb*'\\')) != 0 {
+					break
+				}
+				acc |= x
+				j += 8
+			}
+			if acc&msb != 0 {
+				high |= 0x80
+			}
 			for j < len(s.b) {
 				d := s.b[j]
 				if d == '"' || d == '\\' || d < 0x20 {
@@ -382,6 +396,15 @@ func (s *jscan) str(want bool) (string, error) {
 	}
 	return jsonUnescape(s.b[start+1 : s.i-1])
 }
+
+// Bytes in a word: lsb has 0x01 in each, msb 0x80.
+const (
+	lsb = 0x0101010101010101
+	msb = 0x8080808080808080
+)
+
+// hasZero is non-zero when some byte of x is zero.
+func hasZero(x uint64) uint64 { return (x - lsb) &^ x & msb }
 
 func hexVal(c byte) int {
 	switch {
