@@ -116,6 +116,9 @@ func (r *Redis) receive(ps *redis.PubSub) {
 
 // Publish sends one PUBLISH (or SPUBLISH on a cluster).
 func (r *Redis) Publish(ctx context.Context, channel string, data []byte) error {
+	if r.isClosed() {
+		return ErrClosed
+	}
 	var err error
 	if r.cluster != nil {
 		err = r.cluster.SPublish(ctx, r.opt.Prefix+channel, data).Err()
@@ -130,6 +133,9 @@ func (r *Redis) Publish(ctx context.Context, channel string, data []byte) error 
 
 // PublishBatch sends several publications in one pipelined round trip.
 func (r *Redis) PublishBatch(ctx context.Context, channels []string, data [][]byte) error {
+	if r.isClosed() {
+		return ErrClosed
+	}
 	_, err := r.client.Pipelined(ctx, func(p redis.Pipeliner) error {
 		for i, ch := range channels {
 			if r.cluster != nil {
@@ -169,9 +175,14 @@ func (r *Redis) Subscribe(ctx context.Context, channel string) error {
 	slot := Slot(name)
 	s := r.shards[slot]
 	if s == nil {
-		s = &shard{ps: r.cluster.SSubscribe(ctx)}
+		// The first SSUBSCRIBE must go out before the receive loop starts:
+		// the stream connects to the node that owns its first channel, and
+		// a loop that connected first would pick a random node.
+		s = &shard{ps: r.cluster.SSubscribe(ctx, name)}
 		r.shards[slot] = s
+		s.count++
 		r.receive(s.ps)
+		return nil
 	}
 	s.count++
 	if err := s.ps.SSubscribe(ctx, name); err != nil {
@@ -184,6 +195,9 @@ func (r *Redis) Subscribe(ctx context.Context, channel string) error {
 func (r *Redis) Unsubscribe(ctx context.Context, channel string) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	if r.closed {
+		return ErrClosed
+	}
 	if !r.chans[channel] {
 		return nil
 	}
@@ -209,6 +223,12 @@ func (r *Redis) Unsubscribe(ctx context.Context, channel string) error {
 		return fmt.Errorf("%w: %v", ErrUnavailable, err)
 	}
 	return nil
+}
+
+func (r *Redis) isClosed() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.closed
 }
 
 // Ping checks the connection to Redis.

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"sync"
 	"sync/atomic"
+	"unicode/utf8"
 
 	"github.com/gobwas/ws"
 
@@ -66,7 +67,7 @@ type Hub struct {
 	mu   sync.RWMutex
 	subs map[string]map[Subscriber]struct{}
 
-	published, delivered atomic.Int64
+	published, delivered, dropped atomic.Int64
 }
 
 // NewHub makes a hub; SetBroker must be called before use (the broker
@@ -76,8 +77,14 @@ func NewHub() *Hub { return &Hub{subs: map[string]map[Subscriber]struct{}{}} }
 // SetBroker sets the broker.
 func (h *Hub) SetBroker(b broker.Broker) { h.b = b }
 
-// Handle is the broker's handler: it fans a publication out locally.
+// Handle is the broker's handler: it fans a publication out locally. Data
+// that is not valid JSON in valid UTF-8 (a stray plain PUBLISH) is
+// dropped: framed, it would break every subscriber's connection.
 func (h *Hub) Handle(channel string, data []byte) {
+	if !utf8.Valid(data) || !json.Valid(data) {
+		h.dropped.Add(1)
+		return
+	}
 	p := &Publication{Channel: channel, Data: data}
 	h.mu.RLock()
 	set := h.subs[channel]
@@ -184,10 +191,17 @@ func (h *Hub) PublishBatch(ctx context.Context, channels []string, data [][]byte
 		}
 		return err
 	}
+	var errs []error
 	for i, ch := range channels {
 		if err := h.b.Publish(ctx, ch, data[i]); err != nil {
-			return err
+			if errors.Is(err, broker.ErrUnavailable) {
+				h.Handle(ch, data[i])
+			}
+			errs = append(errs, err)
 		}
 	}
-	return nil
+	return errors.Join(errs...)
 }
+
+// Dropped counts publications dropped for not being valid JSON.
+func (h *Hub) Dropped() int64 { return h.dropped.Load() }

@@ -67,6 +67,15 @@ func ParseRequest(msg []byte, maxData int) (Request, *ProtoError) {
 		Since   string          `json:"since"`
 	}
 	if err := json.Unmarshal(msg, &raw); err != nil {
+		// A field of the wrong type still lets the id be echoed.
+		var idOnly struct {
+			ID json.RawMessage `json:"id"`
+		}
+		if json.Unmarshal(msg, &idOnly) == nil {
+			if id, ok := parseID(idOnly.ID); ok {
+				r.ID, r.HasID = id, true
+			}
+		}
 		return r, &ProtoError{CodeBadRequest, "not a JSON object of the wsgate.v1 protocol"}
 	}
 	if len(raw.ID) > 0 && string(raw.ID) != "null" {
