@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/redis/go-redis/v9"
 )
@@ -35,6 +36,15 @@ type RedisOptions struct {
 	// Logger may be nil.
 	Logger *slog.Logger
 }
+
+// A publish is retried once, quickly: while Redis is down a client that
+// publishes must learn it in well under a second (go-redis's defaults
+// retry three times with backoff, about 1.7 s), and the hub delivers on
+// this node meanwhile.
+const (
+	maxRetries      = 1
+	maxRetryBackoff = 50 * time.Millisecond
+)
 
 // Redis is a broker on Redis pub/sub.
 type Redis struct {
@@ -79,16 +89,19 @@ func NewRedis(opt RedisOptions, h Handler) (*Redis, error) {
 		if opt.TLS != nil {
 			o.TLSConfig = opt.TLS
 		}
+		o.MaxRetries, o.MaxRetryBackoff = maxRetries, maxRetryBackoff
 		r.client = redis.NewClient(o)
 	case opt.Cluster:
 		if len(opt.Addrs) == 0 {
 			return nil, errors.New("redis cluster needs node addresses")
 		}
-		r.cluster = redis.NewClusterClient(&redis.ClusterOptions{Addrs: opt.Addrs, Username: opt.Username, Password: opt.Password, TLSConfig: opt.TLS})
+		r.cluster = redis.NewClusterClient(&redis.ClusterOptions{Addrs: opt.Addrs, Username: opt.Username, Password: opt.Password, TLSConfig: opt.TLS,
+			MaxRetries: maxRetries, MaxRetryBackoff: maxRetryBackoff})
 		r.client = r.cluster
 	case opt.MasterName != "":
 		r.client = redis.NewFailoverClient(&redis.FailoverOptions{MasterName: opt.MasterName, SentinelAddrs: opt.Addrs,
-			Username: opt.Username, Password: opt.Password, TLSConfig: opt.TLS})
+			Username: opt.Username, Password: opt.Password, TLSConfig: opt.TLS,
+			MaxRetries: maxRetries, MaxRetryBackoff: maxRetryBackoff})
 	default:
 		return nil, errors.New("redis broker needs a URL, Sentinel addresses with a master name, or cluster addresses")
 	}
