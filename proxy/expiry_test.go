@@ -1,0 +1,78 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"net/http/httptest"
+	"testing"
+	"time"
+
+	"github.com/coder/websocket"
+)
+
+// TestTokenExpiry: with the gateway's clock injected, a connection whose
+// credentials expire is closed with 1008 "token expired" within a second
+// of exp; one refreshed in band before then stays open; a bad refresh
+// closes with 1008 "invalid token".
+func TestTokenExpiry(t *testing.T) {
+	up := startUpstream(t, nil, nil)
+	clock := newFakeClock() // frozen: the time left is exp minus this clock's now
+	cfg := Config{Upstreams: []string{up.url}, Now: clock.Now, PingInterval: -1, CloseTimeout: 2 * time.Second}
+	if err := cfg.Prepare(); err != nil {
+		t.Fatal(err)
+	}
+	g := New(cfg, nil, nil)
+	const ttl = 400 * time.Millisecond
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		g.ServeHTTP(w, r, RequestInfo{
+			Expiry:       clock.Now().Add(ttl),
+			RefreshField: "refresh",
+			Refresh: func(token string) (time.Time, error) {
+				if token != "fresh-token" {
+					return time.Time{}, errors.New("bad token")
+				}
+				return clock.Now().Add(time.Hour), nil
+			},
+		})
+	}))
+	t.Cleanup(func() { srv.Close(); g.Registry().Shutdown(waitFor) })
+	tg := &testGateway{g: g, srv: srv}
+	ctx := context.Background()
+
+	expiring, _ := dialCoder(t, tg, "/", nil)
+	up.next(t)
+	refreshed, _ := dialCoder(t, tg, "/", nil)
+	upRefreshed := up.next(t)
+	badRefresh, _ := dialCoder(t, tg, "/", nil)
+	dialed := time.Now()
+
+	refreshed.Write(ctx, websocket.MessageText, []byte(`{"refresh":"fresh-token"}`))
+	badRefresh.Write(ctx, websocket.MessageText, []byte(`{"refresh":"forged"}`))
+
+	_, _, err := expiring.Read(ctx)
+	closedAfter := time.Since(dialed)
+	var ce websocket.CloseError
+	if !errors.As(err, &ce) || ce.Code != websocket.StatusPolicyViolation || ce.Reason != "token expired" {
+		t.Fatalf("expiring connection: %v, want 1008 token expired", err)
+	}
+	if closedAfter < ttl-50*time.Millisecond || closedAfter > ttl+time.Second {
+		t.Fatalf("closed %v after the dial, want within a second after exp (%v)", closedAfter, ttl)
+	}
+	if _, _, err := badRefresh.Read(ctx); !errors.As(err, &ce) || ce.Code != websocket.StatusPolicyViolation || ce.Reason != "invalid token" {
+		t.Fatalf("bad refresh: %v, want 1008 invalid token", err)
+	}
+
+	// Well past the first exp, the refreshed connection still works, and
+	// the refresh message never reached the upstream.
+	<-time.After(time.Until(dialed.Add(ttl + 500*time.Millisecond)))
+	if err := refreshed.Write(ctx, websocket.MessageText, []byte("still here")); err != nil {
+		t.Fatal(err)
+	}
+	if _, m, err := refreshed.Read(ctx); err != nil || string(m) != "still here" {
+		t.Fatalf("refreshed connection: %v %q", err, m)
+	}
+	if m := upRefreshed.nextMsg(t); string(m.data) != "still here" {
+		t.Fatalf("the upstream's first message was %q: the refresh message was forwarded", m.data)
+	}
+}
