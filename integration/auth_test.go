@@ -447,3 +447,22 @@ func TestTokensNeverLogged(t *testing.T) {
 }
 
 var _ = context.Background
+
+// TestClaimPlaceholders: verified claims fill {http.wsgate.claims.*} for
+// other handlers and logs (here Caddy's access log, through log_append).
+func TestClaimPlaceholders(t *testing.T) {
+	k := newKeys(t)
+	up := startUpstream(t)
+	g := startGateway(t, fmt.Sprintf(`	log
+	log_append wsgate_user {http.wsgate.claims.sub}
+	log_append wsgate_org {http.wsgate.claims.org.id}
+%s`, authSite(up.URL, fmt.Sprintf("\t\t\tsecret %s", k.hmac), "")))
+	tok := k.sign(t, "HS256", "", claims("", "alice", "org", map[string]any{"id": "acme"}))
+	if got, _ := status(t, g, "/ws", bearerH(tok)); got != 101 {
+		t.Fatalf("dial: %d", got)
+	}
+	eventually(t, 5*time.Second, "the access log entry with the claims", func() bool {
+		l := g.logs.String()
+		return strings.Contains(l, `"wsgate_user":"alice"`) && strings.Contains(l, `"wsgate_org":"acme"`)
+	})
+}
