@@ -107,13 +107,18 @@ type Verifier struct {
 
 type cachedToken struct {
 	claims Claims
+	err    error // a refusal (bad signature) remembered instead
 	until  time.Time
 }
+
+// errBadSignature marks refusals for a signature that does not verify.
+var errBadSignature = errors.New("bad signature")
 
 // Verified tokens are remembered for at most verifiedTTL (and never past
 // their exp plus leeway), at most maxVerified of them.
 const (
 	verifiedTTL = time.Minute
+	refusedTTL  = 10 * time.Second
 	maxVerified = 10000
 )
 
@@ -342,17 +347,31 @@ func (v *Verifier) Verify(ctx context.Context, token string) (Claims, error) {
 	hit, ok := v.cache[key]
 	v.cacheMu.Unlock()
 	if ok && now.Before(hit.until) {
+		if hit.err != nil {
+			return nil, hit.err
+		}
 		return hit.claims, nil
 	}
 	claims, err := v.verify(ctx, token)
 	if err != nil {
+		if errors.Is(err, errBadSignature) {
+			// A bad signature stays bad: a flood of the same forged token
+			// costs one signature check per refusedTTL.
+			v.remember(key, cachedToken{err: err, until: now.Add(refusedTTL)}, now)
+		}
 		return nil, err
 	}
 	until := now.Add(verifiedTTL)
 	if exp, err := claims.exp(); err == nil && exp != nil {
 		until = minTime(until, exp.Add(v.cfg.Leeway))
 	}
+	v.remember(key, cachedToken{claims: claims, until: until}, now)
+	return claims, nil
+}
+
+func (v *Verifier) remember(key [32]byte, e cachedToken, now time.Time) {
 	v.cacheMu.Lock()
+	defer v.cacheMu.Unlock()
 	if len(v.cache) >= maxVerified {
 		for k, e := range v.cache {
 			if !now.Before(e.until) {
@@ -363,9 +382,7 @@ func (v *Verifier) Verify(ctx context.Context, token string) (Claims, error) {
 			clear(v.cache)
 		}
 	}
-	v.cache[key] = cachedToken{claims: claims, until: until}
-	v.cacheMu.Unlock()
-	return claims, nil
+	v.cache[key] = e
 }
 
 func keyOf(token string) [32]byte { return sha256.Sum256([]byte(token)) }
@@ -399,6 +416,9 @@ func (v *Verifier) verify(ctx context.Context, token string) (Claims, error) {
 	claims := jwt.MapClaims{}
 	_, err := is.parser.ParseWithClaims(token, claims, func(t *jwt.Token) (any, error) { return is.key(ctx, t) })
 	if err != nil {
+		if errors.Is(err, jwt.ErrTokenSignatureInvalid) {
+			return nil, fmt.Errorf("%w: %w", ErrToken, errBadSignature)
+		}
 		return nil, fmt.Errorf("%w: %s", ErrToken, reason(err))
 	}
 	for _, c := range v.cfg.RequiredClaims {

@@ -8,7 +8,8 @@ import (
 )
 
 // TestVerifiedTokenCache: a verified token is remembered, but never past
-// its exp (plus leeway) nor past verifiedTTL, and refusals are not cached.
+// its exp (plus leeway) nor past verifiedTTL; a bad signature is
+// remembered as a refusal for refusedTTL; other refusals are not cached.
 func TestVerifiedTokenCache(t *testing.T) {
 	secret := []byte("0123456789abcdef0123456789abcdef")
 	start := time.Unix(1_800_000_000, 0)
@@ -47,13 +48,24 @@ func TestVerifiedTokenCache(t *testing.T) {
 	if got := e.until.Sub(clock.Now()); got != verifiedTTL {
 		t.Fatalf("cached for %v, want %v", got, verifiedTTL)
 	}
+	// A bad signature is remembered as a refusal for refusedTTL, then
+	// checked again.
 	bad := long[:len(long)-2] + "xx"
 	for i := 0; i < 3; i++ {
 		if _, err := v.Verify(context.Background(), bad); !errors.Is(err, ErrToken) {
 			t.Fatalf("bad signature: %v", err)
 		}
 	}
-	if _, ok := v.cache[keyOf(bad)]; ok {
-		t.Fatal("a refused token was cached")
+	e, ok := v.cache[keyOf(bad)]
+	if !ok || e.err == nil || e.claims != nil || e.until.Sub(clock.Now()) != refusedTTL {
+		t.Fatalf("bad signature cached as %+v (%v), want a refusal for %v", e, ok, refusedTTL)
+	}
+	clock.Add(refusedTTL)
+	if _, err := v.Verify(context.Background(), bad); !errors.Is(err, ErrToken) {
+		t.Fatalf("bad signature after the refusal expired: %v", err)
+	}
+	// Other refusals (here: expired) are not remembered.
+	if _, ok := v.cache[keyOf(tok)]; ok && v.cache[keyOf(tok)].err != nil {
+		t.Fatal("an expired token's refusal was cached")
 	}
 }
