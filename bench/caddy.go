@@ -26,6 +26,10 @@ const (
 	goodOrigin = "https://app.bench.test"
 	badOrigin  = "https://evil.bench.test"
 	benchPath  = "/bench"
+	roomsPath  = "/rooms"   // the wsgate.v1 (rooms mode) route
+	pubPath    = "/publish" // the wsgate_publish route of the fan-out gateways
+	// publishKey is the fan-out gateways' wsgate_publish bearer key.
+	publishKey = "bench-publish-key-0123456789abcdef"
 )
 
 // Ports are picked in [portLow, portHigh): below 32768 as the project
@@ -36,7 +40,7 @@ const (
 	portHigh = 20000
 )
 
-// caddyProc is a running `caddy run` with the benchmark Caddyfile.
+// caddyProc is a running `caddy run` with a benchmark Caddyfile.
 type caddyProc struct {
 	cmd       *exec.Cmd
 	dir       string
@@ -44,9 +48,42 @@ type caddyProc struct {
 	esPort    int    // wsgate: Origin + ES256 JWT + rate limit + channel policy
 	hsPort    int    // the same with an HS256 secret
 	stockPort int    // stock reverse_proxy
+	roomsPort int    // wsgate rooms mode (wsgate.v1) on roomsPath
 	logPath   string
 	exited    chan struct{}
 	http      *http.Client
+}
+
+// caddyKind is which configuration a Caddy runs.
+type caddyKind int
+
+const (
+	// benchCaddy serves every relay variant and a rooms route, each on its
+	// own port, with the default (in-process) broker.
+	benchCaddy caddyKind = iota
+	// fanoutCaddy is one of the two fan-out gateways: the Redis broker, a
+	// rooms route and wsgate_publish on one port.
+	fanoutCaddy
+)
+
+// roomsSite is the rooms-mode site: wsgate.v1 on roomsPath, and (for the
+// fan-out gateways) backend publishing on pubPath. No JWT: a rooms
+// connection's cost is measured without a token's claims.
+func roomsSite(port int, publish bool) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "http://127.0.0.1:%d {\n\troute {\n", port)
+	fmt.Fprintf(&b, "\t\twsgate %s {\n\t\t\trooms\n\t\t\torigins %s\n\t\t}\n", roomsPath, goodOrigin)
+	if publish {
+		fmt.Fprintf(&b, "\t\twsgate_publish %s {\n\t\t\tkey %s\n\t\t}\n", pubPath, publishKey)
+	}
+	b.WriteString("\t\trespond 404\n\t}\n}\n")
+	return b.String()
+}
+
+// fanoutCaddyfile is the configuration of a fan-out gateway.
+func (e *env) fanoutCaddyfile(c *caddyProc) string {
+	return fmt.Sprintf("{\n\tadmin %s\n\tpersist_config off\n\tauto_https off\n\twsgate {\n\t\tbroker redis %s\n\t}\n}\n\n%s",
+		c.admin, e.redis.url(), roomsSite(c.roomsPort, true))
 }
 
 // caddyfile is the benchmark configuration: one site per route so that
@@ -81,16 +118,21 @@ func (e *env) caddyfile(c *caddyProc) string {
 		wsgate(fmt.Sprintf("\t\t\tpublic_key %s alg ES256", e.pemPath)))
 	fmt.Fprintf(&b, "http://127.0.0.1:%d {\n%s}\n\n", c.hsPort,
 		wsgate(fmt.Sprintf("\t\t\tsecret %s alg HS256", e.hmacSecret)))
-	fmt.Fprintf(&b, "http://127.0.0.1:%d {\n\treverse_proxy %s\n}\n", c.stockPort, upstream)
+	fmt.Fprintf(&b, "http://127.0.0.1:%d {\n\treverse_proxy %s\n}\n\n", c.stockPort, upstream)
+	b.WriteString(roomsSite(c.roomsPort, false))
 	return b.String()
 }
 
 // startCaddy starts a fresh Caddy; a port taken between picking it and
 // Caddy binding it (by another program on the machine) costs a retry.
 func (e *env) startCaddy(ctx context.Context) (*caddyProc, error) {
+	return e.startCaddyKind(ctx, benchCaddy)
+}
+
+func (e *env) startCaddyKind(ctx context.Context, kind caddyKind) (*caddyProc, error) {
 	var errs []error
 	for range 3 {
-		c, err := e.tryStartCaddy(ctx)
+		c, err := e.tryStartCaddy(ctx, kind)
 		if err == nil {
 			return c, nil
 		}
@@ -102,30 +144,33 @@ func (e *env) startCaddy(ctx context.Context) (*caddyProc, error) {
 	return nil, fmt.Errorf("starting caddy: %w", errors.Join(errs...))
 }
 
-func (e *env) tryStartCaddy(ctx context.Context) (*caddyProc, error) {
+func (e *env) tryStartCaddy(ctx context.Context, kind caddyKind) (*caddyProc, error) {
 	e.caddyN++
 	dir := filepath.Join(e.dir, "caddy-"+strconv.Itoa(e.caddyN))
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
-	ports, err := freePorts(4)
+	ports, err := freePorts(5)
 	if err != nil {
 		return nil, err
 	}
 	c := &caddyProc{
 		dir:       dir,
 		admin:     "127.0.0.1:" + strconv.Itoa(ports[0]),
-		esPort:    ports[1],
-		hsPort:    ports[2],
-		stockPort: ports[3],
+		roomsPort: ports[1],
 		logPath:   filepath.Join(dir, "caddy.log"),
 		exited:    make(chan struct{}),
 		// No keep-alive: an admin connection held open between two
 		// snapshots would itself show up as a goroutine and a descriptor.
 		http: &http.Client{Timeout: 60 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}},
 	}
+	cfg := e.fanoutCaddyfile
+	if kind == benchCaddy {
+		c.esPort, c.hsPort, c.stockPort = ports[2], ports[3], ports[4]
+		cfg = e.caddyfile
+	}
 	cfgPath := filepath.Join(dir, "Caddyfile")
-	if err := os.WriteFile(cfgPath, []byte(e.caddyfile(c)), 0o600); err != nil {
+	if err := os.WriteFile(cfgPath, []byte(cfg(c)), 0o600); err != nil {
 		return nil, err
 	}
 	logf, err := os.Create(c.logPath)
@@ -164,7 +209,10 @@ func (c *caddyProc) waitReady(ctx context.Context) error {
 			return false, nil
 		}
 		resp.Body.Close()
-		for _, p := range []int{c.esPort, c.hsPort, c.stockPort} {
+		for _, p := range []int{c.esPort, c.hsPort, c.stockPort, c.roomsPort} {
+			if p == 0 {
+				continue
+			}
 			conn, err := net.Dial("tcp", "127.0.0.1:"+strconv.Itoa(p))
 			if err != nil {
 				return false, nil

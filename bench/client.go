@@ -73,10 +73,11 @@ type variant struct {
 	dialers []ws.Dialer // one per token of the pool, used in turn
 	gateway bool        // the traffic crosses Caddy
 	want    int         // the handshake status expected: 101 or a refusal
+	rooms   bool        // wsgate.v1: a connection is checked by subscribing, not by an echo
 }
 
-// Variant names. The first four reach the upstream; the last two are
-// refused by wsgate before any upgrade.
+// Variant names. The first four reach the upstream; the next two are
+// refused by wsgate before any upgrade; the rooms variant has no upstream.
 const (
 	vWsgate       = "wsgate"
 	vWsgateHS     = "wsgate HS256"
@@ -84,6 +85,9 @@ const (
 	vDirect       = "direct"
 	vRejectOrigin = "wsgate, bad Origin"
 	vRejectToken  = "wsgate, bad token"
+	// vRooms is wsgate's rooms mode (wsgate.v1): no upstream; each
+	// connection subscribes to a room of its own.
+	vRooms = "wsgate rooms"
 )
 
 // variant builds the named variant against Caddy c (nil for direct). Every
@@ -105,6 +109,11 @@ func (e *env) variant(c *caddyProc, name string) variant {
 		port, origin, v.want = c.esPort, badOrigin, http.StatusForbidden
 	case vRejectToken:
 		port, tokens, v.want = c.esPort, e.tokBad, http.StatusUnauthorized
+	case vRooms:
+		v.rooms = true
+		v.url = fmt.Sprintf("ws://127.0.0.1:%d%s", c.roomsPort, roomsPath)
+		v.dialers = []ws.Dialer{roomsDialer()}
+		return v
 	default:
 		panic("unknown variant " + name)
 	}
@@ -191,7 +200,11 @@ func dialClient(v variant, i, bufSize int) (*client, error) {
 	if c.br == nil {
 		c.br = bufio.NewReaderSize(conn, bufSize)
 	}
-	if err := c.echoCheck(); err != nil {
+	check := c.echoCheck
+	if v.rooms {
+		check = func() error { return c.subscribe(idleRoom(i)) }
+	}
+	if err := check(); err != nil {
 		conn.Close()
 		return nil, fmt.Errorf("%s: %w", v.name, err)
 	}

@@ -6,7 +6,9 @@
 // prebuilt cmd/caddy binary from a generated Caddyfile, an in-process echo
 // upstream and load-generating clients (both on gobwas/ws, so the load
 // generator's own footprint stays small), and reads the Caddy process's
-// /proc entries and admin endpoint. It imports no Caddy or wsgate package,
+// /proc entries and admin endpoint. The fan-out scenario (d) also starts a
+// redis-server (from PATH) and two rooms-mode gateways sharing it, and
+// reads Redis's INFO commandstats. It imports no Caddy or wsgate package,
 // so it can never share a bug with the code it measures.
 //
 // Everything it starts is stopped before Main returns, on success, error

@@ -12,7 +12,9 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"math"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -33,12 +35,13 @@ type Options struct {
 	Quick bool
 	// Runs per variant; the report gives medians. Default 3 (1 with Quick).
 	Runs int
-	// Scenarios to run, from "abcde". Default a, b, c and e (d, fan-out,
-	// needs the rooms mode and is only reported as not yet measured).
+	// Scenarios to run, from "abcde". Default all five. Scenario d
+	// (fan-out) starts redis-server, which must be on PATH.
 	Scenarios string
 	// Profile, when set, is a directory where CPU profiles of the gateway
 	// are written, taken during one extra throughput run per variant and
-	// size and one extra handshake burst per variant, after the measured
+	// size, one extra handshake burst per variant and one extra fan-out
+	// step (both gateways) at the last rate stepped to, after the measured
 	// ones (so profiling never skews a figure).
 	Profile string
 	// CmdLine is the command line recorded in the results.
@@ -66,6 +69,22 @@ type params struct {
 
 	hsLoops int
 	hsDur   time.Duration
+
+	fanSubs    int           // subscribers, split across the two gateways
+	fanRate    float64       // baseline publishes per second
+	fanWarm    time.Duration // warm-up at the baseline rate, before it
+	fanDur     time.Duration // of the baseline
+	fanSteps   []float64     // publishes per second of the step-up
+	fanStepDur time.Duration
+}
+
+// fanSteps are the step-up's rates: from 100 publishes/s, ×√2 a step.
+func fanSteps(n int) []float64 {
+	out := make([]float64, n)
+	for i := range out {
+		out[i] = math.Round(100 * math.Pow(math.Sqrt2, float64(i)))
+	}
+	return out
 }
 
 func fullParams() params {
@@ -77,6 +96,7 @@ func fullParams() params {
 		tputConns: 32, tputWindow: 16, tputSizes: []int{64, 4096},
 		tputWarm: 500 * time.Millisecond, tputDur: 5 * time.Second,
 		hsLoops: 8, hsDur: 3 * time.Second,
+		fanSubs: 1000, fanRate: 50, fanWarm: time.Second, fanDur: 10 * time.Second, fanSteps: fanSteps(13), fanStepDur: 4 * time.Second,
 	}
 }
 
@@ -89,6 +109,7 @@ func quickParams() params {
 		tputConns: 32, tputWindow: 16, tputSizes: []int{64, 4096},
 		tputWarm: 100 * time.Millisecond, tputDur: 500 * time.Millisecond,
 		hsLoops: 8, hsDur: 300 * time.Millisecond,
+		fanSubs: 40, fanRate: 50, fanWarm: 200 * time.Millisecond, fanDur: time.Second, fanSteps: []float64{100, 200}, fanStepDur: 500 * time.Millisecond,
 	}
 }
 
@@ -107,7 +128,7 @@ func Main(ctx context.Context, name string, args []string, stdout, stderr io.Wri
 	fs.StringVar(&opt.Out, "out", "bench/RESULTS.md", "results `file` (Markdown)")
 	fs.BoolVar(&opt.Quick, "quick", false, "smoke run: tiny counts and durations, under a minute, figures meaningless")
 	fs.IntVar(&opt.Runs, "runs", 0, "runs per variant, medians reported (default 3, 1 with -quick)")
-	fs.StringVar(&opt.Scenarios, "scenarios", "a,b,c,e", "scenarios to run: a idle, b latency, c throughput, d fan-out (not yet measurable), e handshakes")
+	fs.StringVar(&opt.Scenarios, "scenarios", "a,b,c,d,e", "scenarios to run: a idle (relayed and rooms), b latency, c throughput, d fan-out (needs redis-server), e handshakes")
 	fs.StringVar(&opt.Profile, "profile", "", "`directory` for gateway CPU profiles from extra, unmeasured throughput and handshake runs")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -150,6 +171,7 @@ type env struct {
 
 	procs  []*caddyProc // every Caddy started, for the final cleanup
 	caddyN int
+	redis  *redisProc // while scenario d runs
 
 	pemPath    string // ES256 public key for the wsgate route
 	hmacSecret string // HS256 secret for the other wsgate route
@@ -176,7 +198,7 @@ func Run(ctx context.Context, opt Options) (*Result, error) {
 		opt.Out = "bench/RESULTS.md"
 	}
 	if opt.Scenarios == "" {
-		opt.Scenarios = "a,b,c,e"
+		opt.Scenarios = "a,b,c,d,e"
 	}
 	if opt.Log == nil {
 		opt.Log = io.Discard
@@ -206,6 +228,16 @@ func Run(ctx context.Context, opt Options) (*Result, error) {
 	// process.
 	if need := uint64(2*p.idleConns + 1000); scen['a'] && nofile < need {
 		return nil, fmt.Errorf("open-file limit %d is below the %d that %d idle connections need here", nofile, need, p.idleConns)
+	}
+	// Fan-out subscribers hold a socket each here, and one in a gateway.
+	if need := uint64(p.fanSubs + 1000); scen['d'] && nofile < need {
+		return nil, fmt.Errorf("open-file limit %d is below the %d that %d fan-out subscribers need here", nofile, need, p.fanSubs)
+	}
+	if scen['d'] {
+		// Fail before anything runs rather than after the other scenarios.
+		if _, err := exec.LookPath("redis-server"); err != nil {
+			return nil, errNoRedis
+		}
 	}
 
 	e := &env{opt: opt, p: p, start: time.Now()}
@@ -269,6 +301,16 @@ func Run(ctx context.Context, opt Options) (*Result, error) {
 			}
 		}
 		shared.stop()
+	}
+	if scen['d'] && ctx.Err() == nil {
+		e.logf("d. fan-out: 2 gateways on one Redis, %d subscribers", p.fanSubs)
+		rep.fan, rep.fanErr = e.runFanout(ctx)
+		if rep.fanErr != nil {
+			fail('d', rep.fanErr)
+		}
+		if rep.fan != nil {
+			rep.profiles = append(rep.profiles, rep.fan.profiles...)
+		}
 	}
 	if err := ctx.Err(); err != nil {
 		// An interrupted run keeps the results file it would overwrite.
@@ -365,6 +407,9 @@ func (e *env) setup() error {
 func (e *env) close() {
 	for _, c := range e.procs {
 		c.stop()
+	}
+	if e.redis != nil {
+		e.redis.stop()
 	}
 	if e.up != nil {
 		e.up.close()
