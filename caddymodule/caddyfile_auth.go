@@ -172,7 +172,7 @@ func parseIssuerLine(d *caddyfile.Dispenser, is *JWTIssuer) error {
 				}
 				k.ID = d.Val()
 			case "alg":
-				k.Algorithms = d.RemainingArgs()
+				k.Algorithms = algArgs(d, "kid")
 				if len(k.Algorithms) == 0 {
 					return d.ArgErr()
 				}
@@ -201,7 +201,7 @@ func parseIssuerLine(d *caddyfile.Dispenser, is *JWTIssuer) error {
 				}
 				is.JWKSRefresh = caddy.Duration(dur)
 			case "alg":
-				is.JWKSAlgorithms = d.RemainingArgs()
+				is.JWKSAlgorithms = algArgs(d, "refresh")
 				if len(is.JWKSAlgorithms) == 0 {
 					return d.ArgErr()
 				}
@@ -337,4 +337,18 @@ func parseConnectionLimits(outer *caddyfile.Dispenser) (*ConnectionLimits, error
 		return nil, d.Err("limit_connections needs total, per_ip or per_subject")
 	}
 	return l, nil
+}
+
+// algArgs reads algorithm names up to the end of the line or up to the
+// keyword that may follow them (so "alg HS256 kid k1" works too).
+func algArgs(d *caddyfile.Dispenser, keyword string) []string {
+	var algs []string
+	for d.NextArg() {
+		if d.Val() == keyword {
+			d.Prev()
+			break
+		}
+		algs = append(algs, d.Val())
+	}
+	return algs
 }

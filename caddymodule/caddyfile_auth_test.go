@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 
 	"github.com/wsgate/wsgate/policy"
 )
@@ -769,7 +770,6 @@ func TestProvisionAuthErrors(t *testing.T) {
 		{"RS256 on an EC key", jwtWith("public_key " + pub + " alg RS256"), "does not fit"},
 		{"HS256 on a PEM key", jwtWith("public_key " + pub + " alg HS256"), "does not fit"},
 		{"unknown algorithm on a secret", jwtWith("secret " + testSecret + " alg HS257"), "does not fit"},
-		{"alg before kid", jwtWith("secret " + testSecret + " alg HS256 kid k1"), "algorithm kid does not fit"},
 		{"two keys without kid", jwtWith("secret "+testSecret, "secret "+testSecret+"x"), "several keys without an id"},
 		{"top-level keys next to an issuer block", jwtWith("secret "+testSecret, "issuer https://b.test {", "\tsecret "+testSecret, "}"),
 			"several issuers need an issuer name each"},
@@ -826,5 +826,28 @@ func TestProvisionAuthSharedZone(t *testing.T) {
 	}
 	if _, err := h2.auth.counter.Acquire("10.0.0.2", ""); err == nil {
 		t.Error("the second handler admitted a connection over the zone's total")
+	}
+}
+
+// TestAlgBeforeKid: the algorithms end where the kid keyword starts.
+func TestAlgBeforeKid(t *testing.T) {
+	for _, line := range []string{"secret " + testSecret + " alg HS256 HS384 kid k1", "secret " + testSecret + " kid k1 alg HS256 HS384"} {
+		d := caddyfile.NewTestDispenser("wsgate {\n\tupstream ws://127.0.0.1:1\n\tjwt {\n\t\t" + line + "\n\t}\n}")
+		var h Handler
+		if err := h.UnmarshalCaddyfile(d); err != nil {
+			t.Fatalf("%s: %v", line, err)
+		}
+		k := h.JWT.Issuers[0].Keys[0]
+		if k.ID != "k1" || strings.Join(k.Algorithms, ",") != "HS256,HS384" {
+			t.Fatalf("%s: key %+v", line, k)
+		}
+	}
+	d := caddyfile.NewTestDispenser("wsgate {\n\tupstream ws://127.0.0.1:1\n\tjwt {\n\t\tjwks http://127.0.0.1:1/j alg ES256 refresh 5m\n\t}\n}")
+	var h Handler
+	if err := h.UnmarshalCaddyfile(d); err != nil {
+		t.Fatal(err)
+	}
+	if is := h.JWT.Issuers[0]; strings.Join(is.JWKSAlgorithms, ",") != "ES256" || time.Duration(is.JWKSRefresh) != 5*time.Minute {
+		t.Fatalf("jwks line: %+v", is)
 	}
 }
