@@ -148,8 +148,26 @@ func (h *Handler) provisionAuth(ctx caddy.Context) error {
 	if h.RefreshField != "" && a.verifier == nil {
 		return errors.New("refresh_field needs jwt")
 	}
-	for _, name := range h.ClaimsHeaders {
+	// Two claims setting one header (in any spelling) would make the
+	// header depend on map order; the Caddyfile refuses it, and so does
+	// JSON config.
+	headerOf := map[string]string{}
+	for claim, name := range h.ClaimsHeaders {
+		norm := strings.ReplaceAll(strings.ToLower(name), "_", "-")
+		if other, dup := headerOf[norm]; dup {
+			return fmt.Errorf("claims_headers: claims %q and %q both set header %s", other, claim, name)
+		}
+		headerOf[norm] = claim
 		a.strip = append(a.strip, name)
+	}
+	if f := h.ForwardAuth; f != nil {
+		claimOf := map[string]string{}
+		for hdr, claim := range f.ClaimHeaders {
+			if other, dup := claimOf[claim]; dup {
+				return fmt.Errorf("forward_auth claim_headers: headers %q and %q both set claim %s", other, hdr, claim)
+			}
+			claimOf[claim] = hdr
+		}
 	}
 	if l := h.ConnectionLimits; l != nil {
 		if l.Total < 0 || l.PerIP < 0 || l.PerSubject < 0 {

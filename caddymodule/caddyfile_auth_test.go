@@ -851,3 +851,17 @@ func TestAlgBeforeKid(t *testing.T) {
 		t.Fatalf("jwks line: %+v", is)
 	}
 }
+
+// TestJSONDuplicateClaimMappings: JSON config is held to what the
+// Caddyfile refuses.
+func TestJSONDuplicateClaimMappings(t *testing.T) {
+	h := &Handler{Upstreams: []string{"ws://127.0.0.1:1"}, ClaimsHeaders: map[string]string{"sub": "X-User", "uid": "x_user"}}
+	if err := h.provisionAuth(caddy.Context{Context: context.Background()}); err == nil || !strings.Contains(err.Error(), "both set header") {
+		t.Fatalf("two claims on one header: %v", err)
+	}
+	h = &Handler{Upstreams: []string{"ws://127.0.0.1:1"}, ForwardAuth: &ForwardAuth{URL: "http://127.0.0.1:1/auth",
+		ClaimHeaders: map[string]string{"X-A": "sub", "X-B": "sub"}}}
+	if err := h.provisionAuth(caddy.Context{Context: context.Background()}); err == nil || !strings.Contains(err.Error(), "both set claim") {
+		t.Fatalf("two headers on one claim: %v", err)
+	}
+}
