@@ -1,7 +1,6 @@
 package caddymodule
 
 import (
-	"context"
 	"encoding/json"
 	"fmt"
 
@@ -228,4 +227,3 @@ var (
 	_ caddy.Destructor   = (*sharedHub)(nil)
 )
 
-var _ = context.Background

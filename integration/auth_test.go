@@ -1,7 +1,6 @@
 package integration
 
 import (
-	"context"
 	"encoding/json"
 	"fmt"
 	"net/http"
@@ -446,7 +445,6 @@ func TestTokensNeverLogged(t *testing.T) {
 	}
 }
 
-var _ = context.Background
 
 // TestClaimPlaceholders: verified claims fill {http.wsgate.claims.*} for
 // other handlers and logs (here Caddy's access log, through log_append).
