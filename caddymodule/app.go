@@ -226,4 +226,3 @@ var (
 	_ caddy.CleanerUpper = (*App)(nil)
 	_ caddy.Destructor   = (*sharedHub)(nil)
 )
-

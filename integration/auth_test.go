@@ -445,7 +445,6 @@ func TestTokensNeverLogged(t *testing.T) {
 	}
 }
 
-
 // TestClaimPlaceholders: verified claims fill {http.wsgate.claims.*} for
 // other handlers and logs (here Caddy's access log, through log_append).
 func TestClaimPlaceholders(t *testing.T) {
