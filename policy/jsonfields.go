@@ -215,21 +215,28 @@ func (s *jscan) object(active uint64, level int) error {
 		if err := s.value(next, level+1, targets); err != nil {
 			return err
 		}
-		s.ws()
-		if s.i >= len(s.b) {
-			return ErrJSON
+		if done, err := s.after('}'); done || err != nil {
+			return err
 		}
-		if s.b[s.i] == ',' {
-			s.i++
-			continue
-		}
-		if s.b[s.i] == '}' {
-			s.i++
-			s.depth--
-			return nil
-		}
-		return ErrJSON
 	}
+}
+
+// after reads what follows a member or element: ',' (another comes) or
+// the closing byte (done).
+func (s *jscan) after(closing byte) (done bool, err error) {
+	s.ws()
+	switch {
+	case s.i >= len(s.b):
+		return false, ErrJSON
+	case s.b[s.i] == ',':
+		s.i++
+		return false, nil
+	case s.b[s.i] == closing:
+		s.i++
+		s.depth--
+		return true, nil
+	}
+	return false, ErrJSON
 }
 
 func (s *jscan) array() error {
@@ -248,20 +255,9 @@ func (s *jscan) array() error {
 		if err := s.value(0, 0, 0); err != nil {
 			return err
 		}
-		s.ws()
-		if s.i >= len(s.b) {
-			return ErrJSON
+		if done, err := s.after(']'); done || err != nil {
+			return err
 		}
-		if s.b[s.i] == ',' {
-			s.i++
-			continue
-		}
-		if s.b[s.i] == ']' {
-			s.i++
-			s.depth--
-			return nil
-		}
-		return ErrJSON
 	}
 }
 
