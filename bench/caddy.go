@@ -130,18 +130,29 @@ func (e *env) startCaddy(ctx context.Context) (*caddyProc, error) {
 }
 
 func (e *env) startCaddyKind(ctx context.Context, kind caddyKind) (*caddyProc, error) {
+	c, err := tryThrice(ctx, func() (*caddyProc, error) { return e.tryStartCaddy(ctx, kind) })
+	if err != nil {
+		return nil, fmt.Errorf("starting caddy: %w", err)
+	}
+	return c, nil
+}
+
+// tryThrice runs start up to three times (a free port picked beforehand
+// can be taken before the process binds it) and joins the errors.
+func tryThrice[T any](ctx context.Context, start func() (T, error)) (T, error) {
 	var errs []error
 	for range 3 {
-		c, err := e.tryStartCaddy(ctx, kind)
+		v, err := start()
 		if err == nil {
-			return c, nil
+			return v, nil
 		}
 		errs = append(errs, err)
 		if ctx.Err() != nil {
 			break
 		}
 	}
-	return nil, fmt.Errorf("starting caddy: %w", errors.Join(errs...))
+	var zero T
+	return zero, errors.Join(errs...)
 }
 
 func (e *env) tryStartCaddy(ctx context.Context, kind caddyKind) (*caddyProc, error) {

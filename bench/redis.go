@@ -33,18 +33,11 @@ func (e *env) startRedis(ctx context.Context) (*redisProc, error) {
 	if err != nil {
 		return nil, errNoRedis
 	}
-	var errs []error
-	for range 3 {
-		r, err := e.tryStartRedis(ctx, bin)
-		if err == nil {
-			return r, nil
-		}
-		errs = append(errs, err)
-		if ctx.Err() != nil {
-			break
-		}
+	r, err := tryThrice(ctx, func() (*redisProc, error) { return e.tryStartRedis(ctx, bin) })
+	if err != nil {
+		return nil, fmt.Errorf("starting redis-server: %w", err)
 	}
-	return nil, fmt.Errorf("starting redis-server: %w", errors.Join(errs...))
+	return r, nil
 }
 
 func (e *env) tryStartRedis(ctx context.Context, bin string) (*redisProc, error) {
