@@ -112,6 +112,15 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			h.PingInterval, err = parseDuration(d)
 		case "pong_timeout":
 			h.PongTimeout, err = parseDuration(d)
+		case "park_after":
+			if d.CountRemainingArgs() == 1 && d.NextArg() {
+				if d.Val() == "off" {
+					h.ParkAfter = caddy.Duration(-1)
+					break
+				}
+				d.Prev()
+			}
+			h.ParkAfter, err = parseDuration(d)
 		case "origins":
 			delete(seen, name) // may repeat
 			args := d.RemainingArgs()

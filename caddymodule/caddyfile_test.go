@@ -348,6 +348,20 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 			want: Handler{Upstreams: []string{"ws://a:1"}, PingInterval: -1},
 		},
 		{
+			name: "park_after",
+			input: `wsgate ws://a:1 {
+				park_after 500ms
+			}`,
+			want: Handler{Upstreams: []string{"ws://a:1"}, ParkAfter: dur(500 * time.Millisecond)},
+		},
+		{
+			name: "park_after off",
+			input: `wsgate ws://a:1 {
+				park_after off
+			}`,
+			want: Handler{Upstreams: []string{"ws://a:1"}, ParkAfter: -1},
+		},
+		{
 			name: "pong_timeout",
 			input: `wsgate ws://a:1 {
 				pong_timeout 10s
@@ -874,6 +888,18 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 			name:    "ping_interval word",
 			input:   optionInput("ping_interval never"),
 			wantErr: `bad duration "never"`,
+			line:    3,
+		},
+		{
+			name:    "park_after word",
+			input:   optionInput("park_after soon"),
+			wantErr: `bad duration "soon"`,
+			line:    3,
+		},
+		{
+			name:    "park_after two arguments",
+			input:   optionInput("park_after 1s 2s"),
+			wantErr: `wrong argument count`,
 			line:    3,
 		},
 		{

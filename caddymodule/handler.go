@@ -81,6 +81,12 @@ type Handler struct {
 	// before it drops the client. Default: 30s.
 	PongTimeout caddy.Duration `json:"pong_timeout,omitempty"`
 
+	// ParkAfter is how long a side of a connection waits for data before
+	// its reader goroutine is released (the socket is then watched with
+	// epoll; Linux, connections without TLS). Default: 2s. A negative
+	// value keeps the goroutines.
+	ParkAfter caddy.Duration `json:"park_after,omitempty"`
+
 	// Origins allowed to open sockets: exact origins (https://app.example.com)
 	// and subdomain wildcards (https://*.example.com). Default: same origin
 	// (the Origin's host must equal the request's Host).
@@ -232,6 +238,7 @@ func (h *Handler) proxyConfig() (proxy.Config, error) {
 		IdleTimeout:    time.Duration(h.IdleTimeout),
 		PingInterval:   time.Duration(h.PingInterval),
 		PongTimeout:    time.Duration(h.PongTimeout),
+		ParkAfter:      time.Duration(h.ParkAfter),
 	}
 	if h.TLS != nil {
 		tc, err := h.TLS.config()

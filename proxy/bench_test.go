@@ -19,8 +19,15 @@ import (
 // nothing but the net.Conn once the handshake is done, so the figures are
 // the gateway's, plus the two test-side net.Conns (≈ 0.5 KB). It asserts
 // nothing. Run it with -benchtime=1x; WSGATE_BENCH_CONNS sets the number of
-// connections (default 2000; capped by the open file limit).
+// connections (default 2000; capped by the open file limit). "parked" waits
+// until every connection has given up its goroutines (park.go); "awake"
+// has parking off.
 func BenchmarkIdleConnMemory(b *testing.B) {
+	b.Run("parked", func(b *testing.B) { benchIdleConnMemory(b, time.Millisecond) })
+	b.Run("awake", func(b *testing.B) { benchIdleConnMemory(b, -1) })
+}
+
+func benchIdleConnMemory(b *testing.B, parkAfter time.Duration) {
 	n := 2000
 	if s := os.Getenv("WSGATE_BENCH_CONNS"); s != "" {
 		var err error
@@ -55,7 +62,7 @@ func BenchmarkIdleConnMemory(b *testing.B) {
 	}))
 	defer upSrv.Close()
 
-	g, srv, err := newGatewayServer(Config{Upstreams: []string{"ws://" + upSrv.Listener.Addr().String()}})
+	g, srv, err := newGatewayServer(Config{Upstreams: []string{"ws://" + upSrv.Listener.Addr().String()}, ParkAfter: parkAfter})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -89,6 +96,14 @@ func BenchmarkIdleConnMemory(b *testing.B) {
 				b.Fatalf("%d connections registered", g.Registry().Len())
 			}
 			<-time.After(5 * time.Millisecond)
+		}
+		if parkAfter > 0 && getPoller() != nil {
+			for !allParked(g.Registry()) {
+				if time.Now().After(deadline) {
+					b.Fatal("connections did not park")
+				}
+				<-time.After(5 * time.Millisecond)
+			}
 		}
 		// Let the HTTP servers' per-connection goroutines (which end after
 		// the hijack) go: wait until the count holds still.
@@ -131,4 +146,16 @@ func BenchmarkIdleConnMemory(b *testing.B) {
 		}
 		b.StartTimer()
 	}
+}
+
+// allParked reports whether both sides of every connection in r are parked.
+func allParked(r *Registry) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for c := range r.conns {
+		if c.client.pstate.Load() != sideParked || c.upstream.pstate.Load() != sideParked {
+			return false
+		}
+	}
+	return true
 }

@@ -16,6 +16,8 @@ const (
 	DefaultPingInterval = 30 * time.Second
 	DefaultPongTimeout  = 30 * time.Second
 	DefaultCloseTimeout = 5 * time.Second
+	// DefaultParkAfter is the default Config.ParkAfter.
+	DefaultParkAfter = 2 * time.Second
 )
 
 // DefaultForwardHeaders are the client request headers copied to the
@@ -106,6 +108,10 @@ type Config struct {
 	PongTimeout time.Duration
 	// CloseTimeout bounds the closing handshake. Default 5s.
 	CloseTimeout time.Duration
+	// ParkAfter is how long a side of a connection waits for data before
+	// it gives up its goroutine (Linux, sockets without TLS). Default 2s;
+	// negative: never.
+	ParkAfter time.Duration
 
 	// SendQueue bounds the frames queued for a client by fan-out. Default 256.
 	SendQueue int
@@ -183,6 +189,9 @@ func (c *Config) Prepare() error {
 	}
 	if c.CloseTimeout <= 0 {
 		c.CloseTimeout = DefaultCloseTimeout
+	}
+	if c.ParkAfter == 0 {
+		c.ParkAfter = DefaultParkAfter
 	}
 	if c.SendQueue <= 0 {
 		c.SendQueue = 256

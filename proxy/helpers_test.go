@@ -38,6 +38,10 @@ const (
 	opPong   = 0xA
 )
 
+// testParkAfter is the ParkAfter of test gateways that set none: short, so
+// that every test also runs through parking and waking.
+const testParkAfter = 2 * time.Millisecond
+
 // waitFor is the bound for anything a test waits on.
 const waitFor = 10 * time.Second
 
@@ -51,6 +55,9 @@ var bgCtx = context.Background()
 func newGatewayServer(cfg Config) (*Gateway, *httptest.Server, error) {
 	if cfg.CloseTimeout == 0 {
 		cfg.CloseTimeout = 2 * time.Second
+	}
+	if cfg.ParkAfter == 0 {
+		cfg.ParkAfter = testParkAfter
 	}
 	if err := cfg.Prepare(); err != nil {
 		return nil, nil, err

@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"runtime/debug"
 	"sync"
 	"time"
 
@@ -15,6 +16,7 @@ type Registry struct {
 	conns    map[*relay]struct{}
 	shutdown bool
 	empty    *sync.Cond
+	sweeping bool // the sweeper goroutine runs (while there are connections)
 }
 
 // NewRegistry makes an empty registry.
@@ -28,7 +30,45 @@ func (r *Registry) add(c *relay) bool {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.conns[c] = struct{}{}
+	if !r.sweeping && c.cfg.ParkAfter > 0 {
+		r.sweeping = true
+		go r.sweep(sweepPeriod(c.cfg.ParkAfter))
+	}
 	return !r.shutdown
+}
+
+// sweep kicks idle waits so that they park (park.go), until the registry
+// is empty.
+func (r *Registry) sweep(every time.Duration) {
+	t := time.NewTicker(every)
+	defer t.Stop()
+	var list []*relay
+	parked := 0 // sides parked since memory was last returned
+	var released time.Time
+	for range t.C {
+		r.mu.Lock()
+		if len(r.conns) == 0 {
+			r.sweeping = false
+			r.mu.Unlock()
+			return
+		}
+		for c := range r.conns {
+			list = append(list, c)
+		}
+		r.mu.Unlock()
+		now := mono()
+		kicked := 0
+		for _, c := range list {
+			kicked += c.kickIdle(now)
+		}
+		parked += kicked
+		if kicked == 0 && parked >= releaseAfter && time.Since(released) >= releaseEvery {
+			debug.FreeOSMemory()
+			parked, released = 0, time.Now()
+		}
+		clear(list)
+		list = list[:0]
+	}
 }
 
 func (r *Registry) remove(c *relay) {

@@ -68,6 +68,13 @@ type peer struct {
 	msgOp      ws.OpCode // its opcode
 	rest       int64     // payload of the frame being read still on the wire
 
+	// parking (park.go)
+	other  *peer        // the side this one's frames go to
+	pstate atomic.Int32 // sideRunning, sideParking, sideWoken or sideParked
+	pollID uint64       // registration with the poller, 0 before the first park
+	pollFD int
+	polled bool // pollFD is in the poller's epoll set
+
 	// out is a run of complete frames, rewritten in place in this side's
 	// read buffer, that is still to be written to the other side: frames
 	// that arrived together leave together, in one write.
@@ -139,13 +146,17 @@ type relay struct {
 	pingAt    int64
 	lockMiss  int64
 	pingToken [8]byte
+	nextTick  int64       // mono time tick wants to run next; 0 or MaxInt64: never
+	timer     *time.Timer // wakes the parked client when nextTick is due
 }
 
 func newRelay(g *Gateway, client, upstream net.Conn, info *RequestInfo) *relay {
 	c := &relay{g: g, cfg: &g.cfg, quit: make(chan struct{})}
-	c.client = peer{conn: client, rd: newWireReader(client), isClient: true}
+	c.client.conn, c.client.isClient = client, true
+	c.client.rd.init(client)
 	if upstream != nil {
-		c.upstream = peer{conn: upstream, rd: newWireReader(upstream)}
+		c.upstream.conn = upstream
+		c.upstream.rd.init(upstream)
 	} else {
 		c.solo = true
 	}
@@ -175,6 +186,10 @@ func newRelay(g *Gateway, client, upstream net.Conn, info *RequestInfo) *relay {
 		c.client.rd.onTimeout = c.tick
 		c.client.rd.track = true
 	}
+	c.enableParking(&c.client, &c.upstream)
+	if !c.solo {
+		c.enableParking(&c.upstream, &c.client)
+	}
 	return c
 }
 
@@ -192,9 +207,9 @@ func (c *relay) start() {
 	if c.onStart != nil {
 		c.onStart(c)
 	}
-	go c.pump(&c.client, &c.upstream)
+	go c.pump(&c.client, &c.upstream, false)
 	if !c.solo {
-		go c.pump(&c.upstream, &c.client)
+		go c.pump(&c.upstream, &c.client, false)
 	}
 }
 
@@ -218,10 +233,32 @@ func (c *relay) beginClosing() {
 		c.upstream.conn.SetDeadline(t)
 	}
 	close(c.quit)
+	// Parked sides must read the closing handshake.
+	c.wake(&c.client)
+	if !c.solo {
+		c.wake(&c.upstream)
+	}
 }
 
-func (c *relay) pump(src, dst *peer) {
-	err := c.relayFrames(src, dst)
+// pump reads src until it ends or parks; resumed says a parked side is
+// being taken up again.
+func (c *relay) pump(src, dst *peer, resumed bool) {
+	var err error
+	if resumed {
+		err = c.restoreDeadline(src)
+	}
+	for {
+		if err == nil {
+			err = c.relayFrames(src, dst)
+		}
+		if err != errPark {
+			break
+		}
+		if c.park(src) {
+			return
+		}
+		err = c.restoreDeadline(src)
+	}
 	var ce *closeErr
 	var we writeErr
 	switch {
@@ -282,6 +319,11 @@ func isExpected(err error) bool {
 
 func (c *relay) finish() {
 	c.finishedOnce.Do(func() {
+		c.unpoll(&c.client)
+		c.unpoll(&c.upstream)
+		if c.timer != nil {
+			c.timer.Stop()
+		}
 		c.client.conn.Close()
 		if !c.solo {
 			c.upstream.conn.Close()
@@ -938,6 +980,7 @@ func (c *relay) tick() error {
 		}
 		next = min(next, due)
 	}
+	c.nextTick = next
 	if next != math.MaxInt64 {
 		c.client.conn.SetReadDeadline(epoch.Add(time.Duration(next)))
 	}

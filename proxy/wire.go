@@ -8,6 +8,7 @@ import (
 	"os"
 	"sync"
 	"syscall"
+	"time"
 
 	"github.com/gobwas/ws"
 )
@@ -15,6 +16,9 @@ import (
 // readBufSize is the size of the pooled read buffers. A frame larger than
 // this streams through the buffer in chunks; it never needs a bigger one.
 const readBufSize = 16 << 10
+
+// longAgo is a deadline that has always passed.
+var longAgo = time.Unix(1, 0)
 
 var readBufPool = sync.Pool{New: func() any { b := make([]byte, readBufSize); return &b }}
 
@@ -44,16 +48,27 @@ type wireReader struct {
 	// beforeRefill runs before the buffer is refilled or compacted: bytes
 	// still waiting in it (frames to be written) must leave first.
 	beforeRefill func() error
+
+	// Parking (park.go). onKick, if set, makes idle waits kickable: the
+	// sweeper moves the read deadline into the past to end a wait that
+	// has lasted too long, and onKick decides what happens next (gotData:
+	// bytes arrived anyway). It returns errPark to give up the goroutine,
+	// nil to go on.
+	onKick    func(gotData bool) error
+	pmu       sync.Mutex
+	waiting   bool  // guarded by pmu: in an idle wait a kick may end
+	kicked    bool  // guarded by pmu: the sweeper ended this wait
+	waitSince int64 // guarded by pmu: mono time the wait began
 }
 
-func newWireReader(c net.Conn) wireReader {
-	wr := wireReader{conn: c}
+// init sets the reader up for c.
+func (wr *wireReader) init(c net.Conn) {
+	wr.conn = c
 	if sc, ok := c.(syscall.Conn); ok {
 		if raw, err := sc.SyscallConn(); err == nil {
 			wr.raw = raw
 		}
 	}
-	return wr
 }
 
 // prime hands bytes that were read ahead of the frame stream (left in a
@@ -151,6 +166,38 @@ func (wr *wireReader) fillMore() error {
 
 // fillIdle waits for data without holding a buffer.
 func (wr *wireReader) fillIdle() error {
+	if wr.onKick == nil {
+		return wr.waitIdle()
+	}
+	for {
+		wr.pmu.Lock()
+		wr.waiting, wr.waitSince = true, mono()
+		wr.pmu.Unlock()
+		err := wr.waitIdle()
+		wr.pmu.Lock()
+		kicked := wr.kicked
+		wr.waiting, wr.kicked = false, false
+		wr.pmu.Unlock()
+		if !kicked {
+			return err
+		}
+		switch {
+		case err == nil:
+			if wr.track {
+				wr.lastRead = mono()
+			}
+			return wr.onKick(true)
+		case errors.Is(err, os.ErrDeadlineExceeded):
+			if err := wr.onKick(false); err != nil {
+				return err
+			}
+		default:
+			return err
+		}
+	}
+}
+
+func (wr *wireReader) waitIdle() error {
 	if wr.raw == nil {
 		n, err := wr.conn.Read(wr.small[:])
 		if n > 0 {
@@ -198,6 +245,20 @@ func (wr *wireReader) fillIdle() error {
 	}
 	wr.w = n
 	return nil
+}
+
+// kick ends the current idle wait if it began at least after ago (mono
+// time now), by moving the read deadline into the past. It reports
+// whether it did.
+func (wr *wireReader) kick(now, after int64) bool {
+	wr.pmu.Lock()
+	defer wr.pmu.Unlock()
+	if !wr.waiting || wr.kicked || now-wr.waitSince < after {
+		return false
+	}
+	wr.kicked = true
+	wr.conn.SetReadDeadline(longAgo)
+	return true
 }
 
 // need makes sure at least n (≤ readBufSize) bytes are buffered.

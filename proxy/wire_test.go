@@ -232,7 +232,8 @@ func TestWireReaderSplitInput(t *testing.T) {
 				t.Cleanup(func() { w.Close(); r.Close() })
 			}
 			feedConn(t, w, stream)
-			rd := newWireReader(r)
+			var rd wireReader
+			rd.init(r)
 			if (rd.raw != nil) != (kind == "tcp") {
 				t.Fatalf("raw conn path = %v", rd.raw != nil)
 			}
@@ -261,7 +262,8 @@ func TestWireReaderSplitInput(t *testing.T) {
 func TestWireReaderPrime(t *testing.T) {
 	w, r := tcpPair(t)
 	frame := appendFrame(nil, 0x82, nil, 3, []byte{1, 2, 3})
-	rd := newWireReader(r)
+	var rd wireReader
+	rd.init(r)
 	rd.prime(frame[:3])
 	feedConn(t, w, frame[3:])
 	h, err := nextHeader(&rd)

@@ -1,0 +1,171 @@
+package proxy
+
+import (
+	"errors"
+	"math"
+	"time"
+)
+
+// Parking: a side of a connection that has waited ParkAfter for data gives
+// up its goroutine. The registry's sweeper finds such waits and kicks them
+// (moves the read deadline into the past); the woken reader registers its
+// socket with the poller and returns. When the socket becomes readable,
+// when the client's next heartbeat or expiry check is due, or when the
+// connection starts closing, a new goroutine takes over where the old one
+// stopped. Idle connections then cost their sockets and a few hundred bytes
+// of state, and no stack.
+//
+// A side parks only between frames, with nothing buffered and nothing
+// waiting to be written, so all its state is in the relay. Sides without a
+// raw socket (TLS) and platforms without epoll never park.
+
+// errPark ends a pump that is to park.
+var errPark = errors.New("wsgate: park")
+
+// sweepEvery is how often the registry looks for waits to kick (more
+// often when ParkAfter is shorter than twice that).
+const sweepEvery = time.Second
+
+func sweepPeriod(parkAfter time.Duration) time.Duration {
+	return max(time.Millisecond, min(sweepEvery, parkAfter/2))
+}
+
+// enableParking makes the idle waits of p kickable, if p can park.
+func (c *relay) enableParking(p, other *peer) {
+	if c.cfg.ParkAfter <= 0 || p.rd.raw == nil || getPoller() == nil {
+		return
+	}
+	p.rd.onKick = func(gotData bool) error { return c.kicked(p, gotData) }
+	p.other = other
+}
+
+// kicked runs on p's reader when a kick ended its idle wait.
+func (c *relay) kicked(p *peer, gotData bool) error {
+	if gotData || c.closing.Load() {
+		return c.restoreDeadline(p)
+	}
+	return errPark
+}
+
+// kickIdle kicks the idle waits of c that began ParkAfter or more ago and
+// returns how many it kicked.
+func (c *relay) kickIdle(now int64) int {
+	if c.closing.Load() {
+		return 0
+	}
+	after := int64(c.cfg.ParkAfter)
+	n := 0
+	if c.client.rd.onKick != nil && c.client.rd.kick(now, after) {
+		n++
+	}
+	if !c.solo && c.upstream.rd.onKick != nil && c.upstream.rd.kick(now, after) {
+		n++
+	}
+	return n
+}
+
+// After a wave of connections has parked, the stacks their goroutines
+// held are free memory of the process, which the runtime would hand back
+// to the system only slowly. Once at least releaseAfter sides have parked
+// and a sweep finds no more to park, the sweeper returns free memory at
+// once (debug.FreeOSMemory), at most every releaseEvery.
+const (
+	releaseAfter = 1024
+	releaseEvery = 10 * time.Second
+)
+
+// restoreDeadline puts p's read deadline back after a kick moved it.
+func (c *relay) restoreDeadline(p *peer) error {
+	if !c.closing.Load() {
+		if p.isClient && p.rd.onTimeout != nil {
+			return c.tick() // sets the next deadline
+		}
+		p.conn.SetReadDeadline(time.Time{})
+	}
+	if c.closing.Load() {
+		p.conn.SetReadDeadline(epoch.Add(time.Duration(c.closeBy.Load())))
+	}
+	return nil
+}
+
+// Parking states of a side (peer.pstate).
+const (
+	sideRunning int32 = iota // a goroutine reads the side
+	sideParking              // its goroutine is parking
+	sideWoken                // a wake came while it was parking: it goes on reading
+	sideParked               // no goroutine: a wake starts one
+)
+
+// park registers src with the poller; it reports false when src cannot
+// park (or was woken while parking), and the caller goes on reading.
+// After true, src belongs to whoever wakes it.
+func (c *relay) park(src *peer) bool {
+	pl := getPoller()
+	src.pstate.Store(sideParking)
+	if src.pollID == 0 {
+		src.pollID = pl.register(func() { c.wake(src) })
+	}
+	var aerr error
+	cerr := src.rd.raw.Control(func(fd uintptr) {
+		src.pollFD = int(fd)
+		if aerr = pl.arm(src.pollID, int(fd), src.polled); aerr == nil {
+			src.polled = true
+		}
+	})
+	if cerr == nil && aerr == nil && src.isClient && c.nextTick > 0 && c.nextTick != math.MaxInt64 {
+		d := time.Duration(c.nextTick - mono())
+		if c.timer == nil {
+			c.timer = time.AfterFunc(d, func() { c.wake(&c.client) })
+		} else {
+			c.timer.Reset(d)
+		}
+	}
+	if cerr != nil || aerr != nil || c.closing.Load() || !src.pstate.CompareAndSwap(sideParking, sideParked) {
+		src.pstate.Store(sideRunning)
+		return false
+	}
+	return true
+}
+
+// wake resumes a parked side in a new goroutine. It never blocks.
+func (c *relay) wake(p *peer) {
+	for {
+		switch p.pstate.Load() {
+		case sideParked:
+			if p.pstate.CompareAndSwap(sideParked, sideRunning) {
+				go c.pump(p, p.other, true)
+				return
+			}
+		case sideParking:
+			if p.pstate.CompareAndSwap(sideParking, sideWoken) {
+				return
+			}
+		default:
+			return
+		}
+	}
+}
+
+// unpoll forgets p's registration with the poller; the connection is
+// ending and p no longer parks.
+func (c *relay) unpoll(p *peer) {
+	if p.pollID == 0 {
+		return
+	}
+	pl := getPoller()
+	done := false
+	if p.polled && p.rd.raw != nil {
+		// Only while the socket is still open: its number may be reused
+		// once it is closed (and closing removes it from epoll anyway).
+		p.rd.raw.Control(func(fd uintptr) {
+			if int(fd) == p.pollFD {
+				pl.forget(p.pollID, p.pollFD, true)
+				done = true
+			}
+		})
+	}
+	if !done {
+		pl.forget(p.pollID, -1, false)
+	}
+	p.pollID = 0
+}

@@ -1,0 +1,281 @@
+package proxy
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"runtime"
+	"testing"
+	"time"
+
+	"github.com/coder/websocket"
+	"github.com/gobwas/ws"
+)
+
+// pumps counts the goroutines reading a side of some connection.
+func pumps() int {
+	buf := make([]byte, 1<<20)
+	for {
+		n := runtime.Stack(buf, true)
+		if n < len(buf) {
+			return bytes.Count(buf[:n], []byte("proxy.(*relay).pump("))
+		}
+		buf = make([]byte, 2*len(buf))
+	}
+}
+
+// onlyRelay is the one connection of tg.
+func onlyRelay(t *testing.T, tg *testGateway) *relay {
+	t.Helper()
+	tg.waitLen(t, 1)
+	r := tg.g.Registry()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for c := range r.conns {
+		return c
+	}
+	return nil
+}
+
+// waitParked waits until both sides of c (or the client alone, solo) have
+// parked and no pump goroutine is left.
+func waitParked(t *testing.T, c *relay) {
+	t.Helper()
+	poll(t, "both sides to park", func() bool {
+		return c.client.pstate.Load() == sideParked && (c.solo || c.upstream.pstate.Load() == sideParked) && pumps() == 0
+	})
+}
+
+// TestParkedConnectionRelays: an idle connection gives up both reader
+// goroutines, and data in either direction wakes the side it arrives on,
+// again and again.
+func TestParkedConnectionRelays(t *testing.T) {
+	if getPoller() == nil {
+		t.Skip("no poller on this platform")
+	}
+	up := startUpstream(t, nil, nil)
+	tg := startGateway(t, up.url, func(c *Config) {
+		c.ParkAfter = 20 * time.Millisecond
+		c.PingInterval = -1
+	})
+	ctx := context.Background()
+	cl, _ := dialCoder(t, tg, "/", nil)
+	uc := up.next(t)
+	c := onlyRelay(t, tg)
+	for i := 0; i < 5; i++ {
+		waitParked(t, c)
+		msg := bytes.Repeat([]byte{byte('a' + i)}, 100+i*40000) // up to 160 KB: frames larger than the read buffer
+		if err := cl.Write(ctx, websocket.MessageBinary, msg); err != nil {
+			t.Fatal(err)
+		}
+		if _, got, err := cl.Read(ctx); err != nil || !bytes.Equal(got, msg) {
+			t.Fatalf("echo %d: %d bytes, %v", i, len(got), err)
+		}
+		if m := uc.nextMsg(t); !bytes.Equal(m.data, msg) {
+			t.Fatalf("upstream got %d bytes", len(m.data))
+		}
+		waitParked(t, c)
+		// The upstream speaks first: its side wakes, the client's does not
+		// need to.
+		if err := uc.c.Write(ctx, websocket.MessageText, []byte("news")); err != nil {
+			t.Fatal(err)
+		}
+		if _, got, err := cl.Read(ctx); err != nil || string(got) != "news" {
+			t.Fatalf("news %d: %q %v", i, got, err)
+		}
+	}
+	waitParked(t, c)
+	cl.Close(websocket.StatusNormalClosure, "bye")
+	if code, reason := uc.closeCode(t); code != websocket.StatusNormalClosure || reason != "bye" {
+		t.Fatalf("upstream close %d %q", code, reason)
+	}
+	tg.waitLen(t, 0)
+	poll(t, "pumps to end", func() bool { return pumps() == 0 })
+}
+
+// TestParkedHeartbeat: a parked client is still pinged on time and still
+// dropped when it stops answering; it parks again between pings.
+func TestParkedHeartbeat(t *testing.T) {
+	if getPoller() == nil {
+		t.Skip("no poller on this platform")
+	}
+	up := startUpstream(t, nil, nil)
+	tg := startGateway(t, up.url, func(c *Config) {
+		c.ParkAfter = 10 * time.Millisecond
+		c.PingInterval = 150 * time.Millisecond
+		c.PongTimeout = 300 * time.Millisecond
+		c.CloseTimeout = 300 * time.Millisecond
+	})
+	rc := dialRaw(t, tg.addr(), nil)
+	uc := up.next(t)
+	c := onlyRelay(t, tg)
+	for i := 0; i < 3; i++ {
+		waitParked(t, c)
+		f, err := rc.read()
+		if err != nil || f.op != opPing {
+			t.Fatalf("frame %d: op %d (%v), want ping", i, f.op, err)
+		}
+		rc.write(cf(opPong, f.payload))
+	}
+	waitParked(t, c)
+	// Now silent: one more ping, then 1001 after PongTimeout.
+	start := time.Now()
+	f, err := rc.read()
+	if err != nil || f.op != opPing {
+		t.Fatalf("op %d (%v), want ping", f.op, err)
+	}
+	f, err = rc.read()
+	if err != nil || f.op != opClose {
+		t.Fatalf("op %d (%v), want close", f.op, err)
+	}
+	if code, reason := closeOf(f.payload); code != 1001 || reason != "ping timeout" {
+		t.Fatalf("close %d %q", code, reason)
+	}
+	if d := time.Since(start); d < 300*time.Millisecond {
+		t.Fatalf("dropped %v after the ping, before PongTimeout", d)
+	}
+	if code, reason := uc.closeCode(t); code != websocket.StatusGoingAway || reason != "ping timeout" {
+		t.Fatalf("upstream close %d %q", code, reason)
+	}
+	rc.expectEOF()
+	tg.waitLen(t, 0)
+}
+
+// TestParkedIdleTimeoutAndExpiry: timers fire for parked connections.
+func TestParkedIdleTimeout(t *testing.T) {
+	if getPoller() == nil {
+		t.Skip("no poller on this platform")
+	}
+	up := startUpstream(t, nil, nil)
+	tg := startGateway(t, up.url, func(c *Config) {
+		c.ParkAfter = 10 * time.Millisecond
+		c.PingInterval = -1
+		c.IdleTimeout = 300 * time.Millisecond
+	})
+	start := time.Now()
+	cl, _ := dialCoder(t, tg, "/", nil)
+	uc := up.next(t)
+	c := onlyRelay(t, tg)
+	waitParked(t, c)
+	_, _, err := cl.Read(context.Background())
+	var ce websocket.CloseError
+	if !errors.As(err, &ce) || ce.Code != websocket.StatusGoingAway || ce.Reason != "idle timeout" {
+		t.Fatalf("read: %v, want 1001 idle timeout", err)
+	}
+	if d := time.Since(start); d < 300*time.Millisecond {
+		t.Fatalf("closed after %v", d)
+	}
+	if code, _ := uc.closeCode(t); code != websocket.StatusGoingAway {
+		t.Fatalf("upstream close %d", code)
+	}
+	tg.waitLen(t, 0)
+}
+
+// TestParkedShutdownAndHangup: shutting down wakes parked sides for the
+// closing handshake, and a client that hangs up while parked is noticed.
+func TestParkedShutdownAndHangup(t *testing.T) {
+	if getPoller() == nil {
+		t.Skip("no poller on this platform")
+	}
+	up := startUpstream(t, nil, nil)
+	tg := startGateway(t, up.url, func(c *Config) {
+		c.ParkAfter = 10 * time.Millisecond
+		c.PingInterval = -1
+	})
+
+	// hang-up
+	rc := dialRaw(t, tg.addr(), nil)
+	uc := up.next(t)
+	waitParked(t, onlyRelay(t, tg))
+	rc.conn.Close()
+	if code, reason := uc.closeCode(t); code != websocket.StatusGoingAway || reason != "client went away" {
+		t.Fatalf("upstream close %d %q", code, reason)
+	}
+	tg.waitLen(t, 0)
+
+	// shutdown
+	cl, _ := dialCoder(t, tg, "/", nil)
+	uc = up.next(t)
+	waitParked(t, onlyRelay(t, tg))
+	errs := make(chan error, 1)
+	go func() {
+		_, _, err := cl.Read(context.Background())
+		errs <- err
+	}()
+	if !tg.g.Registry().Shutdown(waitFor) {
+		t.Fatal("Shutdown timed out")
+	}
+	if err := <-errs; websocket.CloseStatus(err) != websocket.StatusGoingAway {
+		t.Fatalf("client read: %v, want 1001", err)
+	}
+	if code, _ := uc.closeCode(t); code != websocket.StatusGoingAway {
+		t.Fatalf("upstream close %d", code)
+	}
+	poll(t, "pumps to end", func() bool { return pumps() == 0 })
+}
+
+// TestParkedSession: a session without upstream (rooms) parks its one
+// reader; frames queued for it still go out, and its messages still reach
+// the inspector, after each park.
+func TestParkedSession(t *testing.T) {
+	if getPoller() == nil {
+		t.Skip("no poller on this platform")
+	}
+	cfg := Config{ParkAfter: 10 * time.Millisecond, PingInterval: -1, CloseTimeout: time.Second}
+	if err := cfg.Prepare(); err != nil {
+		t.Fatal(err)
+	}
+	g := New(cfg, nil, nil)
+	sessions := make(chan Session, 1)
+	got := make(chan string, 16)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		g.ServeSession(w, r, RequestInfo{
+			OnStart: func(s Session) { sessions <- s },
+			Inspect: func(msg []byte, text bool) (Verdict, []byte) {
+				got <- string(msg)
+				return Drop, nil
+			},
+		}, "test.v1")
+	}))
+	t.Cleanup(func() {
+		srv.Close()
+		g.Registry().Shutdown(waitFor)
+	})
+	tg := &testGateway{g: g, srv: srv}
+	ctx := context.Background()
+	cl, _ := dialCoder(t, tg, "/", &websocket.DialOptions{Subprotocols: []string{"test.v1"}})
+	s := <-sessions
+	c := onlyRelay(t, tg)
+	for i := range 3 {
+		waitParked(t, c)
+		if !s.Enqueue(EncodeServerFrame(ws.OpText, []byte("pushed"))) {
+			t.Fatal("Enqueue refused")
+		}
+		if _, m, err := cl.Read(ctx); err != nil || string(m) != "pushed" {
+			t.Fatalf("read %d: %q %v", i, m, err)
+		}
+		waitParked(t, c)
+		msg := fmt.Sprintf("hello %d", i)
+		if err := cl.Write(ctx, websocket.MessageText, []byte(msg)); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case m := <-got:
+			if m != msg {
+				t.Fatalf("inspector got %q, want %q", m, msg)
+			}
+		case <-time.After(waitFor):
+			t.Fatal("the message did not reach the inspector")
+		}
+	}
+	waitParked(t, c)
+	s.Close(4000, "done")
+	_, _, err := cl.Read(ctx)
+	if websocket.CloseStatus(err) != 4000 {
+		t.Fatalf("read: %v, want close 4000", err)
+	}
+	tg.waitLen(t, 0)
+}

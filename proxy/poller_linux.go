@@ -1,0 +1,115 @@
+//go:build linux
+
+package proxy
+
+import (
+	"sync"
+	"syscall"
+)
+
+// poller tells parked connections that their socket is readable. It is a
+// second epoll instance next to the Go runtime's own: a parked side is
+// registered here (one-shot, level-triggered) and holds no goroutine until
+// it fires. One goroutine waits on it while anything is registered.
+type poller struct {
+	epfd int
+
+	mu      sync.Mutex
+	next    uint64
+	wake    map[uint64]func()
+	running bool
+}
+
+// pollWaitMillis bounds one epoll_wait, so the waiting goroutine notices
+// when nothing is registered any more and exits.
+const pollWaitMillis = 1000
+
+var sharedPoller = sync.OnceValue(func() *poller {
+	fd, err := syscall.EpollCreate1(syscall.EPOLL_CLOEXEC)
+	if err != nil {
+		return nil
+	}
+	return &poller{epfd: fd, wake: make(map[uint64]func())}
+})
+
+func getPoller() *poller { return sharedPoller() }
+
+// register makes an id for a side that will park; wake runs (on the
+// poller's goroutine; it must not block) each time the armed socket
+// becomes readable.
+func (p *poller) register(wake func()) uint64 {
+	p.mu.Lock()
+	p.next++
+	id := p.next
+	p.wake[id] = wake
+	p.mu.Unlock()
+	return id
+}
+
+// arm watches fd for readability once. added says whether fd is already
+// in the epoll set (so it is modified rather than added).
+func (p *poller) arm(id uint64, fd int, added bool) error {
+	ev := syscall.EpollEvent{
+		Events: syscall.EPOLLIN | syscall.EPOLLRDHUP | syscall.EPOLLONESHOT,
+		Fd:     int32(uint32(id)),
+		Pad:    int32(uint32(id >> 32)),
+	}
+	op := syscall.EPOLL_CTL_ADD
+	if added {
+		op = syscall.EPOLL_CTL_MOD
+	}
+	if err := syscall.EpollCtl(p.epfd, op, fd, &ev); err != nil {
+		return err
+	}
+	p.mu.Lock()
+	if !p.running {
+		p.running = true
+		go p.loop()
+	}
+	p.mu.Unlock()
+	return nil
+}
+
+// forget removes fd (if added) and id; a wake already on its way for id
+// may still run.
+func (p *poller) forget(id uint64, fd int, added bool) {
+	if added && fd >= 0 {
+		syscall.EpollCtl(p.epfd, syscall.EPOLL_CTL_DEL, fd, nil)
+	}
+	p.mu.Lock()
+	delete(p.wake, id)
+	p.mu.Unlock()
+}
+
+func (p *poller) loop() {
+	events := make([]syscall.EpollEvent, 128)
+	fns := make([]func(), 0, 128)
+	for {
+		n, err := syscall.EpollWait(p.epfd, events, pollWaitMillis)
+		if err != nil && err != syscall.EINTR {
+			// Nothing sensible is left to do; parked sides are woken
+			// by their timers or by closing.
+			p.mu.Lock()
+			p.running = false
+			p.mu.Unlock()
+			return
+		}
+		fns = fns[:0]
+		p.mu.Lock()
+		if n <= 0 && len(p.wake) == 0 {
+			p.running = false
+			p.mu.Unlock()
+			return
+		}
+		for _, ev := range events[:max(n, 0)] {
+			id := uint64(uint32(ev.Fd)) | uint64(uint32(ev.Pad))<<32
+			if fn := p.wake[id]; fn != nil {
+				fns = append(fns, fn)
+			}
+		}
+		p.mu.Unlock()
+		for _, fn := range fns {
+			fn()
+		}
+	}
+}
