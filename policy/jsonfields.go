@@ -1,6 +1,7 @@
 package policy
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"strings"
@@ -42,6 +43,27 @@ func ParseFieldPath(s string) (FieldPath, error) {
 // an error (parsers disagree on which one wins), and so is a non-string
 // value at a path. Keys are compared after unescaping.
 func ExtractJSONFields(doc []byte, paths []FieldPath, vals []string, found []bool) error {
+	var small [8][]byte
+	raw := small[:0]
+	if len(paths) <= len(small) {
+		raw = small[:len(paths)]
+	} else {
+		raw = make([][]byte, len(paths))
+	}
+	err := ExtractJSONFieldBytes(doc, paths, raw, found)
+	for i := range paths {
+		if found[i] {
+			vals[i] = string(raw[i])
+		}
+	}
+	return err
+}
+
+// ExtractJSONFieldBytes is ExtractJSONFields with the values as bytes: a
+// value without escapes is a slice of doc (valid as long as doc is), one
+// with escapes is unescaped into new memory. It allocates nothing for
+// documents without escapes.
+func ExtractJSONFieldBytes(doc []byte, paths []FieldPath, vals [][]byte, found []bool) error {
 	if len(paths) > 64 {
 		return errors.New("at most 64 field paths")
 	}
@@ -73,7 +95,7 @@ type jscan struct {
 	b     []byte
 	i     int
 	paths []FieldPath
-	vals  []string
+	vals  [][]byte
 	found []bool
 	depth int
 }
@@ -109,13 +131,21 @@ func (s *jscan) value(active uint64, level int, targets uint64) error {
 	case c == '[':
 		return s.array()
 	case c == '"':
-		str, err := s.str(targets != 0)
-		if err != nil {
+		start := s.i
+		raw, escaped, err := s.strRaw()
+		if err != nil || targets == 0 {
 			return err
+		}
+		if escaped {
+			u, err := jsonUnescape(s.b[start+1 : s.i-1])
+			if err != nil {
+				return err
+			}
+			raw = []byte(u)
 		}
 		for p := range s.paths {
 			if targets&(1<<uint(p)) != 0 {
-				s.vals[p] = str
+				s.vals[p] = raw
 				s.found[p] = true
 			}
 		}
@@ -363,6 +393,27 @@ func (s *jscan) strRaw() ([]byte, bool, error) {
 				}
 				acc |= x
 				j += 8
+				if j-s.i > 16 {
+					// A long run: find its end with bytes.IndexByte, which
+					// is much faster, and check the bytes before it.
+					q := bytes.IndexByte(s.b[j:], '"')
+					if q < 0 {
+						break
+					}
+					run := s.b[j : j+q]
+					if bytes.IndexByte(run, '\\') >= 0 {
+						break
+					}
+					ctl, high := ctlHigh(run)
+					if ctl {
+						return nil, false, ErrJSON
+					}
+					if high {
+						acc |= msb
+					}
+					j += q
+					break
+				}
 			}
 			if acc&msb != 0 {
 				high |= 0x80
@@ -381,23 +432,30 @@ func (s *jscan) strRaw() ([]byte, bool, error) {
 	return nil, false, ErrJSON
 }
 
-func (s *jscan) str(want bool) (string, error) {
-	start := s.i
-	raw, escaped, err := s.strRaw()
-	if err != nil || !want {
-		return "", err
-	}
-	if !escaped {
-		return string(raw), nil
-	}
-	return jsonUnescape(s.b[start+1 : s.i-1])
-}
-
 // Bytes in a word: lsb has 0x01 in each, msb 0x80.
 const (
 	lsb = 0x0101010101010101
 	msb = 0x8080808080808080
 )
+
+// ctlHigh reports whether b has a control character (below 0x20) and
+// whether it has a byte above 0x7F, eight bytes at a time.
+func ctlHigh(b []byte) (ctl, high bool) {
+	var low, acc uint64
+	i := 0
+	for ; i+8 <= len(b); i += 8 {
+		x := binary.LittleEndian.Uint64(b[i:])
+		low |= (x - lsb*0x20) &^ x // a byte below 0x20 sets its top bit
+		acc |= x
+	}
+	for ; i < len(b); i++ {
+		if b[i] < 0x20 {
+			ctl = true
+		}
+		acc |= uint64(b[i])
+	}
+	return ctl || low&msb != 0, acc&msb != 0
+}
 
 // hasZero is non-zero when some byte of x is zero.
 func hasZero(x uint64) uint64 { return (x - lsb) &^ x & msb }

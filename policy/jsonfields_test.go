@@ -3,6 +3,7 @@ package policy
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"strings"
@@ -574,4 +575,85 @@ func FuzzExtractJSONFields(f *testing.F) {
 			}
 		}
 	})
+}
+
+// TestCtlHigh checks the word-at-a-time scan against a byte loop, for a
+// control character or a high byte at every position of strings of every
+// length up to 40, next to all kinds of neighbours.
+func TestCtlHigh(t *testing.T) {
+	for n := 0; n <= 40; n++ {
+		for pos := 0; pos < n; pos++ {
+			for _, c := range []byte{0x00, 0x01, 0x1f, 0x20, 0x21, 0x7f, 0x80, 0x9f, 0xff} {
+				for _, fill := range []byte{'a', 0x20, 0x7f, 0xc3} {
+					b := bytes.Repeat([]byte{fill}, n)
+					b[pos] = c
+					wantCtl, wantHigh := false, false
+					for _, x := range b {
+						wantCtl = wantCtl || x < 0x20
+						wantHigh = wantHigh || x >= 0x80
+					}
+					if ctl, high := ctlHigh(b); ctl != wantCtl || high != wantHigh {
+						t.Fatalf("ctlHigh(%x) = %v, %v; want %v, %v", b, ctl, high, wantCtl, wantHigh)
+					}
+				}
+			}
+		}
+	}
+}
+
+// TestExtractJSONFieldsLongStrings puts one special byte sequence at every
+// position of long string values (where the scan switches to
+// bytes.IndexByte) and checks validity and the value against encoding/json.
+func TestExtractJSONFieldsLongStrings(t *testing.T) {
+	specials := []string{`\"`, `\\`, `\n`, `\u00e9`, "\x01", "\x1f", "é", "\xff", "\xc3", "😀", "\xed\xa0\x80", `\x`, `"`}
+	paths := []FieldPath{{"room"}}
+	vals := make([]string, 1)
+	found := make([]bool, 1)
+	for n := 17; n <= 90; n += 7 {
+		for pos := 0; pos <= n; pos++ {
+			for _, sp := range specials {
+				val := strings.Repeat("a", pos) + sp + strings.Repeat("b", n-pos)
+				doc := []byte(`{"room":"` + val + `","p":"` + val + `"}`)
+				var ref struct{ Room string }
+				refErr := json.Unmarshal(doc, &ref)
+				if refErr == nil && !utf8.Valid(doc) {
+					refErr = errors.New("invalid UTF-8") // encoding/json replaces it; we refuse
+				}
+				err := ExtractJSONFields(doc, paths, vals, found)
+				if (err == nil) != (refErr == nil) {
+					t.Fatalf("%q: err %v, encoding/json %v", doc, err, refErr)
+				}
+				if err == nil && (!found[0] || vals[0] != ref.Room) {
+					t.Fatalf("%q: got %q, want %q", doc, vals[0], ref.Room)
+				}
+			}
+		}
+	}
+}
+
+// TestExtractJSONFieldBytes: values without escapes are slices of the
+// document and cost no allocation; escaped ones are unescaped copies.
+func TestExtractJSONFieldBytes(t *testing.T) {
+	doc := []byte(`{"type":"say","room":"org:acme:1","p":"x"}`)
+	paths := []FieldPath{{"room"}, {"type"}}
+	vals := make([][]byte, 2)
+	found := make([]bool, 2)
+	allocs := testing.AllocsPerRun(100, func() {
+		if err := ExtractJSONFieldBytes(doc, paths, vals, found); err != nil {
+			t.Fatal(err)
+		}
+	})
+	if allocs != 0 {
+		t.Errorf("%v allocations per call, want 0", allocs)
+	}
+	if string(vals[0]) != "org:acme:1" || string(vals[1]) != "say" || !found[0] || !found[1] {
+		t.Fatalf("got %q %q %v", vals[0], vals[1], found)
+	}
+	if i := bytes.Index(doc, vals[0]); i < 0 || &doc[i] != &vals[0][0] {
+		t.Error("an unescaped value is not a slice of the document")
+	}
+	doc = []byte(`{"type":"s\u0061y","room":"org:acme:1"}`)
+	if err := ExtractJSONFieldBytes(doc, paths, vals, found); err != nil || string(vals[1]) != "say" {
+		t.Fatalf("escaped: %q %v", vals[1], err)
+	}
 }
