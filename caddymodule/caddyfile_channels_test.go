@@ -541,6 +541,15 @@ func TestChannelsInspector(t *testing.T) {
 		{`{"type":"join","payload":{"room":["chat:acme:x"]}}`, true, proxy.Drop, `{"error":"forbidden","channel":"","action":""}`},
 		{`{"type":"join","payload":{"room":"chat:\u0061cme:x"}}`, true, proxy.Pass, ""},
 		{`{"type":"join","payload":{"room":"chat:acme:*"}}`, true, proxy.Drop, `{"error":"forbidden","channel":"chat:acme:*","action":"subscribe"}`},
+		// The last decision is kept: repeats, then the same channel with
+		// another action, and the same action on another channel.
+		{`{"type":"join","payload":{"room":"chat:acme:general"}}`, true, proxy.Pass, ""},
+		{`{"type":"join","payload":{"room":"chat:acme:general"}}`, true, proxy.Pass, ""},
+		{`{"type":"say","payload":{"room":"chat:acme:general"}}`, true, proxy.Drop, `{"error":"forbidden","channel":"chat:acme:general","action":"publish"}`},
+		{`{"type":"say","payload":{"room":"chat:acme:general"}}`, true, proxy.Drop, `{"error":"forbidden","channel":"chat:acme:general","action":"publish"}`},
+		{`{"type":"say","payload":{"room":"chat:acme:alice"}}`, true, proxy.Pass, ""},
+		{`{"type":"say","payload":{"room":"chat:acme:alic"}}`, true, proxy.Drop, `{"error":"forbidden","channel":"chat:acme:alic","action":"publish"}`},
+		{`{"type":"join","payload":{"room":"chat:acme:alic"}}`, true, proxy.Pass, ""},
 	}
 	for _, tt := range tests {
 		got, reply := inspect([]byte(tt.msg), tt.text)

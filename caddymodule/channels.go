@@ -156,13 +156,28 @@ func (h *Handler) provisionChannels() error {
 
 // inspector decides relayed client messages for one connection.
 func (cs *channelState) inspector(claims policy.Claims) func([]byte, bool) (proxy.Verdict, []byte) {
+	// A connection's claims do not change, so neither does the decision
+	// for a channel and action: the last one is kept, since a connection
+	// mostly talks on one channel at a time. (The inspector runs on the
+	// client's reader only.)
+	var last struct {
+		ch, word, action string
+		allow, ok        bool
+	}
+	// Scratch for the extracted fields, kept with the connection so that
+	// a call allocates nothing; the values are slices of msg and are
+	// cleared before returning (msg is a pooled read buffer).
+	var scratch struct {
+		vals  [2][]byte
+		found [2]bool
+	}
 	return func(msg []byte, text bool) (proxy.Verdict, []byte) {
 		if !text {
 			return cs.unmatched, nil
 		}
-		var vals [2]string
-		var found [2]bool
-		err := policy.ExtractJSONFields(msg, cs.paths, vals[:len(cs.paths)], found[:len(cs.paths)])
+		vals, found := scratch.vals[:len(cs.paths)], scratch.found[:len(cs.paths)]
+		defer clear(vals)
+		err := policy.ExtractJSONFieldBytes(msg, cs.paths, vals, found)
 		if err != nil {
 			if errors.Is(err, policy.ErrJSON) && !looksLikeObject(msg) {
 				return cs.unmatched, nil // not JSON at all: the app's other frames
@@ -172,18 +187,22 @@ func (cs *channelState) inspector(claims policy.Claims) func([]byte, bool) (prox
 		if !found[0] {
 			return cs.unmatched, nil
 		}
-		ch, word := vals[0], ""
+		ch, word := vals[0], []byte(nil)
 		if len(cs.paths) > 1 && found[1] {
 			word = vals[1]
 		}
-		action := word
-		if a, ok := cs.words[word]; ok {
-			action = a
+		if !last.ok || string(ch) != last.ch || string(word) != last.word {
+			last.ch, last.word, last.ok = string(ch), string(word), true
+			last.action = last.word
+			if a, ok := cs.words[last.word]; ok {
+				last.action = a
+			}
+			last.allow = cs.policy.Decide(last.action, last.ch, claims) == policy.Allow
 		}
-		if cs.policy.Decide(action, ch, claims) == policy.Allow {
+		if last.allow {
 			return proxy.Pass, nil
 		}
-		return cs.deny, cs.replyFor(ch, action)
+		return cs.deny, cs.replyFor(last.ch, last.action)
 	}
 }
 
