@@ -12,7 +12,7 @@ import (
 )
 
 // TestControlFrameAtReadBufferEnd puts a control frame's header at the
-// very end of the gateway's 16 KiB read buffer, so its payload arrives in
+// very end of the gateway's read buffer, so its payload arrives in
 // the next read. The gateway used to slice the payload out of the buffer
 // without reading it (handleClose, ownPong, a dropped control frame):
 // stale bytes, or a slice-bounds panic that killed the process.

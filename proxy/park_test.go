@@ -279,3 +279,27 @@ func TestParkedSession(t *testing.T) {
 	}
 	tg.waitLen(t, 0)
 }
+
+// TestConfigNowMonotonic: with the real clock the rate limits read the
+// monotonic clock alone; it agrees with time.Now, and an injected clock
+// is used as is.
+func TestConfigNowMonotonic(t *testing.T) {
+	var cfg Config
+	if err := cfg.Prepare(); err != nil {
+		t.Fatal(err)
+	}
+	before := time.Now()
+	got := cfg.now()
+	after := time.Now()
+	if got.Before(before) || got.After(after) {
+		t.Fatalf("now() = %v, not between %v and %v", got, before, after)
+	}
+	clock := newFakeClock()
+	cfg = Config{Now: clock.Now}
+	if err := cfg.Prepare(); err != nil {
+		t.Fatal(err)
+	}
+	if got := cfg.now(); !got.Equal(clock.Now()) {
+		t.Fatalf("now() = %v with an injected clock at %v", got, clock.Now())
+	}
+}

@@ -52,6 +52,7 @@ type peer struct {
 	limits   Limits
 	msgLim   *rate.Limiter
 	byteLim  *rate.Limiter
+	byteMax  int64 // byteLim's burst
 
 	wmu       sync.Mutex
 	broken    bool        // guarded by wmu: a frame to this side was cut short
@@ -108,6 +109,7 @@ func (p *peer) setLimits(l Limits) {
 				b = max(1, int(math.Ceil(r.Bytes)))
 			}
 			p.byteLim = rate.NewLimiter(rate.Limit(r.Bytes), b)
+			p.byteMax = int64(b)
 		}
 	}
 }
@@ -342,10 +344,10 @@ func (c *relay) finish() {
 // closes, fails or breaks a rule.
 func (c *relay) relayFrames(src, dst *peer) error {
 	rd := &src.rd
-	whole := 0
-	if src.isClient && (c.refresh != nil || c.inspect != nil) || !src.isClient && c.control != nil {
-		whole = maxWholeMessage
-	}
+	// Frames that fit in the read buffer are read whole before they are
+	// forwarded: they can be inspected in place, and they leave in one
+	// write with the frames around them instead of in pieces.
+	whole := maxWholeMessage
 	defer c.flush(src, dst)
 	for {
 		if rd.buffered() == 0 {
@@ -622,14 +624,14 @@ func (c *relay) limit(src *peer, msg bool, n int64) (drop bool, err error) {
 	if src.msgLim == nil && src.byteLim == nil {
 		return false, nil
 	}
-	now := c.cfg.Now()
+	now := c.cfg.now()
 	if src.limits.Rate.OnExceed == ExceedThrottle {
 		var wait time.Duration
 		if msg && src.msgLim != nil {
 			wait = src.msgLim.ReserveN(now, 1).DelayFrom(now)
 		}
 		if src.byteLim != nil {
-			wait = max(wait, src.byteLim.ReserveN(now, int(min(n, int64(src.byteLim.Burst())))).DelayFrom(now))
+			wait = max(wait, src.byteLim.ReserveN(now, int(min(n, src.byteMax))).DelayFrom(now))
 		}
 		if wait > 0 {
 			t := time.NewTimer(wait)
@@ -647,7 +649,7 @@ func (c *relay) limit(src *peer, msg bool, n int64) (drop bool, err error) {
 		ok = src.msgLim.AllowN(now, 1)
 	}
 	if ok && src.byteLim != nil {
-		ok = src.byteLim.AllowN(now, int(min(n, int64(src.byteLim.Burst()))))
+		ok = src.byteLim.AllowN(now, int(min(n, src.byteMax)))
 	}
 	if ok {
 		return false, nil

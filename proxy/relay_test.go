@@ -244,8 +244,9 @@ func TestUpstreamMaxMessage(t *testing.T) {
 }
 
 func TestProtocolErrors(t *testing.T) {
-	big := textOfSize(40000)
-	bad := append(append(append([]byte(nil), big[:30000]...), 0xFF), big[30001:]...)
+	big := textOfSize(2 * readBufSize)
+	at := readBufSize + 1000 // past the first read buffer's worth
+	bad := append(append(append([]byte(nil), big[:at]...), 0xFF), big[at+1:]...)
 	type tc struct {
 		name   string
 		frames [][]byte
@@ -276,7 +277,7 @@ func TestProtocolErrors(t *testing.T) {
 		{name: "surrogate across fragments", frames: [][]byte{cfrag(opText, []byte("\xed")), cfrag(opCont, []byte("\xa0")), cf(opCont, []byte("\x80"))}, code: 1007},
 		{name: "truncated UTF-8 at the last fragment", frames: [][]byte{cfrag(opText, []byte("ab")), cf(opCont, []byte("\xf0\x9f\x98"))}, code: 1007},
 		{name: "truncated UTF-8 then empty last fragment", frames: [][]byte{cfrag(opText, []byte("\xf0\x9f")), cf(opCont, nil)}, code: 1007},
-		// The first 16 KiB went out before the bad byte was seen: the
+		// The first read buffer's worth went out before the bad byte was seen: the
 		// upstream's frame is cut, so it gets no close frame.
 		{name: "invalid UTF-8 deep in a large frame", frames: [][]byte{cf(opText, bad)}, code: 1007, upCode: -1},
 		{name: "close code 1005", frames: [][]byte{cf(opClose, closePayload(1005, ""))}, code: 1002},

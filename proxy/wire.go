@@ -15,7 +15,7 @@ import (
 
 // readBufSize is the size of the pooled read buffers. A frame larger than
 // this streams through the buffer in chunks; it never needs a bigger one.
-const readBufSize = 16 << 10
+const readBufSize = 64 << 10
 
 // longAgo is a deadline that has always passed.
 var longAgo = time.Unix(1, 0)
@@ -44,6 +44,12 @@ type wireReader struct {
 	// track makes successful reads record lastRead (mono time).
 	track    bool
 	lastRead int64
+
+	// readFD is readReady as a func value, made once; n and rerr are its
+	// results.
+	readFD func(uintptr) bool
+	n      int
+	rerr   error
 
 	// beforeRefill runs before the buffer is refilled or compacted: bytes
 	// still waiting in it (frames to be written) must leave first.
@@ -210,24 +216,13 @@ func (wr *wireReader) waitIdle() error {
 		}
 		return err
 	}
-	var n int
-	var rerr error
-	err := wr.raw.Read(func(fd uintptr) bool {
-		buf := readBufPool.Get().(*[]byte)
-		for {
-			n, rerr = syscall.Read(int(fd), *buf)
-			if rerr == syscall.EINTR {
-				continue
-			}
-			break
-		}
-		if rerr == syscall.EAGAIN {
-			readBufPool.Put(buf)
-			return false
-		}
-		wr.buf, wr.r, wr.w = buf, 0, 0
-		return true
-	})
+	if wr.readFD == nil {
+		wr.readFD = wr.readReady
+	}
+	wr.n, wr.rerr = 0, nil
+	err := wr.raw.Read(wr.readFD)
+	n, rerr := wr.n, wr.rerr
+	wr.rerr = nil
 	if err != nil {
 		if wr.buf != nil {
 			readBufPool.Put(wr.buf)
@@ -245,6 +240,24 @@ func (wr *wireReader) waitIdle() error {
 	}
 	wr.w = n
 	return nil
+}
+
+// readReady is the raw read callback of waitIdle: it reads into a pooled
+// buffer once the kernel has bytes (n, rerr hold the result).
+func (wr *wireReader) readReady(fd uintptr) bool {
+	buf := readBufPool.Get().(*[]byte)
+	for {
+		wr.n, wr.rerr = syscall.Read(int(fd), *buf)
+		if wr.rerr != syscall.EINTR {
+			break
+		}
+	}
+	if wr.rerr == syscall.EAGAIN {
+		readBufPool.Put(buf)
+		return false
+	}
+	wr.buf, wr.r, wr.w = buf, 0, 0
+	return true
 }
 
 // kick ends the current idle wait if it began at least after ago (mono
