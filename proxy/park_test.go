@@ -224,27 +224,12 @@ func TestParkedSession(t *testing.T) {
 	if getPoller() == nil {
 		t.Skip("no poller on this platform")
 	}
-	cfg := Config{ParkAfter: 10 * time.Millisecond, PingInterval: -1, CloseTimeout: time.Second}
-	if err := cfg.Prepare(); err != nil {
-		t.Fatal(err)
-	}
-	g := New(cfg, nil, nil)
-	sessions := make(chan Session, 1)
 	got := make(chan string, 16)
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		g.ServeSession(w, r, RequestInfo{
-			OnStart: func(s Session) { sessions <- s },
-			Inspect: func(msg []byte, text bool) (Verdict, []byte) {
-				got <- string(msg)
-				return Drop, nil
-			},
-		}, "test.v1")
-	}))
-	t.Cleanup(func() {
-		srv.Close()
-		g.Registry().Shutdown(waitFor)
-	})
-	tg := &testGateway{g: g, srv: srv}
+	tg, sessions := startSession(t, Config{ParkAfter: 10 * time.Millisecond, PingInterval: -1, CloseTimeout: time.Second},
+		func(msg []byte, text bool) (Verdict, []byte) {
+			got <- string(msg)
+			return Drop, nil
+		})
 	ctx := context.Background()
 	cl, _ := dialCoder(t, tg, "/", &websocket.DialOptions{Subprotocols: []string{"test.v1"}})
 	s := <-sessions
@@ -302,4 +287,28 @@ func TestConfigNowMonotonic(t *testing.T) {
 	if got := cfg.now(); !got.Equal(clock.Now()) {
 		t.Fatalf("now() = %v with an injected clock at %v", got, clock.Now())
 	}
+}
+
+// startSession serves sessions without upstream (subprotocol test.v1) with
+// cfg and inspect; each session started is sent on the channel.
+func startSession(t *testing.T, cfg Config, inspect func([]byte, bool) (Verdict, []byte)) (*testGateway, chan Session) {
+	t.Helper()
+	if err := cfg.Prepare(); err != nil {
+		t.Fatal(err)
+	}
+	g := New(cfg, nil, nil)
+	sessions := make(chan Session, 16)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		g.ServeSession(w, r, RequestInfo{
+			OnStart: func(s Session) { sessions <- s },
+			Inspect: inspect,
+		}, "test.v1")
+	}))
+	t.Cleanup(func() {
+		srv.Close()
+		if !g.Registry().Shutdown(waitFor) {
+			t.Errorf("registry shutdown: %d connections still alive", g.Registry().Len())
+		}
+	})
+	return &testGateway{g: g, srv: srv}, sessions
 }

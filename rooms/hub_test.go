@@ -450,3 +450,45 @@ func TestHubHandleDropsDataThatIsNotJSON(t *testing.T) {
 			"drop and log data for which !utf8.Valid(data) || !json.Valid(data)", strings.Join(bad, ", "))
 	}
 }
+
+// TestHubLargeRoomInOrder: in a room of 1,000, every subscriber gets every
+// publication once, in order, as the one frame encoded for it.
+func TestHubLargeRoomInOrder(t *testing.T) {
+	ctx := context.Background()
+	h, _ := newMemoryHub(t)
+	const subs, msgs = 1000, 20
+	sessions := make([]*fakeSession, subs)
+	for i := range sessions {
+		s := &fakeSession{}
+		c := rooms.NewConn(h, rooms.ConnConfig{})
+		c.Attach(s)
+		t.Cleanup(c.Close)
+		if perr := c.Subscribe(ctx, "big"); perr != nil {
+			t.Fatal(perr)
+		}
+		sessions[i] = s
+	}
+	for m := range msgs {
+		h.Handle("big", []byte(fmt.Sprintf(`{"n":%d}`, m)))
+	}
+	first := sessions[0].queued()
+	if len(first) != msgs {
+		t.Fatalf("subscriber 0 got %d frames, want %d", len(first), msgs)
+	}
+	for m, f := range first {
+		if want := fmt.Sprintf(`{"n":%d}}`, m); !bytes.HasSuffix(f, []byte(want)) {
+			t.Fatalf("frame %d is %q, want it to end in %s", m, f, want)
+		}
+	}
+	for i, s := range sessions {
+		got := s.queued()
+		if len(got) != msgs {
+			t.Fatalf("subscriber %d got %d frames, want %d", i, len(got), msgs)
+		}
+		for m := range got {
+			if &got[m][0] != &first[m][0] {
+				t.Fatalf("subscriber %d, message %d: not the shared frame (or out of order)", i, m)
+			}
+		}
+	}
+}

@@ -1,0 +1,115 @@
+package proxy
+
+import (
+	"bytes"
+	"encoding/binary"
+	"net/http"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/gobwas/ws"
+)
+
+// sendFrame is frame i of a send test: size bytes, numbered, and filled
+// with a byte that depends on i, so that a cut or interleaved frame shows.
+func sendFrame(i, size int) []byte {
+	p := bytes.Repeat([]byte{byte(i % 251)}, size)
+	binary.BigEndian.PutUint32(p, uint32(i))
+	return p
+}
+
+// TestEnqueueUnderBackpressure: frames queued for a client that does not
+// read for a while fill the socket (frames are cut mid-way by the kernel,
+// and the rest waits in the queue); once it reads, every frame arrives
+// whole and in order, and pings and a close from other goroutines never
+// land inside one.
+func TestEnqueueUnderBackpressure(t *testing.T) {
+	const n, size = 300, 48 << 10 // ~14 MB: far more than the socket buffers
+	tg, sessions := startSession(t, Config{PingInterval: -1, SendQueue: n + 10, ParkAfter: -1}, dropAll)
+	rc := dialRaw(t, tg.addr(), http.Header{"Sec-WebSocket-Protocol": {"test.v1"}})
+	s := <-sessions
+	c := onlyRelay(t, tg)
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for i := range n {
+			if !s.Enqueue(EncodeServerFrame(ws.OpBinary, sendFrame(i, size))) {
+				t.Errorf("Enqueue %d refused", i)
+				return
+			}
+			if i%50 == 0 {
+				// Another writer to the same client: a control frame.
+				c.writeControl(&c.client, ws.OpPing, []byte{byte(i)})
+			}
+		}
+	}()
+	// The writer must be stuck on a full socket before the client reads.
+	poll(t, "the send queue to back up", func() bool {
+		c.qmu.Lock()
+		defer c.qmu.Unlock()
+		return len(c.queue) > 0
+	})
+	pings := 0
+	for i := 0; i < n; {
+		f, err := rc.read()
+		if err != nil {
+			t.Fatalf("frame %d: %v", i, err)
+		}
+		if f.op == opPing {
+			pings++
+			continue
+		}
+		if f.op != opBinary || !bytes.Equal(f.payload, sendFrame(i, size)) {
+			t.Fatalf("frame %d: op %d, %d bytes, starts %x", i, f.op, len(f.payload), f.payload[:min(8, len(f.payload))])
+		}
+		i++
+	}
+	wg.Wait()
+	s.Close(4000, "done")
+	for {
+		f, err := rc.read()
+		if err != nil {
+			t.Fatalf("waiting for the close: %v", err)
+		}
+		if f.op == opPing {
+			pings++
+			continue
+		}
+		if code, reason := closeOf(f.payload); f.op != opClose || code != 4000 || reason != "done" {
+			t.Fatalf("got op %d %q, want close 4000", f.op, f.payload)
+		}
+		break
+	}
+	if pings != 6 {
+		t.Fatalf("%d pings, want 6", pings)
+	}
+	rc.write(cf(opClose, closePayload(4000, "")))
+	tg.waitLen(t, 0)
+}
+
+// TestEnqueueSlowConsumer: a client that never reads fills its queue;
+// Enqueue then refuses and the connection is dropped (1013, or cut off
+// after CloseTimeout when even the close frame does not fit).
+func TestEnqueueSlowConsumer(t *testing.T) {
+	tg, sessions := startSession(t, Config{PingInterval: -1, SendQueue: 8, CloseTimeout: 200 * time.Millisecond}, dropAll)
+	dialRaw(t, tg.addr(), http.Header{"Sec-WebSocket-Protocol": {"test.v1"}})
+	s := <-sessions
+	refused := -1
+	for i := range 10000 {
+		if !s.Enqueue(EncodeServerFrame(ws.OpBinary, sendFrame(i, 64<<10))) {
+			refused = i
+			break
+		}
+	}
+	if refused < 0 {
+		t.Fatal("10000 frames of 64 KiB queued for a client that does not read")
+	}
+	if s.Enqueue(EncodeServerFrame(ws.OpBinary, []byte("more"))) {
+		t.Fatal("Enqueue accepted a frame after refusing one")
+	}
+	tg.waitLen(t, 0)
+}
+
+func dropAll([]byte, bool) (Verdict, []byte) { return Drop, nil }
