@@ -3,6 +3,7 @@ package bench
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -54,6 +55,8 @@ type fanPhase struct {
 	publishes int64 // Redis PUBLISH calls during the phase (INFO commandstats)
 
 	cpuA, cpuB, cpuRedis, cpuGen float64 // cores used during the sending window
+
+	runsP99 []time.Duration // p99 of every run of the phase (this one is the median)
 }
 
 // fanResult is what scenario d measured.
@@ -155,7 +158,7 @@ func (e *env) runFanout(ctx context.Context) (res *fanResult, err error) {
 	if bad := warm.problem(); bad != "" {
 		return res, fmt.Errorf("warm-up: the phase %s", bad)
 	}
-	res.baseline, err = fs.phase(ctx, e.p.fanRate, e.p.fanDur)
+	res.baseline, err = fs.medianPhase(ctx, e.p.fanRate, e.p.fanDur)
 	if err != nil {
 		return res, fmt.Errorf("baseline: %w", err)
 	}
@@ -169,7 +172,7 @@ func (e *env) runFanout(ctx context.Context) (res *fanResult, err error) {
 		res.stop = fmt.Sprintf("the last step (%s publishes/s) kept p99 under %v", count(e.p.fanSteps[len(e.p.fanSteps)-1]), fanP99Limit)
 	}
 	for _, rate := range e.p.fanSteps {
-		ph, err := fs.phase(ctx, rate, e.p.fanStepDur)
+		ph, err := fs.medianPhase(ctx, rate, e.p.fanStepDur)
 		if err != nil {
 			return res, fmt.Errorf("step %.0f/s: %w", rate, err)
 		}
@@ -195,6 +198,30 @@ func (e *env) runFanout(ctx context.Context) (res *fanResult, err error) {
 		}
 	}
 	return res, nil
+}
+
+// medianPhase runs a phase once per run (Options.Runs) and returns the
+// run with the median p99, with every run's p99 in runsP99. A run with a
+// problem (loss, a closed subscriber, falling behind) is returned at once.
+func (fs *fanState) medianPhase(ctx context.Context, rate float64, dur time.Duration) (*fanPhase, error) {
+	var runs []*fanPhase
+	for range max(1, fs.e.p.runs) {
+		ph, err := fs.phase(ctx, rate, dur)
+		if err != nil {
+			return nil, err
+		}
+		if ph.problem() != "" {
+			ph.runsP99 = []time.Duration{ph.p99}
+			return ph, nil
+		}
+		runs = append(runs, ph)
+	}
+	slices.SortFunc(runs, func(a, b *fanPhase) int { return cmp.Compare(a.p99, b.p99) })
+	med := runs[(len(runs)-1)/2]
+	for _, ph := range runs {
+		med.runsP99 = append(med.runsP99, ph.p99)
+	}
+	return med, nil
 }
 
 // problem says what makes a phase unfit to go on from, if anything.
