@@ -30,13 +30,18 @@ var latVariants = []string{vWsgate, vStock, vDirect}
 func (e *env) runLatency(ctx context.Context, c *caddyProc) (*latResult, error) {
 	res := &latResult{ping: map[string][]latStats{}, open: map[string][]latStats{}}
 	for r := range e.p.runs {
+		vs := make([]variant, 0, len(latVariants))
 		for _, name := range order(latVariants, r) {
-			s, err := e.pingPongOnce(ctx, e.variant(c, name))
-			if err != nil {
-				return res, fmt.Errorf("ping-pong %s, run %d: %w", name, r+1, err)
-			}
-			e.logf("  b ping-pong %-8s run %d: p50 %v p99 %v p999 %v", name, r+1, s.p50, s.p99, s.p999)
-			res.ping[name] = append(res.ping[name], s)
+			vs = append(vs, e.variant(c, name))
+		}
+		stats, err := e.pingPongRun(ctx, vs)
+		if err != nil {
+			return res, fmt.Errorf("ping-pong run %d: %w", r+1, err)
+		}
+		for i, v := range vs {
+			s := stats[i]
+			e.logf("  b ping-pong %-8s run %d: p50 %v p99 %v p999 %v", v.name, r+1, s.p50, s.p99, s.p999)
+			res.ping[v.name] = append(res.ping[v.name], s)
 		}
 	}
 	for r := range e.p.runs {
@@ -52,43 +57,81 @@ func (e *env) runLatency(ctx context.Context, c *caddyProc) (*latResult, error) 
 	return res, nil
 }
 
-// pingPongOnce sends one message at a time on one connection and times
-// each echo.
-func (e *env) pingPongOnce(ctx context.Context, v variant) (latStats, error) {
-	cl, err := dialClient(v, 0, 4096)
-	if err != nil {
-		return latStats{}, err
+// pingPongBlock is how many round trips one variant makes before the next
+// variant's turn in a ping-pong run.
+const pingPongBlock = 100
+
+// pingPongRun sends one message at a time on one connection per variant
+// and times each echo. The variants take turns in blocks of pingPongBlock
+// round trips, so that all of them see the machine in the same state
+// (on this kind of machine round trips are either fast or slow for seconds
+// at a time, whatever the variant).
+func (e *env) pingPongRun(ctx context.Context, vs []variant) ([]latStats, error) {
+	type conn struct {
+		cl   *client
+		rtts []time.Duration
+		i    int // round trips made
 	}
-	defer cl.conn.Close()
-	cl.conn.SetDeadline(time.Now().Add(2 * time.Minute))
-	msg, buf := payload(64), make([]byte, 4096)
-	rtts := make([]time.Duration, 0, e.p.pingRounds)
-	for i := range e.p.pingWarm + e.p.pingRounds {
-		if i%256 == 0 && ctx.Err() != nil {
-			return latStats{}, ctx.Err()
+	conns := make([]*conn, len(vs))
+	defer func() {
+		for _, c := range conns {
+			if c != nil {
+				c.cl.conn.Close()
+			}
 		}
-		putTS(msg, int64(i))
-		t := time.Now()
-		if err := cl.write(ws.OpText, msg); err != nil {
-			return latStats{}, err
-		}
-		if err := cl.bw.Flush(); err != nil {
-			return latStats{}, err
-		}
-		got, err := cl.read(buf)
+	}()
+	for k, v := range vs {
+		cl, err := dialClient(v, 0, 4096)
 		if err != nil {
-			return latStats{}, err
+			return nil, err
 		}
-		d := time.Since(t)
-		if ts, ok := getTS(got); !ok || ts != int64(i) {
-			return latStats{}, fmt.Errorf("echo %d came back as %q", i, got)
-		}
-		if i >= e.p.pingWarm {
-			rtts = append(rtts, d)
+		cl.conn.SetDeadline(time.Now().Add(2 * time.Minute))
+		conns[k] = &conn{cl: cl, rtts: make([]time.Duration, 0, e.p.pingRounds)}
+	}
+	msg, buf := payload(64), make([]byte, 4096)
+	total := e.p.pingWarm + e.p.pingRounds
+	for done := false; !done; {
+		done = true
+		for k, c := range conns {
+			for range pingPongBlock {
+				if c.i >= total {
+					break
+				}
+				if ctx.Err() != nil {
+					return nil, ctx.Err()
+				}
+				i := c.i
+				putTS(msg, int64(i))
+				t := time.Now()
+				if err := c.cl.write(ws.OpText, msg); err != nil {
+					return nil, fmt.Errorf("%s: %w", vs[k].name, err)
+				}
+				if err := c.cl.bw.Flush(); err != nil {
+					return nil, fmt.Errorf("%s: %w", vs[k].name, err)
+				}
+				got, err := c.cl.read(buf)
+				if err != nil {
+					return nil, fmt.Errorf("%s: %w", vs[k].name, err)
+				}
+				d := time.Since(t)
+				if ts, ok := getTS(got); !ok || ts != int64(i) {
+					return nil, fmt.Errorf("%s: echo %d came back as %q", vs[k].name, i, got)
+				}
+				if i >= e.p.pingWarm {
+					c.rtts = append(c.rtts, d)
+				}
+				c.i++
+			}
+			done = done && c.i >= total
 		}
 	}
-	cl.conn.Close()
-	return summarize(rtts), e.up.waitConns(ctx, 0, 30*time.Second)
+	stats := make([]latStats, len(conns))
+	for k, c := range conns {
+		stats[k] = summarize(c.rtts)
+		c.cl.conn.Close()
+	}
+	conns = nil
+	return stats, e.up.waitConns(ctx, 0, 30*time.Second)
 }
 
 // openLoopOnce sends on a fixed schedule, whatever the echoes do: each of

@@ -375,7 +375,8 @@ func (r *report) latSection(w writer) {
 	if !r.section(w, 'b', r.latErr) {
 		return
 	}
-	w("**Ping-pong**: one connection, one %d-byte message at a time, %s round trips timed after %d of warm-up.\n", len(payload(64)), count(float64(r.p.pingRounds)), r.p.pingWarm)
+	w("**Ping-pong**: one connection per variant, one %d-byte message at a time, %s round trips timed after %d of warm-up;\n", len(payload(64)), count(float64(r.p.pingRounds)), r.p.pingWarm)
+	w("the variants take turns every %d round trips, so that they all meet the machine's slow and fast spells.\n", pingPongBlock)
 	w("**Open loop**: %d connections sending %s msg/s in all on a fixed schedule (staggered, whatever the\n", r.p.openConns, count(float64(r.p.openRate)))
 	w("echoes do) for %v after %v of warm-up; each message carries its send time. Added latency is the\n", r.p.openDur, r.p.openWarm)
 	w("variant's percentile minus direct's in the same run.\n\n")
