@@ -43,13 +43,7 @@ func ParseFieldPath(s string) (FieldPath, error) {
 // an error (parsers disagree on which one wins), and so is a non-string
 // value at a path. Keys are compared after unescaping.
 func ExtractJSONFields(doc []byte, paths []FieldPath, vals []string, found []bool) error {
-	var small [8][]byte
-	raw := small[:0]
-	if len(paths) <= len(small) {
-		raw = small[:len(paths)]
-	} else {
-		raw = make([][]byte, len(paths))
-	}
+	raw := make([][]byte, len(paths))
 	err := ExtractJSONFieldBytes(doc, paths, raw, found)
 	for i := range paths {
 		if found[i] {
