@@ -436,17 +436,27 @@ const (
 // whether it has a byte above 0x7F, eight bytes at a time.
 func ctlHigh(b []byte) (ctl, high bool) {
 	var low, acc uint64
-	i := 0
-	for ; i+8 <= len(b); i += 8 {
-		x := binary.LittleEndian.Uint64(b[i:])
-		low |= (x - lsb*0x20) &^ x // a byte below 0x20 sets its top bit
-		acc |= x
+	for len(b) >= 32 {
+		x0 := binary.LittleEndian.Uint64(b)
+		x1 := binary.LittleEndian.Uint64(b[8:])
+		x2 := binary.LittleEndian.Uint64(b[16:])
+		x3 := binary.LittleEndian.Uint64(b[24:])
+		// a byte below 0x20 sets its top bit in (x - 0x20…) &^ x
+		low |= (x0-lsb*0x20)&^x0 | (x1-lsb*0x20)&^x1 | (x2-lsb*0x20)&^x2 | (x3-lsb*0x20)&^x3
+		acc |= x0 | x1 | x2 | x3
+		b = b[32:]
 	}
-	for ; i < len(b); i++ {
-		if b[i] < 0x20 {
+	for len(b) >= 8 {
+		x := binary.LittleEndian.Uint64(b)
+		low |= (x - lsb*0x20) &^ x
+		acc |= x
+		b = b[8:]
+	}
+	for _, c := range b {
+		if c < 0x20 {
 			ctl = true
 		}
-		acc |= uint64(b[i])
+		acc |= uint64(c)
 	}
 	return ctl || low&msb != 0, acc&msb != 0
 }

@@ -579,9 +579,9 @@ func FuzzExtractJSONFields(f *testing.F) {
 
 // TestCtlHigh checks the word-at-a-time scan against a byte loop, for a
 // control character or a high byte at every position of strings of every
-// length up to 40, next to all kinds of neighbours.
+// length up to 80, next to all kinds of neighbours.
 func TestCtlHigh(t *testing.T) {
-	for n := 0; n <= 40; n++ {
+	for n := 0; n <= 80; n++ {
 		for pos := 0; pos < n; pos++ {
 			for _, c := range []byte{0x00, 0x01, 0x1f, 0x20, 0x21, 0x7f, 0x80, 0x9f, 0xff} {
 				for _, fill := range []byte{'a', 0x20, 0x7f, 0xc3} {
