@@ -88,10 +88,12 @@ func (r *rawConn) readCloseNoFail(within time.Duration) (int, string) {
 }
 
 // TestNoLeaksAfterWaves opens and closes 2,000 connections in waves; the
-// gateway's goroutines and open files return to their baseline.
+// gateway's goroutines and open files return to their baseline. Parking is
+// off, so that each open connection holds its two reader goroutines
+// (TestIdleConnectionsPark covers parked ones).
 func TestNoLeaksAfterWaves(t *testing.T) {
 	up := startUpstream(t)
-	g := startGateway(t, relaySite(up.URL, ""))
+	g := startGateway(t, relaySite(up.URL, "\t\tpark_after off"))
 	// warm up once so lazily started goroutines (pools, timers) exist
 	dial(t, g, "/ws", nil).Close(websocket.StatusNormalClosure, "")
 	eventually(t, 10*time.Second, "warm-up connection to end", func() bool { return g.goroutines() < 100 })
@@ -211,4 +213,69 @@ func TestHTTP2ExtendedConnectRefused(t *testing.T) {
 	if resp.ProtoMajor != 2 || resp.StatusCode != http.StatusNotImplemented || !strings.Contains(string(body), "HTTP/1.1") {
 		t.Fatalf("got HTTP/%d %d %q, want HTTP/2 501 asking for HTTP/1.1", resp.ProtoMajor, resp.StatusCode, body)
 	}
+}
+
+// TestIdleConnectionsPark: with park_after, 500 idle relayed connections
+// give up their reader goroutines (the count goes back to the baseline
+// while they are open), then every one of them still echoes, three rounds
+// over, and ends cleanly, abruptly or not. (Heartbeats and timers of parked
+// connections are covered in the proxy package.)
+func TestIdleConnectionsPark(t *testing.T) {
+	up := startUpstream(t)
+	g := startGateway(t, relaySite(up.URL, "\t\tpark_after 100ms"))
+	dial(t, g, "/ws", nil).Close(websocket.StatusNormalClosure, "")
+	eventually(t, 10*time.Second, "warm-up connection to end", func() bool { return g.goroutines() < 100 })
+	baseG, baseF := g.goroutines(), g.openFiles()
+
+	const n = 500
+	ctx := ctxT(t, 60*time.Second)
+	conns := make([]*websocket.Conn, n)
+	for i := range conns {
+		conns[i] = dial(t, g, "/ws", nil)
+	}
+	echoAll := func(round int) {
+		t.Helper()
+		var wg sync.WaitGroup
+		errs := make(chan error, n)
+		for i, c := range conns {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				msg := fmt.Sprintf("%d/%d", round, i)
+				if err := c.Write(ctx, websocket.MessageText, []byte(msg)); err != nil {
+					errs <- err
+					return
+				}
+				if _, got, err := c.Read(ctx); err != nil || string(got) != msg {
+					errs <- fmt.Errorf("connection %d: %q, %v", i, got, err)
+				}
+			}()
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			t.Fatalf("round %d: %v", round, err)
+		}
+	}
+	for round := range 3 {
+		echoAll(round)
+		eventually(t, 20*time.Second, "idle connections to park", func() bool {
+			return g.goroutines() <= baseG+10
+		})
+		if f := g.openFiles(); f < 2*n {
+			t.Fatalf("round %d: %d open files, want at least %d (two sockets a connection): connections were closed, not parked", round, f, 2*n)
+		}
+	}
+	t.Logf("%d parked connections: %d goroutines (baseline %d), %d open files (baseline %d)",
+		n, g.goroutines(), baseG, g.openFiles(), baseF)
+	for i, c := range conns {
+		if i%2 == 0 {
+			c.Close(websocket.StatusNormalClosure, "")
+		} else {
+			c.CloseNow()
+		}
+	}
+	eventually(t, 30*time.Second, "goroutines and files back to baseline", func() bool {
+		return g.goroutines() <= baseG+5 && g.openFiles() <= baseF+5
+	})
 }
