@@ -116,15 +116,17 @@ func (p *peer) setLimits(l Limits) {
 
 // relay is one client connection and its upstream connection.
 type relay struct {
-	g                *Gateway
-	cfg              *Config
-	client, upstream peer
+	g        *Gateway
+	cfg      *Config
+	client   peer
+	upstream *peer // noUpstream in solo mode (allocated only for a real upstream)
 
 	closing      atomic.Bool
 	closeBy      atomic.Int64 // mono deadline of the closing handshake
 	ended        atomic.Int32
-	lastData     atomic.Int64 // mono time of the last data message, if idle timeout is on
-	quit         chan struct{}
+	lastData     atomic.Int64  // mono time of the last data message, if idle timeout is on
+	quit         chan struct{} // closed when closing begins; made on first use (guarded by qmu)
+	quitClosed   bool          // guarded by qmu
 	finishedOnce sync.Once
 
 	onClose func()
@@ -152,23 +154,30 @@ type relay struct {
 	timer     *time.Timer // wakes the parked client when nextTick is due
 }
 
+// noUpstream is the upstream side of every solo (rooms) relay: a side with
+// no connection, which nothing writes to (writes to a side without a
+// connection return at once, and a solo relay never passes a message on),
+// so that solo relays need not allocate one.
+var noUpstream peer
+
 func newRelay(g *Gateway, client, upstream net.Conn, info *RequestInfo) *relay {
-	c := &relay{g: g, cfg: &g.cfg, quit: make(chan struct{})}
+	c := &relay{g: g, cfg: &g.cfg}
 	c.client.conn, c.client.isClient = client, true
 	c.client.rd.init(client)
 	if upstream != nil {
-		c.upstream.conn = upstream
+		c.upstream = &peer{conn: upstream}
 		c.upstream.rd.init(upstream)
+		c.upstream.setLimits(g.cfg.Upstream)
 	} else {
 		c.solo = true
+		c.upstream = &noUpstream
 	}
 	c.client.setLimits(g.cfg.Client)
-	c.upstream.setLimits(g.cfg.Upstream)
 	// Waiting frames are written before the read buffer is refilled or
 	// compacted (which would move or overwrite them).
-	c.client.rd.beforeRefill = func() error { return c.flush(&c.client, &c.upstream) }
+	c.client.rd.beforeRefill = func() error { return c.flush(&c.client, c.upstream) }
 	if !c.solo {
-		c.upstream.rd.beforeRefill = func() error { return c.flush(&c.upstream, &c.client) }
+		c.upstream.rd.beforeRefill = func() error { return c.flush(c.upstream, &c.client) }
 	}
 	binary.LittleEndian.PutUint64(c.pingToken[:], rand.Uint64())
 	if info.OnClose != nil {
@@ -188,9 +197,9 @@ func newRelay(g *Gateway, client, upstream net.Conn, info *RequestInfo) *relay {
 		c.client.rd.onTimeout = c.tick
 		c.client.rd.track = true
 	}
-	c.enableParking(&c.client, &c.upstream)
+	c.enableParking(&c.client, c.upstream)
 	if !c.solo {
-		c.enableParking(&c.upstream, &c.client)
+		c.enableParking(c.upstream, &c.client)
 	}
 	return c
 }
@@ -203,23 +212,38 @@ func (c *relay) start() {
 		// the registry is shutting down
 		c.beginClosing()
 		c.writeClose(&c.client, ws.StatusGoingAway, "server shutting down")
-		c.writeClose(&c.upstream, ws.StatusGoingAway, "gateway shutting down")
+		c.writeClose(c.upstream, ws.StatusGoingAway, "gateway shutting down")
 	}
 	c.tick()
 	if c.onStart != nil {
 		c.onStart(c)
 	}
-	go c.pump(&c.client, &c.upstream, false)
+	go c.pump(&c.client, c.upstream, false)
 	if !c.solo {
-		go c.pump(&c.upstream, &c.client, false)
+		go c.pump(c.upstream, &c.client, false)
 	}
+}
+
+// quitChan is closed when the connection starts closing. It is made only
+// when something waits on it (a throttled reader), not for every
+// connection.
+func (c *relay) quitChan() <-chan struct{} {
+	c.qmu.Lock()
+	defer c.qmu.Unlock()
+	if c.quit == nil {
+		c.quit = make(chan struct{})
+		if c.quitClosed {
+			close(c.quit)
+		}
+	}
+	return c.quit
 }
 
 // Shutdown starts a closing handshake with code on both sides.
 func (c *relay) shutdown(code ws.StatusCode, reason string) {
 	c.beginClosing()
 	c.writeClose(&c.client, code, reason)
-	c.writeClose(&c.upstream, code, reason)
+	c.writeClose(c.upstream, code, reason)
 }
 
 // beginClosing bounds everything that follows by CloseTimeout.
@@ -234,11 +258,16 @@ func (c *relay) beginClosing() {
 	if !c.solo {
 		c.upstream.conn.SetDeadline(t)
 	}
-	close(c.quit)
+	c.qmu.Lock()
+	if c.quit != nil && !c.quitClosed {
+		close(c.quit)
+	}
+	c.quitClosed = true
+	c.qmu.Unlock()
 	// Parked sides must read the closing handshake.
 	c.wake(&c.client)
 	if !c.solo {
-		c.wake(&c.upstream)
+		c.wake(c.upstream)
 	}
 }
 
@@ -322,7 +351,7 @@ func isExpected(err error) bool {
 func (c *relay) finish() {
 	c.finishedOnce.Do(func() {
 		c.unpoll(&c.client)
-		c.unpoll(&c.upstream)
+		c.unpoll(c.upstream)
 		if c.timer != nil {
 			c.timer.Stop()
 		}
@@ -496,6 +525,9 @@ func (c *relay) judge(src *peer, msg []byte) (bool, error) {
 	v, reply := c.inspect(msg, src.text)
 	switch v {
 	case Pass:
+		if c.solo {
+			return false, nil // nowhere to pass it on to
+		}
 		return true, nil
 	case Close:
 		return false, &closeErr{ws.StatusPolicyViolation, "forbidden"}
@@ -638,7 +670,7 @@ func (c *relay) limit(src *peer, msg bool, n int64) (drop bool, err error) {
 			defer t.Stop()
 			select {
 			case <-t.C:
-			case <-c.quit:
+			case <-c.quitChan():
 				return false, errClosing
 			}
 		}
@@ -1082,12 +1114,12 @@ func (c *relay) Close(code uint16, reason string) {
 func (c *relay) shutdownSide(code ws.StatusCode, reason string) {
 	c.beginClosing()
 	c.writeClose(&c.client, code, reason)
-	c.writeClose(&c.upstream, code, reason)
+	c.writeClose(c.upstream, code, reason)
 }
 
 func (c *relay) closeSlow() {
 	c.writeClose(&c.client, ws.StatusCode(1013), "slow consumer")
-	c.writeClose(&c.upstream, ws.StatusCode(1013), "slow consumer")
+	c.writeClose(c.upstream, ws.StatusCode(1013), "slow consumer")
 }
 
 // writeQueued drains the queue with vectored writes, then exits.
