@@ -174,6 +174,38 @@ func TestRateLimitThrottle(t *testing.T) {
 	}
 }
 
+// TestRateLimitThrottleShutdown: a reader held back by a throttle (here
+// for 100 s) lets go as soon as the connection starts closing.
+func TestRateLimitThrottleShutdown(t *testing.T) {
+	up := startUpstream(t, nil, nil)
+	tg := startGateway(t, up.url, func(c *Config) {
+		c.Client.Rate = &RateLimit{Messages: 0.01, MessageBurst: 1, OnExceed: ExceedThrottle}
+		c.CloseTimeout = 500 * time.Millisecond
+	})
+	c, _ := dialCoder(t, tg, "/", nil)
+	uc := up.next(t)
+	ctx := context.Background()
+	for i := range 2 {
+		if err := c.Write(ctx, websocket.MessageText, []byte(fmt.Sprint(i))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := uc.nextMsg(t); string(got.data) != "0" {
+		t.Fatalf("first message: %q", got.data)
+	}
+	// The second one waits for its token; shut down meanwhile.
+	start := time.Now()
+	if !tg.g.Registry().Shutdown(waitFor) {
+		t.Fatal("Shutdown timed out")
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Fatalf("Shutdown took %v: the throttled reader did not let go", d)
+	}
+	if code, _ := uc.closeCode(t); code != websocket.StatusGoingAway {
+		t.Fatalf("upstream close %d, want 1001", code)
+	}
+}
+
 // TestRateLimitUpstream: the upstream's limits apply to the upstream; a
 // breach closes the upstream with 1008 and the client with 1011.
 func TestRateLimitUpstream(t *testing.T) {

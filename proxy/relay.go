@@ -403,7 +403,7 @@ func (c *relay) relayFrames(src, dst *peer) error {
 			return c.handleClose(src, dst, h)
 		}
 		if h.OpCode.IsControl() {
-			if drop, err := c.limit(src, true, h.Length); err != nil {
+			if drop, err := c.limit(src, dst, true, h.Length); err != nil {
 				return err
 			} else if drop {
 				rd.r += int(h.Length)
@@ -469,7 +469,7 @@ func (c *relay) relayFrames(src, dst *peer) error {
 		}
 		drop := src.dropping
 		if !drop {
-			if drop, err = c.limit(src, newMsg, h.Length); err != nil {
+			if drop, err = c.limit(src, dst, newMsg, h.Length); err != nil {
 				return err
 			}
 		}
@@ -652,7 +652,7 @@ func (c *relay) ownPong(h ws.Header) bool {
 // limit applies the rate limits of src to a frame of n payload bytes
 // (msg: the frame starts a message, or is a control frame). It reports
 // whether the frame is to be dropped.
-func (c *relay) limit(src *peer, msg bool, n int64) (drop bool, err error) {
+func (c *relay) limit(src, dst *peer, msg bool, n int64) (drop bool, err error) {
 	if src.msgLim == nil && src.byteLim == nil {
 		return false, nil
 	}
@@ -666,6 +666,10 @@ func (c *relay) limit(src *peer, msg bool, n int64) (drop bool, err error) {
 			wait = max(wait, src.byteLim.ReserveN(now, int(min(n, src.byteMax))).DelayFrom(now))
 		}
 		if wait > 0 {
+			// Frames read before this one leave now, not after the wait.
+			if err := c.flush(src, dst); err != nil {
+				return false, err
+			}
 			t := time.NewTimer(wait)
 			defer t.Stop()
 			select {
