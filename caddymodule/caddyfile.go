@@ -102,25 +102,11 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		case "idle_timeout":
 			h.IdleTimeout, err = parseDuration(d)
 		case "ping_interval":
-			if d.CountRemainingArgs() == 1 && d.NextArg() {
-				if d.Val() == "off" {
-					h.PingInterval = caddy.Duration(-1)
-					break
-				}
-				d.Prev()
-			}
-			h.PingInterval, err = parseDuration(d)
+			h.PingInterval, err = parseDurationOrOff(d)
 		case "pong_timeout":
 			h.PongTimeout, err = parseDuration(d)
 		case "park_after":
-			if d.CountRemainingArgs() == 1 && d.NextArg() {
-				if d.Val() == "off" {
-					h.ParkAfter = caddy.Duration(-1)
-					break
-				}
-				d.Prev()
-			}
-			h.ParkAfter, err = parseDuration(d)
+			h.ParkAfter, err = parseDurationOrOff(d)
 		case "origins":
 			delete(seen, name) // may repeat
 			args := d.RemainingArgs()
@@ -254,6 +240,17 @@ func parseDuration(d *caddyfile.Dispenser) (caddy.Duration, error) {
 		return 0, d.Errf("duration %q must be positive", v)
 	}
 	return caddy.Duration(dur), nil
+}
+
+// parseDurationOrOff is parseDuration that also takes "off" (-1).
+func parseDurationOrOff(d *caddyfile.Dispenser) (caddy.Duration, error) {
+	if d.CountRemainingArgs() == 1 && d.NextArg() {
+		if d.Val() == "off" {
+			return -1, nil
+		}
+		d.Prev()
+	}
+	return parseDuration(d)
 }
 
 // parsePositiveInt reads one argument that must be a positive integer.

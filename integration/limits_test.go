@@ -233,32 +233,8 @@ func TestIdleConnectionsPark(t *testing.T) {
 	for i := range conns {
 		conns[i] = dial(t, g, "/ws", nil)
 	}
-	echoAll := func(round int) {
-		t.Helper()
-		var wg sync.WaitGroup
-		errs := make(chan error, n)
-		for i, c := range conns {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				msg := fmt.Sprintf("%d/%d", round, i)
-				if err := c.Write(ctx, websocket.MessageText, []byte(msg)); err != nil {
-					errs <- err
-					return
-				}
-				if _, got, err := c.Read(ctx); err != nil || string(got) != msg {
-					errs <- fmt.Errorf("connection %d: %q, %v", i, got, err)
-				}
-			}()
-		}
-		wg.Wait()
-		close(errs)
-		for err := range errs {
-			t.Fatalf("round %d: %v", round, err)
-		}
-	}
 	for round := range 3 {
-		echoAll(round)
+		echoEach(t, ctx, conns, func(i int) string { return fmt.Sprintf("%d/%d", round, i) })
 		eventually(t, 20*time.Second, "idle connections to park", func() bool {
 			return g.goroutines() <= baseG+10
 		})

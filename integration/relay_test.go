@@ -2,6 +2,7 @@ package integration
 
 import (
 	"bytes"
+	"context"
 	"crypto/rand"
 	"fmt"
 	"net/http"
@@ -375,27 +376,7 @@ func TestReloadKeepsLiveConnections(t *testing.T) {
 	g.reload(relaySite(up.URL, "\t\tmax_message 4KiB"))
 
 	ctx := ctxT(t, 30*time.Second)
-	var wg sync.WaitGroup
-	errs := make(chan error, n)
-	for i, c := range conns {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			msg := []byte(fmt.Sprintf("conn %d after reload", i))
-			if err := c.Write(ctx, websocket.MessageText, msg); err != nil {
-				errs <- err
-				return
-			}
-			if _, m, err := c.Read(ctx); err != nil || !bytes.Equal(m, msg) {
-				errs <- fmt.Errorf("conn %d: %v %q", i, err, m)
-			}
-		}()
-	}
-	wg.Wait()
-	close(errs)
-	for err := range errs {
-		t.Fatal(err)
-	}
+	echoEach(t, ctx, conns, func(i int) string { return fmt.Sprintf("conn %d after reload", i) })
 	// New connections get the new config (a 2 KiB message is fine now)…
 	c := dial(t, g, "/ws", nil)
 	c.Write(ctx, websocket.MessageBinary, make([]byte, 2048))
@@ -412,4 +393,31 @@ func TestReloadKeepsLiveConnections(t *testing.T) {
 func closeStatus(err error) websocket.StatusCode {
 	c, _ := closeOf(err)
 	return c
+}
+
+// echoEach sends msg(i) on every connection i at once and checks that each
+// gets its own message back.
+func echoEach(t *testing.T, ctx context.Context, conns []*websocket.Conn, msg func(i int) string) {
+	t.Helper()
+	var wg sync.WaitGroup
+	errs := make(chan error, len(conns))
+	for i, c := range conns {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			m := []byte(msg(i))
+			if err := c.Write(ctx, websocket.MessageText, m); err != nil {
+				errs <- fmt.Errorf("connection %d: %w", i, err)
+				return
+			}
+			if _, got, err := c.Read(ctx); err != nil || !bytes.Equal(got, m) {
+				errs <- fmt.Errorf("connection %d: got %q, %v", i, got, err)
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
 }

@@ -40,6 +40,23 @@ func onlyRelay(t *testing.T, tg *testGateway) *relay {
 	return nil
 }
 
+// startParkingGateway starts an echo upstream and a gateway in front of it
+// that parks after parkAfter, with pings off unless mod sets them.
+func startParkingGateway(t *testing.T, parkAfter time.Duration, mod func(*Config)) (*upstream, *testGateway) {
+	t.Helper()
+	if getPoller() == nil {
+		t.Skip("no poller on this platform")
+	}
+	up := startUpstream(t, nil, nil)
+	return up, startGateway(t, up.url, func(c *Config) {
+		c.ParkAfter = parkAfter
+		c.PingInterval = -1
+		if mod != nil {
+			mod(c)
+		}
+	})
+}
+
 // waitParked waits until both sides of c (or the client alone, solo) have
 // parked and no pump goroutine is left.
 func waitParked(t *testing.T, c *relay) {
@@ -53,14 +70,7 @@ func waitParked(t *testing.T, c *relay) {
 // goroutines, and data in either direction wakes the side it arrives on,
 // again and again.
 func TestParkedConnectionRelays(t *testing.T) {
-	if getPoller() == nil {
-		t.Skip("no poller on this platform")
-	}
-	up := startUpstream(t, nil, nil)
-	tg := startGateway(t, up.url, func(c *Config) {
-		c.ParkAfter = 20 * time.Millisecond
-		c.PingInterval = -1
-	})
+	up, tg := startParkingGateway(t, 20*time.Millisecond, nil)
 	ctx := context.Background()
 	cl, _ := dialCoder(t, tg, "/", nil)
 	uc := up.next(t)
@@ -99,12 +109,7 @@ func TestParkedConnectionRelays(t *testing.T) {
 // TestParkedHeartbeat: a parked client is still pinged on time and still
 // dropped when it stops answering; it parks again between pings.
 func TestParkedHeartbeat(t *testing.T) {
-	if getPoller() == nil {
-		t.Skip("no poller on this platform")
-	}
-	up := startUpstream(t, nil, nil)
-	tg := startGateway(t, up.url, func(c *Config) {
-		c.ParkAfter = 10 * time.Millisecond
+	up, tg := startParkingGateway(t, 10*time.Millisecond, func(c *Config) {
 		c.PingInterval = 150 * time.Millisecond
 		c.PongTimeout = 300 * time.Millisecond
 		c.CloseTimeout = 300 * time.Millisecond
@@ -144,17 +149,9 @@ func TestParkedHeartbeat(t *testing.T) {
 	tg.waitLen(t, 0)
 }
 
-// TestParkedIdleTimeoutAndExpiry: timers fire for parked connections.
+// TestParkedIdleTimeout: timers fire for parked connections.
 func TestParkedIdleTimeout(t *testing.T) {
-	if getPoller() == nil {
-		t.Skip("no poller on this platform")
-	}
-	up := startUpstream(t, nil, nil)
-	tg := startGateway(t, up.url, func(c *Config) {
-		c.ParkAfter = 10 * time.Millisecond
-		c.PingInterval = -1
-		c.IdleTimeout = 300 * time.Millisecond
-	})
+	up, tg := startParkingGateway(t, 10*time.Millisecond, func(c *Config) { c.IdleTimeout = 300 * time.Millisecond })
 	start := time.Now()
 	cl, _ := dialCoder(t, tg, "/", nil)
 	uc := up.next(t)
@@ -177,14 +174,7 @@ func TestParkedIdleTimeout(t *testing.T) {
 // TestParkedShutdownAndHangup: shutting down wakes parked sides for the
 // closing handshake, and a client that hangs up while parked is noticed.
 func TestParkedShutdownAndHangup(t *testing.T) {
-	if getPoller() == nil {
-		t.Skip("no poller on this platform")
-	}
-	up := startUpstream(t, nil, nil)
-	tg := startGateway(t, up.url, func(c *Config) {
-		c.ParkAfter = 10 * time.Millisecond
-		c.PingInterval = -1
-	})
+	up, tg := startParkingGateway(t, 10*time.Millisecond, nil)
 
 	// hang-up
 	rc := dialRaw(t, tg.addr(), nil)
