@@ -8,7 +8,6 @@ import (
 	"crypto/x509"
 	"encoding/json"
 	"encoding/pem"
-	"fmt"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -526,17 +525,7 @@ func TestUnmarshalCaddyfileAuthErrors(t *testing.T) {
 				t.Fatalf("no error; parsed %s jwt=%s forward_auth=%s limits=%s", describe(h),
 					show(reflect.ValueOf(h.JWT)), show(reflect.ValueOf(h.ForwardAuth)), show(reflect.ValueOf(h.ConnectionLimits)))
 			}
-			msg := err.Error()
-			if !strings.Contains(msg, tt.wantErr) {
-				t.Errorf("error %q does not contain %q", msg, tt.wantErr)
-			}
-			m := errLine.FindStringSubmatch(msg)
-			if m == nil {
-				t.Fatalf("error %q does not end with its position", msg)
-			}
-			if want := fmt.Sprint(tt.line); m[1] != want {
-				t.Errorf("error %q points at line %s, want line %s:\n%s", msg, m[1], want, numbered(tt.input))
-			}
+			checkErrorAt(t, err, tt.input, tt.wantErr, tt.line)
 		})
 	}
 }
@@ -606,13 +595,7 @@ func TestUnmarshalCaddyfileAuthJSON(t *testing.T) {
 	if string(got) != want {
 		t.Errorf("JSON\n got %s\nwant %s", got, want)
 	}
-	var back Handler
-	if err := json.Unmarshal(got, &back); err != nil {
-		t.Fatal(err)
-	}
-	for _, d := range handlerDiffs(&back, h) {
-		t.Errorf("after a JSON round trip: %s", d)
-	}
+	checkRoundTrip(t, got, h)
 }
 
 // TestUnmarshalCaddyfileAuthProxyConfig checks that the auth options leave

@@ -2,7 +2,6 @@ package caddymodule
 
 import (
 	"encoding/json"
-	"fmt"
 	"strings"
 	"testing"
 
@@ -141,13 +140,7 @@ func TestUnmarshalCaddyfileChannels(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			var back Handler
-			if err := json.Unmarshal(data, &back); err != nil {
-				t.Fatal(err)
-			}
-			for _, d := range handlerDiffs(&back, want) {
-				t.Errorf("after a JSON round trip: %s", d)
-			}
+			checkRoundTrip(t, data, want)
 		})
 	}
 }
@@ -409,17 +402,7 @@ func TestUnmarshalCaddyfileChannelsErrors(t *testing.T) {
 			if err == nil {
 				t.Fatalf("no error; parsed %s", describe(h))
 			}
-			msg := err.Error()
-			if !strings.Contains(msg, tt.wantErr) {
-				t.Errorf("error %q does not contain %q", msg, tt.wantErr)
-			}
-			m := errLine.FindStringSubmatch(msg)
-			if m == nil {
-				t.Fatalf("error %q does not end with its position", msg)
-			}
-			if want := fmt.Sprint(tt.line); m[1] != want {
-				t.Errorf("error %q points at line %s, want line %s:\n%s", msg, m[1], want, numbered(tt.input))
-			}
+			checkErrorAt(t, err, tt.input, tt.wantErr, tt.line)
 		})
 	}
 }

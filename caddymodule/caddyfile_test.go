@@ -1001,17 +1001,7 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 			if err == nil {
 				t.Fatalf("no error; parsed %s", describe(h))
 			}
-			msg := err.Error()
-			if !strings.Contains(msg, tt.wantErr) {
-				t.Errorf("error %q does not contain %q", msg, tt.wantErr)
-			}
-			m := errLine.FindStringSubmatch(msg)
-			if m == nil {
-				t.Fatalf("error %q does not end with its position", msg)
-			}
-			if want := fmt.Sprint(tt.line); m[1] != want {
-				t.Errorf("error %q points at line %s, want line %s:\n%s", msg, m[1], want, numbered(tt.input))
-			}
+			checkErrorAt(t, err, tt.input, tt.wantErr, tt.line)
 		})
 	}
 }
@@ -1031,6 +1021,36 @@ func rateInput(line string) string {
 // tlsInput puts one tls subdirective on line 3.
 func tlsInput(line string) string {
 	return "wsgate wss://a:1 {\n\ttls {\n\t\t" + line + "\n\t}\n}"
+}
+
+// checkErrorAt checks that err mentions wantErr and ends with the position
+// of line in input.
+func checkErrorAt(t *testing.T, err error, input, wantErr string, line int) {
+	t.Helper()
+	msg := err.Error()
+	if !strings.Contains(msg, wantErr) {
+		t.Errorf("error %q does not contain %q", msg, wantErr)
+	}
+	m := errLine.FindStringSubmatch(msg)
+	if m == nil {
+		t.Fatalf("error %q does not end with its position", msg)
+	}
+	if want := fmt.Sprint(line); m[1] != want {
+		t.Errorf("error %q points at line %s, want line %s:\n%s", msg, m[1], want, numbered(input))
+	}
+}
+
+// checkRoundTrip checks that data, a Handler marshalled to JSON, reads back
+// as want.
+func checkRoundTrip(t testing.TB, data []byte, want *Handler) {
+	t.Helper()
+	var back Handler
+	if err := json.Unmarshal(data, &back); err != nil {
+		t.Fatalf("JSON does not unmarshal: %v (%s)", err, data)
+	}
+	for _, d := range handlerDiffs(&back, want) {
+		t.Errorf("after a JSON round trip: %s", d)
+	}
 }
 
 func numbered(s string) string {
@@ -1066,13 +1086,7 @@ func TestUnmarshalCaddyfileJSON(t *testing.T) {
 	if string(got) != want {
 		t.Errorf("JSON\n got %s\nwant %s", got, want)
 	}
-	var back Handler
-	if err := json.Unmarshal(got, &back); err != nil {
-		t.Fatal(err)
-	}
-	for _, d := range handlerDiffs(&back, h) {
-		t.Errorf("after a JSON round trip: %s", d)
-	}
+	checkRoundTrip(t, got, h)
 }
 
 // TestUnmarshalCaddyfileProxyConfig checks that parsed values reach the
@@ -1178,13 +1192,7 @@ func FuzzUnmarshalCaddyfile(f *testing.F) {
 			if err != nil {
 				t.Fatalf("parsed config does not marshal: %v (%s)", err, describe(h))
 			}
-			var back Handler
-			if err := json.Unmarshal(data, &back); err != nil {
-				t.Fatalf("parsed config does not unmarshal: %v (%s)", err, data)
-			}
-			for _, d := range handlerDiffs(&back, h) {
-				t.Errorf("after a JSON round trip: %s", d)
-			}
+			checkRoundTrip(t, data, h)
 		}
 
 		// proxyConfig reads the TLS files; arbitrary paths such as
