@@ -7,97 +7,29 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"os"
 	"os/exec"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/wsgate/wsgate/internal/redistest"
 )
 
-// redisBin finds a Redis tool. Under CI it must be there; elsewhere the
-// test is skipped with the command that installs it.
-func redisBin(t testing.TB, name string) string {
-	t.Helper()
-	p, err := exec.LookPath(name)
-	if err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("%s is not installed (.ci/run installs it)", name)
-		}
-		t.Skipf("%s is not installed; apt-get install -y redis-server redis-tools", name)
-	}
-	return p
-}
-
 // redisServer is a redis-server process owned by a test.
-type redisServer struct {
-	t    testing.TB
-	port int
-	dir  string
-	args []string
-	cmd  *exec.Cmd
-	done chan struct{}
-}
+type redisServer struct{ *redistest.Server }
 
 // startRedis starts redis-server on a free port below 32768; the test's
 // cleanup stops it.
 func startRedis(t testing.TB, extra ...string) *redisServer {
 	t.Helper()
-	r := &redisServer{t: t, port: freePort(t), dir: t.TempDir(), args: extra}
-	r.start()
-	t.Cleanup(r.stop)
-	return r
+	return &redisServer{redistest.Start(t, freePort(t), extra...)}
 }
 
-func (r *redisServer) addr() string { return "127.0.0.1:" + strconv.Itoa(r.port) }
-func (r *redisServer) url() string  { return "redis://" + r.addr() }
-
-// start (re)starts the server on its port.
-func (r *redisServer) start() {
-	r.t.Helper()
-	args := append([]string{"--port", strconv.Itoa(r.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-		"--dir", r.dir, "--daemonize", "no", "--logfile", filepath.Join(r.dir, "redis.log")}, r.args...)
-	r.cmd = exec.Command(redisBin(r.t, "redis-server"), args...)
-	r.done = make(chan struct{})
-	if err := r.cmd.Start(); err != nil {
-		r.t.Fatal(err)
-	}
-	done, cmd := r.done, r.cmd
-	go func() { cmd.Wait(); close(done) }()
-	eventually(r.t, 10*time.Second, "redis-server on "+r.addr()+" to answer PING", func() bool {
-		select {
-		case <-done:
-			log, _ := os.ReadFile(filepath.Join(r.dir, "redis.log"))
-			r.t.Fatalf("redis-server exited: %s", log)
-		default:
-		}
-		c, err := net.DialTimeout("tcp", r.addr(), time.Second)
-		if err != nil {
-			return false
-		}
-		defer c.Close()
-		c.SetDeadline(time.Now().Add(time.Second))
-		io.WriteString(c, "PING\r\n")
-		buf := make([]byte, 16)
-		n, _ := c.Read(buf)
-		return string(buf[:n]) == "+PONG\r\n"
-	})
-}
-
-// kill stops the server abruptly and waits for it to be gone.
-func (r *redisServer) kill() {
-	r.cmd.Process.Kill()
-	<-r.done
-}
-
-func (r *redisServer) stop() {
-	select {
-	case <-r.done:
-	default:
-		r.kill()
-	}
-}
+func (r *redisServer) addr() string { return r.Addr() }
+func (r *redisServer) url() string  { return r.URL() }
+func (r *redisServer) start()       { r.Restart() }
+func (r *redisServer) kill()        { r.Kill() }
 
 // respConn is a minimal RESP2 client written apart from go-redis, so a
 // test talks to Redis as any other application would.
@@ -258,14 +190,11 @@ func (c *redisCluster) addrs() []string {
 // for cluster_state:ok on every node.
 func startCluster(t testing.TB) *redisCluster {
 	t.Helper()
-	cli := redisBin(t, "redis-cli")
+	cli := redistest.Bin(t, "redis-cli")
 	c := &redisCluster{}
 	for i := 0; i < 3; i++ {
-		r := &redisServer{t: t, port: freePort(t), dir: t.TempDir()}
-		r.args = []string{"--cluster-enabled", "yes", "--cluster-config-file", filepath.Join(r.dir, "nodes-"+strconv.Itoa(r.port)+".conf"),
-			"--cluster-node-timeout", "5000"}
-		r.start()
-		t.Cleanup(r.stop)
+		// the config file is in the server's own directory
+		r := startRedis(t, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "5000")
 		c.nodes = append(c.nodes, r)
 	}
 	args := append([]string{"--cluster", "create"}, c.addrs()...)
@@ -277,7 +206,7 @@ func startCluster(t testing.TB) *redisCluster {
 	}
 	for _, n := range c.nodes {
 		eventually(t, 30*time.Second, "cluster_state:ok on "+n.addr(), func() bool {
-			out, err := exec.CommandContext(ctx, cli, "-p", strconv.Itoa(n.port), "cluster", "info").Output()
+			out, err := exec.CommandContext(ctx, cli, "-p", strconv.Itoa(n.Port), "cluster", "info").Output()
 			return err == nil && bytes.Contains(out, []byte("cluster_state:ok"))
 		})
 	}

@@ -1,0 +1,111 @@
+// Package redistest runs redis-server processes for tests: each on a port
+// the test chooses, in a directory of its own, stopped when the test ends,
+// and able to be killed and started again.
+package redistest
+
+import (
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"testing"
+	"time"
+)
+
+// Bin finds a Redis tool (redis-server, redis-cli). Under CI=true it must
+// be there; elsewhere the test is skipped with the command that installs it.
+func Bin(t testing.TB, name string) string {
+	t.Helper()
+	p, err := exec.LookPath(name)
+	if err != nil {
+		if os.Getenv("CI") == "true" {
+			t.Fatalf("%s is not installed (.ci/run installs it)", name)
+		}
+		t.Skipf("%s is not installed; apt-get install -y redis-server redis-tools", name)
+	}
+	return p
+}
+
+// Server is a redis-server process owned by a test.
+type Server struct {
+	t    testing.TB
+	Port int
+	dir  string
+	args []string
+	cmd  *exec.Cmd
+	done chan struct{}
+}
+
+// Start starts redis-server on 127.0.0.1:port with extra arguments (a
+// relative file name in them is in the server's own directory), waits
+// until it answers PING, and stops it when the test ends.
+func Start(t testing.TB, port int, extra ...string) *Server {
+	t.Helper()
+	s := &Server{t: t, Port: port, dir: t.TempDir(), args: extra}
+	s.Restart()
+	t.Cleanup(s.Stop)
+	return s
+}
+
+// Addr is host:port.
+func (s *Server) Addr() string { return "127.0.0.1:" + strconv.Itoa(s.Port) }
+
+// URL is the redis:// URL of the server.
+func (s *Server) URL() string { return "redis://" + s.Addr() }
+
+// Restart starts the server again, with the same port, directory and
+// arguments, after Kill.
+func (s *Server) Restart() {
+	s.t.Helper()
+	args := append([]string{"--port", strconv.Itoa(s.Port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+		"--dir", s.dir, "--daemonize", "no", "--logfile", filepath.Join(s.dir, "redis.log")}, s.args...)
+	s.cmd = exec.Command(Bin(s.t, "redis-server"), args...)
+	s.done = make(chan struct{})
+	if err := s.cmd.Start(); err != nil {
+		s.t.Fatal(err)
+	}
+	done, cmd := s.done, s.cmd
+	go func() { cmd.Wait(); close(done) }()
+	deadline := time.Now().Add(10 * time.Second)
+	for !s.ping() {
+		select {
+		case <-done:
+			log, _ := os.ReadFile(filepath.Join(s.dir, "redis.log"))
+			s.t.Fatalf("redis-server exited: %s", log)
+		case <-time.After(10 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			s.t.Fatalf("redis-server on %s did not answer PING within 10s", s.Addr())
+		}
+	}
+}
+
+func (s *Server) ping() bool {
+	c, err := net.DialTimeout("tcp", s.Addr(), time.Second)
+	if err != nil {
+		return false
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(time.Second))
+	io.WriteString(c, "PING\r\n")
+	buf := make([]byte, 16)
+	n, _ := c.Read(buf)
+	return string(buf[:n]) == "+PONG\r\n"
+}
+
+// Kill stops the server abruptly and waits for it to be gone.
+func (s *Server) Kill() {
+	s.cmd.Process.Kill()
+	<-s.done
+}
+
+// Stop kills the server unless it is gone already.
+func (s *Server) Stop() {
+	select {
+	case <-s.done:
+	default:
+		s.Kill()
+	}
+}
