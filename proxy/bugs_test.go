@@ -72,9 +72,12 @@ func TestControlFrameAtReadBufferEnd(t *testing.T) {
 }
 
 // TestNoDataAfterCloseSent: once the gateway has sent a close frame to a
-// peer it must not send it data frames (RFC 6455 §5.5.1). Here the client
-// breaks the protocol, the gateway closes both sides, and the upstream
-// (legally) sends one more message before its close reply.
+// peer it must not send it data frames (RFC 6455 §5.5.1). The upstream
+// (legally) sends one more message before its close reply. When the
+// gateway shuts down it closes both sides at once, so that message must
+// not reach the client. When the client breaks the protocol, the upstream
+// is closed first and the client's close frame follows the upstream's
+// reply, so the message arrives before it; after it, nothing.
 func TestNoDataAfterCloseSent(t *testing.T) {
 	upURL := startRawUpstream(t, func(conn net.Conn, br *bufio.Reader) {
 		for {
@@ -89,21 +92,34 @@ func TestNoDataAfterCloseSent(t *testing.T) {
 			}
 		}
 	})
-	tg := startGateway(t, upURL, nil)
-	rc := dialRaw(t, tg.addr(), nil)
-	rc.write(appendFrame(nil, 0x81, nil, 0, nil)) // unmasked: 1002
-	f, err := rc.read()
-	if err != nil || f.op != opClose {
-		t.Fatalf("first frame op %d (%v), want close", f.op, err)
+	cases := []struct {
+		name     string
+		close    func(tg *testGateway, rc *rawClient)
+		code     int
+		lateNews bool // "late news" arrives before the close frame
+	}{
+		{"shutdown", func(tg *testGateway, rc *rawClient) { go tg.g.Registry().Shutdown(waitFor) }, 1001, false},
+		{"protocol error", func(tg *testGateway, rc *rawClient) { rc.write(appendFrame(nil, 0x81, nil, 0, nil)) }, 1002, true},
 	}
-	if code, _ := closeOf(f.payload); code != 1002 {
-		t.Fatalf("close %d, want 1002", code)
-	}
-	rc.write(cf(opClose, f.payload))
-	for _, f := range rc.expectEOF() {
-		if f.op < 8 {
-			t.Fatalf("got data frame %q after the close frame", f.payload)
-		}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			tg := startGateway(t, upURL, nil)
+			rc := dialRaw(t, tg.addr(), nil)
+			tg.waitLen(t, 1)
+			tc.close(tg, rc)
+			code, _, before := rc.readClose()
+			if code != tc.code {
+				t.Fatalf("close %d, want %d", code, tc.code)
+			}
+			if got := len(before) == 1 && string(before[0].payload) == "late news"; got != tc.lateNews || len(before) > 1 {
+				t.Fatalf("frames before the close: %d (late news first: %v, want %v)", len(before), got, tc.lateNews)
+			}
+			for _, f := range rc.expectEOF() {
+				if f.op < 8 {
+					t.Fatalf("got data frame %q after the close frame", f.payload)
+				}
+			}
+		})
 	}
 }
 

@@ -16,6 +16,7 @@ const (
 	DefaultPingInterval = 30 * time.Second
 	DefaultPongTimeout  = 30 * time.Second
 	DefaultCloseTimeout = 5 * time.Second
+	DefaultWriteTimeout = 10 * time.Second
 	// DefaultParkAfter is the default Config.ParkAfter.
 	DefaultParkAfter = 2 * time.Second
 )
@@ -108,8 +109,14 @@ type Config struct {
 	PongTimeout time.Duration
 	// CloseTimeout bounds the closing handshake. Default 5s.
 	CloseTimeout time.Duration
+	// WriteTimeout bounds each write to a peer: a peer that does not take
+	// the bytes within it is dropped (a client that stops reading: the
+	// upstream gets 1001 "client not reading"; an upstream that stops
+	// reading: the client gets 1011 "upstream not reading"). Default 10s;
+	// negative disables.
+	WriteTimeout time.Duration
 	// ParkAfter is how long a side of a connection waits for data before
-	// it gives up its goroutine (Linux, sockets without TLS). Default 2s;
+	// it gives up its goroutine (Linux; plain TCP and TLS). Default 2s;
 	// negative: never.
 	ParkAfter time.Duration
 
@@ -199,6 +206,9 @@ func (c *Config) Prepare() error {
 	}
 	if c.CloseTimeout <= 0 {
 		c.CloseTimeout = DefaultCloseTimeout
+	}
+	if c.WriteTimeout == 0 {
+		c.WriteTimeout = DefaultWriteTimeout
 	}
 	if c.ParkAfter == 0 {
 		c.ParkAfter = DefaultParkAfter

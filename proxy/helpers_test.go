@@ -15,6 +15,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -53,13 +54,7 @@ var bgCtx = context.Background()
 // net/http on 127.0.0.1. It registers no cleanup, so the fuzz target can keep
 // one for the life of the process.
 func newGatewayServer(cfg Config) (*Gateway, *httptest.Server, error) {
-	if cfg.CloseTimeout == 0 {
-		cfg.CloseTimeout = 2 * time.Second
-	}
-	if cfg.ParkAfter == 0 {
-		cfg.ParkAfter = testParkAfter
-	}
-	if err := cfg.Prepare(); err != nil {
+	if err := prepareTestConfig(&cfg); err != nil {
 		return nil, nil, err
 	}
 	g := New(cfg, nil, nil)
@@ -69,10 +64,23 @@ func newGatewayServer(cfg Config) (*Gateway, *httptest.Server, error) {
 	return g, srv, nil
 }
 
+// prepareTestConfig applies the test defaults (a short CloseTimeout and
+// ParkAfter) where cfg sets none, then Prepare.
+func prepareTestConfig(cfg *Config) error {
+	if cfg.CloseTimeout == 0 {
+		cfg.CloseTimeout = 2 * time.Second
+	}
+	if cfg.ParkAfter == 0 {
+		cfg.ParkAfter = testParkAfter
+	}
+	return cfg.Prepare()
+}
+
 // testGateway is a Gateway served over HTTP for one test.
 type testGateway struct {
 	g   *Gateway
 	srv *httptest.Server
+	log *logBuffer // the gateway's log, when the test captures it
 }
 
 func (tg *testGateway) addr() string { return tg.srv.Listener.Addr().String() }
@@ -99,6 +107,73 @@ func startGateway(t testing.TB, upstreamURL string, mod func(*Config)) *testGate
 		}
 	})
 	return &testGateway{g: g, srv: srv}
+}
+
+// startGatewayInfo is startGateway with each request's RequestInfo made by
+// info, so that a test can set the hooks of relayed connections (Inspect,
+// OnStart). The gateway logs at debug level into tg.log.
+func startGatewayInfo(t testing.TB, upstreamURL string, mod func(*Config), info func() RequestInfo) *testGateway {
+	t.Helper()
+	cfg := Config{Upstreams: []string{upstreamURL}}
+	if mod != nil {
+		mod(&cfg)
+	}
+	if err := prepareTestConfig(&cfg); err != nil {
+		t.Fatalf("gateway config: %v", err)
+	}
+	logs, logger := newLogBuffer()
+	g := New(cfg, nil, logger)
+	tg := serveGateway(t, g, func(w http.ResponseWriter, r *http.Request) { g.ServeHTTP(w, r, info()) })
+	tg.log = logs
+	return tg
+}
+
+// serveGateway serves g with net/http on 127.0.0.1 for one test, handing
+// each request to serve. As with startGateway, the registry is shut down
+// when the test ends, and the test fails if a connection is then still
+// alive.
+func serveGateway(t testing.TB, g *Gateway, serve http.HandlerFunc) *testGateway {
+	t.Helper()
+	srv := httptest.NewServer(serve)
+	t.Cleanup(func() {
+		srv.Close()
+		if !g.Registry().Shutdown(waitFor) {
+			t.Errorf("registry shutdown: %d connections still alive", g.Registry().Len())
+		}
+	})
+	return &testGateway{g: g, srv: srv}
+}
+
+// logBuffer collects a gateway's log output; the gateway writes to it from
+// its connections' goroutines.
+type logBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+// newLogBuffer makes a logBuffer and a debug-level logger writing to it.
+func newLogBuffer() (*logBuffer, *slog.Logger) {
+	l := &logBuffer{}
+	return l, slog.New(slog.NewTextHandler(l, &slog.HandlerOptions{Level: slog.LevelDebug}))
+}
+
+func (l *logBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+// linesWith returns the log lines that contain s.
+func (l *logBuffer) linesWith(s string) []string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	var out []string
+	for _, line := range strings.Split(l.b.String(), "\n") {
+		if strings.Contains(line, s) {
+			out = append(out, line)
+		}
+	}
+	return out
 }
 
 // waitLen waits until the gateway tracks n connections.
@@ -167,6 +242,26 @@ func (uc *upConn) nextMsg(t testing.TB) upMsg {
 	select {
 	case m := <-uc.msgs:
 		return m
+	case <-time.After(waitFor):
+		t.Fatal("upstream received no message")
+	}
+	return upMsg{}
+}
+
+// nextMsgOrEnd is nextMsg that fails at once, with the reason, when the
+// connection ends before the message arrives.
+func (uc *upConn) nextMsgOrEnd(t testing.TB) upMsg {
+	t.Helper()
+	select {
+	case m := <-uc.msgs:
+		return m
+	case <-uc.done:
+		select {
+		case m := <-uc.msgs:
+			return m
+		default:
+		}
+		t.Fatalf("the upstream connection ended before the message arrived: %v", uc.err)
 	case <-time.After(waitFor):
 		t.Fatal("upstream received no message")
 	}
@@ -580,6 +675,64 @@ func (rc *rawClient) expectEOF() []rawFrame {
 	}
 }
 
+// msgReader reads whole messages from a raw client, and fails the test when
+// the gateway's frames break RFC 6455 §5.4: once a data frame without FIN
+// has begun a message, only control frames and that message's
+// continuations may come until a continuation with FIN ends it.
+type msgReader struct {
+	rc   *rawClient
+	open bool   // a message is in progress
+	op   byte   // its opcode
+	part []byte // its payload so far
+}
+
+// frame reads the next data frame (pings and pongs are skipped, a close
+// frame fails the test) and returns it, with the message it completes, if
+// any.
+func (m *msgReader) frame(t testing.TB) (f rawFrame, msg []byte, done bool) {
+	t.Helper()
+	for {
+		var err error
+		f, err = m.rc.read()
+		if err != nil {
+			t.Fatalf("waiting for a data frame: %v", err)
+		}
+		switch f.op {
+		case opPing, opPong:
+			continue
+		case opClose:
+			code, reason := closeOf(f.payload)
+			t.Fatalf("got close %d %q while waiting for a data frame", code, reason)
+		}
+		break
+	}
+	switch {
+	case f.op == opCont && !m.open:
+		t.Fatalf("continuation frame %q with no message in progress", f.payload)
+	case f.op != opCont && m.open:
+		t.Fatalf("a frame of opcode %d (FIN %v) %q landed inside the fragmented message that began %q; "+
+			"only control frames may come between fragments (RFC 6455 §5.4)", f.op, f.fin, f.payload, m.part)
+	case f.op != opCont:
+		m.open, m.op, m.part = true, f.op, nil
+	}
+	m.part = append(m.part, f.payload...)
+	if !f.fin {
+		return f, nil, false
+	}
+	msg, m.open, m.part = m.part, false, nil
+	return f, msg, true
+}
+
+// next reads frames until a message is complete and returns it.
+func (m *msgReader) next(t testing.TB) (op byte, msg []byte) {
+	t.Helper()
+	for {
+		if _, msg, done := m.frame(t); done {
+			return m.op, msg
+		}
+	}
+}
+
 // ---------- raw upstream ----------
 
 // startRawUpstream starts an upstream that completes the handshake by hand,
@@ -644,4 +797,110 @@ func skipBug(t testing.TB, why string) {
 	if os.Getenv("WSGATE_BUG_TESTS") == "" {
 		t.Skip("bug: " + why)
 	}
+}
+
+// ---------- peers that stop reading ----------
+
+// stallWatch remembers when a flooding peer last got a write through. Once
+// the gateway stops taking the flood's bytes (because its own writes to a
+// peer that does not read are stuck), the flood stalls soon after, so the
+// gateway's write deadline runs from about then.
+type stallWatch struct {
+	start time.Time
+	last  atomic.Int64 // time since start of the last write that went through
+}
+
+func newStallWatch() *stallWatch { return &stallWatch{start: time.Now()} }
+
+// progress records a write that went through.
+func (w *stallWatch) progress() { w.last.Store(int64(time.Since(w.start))) }
+
+// stalled is how long ago the last write went through.
+func (w *stallWatch) stalled() time.Duration {
+	return time.Since(w.start) - time.Duration(w.last.Load())
+}
+
+// until waits for cond. It fails the test if the flood has been stalled
+// for longer than bound first, or if cond does not hold within waitFor.
+func (w *stallWatch) until(t testing.TB, bound time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(waitFor)
+	for !cond() {
+		if s := w.stalled(); s > bound {
+			t.Fatalf("timed out waiting for %s: the flood stalled %v ago (allowed: %v)", what, s.Round(time.Millisecond), bound)
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s: still not after %v (the flood stalled %v ago)", what, waitFor, w.stalled().Round(time.Millisecond))
+		}
+		timer := time.NewTimer(5 * time.Millisecond)
+		<-timer.C
+	}
+}
+
+// flood writes batch to conn over and over from a goroutine, recording in
+// w each write that goes through, until a write fails. stop closes conn
+// and waits for the goroutine; it also runs when the test ends.
+func flood(t testing.TB, conn net.Conn, batch []byte, w *stallWatch) (stop func()) {
+	t.Helper()
+	done := make(chan struct{})
+	w.progress()
+	go func() {
+		defer close(done)
+		for {
+			conn.SetWriteDeadline(time.Now().Add(waitFor))
+			if _, err := conn.Write(batch); err != nil {
+				return
+			}
+			w.progress()
+		}
+	}()
+	var once sync.Once
+	stop = func() {
+		once.Do(func() {
+			conn.Close()
+			<-done
+		})
+	}
+	t.Cleanup(stop)
+	return stop
+}
+
+// isDone reports whether ch is closed.
+func isDone(ch <-chan struct{}) bool {
+	select {
+	case <-ch:
+		return true
+	default:
+		return false
+	}
+}
+
+// openFDs counts the process's open file descriptors, leaving out
+// anonymous inodes: epoll instances and the like are made once per
+// process on first use (the runtime's netpoller, the gateway's poller),
+// while what a connection holds is sockets. It returns -1 where /proc is
+// not available.
+func openFDs() int {
+	entries, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		return -1
+	}
+	n := 0
+	for _, e := range entries {
+		// The descriptor ReadDir used is listed too, and gone by now.
+		if target, err := os.Readlink("/proc/self/fd/" + e.Name()); err == nil && !strings.HasPrefix(target, "anon_inode:") {
+			n++
+		}
+	}
+	return n
+}
+
+// waitFDs waits until no more descriptors are open than before (-1: not
+// checked).
+func waitFDs(t testing.TB, before int) {
+	t.Helper()
+	if before < 0 {
+		return
+	}
+	poll(t, fmt.Sprintf("open file descriptors to fall back to %d", before), func() bool { return openFDs() <= before })
 }

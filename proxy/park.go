@@ -16,8 +16,10 @@ import (
 // of state, and no stack.
 //
 // A side parks only between frames, with nothing buffered and nothing
-// waiting to be written, so all its state is in the relay. Sides without a
-// raw socket (TLS) and platforms without epoll never park.
+// waiting to be written, so all its state is in the relay. A TLS side
+// parks like a plain one: its reader was kicked out of a socket read, so
+// crypto/tls holds no complete record for it, and the socket under the
+// TLS connection is watched. Platforms without epoll never park.
 
 // errPark ends a pump that is to park.
 var errPark = errors.New("wsgate: park")
@@ -31,12 +33,11 @@ func sweepPeriod(parkAfter time.Duration) time.Duration {
 }
 
 // enableParking makes the idle waits of p kickable, if p can park.
-func (c *relay) enableParking(p, other *peer) {
-	if c.cfg.ParkAfter <= 0 || p.rd.raw == nil || getPoller() == nil {
+func (c *relay) enableParking(p *peer) {
+	if c.cfg.ParkAfter <= 0 || p.rd.poll == nil || getPoller() == nil {
 		return
 	}
 	p.rd.onKick = func(gotData bool) error { return c.kicked(p, gotData) }
-	p.other = other
 }
 
 // kicked runs on p's reader when a kick ended its idle wait.
@@ -58,7 +59,7 @@ func (c *relay) kickIdle(now int64) int {
 	if c.client.rd.onKick != nil && c.client.rd.kick(now, after) {
 		n++
 	}
-	if !c.solo && c.upstream.rd.onKick != nil && c.upstream.rd.kick(now, after) {
+	if c.upstream.rd.onKick != nil && c.upstream.rd.kick(now, after) {
 		n++
 	}
 	return n
@@ -77,13 +78,13 @@ const (
 // restoreDeadline puts p's read deadline back after a kick moved it.
 func (c *relay) restoreDeadline(p *peer) error {
 	if !c.closing.Load() {
-		if p.isClient && p.rd.onTimeout != nil {
+		if p.side == clientSide && p.rd.onTimeout != nil {
 			return c.tick() // sets the next deadline
 		}
-		p.conn.SetReadDeadline(time.Time{})
+		p.rd.conn.SetReadDeadline(time.Time{})
 	}
 	if c.closing.Load() {
-		p.conn.SetReadDeadline(epoch.Add(time.Duration(c.closeBy.Load())))
+		p.rd.conn.SetReadDeadline(c.readDeadline(p))
 	}
 	return nil
 }
@@ -106,13 +107,13 @@ func (c *relay) park(src *peer) bool {
 		src.pollID = pl.register(func() { c.wake(src) })
 	}
 	var aerr error
-	cerr := src.rd.raw.Control(func(fd uintptr) {
+	cerr := src.rd.poll.Control(func(fd uintptr) {
 		src.pollFD = int(fd)
 		if aerr = pl.arm(src.pollID, int(fd), src.polled); aerr == nil {
 			src.polled = true
 		}
 	})
-	if cerr == nil && aerr == nil && src.isClient && c.nextTick > 0 && c.nextTick != math.MaxInt64 {
+	if cerr == nil && aerr == nil && src.side == clientSide && c.nextTick > 0 && c.nextTick != math.MaxInt64 {
 		d := time.Duration(c.nextTick - mono())
 		if c.timer == nil {
 			c.timer = time.AfterFunc(d, func() { c.wake(&c.client) })
@@ -133,7 +134,7 @@ func (c *relay) wake(p *peer) {
 		switch p.pstate.Load() {
 		case sideParked:
 			if p.pstate.CompareAndSwap(sideParked, sideRunning) {
-				go c.pump(p, p.other, true)
+				go c.pump(p, true)
 				return
 			}
 		case sideParking:
@@ -154,10 +155,10 @@ func (c *relay) unpoll(p *peer) {
 	}
 	pl := getPoller()
 	done := false
-	if p.polled && p.rd.raw != nil {
+	if p.polled && p.rd.poll != nil {
 		// Only while the socket is still open: its number may be reused
 		// once it is closed (and closing removes it from epoll anyway).
-		p.rd.raw.Control(func(fd uintptr) {
+		p.rd.poll.Control(func(fd uintptr) {
 			if int(fd) == p.pollFD {
 				pl.forget(p.pollID, p.pollFD, true)
 				done = true

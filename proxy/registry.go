@@ -12,49 +12,84 @@ import (
 // process shuts down. It outlives configurations: a config reload creates a
 // new Gateway but keeps the Registry, and live connections stay.
 type Registry struct {
+	// ReleaseMemory makes the sweeper hand the stacks of parked
+	// goroutines back to the system at once (debug.FreeOSMemory: a
+	// forced garbage collection), at most every 10 s and only after at
+	// least 1,024 sides have parked. Without it the Go runtime returns
+	// that memory by itself, gradually. Set it before the first
+	// connection.
+	ReleaseMemory bool
+
 	mu       sync.Mutex
 	conns    map[*relay]struct{}
 	shutdown bool
-	empty    *sync.Cond
-	sweeping bool // the sweeper goroutine runs (while there are connections)
+	gone     chan struct{} // closed when the registry is empty after Shutdown
+	deadline time.Time     // when Shutdown stops waiting
+	sweeping bool          // the sweeper goroutine runs (while there are connections)
+	period   time.Duration // its period: the shortest any connection wants
+	poke     chan struct{} // tells the sweeper its period got shorter
 }
 
 // NewRegistry makes an empty registry.
 func NewRegistry() *Registry {
-	r := &Registry{conns: make(map[*relay]struct{})}
-	r.empty = sync.NewCond(&r.mu)
-	return r
+	return &Registry{conns: make(map[*relay]struct{}), gone: make(chan struct{}), poke: make(chan struct{}, 1)}
 }
 
 func (r *Registry) add(c *relay) bool {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.conns[c] = struct{}{}
-	if !r.sweeping && c.cfg.ParkAfter > 0 {
-		r.sweeping = true
-		go r.sweep(sweepPeriod(c.cfg.ParkAfter))
+	if c.cfg.ParkAfter > 0 {
+		p := sweepPeriod(c.cfg.ParkAfter)
+		switch {
+		case !r.sweeping:
+			r.sweeping, r.period = true, p
+			go r.sweep()
+		case p < r.period:
+			r.period = p
+			select {
+			case r.poke <- struct{}{}:
+			default:
+			}
+		}
 	}
 	return !r.shutdown
 }
 
 // sweep kicks idle waits so that they park (park.go), until the registry
-// is empty.
-func (r *Registry) sweep(every time.Duration) {
-	t := time.NewTicker(every)
-	defer t.Stop()
+// is empty. Its period is the shortest any live connection wants.
+func (r *Registry) sweep() {
 	var list []*relay
 	parked := 0 // sides parked since memory was last returned
 	var released time.Time
-	for range t.C {
+	r.mu.Lock()
+	t := time.NewTimer(r.period)
+	r.mu.Unlock()
+	defer t.Stop()
+	for {
+		select {
+		case <-t.C:
+		case <-r.poke:
+			t.Stop()
+		}
 		r.mu.Lock()
 		if len(r.conns) == 0 {
 			r.sweeping = false
 			r.mu.Unlock()
 			return
 		}
+		period := time.Duration(0)
 		for c := range r.conns {
 			list = append(list, c)
+			if p := c.cfg.ParkAfter; p > 0 && (period == 0 || sweepPeriod(p) < period) {
+				period = sweepPeriod(p)
+			}
 		}
+		if period == 0 {
+			period = sweepEvery
+		}
+		r.period = period
+		release := r.ReleaseMemory
 		r.mu.Unlock()
 		now := mono()
 		kicked := 0
@@ -62,20 +97,25 @@ func (r *Registry) sweep(every time.Duration) {
 			kicked += c.kickIdle(now)
 		}
 		parked += kicked
-		if kicked == 0 && parked >= releaseAfter && time.Since(released) >= releaseEvery {
+		if release && kicked == 0 && parked >= releaseAfter && time.Since(released) >= releaseEvery {
 			debug.FreeOSMemory()
 			parked, released = 0, time.Now()
 		}
 		clear(list)
 		list = list[:0]
+		t.Reset(period)
 	}
 }
 
 func (r *Registry) remove(c *relay) {
 	r.mu.Lock()
 	delete(r.conns, c)
-	if len(r.conns) == 0 {
-		r.empty.Broadcast()
+	if len(r.conns) == 0 && r.shutdown {
+		select {
+		case <-r.gone:
+		default:
+			close(r.gone)
+		}
 	}
 	r.mu.Unlock()
 }
@@ -94,41 +134,45 @@ func (r *Registry) Len() int {
 }
 
 // Shutdown closes every connection with 1001 (going away) and refuses new
-// ones. It waits until all have finished their closing handshake or
-// timeout has passed, and reports whether all finished.
-func (r *Registry) Shutdown(timeout time.Duration) bool {
+// ones. It waits until all have finished their closing handshake, which
+// each bounds by its CloseTimeout, but never longer than limit, and
+// reports whether all finished. Later calls start nothing new: they wait
+// for the same connections until the same moment as the first.
+func (r *Registry) Shutdown(limit time.Duration) bool {
 	r.mu.Lock()
-	r.shutdown = true
-	conns := make([]*relay, 0, len(r.conns))
-	for c := range r.conns {
-		conns = append(conns, c)
-	}
-	r.mu.Unlock()
-
-	// Close frames are written concurrently: one stuck peer must not hold
-	// up the others.
-	sem := make(chan struct{}, 64)
-	for _, c := range conns {
-		sem <- struct{}{}
-		go func() {
-			defer func() { <-sem }()
-			c.shutdown(ws.StatusGoingAway, "server shutting down")
-		}()
-	}
-
-	done := make(chan struct{})
-	go func() {
-		r.mu.Lock()
-		for len(r.conns) > 0 {
-			r.empty.Wait()
+	if !r.shutdown {
+		r.shutdown = true
+		longest := time.Duration(0)
+		conns := make([]*relay, 0, len(r.conns))
+		for c := range r.conns {
+			conns = append(conns, c)
+			longest = max(longest, c.cfg.CloseTimeout)
+		}
+		// Reads end by the closing deadline, writes shortly after; the
+		// last close frames may take closeGrace once more.
+		r.deadline = time.Now().Add(min(limit, longest+2*closeGrace+250*time.Millisecond))
+		if len(r.conns) == 0 {
+			close(r.gone)
 		}
 		r.mu.Unlock()
-		close(done)
-	}()
+		for _, c := range conns {
+			// Bounding every connection's closing first (which never
+			// blocks) means one stuck peer cannot hold up the others.
+			c.beginClosing()
+		}
+		for _, c := range conns {
+			go c.shutdown(ws.StatusGoingAway, "server shutting down")
+		}
+		r.mu.Lock()
+	}
+	deadline := r.deadline
+	r.mu.Unlock()
+	t := time.NewTimer(time.Until(deadline))
+	defer t.Stop()
 	select {
-	case <-done:
+	case <-r.gone:
 		return true
-	case <-time.After(timeout):
+	case <-t.C:
 		return false
 	}
 }

@@ -41,15 +41,15 @@ func TestEnqueueUnderBackpressure(t *testing.T) {
 			}
 			if i%50 == 0 {
 				// Another writer to the same client: a control frame.
-				c.writeControl(&c.client, ws.OpPing, []byte{byte(i)})
+				c.client.w.control(ws.OpPing, []byte{byte(i)})
 			}
 		}
 	}()
 	// The writer must be stuck on a full socket before the client reads.
 	poll(t, "the send queue to back up", func() bool {
-		c.qmu.Lock()
-		defer c.qmu.Unlock()
-		return len(c.queue) > 0
+		c.client.w.qmu.Lock()
+		defer c.client.w.qmu.Unlock()
+		return len(c.client.w.queue) > 0
 	})
 	pings := 0
 	for i := 0; i < n; {

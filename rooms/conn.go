@@ -106,8 +106,8 @@ func (c *Conn) do(r Request) *ProtoError {
 		if err != nil {
 			return &ProtoError{CodeForbidden, "invalid token"}
 		}
-		if ext, ok := c.sess.(interface{ Extend(time.Time) }); ok {
-			ext.Extend(exp)
+		if c.sess.Extend(exp) != nil {
+			return &ProtoError{CodeForbidden, "token expired"}
 		}
 		return nil
 	case "presence":

@@ -270,10 +270,14 @@ func TestConnRefresh(t *testing.T) {
 	if r := c.refused(`{"id":2,"op":"refresh","token":"forged"}`, rooms.CodeForbidden); r.Message != "invalid token" {
 		t.Fatalf("bad token: %+v", r)
 	}
+	exp = time.Now().Add(-time.Second) // verified (within the verifier's leeway) but already expired
+	if r := c.refused(`{"id":3,"op":"refresh","token":"good"}`, rooms.CodeForbidden); r.Message != "token expired" {
+		t.Fatalf("expired token: %+v", r)
+	}
 	c.sess.mu.Lock()
 	defer c.sess.mu.Unlock()
-	if len(c.sess.extended) != 1 || !c.sess.extended[0].Equal(exp) {
-		t.Fatalf("session extended to %v, want [%v]", c.sess.extended, exp)
+	if want := time.Date(2030, 1, 2, 3, 4, 5, 0, time.UTC); len(c.sess.extended) != 1 || !c.sess.extended[0].Equal(want) {
+		t.Fatalf("session extended to %v, want [%v]", c.sess.extended, want)
 	}
 }
 

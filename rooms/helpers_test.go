@@ -3,6 +3,7 @@ package rooms_test
 import (
 	"context"
 	"encoding/binary"
+	"errors"
 	"sync"
 	"testing"
 	"time"
@@ -43,11 +44,16 @@ func (s *fakeSession) Close(code uint16, reason string) {
 	s.mu.Unlock()
 }
 
-// Extend is what the relay offers for a refreshed token.
-func (s *fakeSession) Extend(t time.Time) {
+// Extend records a refreshed token's expiry; like the relay, it refuses
+// one that is not after now.
+func (s *fakeSession) Extend(t time.Time) error {
+	if !t.After(time.Now()) {
+		return errors.New("expired")
+	}
 	s.mu.Lock()
 	s.extended = append(s.extended, t)
 	s.mu.Unlock()
+	return nil
 }
 
 func (s *fakeSession) queued() [][]byte {

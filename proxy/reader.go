@@ -1,7 +1,7 @@
 package proxy
 
 import (
-	"encoding/binary"
+	"crypto/tls"
 	"errors"
 	"io"
 	"net"
@@ -23,20 +23,33 @@ var longAgo = time.Unix(1, 0)
 var readBufPool = sync.Pool{New: func() any { b := make([]byte, readBufSize); return &b }}
 
 // wireReader reads from one side of a relayed connection. It holds a pooled
-// buffer only while it has unconsumed bytes: when the connection is idle it
-// holds nothing but the socket.
+// buffer only while it has unconsumed bytes (or frames waiting to be
+// written): when the connection is idle it holds nothing but the socket.
 //
 // On sockets that expose syscall.RawConn (plain TCP), waiting for data costs
 // no buffer at all: the buffer is taken from the pool inside the readiness
 // callback, after the kernel has bytes for it. Other connections (TLS) wait
 // in a Read on a small inline array and move to a pooled buffer once bytes
 // have arrived.
+//
+// The bytes in [r, w) are unread. Complete frames before r may still be
+// waiting to be written (the run): they are rewritten in place and leave
+// together, in one write, before the buffer is refilled or compacted.
 type wireReader struct {
 	conn  net.Conn
-	raw   syscall.RawConn
+	raw   syscall.RawConn // conn's socket, read directly while idle (plain TCP)
+	poll  syscall.RawConn // the socket under conn (plain TCP or TLS), watched while parked
 	buf   *[]byte
 	r, w  int
 	small [16]byte
+
+	// run is a span of complete frames in buf, rewritten in place, still
+	// to be written to the other side; data says it holds a data frame
+	// and open that its last data frame is not final.
+	run struct {
+		start, end int
+		data, open bool
+	}
 
 	// onTimeout, if set, is called when a read deadline passes; a nil
 	// result means "deadline moved, keep reading".
@@ -51,8 +64,8 @@ type wireReader struct {
 	n      int
 	rerr   error
 
-	// beforeRefill runs before the buffer is refilled or compacted: bytes
-	// still waiting in it (frames to be written) must leave first.
+	// beforeRefill runs before the buffer is refilled or compacted: the
+	// run must be written first.
 	beforeRefill func() error
 
 	// Parking (park.go). onKick, if set, makes idle waits kickable: the
@@ -67,12 +80,22 @@ type wireReader struct {
 	waitSince int64 // guarded by pmu: mono time the wait began
 }
 
-// init sets the reader up for c.
+// init sets the reader up for c. A TLS connection is read through
+// crypto/tls, and its socket is watched while the side is parked: a
+// reader whose deadline fired while it waited in the socket read holds no
+// complete TLS record, so the socket's readiness is the right wake-up.
 func (wr *wireReader) init(c net.Conn) {
 	wr.conn = c
-	if sc, ok := c.(syscall.Conn); ok {
+	under := c
+	if tc, ok := c.(*tls.Conn); ok {
+		under = tc.NetConn()
+	}
+	if sc, ok := under.(syscall.Conn); ok {
 		if raw, err := sc.SyscallConn(); err == nil {
-			wr.raw = raw
+			wr.poll = raw
+			if under == c {
+				wr.raw = raw
+			}
 		}
 	}
 }
@@ -87,6 +110,7 @@ func (wr *wireReader) prime(p []byte) {
 		// bufio readers used by net/http and gobwas are 4 KiB; guard anyway.
 		b := make([]byte, len(p))
 		wr.buf = &b
+		wr.r = 0
 	} else {
 		wr.acquire()
 	}
@@ -98,9 +122,10 @@ func (wr *wireReader) acquire() {
 	wr.r, wr.w = 0, 0
 }
 
-// release returns the buffer to the pool if everything in it was consumed.
+// release returns the buffer to the pool if everything in it was consumed
+// and written.
 func (wr *wireReader) release() {
-	if wr.buf != nil && wr.r == wr.w {
+	if wr.buf != nil && wr.r == wr.w && wr.run.end == wr.run.start {
 		if cap(*wr.buf) == readBufSize {
 			readBufPool.Put(wr.buf)
 		}
@@ -109,15 +134,59 @@ func (wr *wireReader) release() {
 	}
 }
 
-// releaseAll drops the buffer whatever it holds; used when the connection ends.
+// releaseAll drops the buffer whatever it holds; used when the side ends.
 func (wr *wireReader) releaseAll() {
 	if wr.buf != nil {
 		wr.r = wr.w
+		wr.run.start, wr.run.end = 0, 0
 		wr.release()
 	}
 }
 
+// buffered is the number of unread bytes.
 func (wr *wireReader) buffered() int { return wr.w - wr.r }
+
+// peek returns n unread bytes starting off bytes ahead (they must be
+// buffered).
+func (wr *wireReader) peek(off, n int) []byte { return (*wr.buf)[wr.r+off : wr.r+off+n] }
+
+// back returns the n bytes before the next unread one (already consumed,
+// still in the buffer).
+func (wr *wireReader) back(n int) []byte { return (*wr.buf)[wr.r-n : wr.r] }
+
+// consume marks n buffered bytes as read.
+func (wr *wireReader) consume(n int) { wr.r += n }
+
+// pos is the buffer offset of the next unread byte.
+func (wr *wireReader) pos() int { return wr.r }
+
+// addRun adds the frame in buf[start:end] to the run if it follows the
+// run directly (or the run is empty) and reports whether it did.
+func (wr *wireReader) addRun(start, end int, data, open bool) bool {
+	r := &wr.run
+	if r.end > r.start && r.end != start {
+		return false
+	}
+	if r.end == r.start {
+		r.start, r.data = start, false
+	}
+	r.end = end
+	if data {
+		r.data, r.open = true, open
+	}
+	return true
+}
+
+// takeRun returns the run and empties it.
+func (wr *wireReader) takeRun() (b []byte, data, open bool) {
+	r := &wr.run
+	if r.end <= r.start {
+		return nil, false, false
+	}
+	b, data, open = (*wr.buf)[r.start:r.end], r.data, r.open
+	r.start, r.end, r.data = 0, 0, false
+	return b, data, open
+}
 
 // fill reads more bytes into the buffer; it blocks until at least one byte
 // arrived or the read failed.
@@ -126,6 +195,10 @@ func (wr *wireReader) fill() error {
 		if err := wr.beforeRefill(); err != nil {
 			return err
 		}
+	}
+	if wr.buf != nil && wr.r == wr.w {
+		// Nothing unread: start over at the front of the buffer.
+		wr.r, wr.w = 0, 0
 	}
 	for {
 		var err error
@@ -274,149 +347,66 @@ func (wr *wireReader) kick(now, after int64) bool {
 	return true
 }
 
-// need makes sure at least n (≤ readBufSize) bytes are buffered.
+// need makes sure at least n (≤ readBufSize) unread bytes are buffered.
 func (wr *wireReader) need(n int) error {
 	for wr.buffered() < n {
-		if wr.beforeRefill != nil {
-			if err := wr.beforeRefill(); err != nil {
-				return err
-			}
-		}
-		if wr.buf != nil && len(*wr.buf)-wr.r < n {
-			b := *wr.buf
-			wr.w = copy(b, b[wr.r:wr.w])
-			wr.r = 0
-		}
-		if err := wr.fill(); err != nil {
+		if err := wr.more(n); err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
-// errLengthMSB is a frame length with the most significant bit set, which
-// RFC 6455 §5.2 forbids.
-var errLengthMSB = errors.New("frame length has its most significant bit set")
+// more reads at least once, making room for n unread bytes first.
+func (wr *wireReader) more(n int) error {
+	if wr.beforeRefill != nil {
+		if err := wr.beforeRefill(); err != nil {
+			return err
+		}
+	}
+	if wr.buf != nil && len(*wr.buf)-wr.r < n {
+		b := *wr.buf
+		wr.w = copy(b, b[wr.r:wr.w])
+		wr.r = 0
+	}
+	return wr.fill()
+}
 
-// readHeader reads and decodes one frame header. It returns the header and
-// the offset in the buffer where the header started (so a relay can rewrite
-// it in place). Only the header bytes are consumed. When the payload is at
-// most whole bytes long (and always for control frames) it is buffered
-// too, right after the header.
-func (wr *wireReader) readHeader(whole int) (h ws.Header, start int, err error) {
+// header decodes the next frame header, reading until it is buffered. It
+// consumes nothing: the header's size is returned, and its bytes stay in
+// place in front of the payload (so the relay can rewrite it there).
+func (wr *wireReader) header() (h ws.Header, size int, err error) {
 	if err = wr.need(2); err != nil {
 		return h, 0, err
 	}
-	b := (*wr.buf)[wr.r:wr.w]
-	size := 2
-	if b[1]&0x80 != 0 {
-		size += 4
-	}
-	switch b[1] & 0x7f {
-	case 126:
-		size += 2
-	case 127:
-		size += 8
-	}
+	size = headerLen((*wr.buf)[wr.r+1])
 	if err = wr.need(size); err != nil {
 		return h, 0, err
 	}
 	h, err = decodeHeader((*wr.buf)[wr.r : wr.r+size])
-	if err != nil {
-		return h, 0, err
-	}
-	if h.OpCode.IsControl() {
-		whole = max(whole, ws.MaxControlFramePayloadSize)
-	}
-	if h.Length <= int64(whole) {
-		if err = wr.need(size + int(h.Length)); err != nil {
-			return h, 0, err
+	return h, size, err
+}
+
+// chunk returns up to n unread bytes without reading; it reads first (from
+// the start of the buffer) when nothing is buffered.
+func (wr *wireReader) chunk(n int64) ([]byte, error) {
+	if wr.buffered() == 0 {
+		if err := wr.fill(); err != nil {
+			return nil, err
 		}
 	}
-	start = wr.r
-	wr.r += size
-	return h, start, nil
-}
-
-// decodeHeader decodes a complete frame header (b holds exactly its bytes).
-func decodeHeader(b []byte) (h ws.Header, err error) {
-	h.Fin = b[0]&0x80 != 0
-	h.Rsv = (b[0] & 0x70) >> 4
-	h.OpCode = ws.OpCode(b[0] & 0x0f)
-	h.Masked = b[1]&0x80 != 0
-	i := 2
-	switch l := b[1] & 0x7f; l {
-	case 126:
-		h.Length = int64(binary.BigEndian.Uint16(b[2:4]))
-		i = 4
-	case 127:
-		u := binary.BigEndian.Uint64(b[2:10])
-		if u&(1<<63) != 0 {
-			return h, errLengthMSB
-		}
-		h.Length = int64(u)
-		i = 10
-	default:
-		h.Length = int64(l)
-	}
-	if h.Masked {
-		copy(h.Mask[:], b[i:i+4])
-	}
-	return h, nil
-}
-
-// headerSize is the encoded size of h.
-func headerSize(h ws.Header) int {
-	n := 2
-	switch {
-	case h.Length > 0xffff:
-		n += 8
-	case h.Length > 125:
-		n += 2
-	}
-	if h.Masked {
-		n += 4
-	}
-	return n
-}
-
-// encodeHeader writes h into b (which must be headerSize(h) long).
-func encodeHeader(b []byte, h ws.Header) {
-	b[0] = byte(h.OpCode) | h.Rsv<<4
-	if h.Fin {
-		b[0] |= 0x80
-	}
-	i := 2
-	switch {
-	case h.Length > 0xffff:
-		b[1] = 127
-		binary.BigEndian.PutUint64(b[2:10], uint64(h.Length))
-		i = 10
-	case h.Length > 125:
-		b[1] = 126
-		binary.BigEndian.PutUint16(b[2:4], uint16(h.Length))
-		i = 4
-	default:
-		b[1] = byte(h.Length)
-	}
-	if h.Masked {
-		b[1] |= 0x80
-		copy(b[i:i+4], h.Mask[:])
-	}
+	return (*wr.buf)[wr.r : wr.r+int(min(n, int64(wr.buffered())))], nil
 }
 
 // skip discards the next n bytes of the stream.
 func (wr *wireReader) skip(n int64) error {
-	for {
-		k := int(min(n, int64(wr.buffered())))
-		wr.r += k
-		n -= int64(k)
-		if n == 0 {
-			return nil
-		}
-		wr.r, wr.w = 0, 0
-		if err := wr.fill(); err != nil {
+	for n > 0 {
+		b, err := wr.chunk(n)
+		if err != nil {
 			return err
 		}
+		wr.r += len(b)
+		n -= int64(len(b))
 	}
+	return nil
 }

@@ -1,0 +1,96 @@
+package proxy
+
+import (
+	"github.com/gobwas/ws"
+)
+
+// relayFrames reads frames from src and hands each to its handler until
+// src closes, fails, breaks a rule or parks.
+func (c *relay) relayFrames(src, dst *peer) error {
+	rd := &src.rd
+	defer c.flush(src, dst)
+	for {
+		if rd.buffered() == 0 {
+			if err := c.flush(src, dst); err != nil {
+				return err
+			}
+			rd.release()
+		}
+		src.rest = 0
+		h, hs, err := rd.header()
+		if err != nil {
+			if err == errLengthMSB {
+				return &closeErr{code: ws.StatusProtocolError, reason: err.Error()}
+			}
+			return err
+		}
+		src.rest = int64(hs) + h.Length
+		if err := ws.CheckHeader(h, src.state()); err != nil {
+			return &closeErr{code: ws.StatusProtocolError, reason: err.Error()}
+		}
+		switch {
+		case h.OpCode == ws.OpClose:
+			return c.handleClose(src, dst, h, hs)
+		case h.OpCode.IsControl():
+			err = c.controlFrame(src, dst, h, hs)
+		default:
+			err = c.dataFrame(src, dst, h, hs)
+		}
+		if err != nil {
+			return err
+		}
+	}
+}
+
+// controlFrame handles a ping or pong from src: the client's answer to the
+// gateway's own ping is consumed, the rest count against src's rate
+// limits, and are forwarded (or, without an upstream, answered).
+func (c *relay) controlFrame(src, dst *peer, h ws.Header, hs int) error {
+	rd := &src.rd
+	n := int(h.Length)
+	if err := rd.need(hs + n); err != nil {
+		return err
+	}
+	if src.side == clientSide && h.OpCode == ws.OpPong && c.ownPong(rd.peek(hs, n), h) {
+		rd.consume(hs + n)
+		return nil
+	}
+	if drop, err := c.limit(src, dst, true, false, h.Length); err != nil {
+		return err
+	} else if drop {
+		rd.consume(hs + n)
+		return nil
+	}
+	if c.solo {
+		payload := rd.peek(hs, n)
+		rd.consume(hs + n)
+		if h.OpCode == ws.OpPing {
+			ws.Cipher(payload, h.Mask, 0)
+			return src.w.control(ws.OpPong, payload)
+		}
+		return nil
+	}
+	payload := rd.peek(hs, n)
+	if h.Masked {
+		ws.Cipher(payload, h.Mask, 0)
+		h.Masked = false
+	}
+	return c.forwardLoaded(src, dst, h, hs)
+}
+
+// ownPong reports whether a pong answers the gateway's own ping; such
+// pongs are consumed, not forwarded, and do not count as the client's
+// messages.
+func (c *relay) ownPong(p []byte, h ws.Header) bool {
+	if len(p) != len(c.pingToken) {
+		return false
+	}
+	var tok [8]byte
+	copy(tok[:], p)
+	ws.Cipher(tok[:], h.Mask, 0)
+	if tok != c.pingToken {
+		return false
+	}
+	c.pingOut = false
+	return true
+}

@@ -1,0 +1,328 @@
+package proxy
+
+import (
+	"github.com/gobwas/ws"
+)
+
+// maxWholeFrame is the largest frame payload read whole into the read
+// buffer (checked, and rewritten in place there); larger frames stream
+// through it.
+const maxWholeFrame = readBufSize - ws.MaxHeaderSize
+
+// assembleCap bounds an assembled message when MaxMessage is unlimited.
+const assembleCap = 16 << 20
+
+var (
+	errTooBig      = &closeErr{code: ws.StatusMessageTooBig, reason: "message too big"}
+	errInvalidUTF8 = &closeErr{code: ws.StatusInvalidFramePayloadData, reason: "invalid UTF-8 in text message"}
+)
+
+// Each frame error is a new closeErr: asCloseErr fills in its side.
+func tooBig() *closeErr      { e := *errTooBig; return &e }
+func invalidUTF8() *closeErr { e := *errInvalidUTF8; return &e }
+
+// dataFrame handles a text, binary or continuation frame from src (its
+// header, of size hs, not yet consumed): size and rate limits, UTF-8, the
+// gateway's own consumers (token refresh, channel policy, upstream
+// control), then forwarding.
+func (c *relay) dataFrame(src, dst *peer, h ws.Header, hs int) error {
+	rd := &src.rd
+	newMsg := h.OpCode != ws.OpContinuation
+	if newMsg {
+		src.msgSize = 0
+		src.text = h.OpCode == ws.OpText
+		src.dropping = false
+		src.utf8.reset()
+		src.msg = nil
+	}
+	src.fragmented = !h.Fin
+	if m := src.limits.MaxMessage; m > 0 && h.Length > m-src.msgSize {
+		return tooBig()
+	}
+	src.msgSize += h.Length
+	if c.cfg.IdleTimeout > 0 && h.Fin {
+		c.lastData.Store(mono())
+	}
+	drop := src.dropping
+	if !drop {
+		var err error
+		if drop, err = c.limit(src, dst, false, newMsg, h.Length); err != nil {
+			return err
+		}
+	}
+	if drop {
+		return rd.skip(src.rest)
+	}
+	inspect := c.inspect != nil && src.side == clientSide
+	if h.Length > maxWholeFrame {
+		if inspect {
+			return c.assembleStream(src, dst, h, hs)
+		}
+		return c.stream(src, dst, h, hs)
+	}
+	payload, err := c.load(src, h, hs)
+	if err != nil {
+		return err
+	}
+	h.Masked = false
+	whole := newMsg && h.Fin
+	switch {
+	case src.side == clientSide && c.refresh != nil && whole && src.text && len(payload) <= maxRefreshMessage:
+		// A refresh message is consumed here; anything else goes on.
+		if consumed, err := c.tryRefresh(payload); err != nil || consumed {
+			rd.consume(hs + len(payload))
+			return err
+		}
+	case src.side == upstreamSide && c.control != nil && whole && src.text:
+		// Upstream control messages (a configured prefix) are consumed.
+		if c.control(payload) {
+			rd.consume(hs + len(payload))
+			return nil
+		}
+	}
+	if inspect {
+		if !whole {
+			// A fragment: the message is judged once it is complete.
+			err := c.collect(src, dst, h.Fin, payload)
+			rd.consume(hs + len(payload))
+			return err
+		}
+		if pass, err := c.judge(src, payload); err != nil || !pass {
+			rd.consume(hs + len(payload))
+			return err
+		}
+	}
+	return c.forwardLoaded(src, dst, h, hs)
+}
+
+// load reads the payload of a frame of at most maxWholeFrame bytes into
+// the buffer, right after its header, unmasked. Text is checked as UTF-8
+// as it arrives, so that a bad byte fails the connection at once rather
+// than when the frame is complete.
+func (c *relay) load(src *peer, h ws.Header, hs int) ([]byte, error) {
+	rd := &src.rd
+	n := int(h.Length)
+	done := 0
+	for {
+		if avail := min(n, rd.buffered()-hs); avail > done {
+			p := rd.peek(hs+done, avail-done)
+			if h.Masked {
+				ws.Cipher(p, h.Mask, done)
+			}
+			if src.text && !src.utf8.feed(p) {
+				return nil, invalidUTF8()
+			}
+			done = avail
+		}
+		if done == n {
+			break
+		}
+		if err := rd.more(hs + n); err != nil {
+			return nil, err
+		}
+	}
+	if src.text && h.Fin && !src.utf8.done() {
+		return nil, invalidUTF8()
+	}
+	return rd.peek(hs, n), nil
+}
+
+// forwardLoaded forwards a frame whose payload is in the buffer, unmasked
+// (h.Masked false): the header is rewritten in place (masked again with a
+// fresh key toward an upstream) and the frame joins the run of frames that
+// leave together.
+func (c *relay) forwardLoaded(src, dst *peer, h ws.Header, hs int) error {
+	rd := &src.rd
+	n := int(h.Length)
+	out := h
+	out.Masked = dst.side == upstreamSide
+	if out.Masked {
+		out.Mask = newMask()
+		ws.Cipher(rd.peek(hs, n), out.Mask, 0)
+	}
+	ohs := headerSize(out) // never more than hs: peers' frames are masked alike
+	encodeHeader(rd.peek(hs-ohs, ohs), out)
+	start := rd.pos() + hs - ohs
+	rd.consume(hs + n)
+	src.rest = 0
+	data := !h.OpCode.IsControl()
+	if rd.addRun(start, start+ohs+n, data, !h.Fin) {
+		return nil
+	}
+	if err := c.flush(src, dst); err != nil {
+		return err
+	}
+	rd.addRun(start, start+ohs+n, data, !h.Fin)
+	return nil
+}
+
+// flush writes src's run of waiting frames to dst.
+func (c *relay) flush(src, dst *peer) error {
+	b, data, open := src.rd.takeRun()
+	if b == nil {
+		return nil
+	}
+	return dst.w.frames(b, data, open)
+}
+
+// stream forwards a frame larger than the read buffer, chunk by chunk as
+// it arrives, holding dst's writer for the whole frame. Text is checked
+// as UTF-8 before each chunk is passed on; a frame cut short (the source
+// failed, or sent bad text) leaves dst's writer broken.
+func (c *relay) stream(src, dst *peer, h ws.Header, hs int) error {
+	if err := c.flush(src, dst); err != nil {
+		return err
+	}
+	rd := &src.rd
+	out := h
+	out.Masked = dst.side == upstreamSide
+	if out.Masked {
+		out.Mask = newMask()
+	}
+	ohs := headerSize(out)
+	encodeHeader(rd.peek(hs-ohs, ohs), out)
+	rd.consume(hs)
+	src.rest = h.Length
+
+	w := &dst.w
+	w.mu.Lock()
+	wrote := false
+	err := func() error {
+		var off int64
+		for src.rest > 0 {
+			var wbuf []byte
+			if !wrote && rd.buffered() == 0 {
+				// The header is at the end of the buffer: it goes alone,
+				// before the buffer is refilled.
+				wbuf = rd.back(ohs)
+			} else {
+				chunk, err := rd.chunk(src.rest)
+				if err != nil {
+					return err
+				}
+				if h.Masked {
+					ws.Cipher(chunk, h.Mask, int(off))
+				}
+				last := int64(len(chunk)) == src.rest
+				if src.text && (!src.utf8.feed(chunk) || (last && h.Fin && !src.utf8.done())) {
+					return invalidUTF8()
+				}
+				if out.Masked {
+					ws.Cipher(chunk, out.Mask, int(off))
+				}
+				wbuf = chunk
+				if !wrote {
+					// The header sits right in front of the first chunk.
+					hdr := rd.back(ohs)
+					wbuf = hdr[:ohs+len(chunk)]
+				}
+				rd.consume(len(chunk))
+				src.rest -= int64(len(chunk))
+				off += int64(len(chunk))
+			}
+			if !w.closed.Load() {
+				if err := w.put(wbuf, nil); err != nil {
+					return err
+				}
+			}
+			wrote = true
+		}
+		return nil
+	}()
+	ended := false
+	if err != nil {
+		if wrote {
+			w.cut()
+		}
+	} else {
+		ended = w.endFrame(h)
+	}
+	w.mu.Unlock()
+	if ended {
+		w.resume()
+	}
+	return err
+}
+
+// judge asks the inspector about a complete client message. It reports
+// whether the message may be forwarded; a drop may send a reply to the
+// client, and a close verdict ends the connection.
+func (c *relay) judge(src *peer, msg []byte) (bool, error) {
+	v, reply := c.inspect(msg, src.text)
+	switch v {
+	case Pass:
+		return !c.solo, nil // without an upstream there is nowhere to pass it on to
+	case Close:
+		return false, &closeErr{code: ws.StatusPolicyViolation, reason: "forbidden"}
+	}
+	if len(reply) > 0 {
+		return false, c.reply(reply)
+	}
+	return false, nil
+}
+
+// collect adds a fragment of a client message to the message being
+// assembled for inspection; the last one has the message judged and, if it
+// passes, forwarded as one frame.
+func (c *relay) collect(src, dst *peer, fin bool, chunk []byte) error {
+	if len(src.msg) == 0 {
+		src.msg = append(src.msg[:0], make([]byte, ws.MaxHeaderSize)...)
+		src.msgOp = ws.OpText
+		if !src.text {
+			src.msgOp = ws.OpBinary
+		}
+	}
+	limit := src.limits.MaxMessage
+	if limit <= 0 {
+		limit = assembleCap
+	}
+	if int64(len(src.msg)-ws.MaxHeaderSize+len(chunk)) > limit {
+		return tooBig()
+	}
+	src.msg = append(src.msg, chunk...)
+	if !fin {
+		return nil
+	}
+	msg := src.msg
+	src.msg = nil // no payload buffer is kept between messages
+	pass, err := c.judge(src, msg[ws.MaxHeaderSize:])
+	if err != nil || !pass {
+		return err
+	}
+	if err := c.flush(src, dst); err != nil {
+		return err
+	}
+	return dst.w.framed(src.msgOp, msg)
+}
+
+// assembleStream collects a client frame larger than the read buffer, for
+// inspection, checking text as it arrives.
+func (c *relay) assembleStream(src, dst *peer, h ws.Header, hs int) error {
+	rd := &src.rd
+	rd.consume(hs)
+	src.rest = h.Length
+	var off int64
+	for src.rest > 0 {
+		chunk, err := rd.chunk(src.rest)
+		if err != nil {
+			return err
+		}
+		if h.Masked {
+			ws.Cipher(chunk, h.Mask, int(off))
+		}
+		if src.text && !src.utf8.feed(chunk) {
+			return invalidUTF8()
+		}
+		last := int64(len(chunk)) == src.rest
+		if last && h.Fin && src.text && !src.utf8.done() {
+			return invalidUTF8()
+		}
+		rd.consume(len(chunk))
+		src.rest -= int64(len(chunk))
+		off += int64(len(chunk))
+		if err := c.collect(src, dst, h.Fin && last, chunk); err != nil {
+			return err
+		}
+	}
+	return nil
+}

@@ -1,0 +1,60 @@
+package proxy
+
+import (
+	"time"
+
+	"github.com/gobwas/ws"
+)
+
+// Session is what code outside the relay may do with a live connection.
+type Session interface {
+	// Enqueue queues an encoded server frame (shared, not modified) for the
+	// client without blocking. When the queue is full the client is a slow
+	// consumer: the connection is closed with 1013 (or, with SlowConsumer
+	// drop, the frame is dropped) and Enqueue returns false. A queued frame
+	// never lands inside a message the upstream is sending in fragments:
+	// it waits for the message's last fragment.
+	Enqueue(frame []byte) bool
+	// Close closes the connection with code and reason.
+	Close(code uint16, reason string)
+	// Extend moves the time the client's credentials expire (a refreshed
+	// token; zero: never). A time that has passed is refused, and the
+	// expiry stays. It must be called from the Inspect hook, which runs on
+	// the client's reader.
+	Extend(exp time.Time) error
+}
+
+// Enqueue implements Session.
+func (c *relay) Enqueue(frame []byte) bool {
+	if c.closing.Load() {
+		return false
+	}
+	if c.client.w.enqueue(frame) {
+		return true
+	}
+	c.overflow()
+	return false
+}
+
+// reply sends a message of the gateway's own to the client (a policy
+// reply, a rooms answer), in order with what is queued for it.
+func (c *relay) reply(msg []byte) error {
+	ok, err := c.client.w.message(EncodeServerFrame(ws.OpText, msg))
+	if !ok {
+		c.overflow()
+	}
+	return err
+}
+
+// overflow handles a full send queue: with SlowClose the client is a slow
+// consumer and the connection is closed with 1013, once the frame being
+// written is out (bounded by the closing deadline); with SlowDrop the
+// message is dropped.
+func (c *relay) overflow() {
+	if c.cfg.SlowConsumer == SlowDrop || !c.client.w.stopQueue() {
+		return
+	}
+	c.g.log.Info("slow consumer: closing with 1013", "remote", c.client.w.conn.RemoteAddr().String(), "send_queue", c.cfg.SendQueue)
+	c.beginClosing()
+	go c.shutdown(ws.StatusCode(1013), "slow consumer")
+}
