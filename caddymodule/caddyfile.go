@@ -46,6 +46,8 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    idle_timeout         <duration>
 //	    ping_interval        <duration>|off
 //	    pong_timeout         <duration>
+//	    write_timeout        <duration>|off
+//	    close_timeout        <duration>
 //	    origins              <origins...>
 //	    allow_missing_origin
 //	    jwt { … }                    (see parseJWT)
@@ -105,6 +107,10 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			h.PingInterval, err = parseDurationOrOff(d)
 		case "pong_timeout":
 			h.PongTimeout, err = parseDuration(d)
+		case "write_timeout":
+			h.WriteTimeout, err = parseDurationOrOff(d)
+		case "close_timeout":
+			h.CloseTimeout, err = parseDuration(d)
 		case "park_after":
 			h.ParkAfter, err = parseDurationOrOff(d)
 		case "origins":

@@ -369,6 +369,27 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 			want: Handler{Upstreams: []string{"ws://a:1"}, PongTimeout: dur(10 * time.Second)},
 		},
 		{
+			name: "write_timeout",
+			input: `wsgate ws://a:1 {
+				write_timeout 3s
+			}`,
+			want: Handler{Upstreams: []string{"ws://a:1"}, WriteTimeout: dur(3 * time.Second)},
+		},
+		{
+			name: "write_timeout off",
+			input: `wsgate ws://a:1 {
+				write_timeout off
+			}`,
+			want: Handler{Upstreams: []string{"ws://a:1"}, WriteTimeout: -1},
+		},
+		{
+			name: "close_timeout",
+			input: `wsgate ws://a:1 {
+				close_timeout 1500ms
+			}`,
+			want: Handler{Upstreams: []string{"ws://a:1"}, CloseTimeout: dur(1500 * time.Millisecond)},
+		},
+		{
 			name: "quoted arguments",
 			input: `wsgate "ws://a:1/path with space" {
 				forward_headers "X-Odd Name"
@@ -401,6 +422,8 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 				idle_timeout 10m
 				ping_interval 20s
 				pong_timeout 5s
+				write_timeout 15s
+				close_timeout 2s
 			}`,
 			want: Handler{
 				Upstreams:   []string{"ws://a:1", "ws://b:2"},
@@ -424,6 +447,8 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 				IdleTimeout:       dur(10 * time.Minute),
 				PingInterval:      dur(20 * time.Second),
 				PongTimeout:       dur(5 * time.Second),
+				WriteTimeout:      dur(15 * time.Second),
+				CloseTimeout:      dur(2 * time.Second),
 			},
 		},
 	}
@@ -490,6 +515,35 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 				max_message 1MiB
 			}`,
 			wantErr: `duplicate subdirective "max_message"`,
+			line:    3,
+		},
+		{
+			name: "duplicate write_timeout after off",
+			input: `wsgate ws://a:1 {
+				write_timeout off
+				close_timeout 2s
+				write_timeout 5s
+			}`,
+			wantErr: `duplicate subdirective "write_timeout"`,
+			line:    4,
+		},
+		{
+			name: "duplicate close_timeout",
+			input: `wsgate ws://a:1 {
+				close_timeout 2s
+				write_timeout 5s
+				close_timeout 3s
+			}`,
+			wantErr: `duplicate subdirective "close_timeout"`,
+			line:    4,
+		},
+		{
+			name: "misspelled close_timeout",
+			input: `wsgate ws://a:1 {
+				write_timeout 5s
+				close_timout 3s
+			}`,
+			wantErr: `unrecognized subdirective "close_timout"`,
 			line:    3,
 		},
 		{
@@ -920,6 +974,66 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 			wantErr: "wrong argument count",
 			line:    3,
 		},
+		{
+			name:    "write_timeout word",
+			input:   optionInput("write_timeout never"),
+			wantErr: `bad duration "never"`,
+			line:    3,
+		},
+		{
+			name:    "write_timeout zero",
+			input:   optionInput("write_timeout 0s"),
+			wantErr: `duration "0s" must be positive`,
+			line:    3,
+		},
+		{
+			name:    "write_timeout negative",
+			input:   optionInput("write_timeout -1s"),
+			wantErr: `duration "-1s" must be positive`,
+			line:    3,
+		},
+		{
+			name:    "write_timeout missing",
+			input:   optionInput("write_timeout"),
+			wantErr: "wrong argument count",
+			line:    3,
+		},
+		{
+			name:    "write_timeout off with extra",
+			input:   optionInput("write_timeout off 10s"),
+			wantErr: "wrong argument count",
+			line:    3,
+		},
+		{
+			name:    "close_timeout off is not offered",
+			input:   optionInput("close_timeout off"),
+			wantErr: `bad duration "off"`,
+			line:    3,
+		},
+		{
+			name:    "close_timeout zero",
+			input:   optionInput("close_timeout 0"),
+			wantErr: `duration "0" must be positive`,
+			line:    3,
+		},
+		{
+			name:    "close_timeout negative",
+			input:   optionInput("close_timeout -2s"),
+			wantErr: `duration "-2s" must be positive`,
+			line:    3,
+		},
+		{
+			name:    "close_timeout missing",
+			input:   optionInput("close_timeout"),
+			wantErr: "wrong argument count",
+			line:    3,
+		},
+		{
+			name:    "close_timeout extra",
+			input:   optionInput("close_timeout 1s 2s"),
+			wantErr: "wrong argument count",
+			line:    3,
+		},
 
 		// forward_headers
 		{
@@ -1073,6 +1187,8 @@ func TestUnmarshalCaddyfileJSON(t *testing.T) {
 			bytes 1MiB/s
 		}
 		ping_interval off
+		write_timeout off
+		close_timeout 2s
 	}`)
 	if err != nil {
 		t.Fatal(err)
@@ -1082,7 +1198,8 @@ func TestUnmarshalCaddyfileJSON(t *testing.T) {
 		t.Fatal(err)
 	}
 	const want = `{"upstreams":["ws://a:1"],"dial_timeout":2000000000,"max_message":-1,` +
-		`"rate_limit":{"messages":100,"message_burst":50,"bytes":1048576},"ping_interval":-1}`
+		`"rate_limit":{"messages":100,"message_burst":50,"bytes":1048576},"ping_interval":-1,` +
+		`"write_timeout":-1,"close_timeout":2000000000}`
 	if string(got) != want {
 		t.Errorf("JSON\n got %s\nwant %s", got, want)
 	}
@@ -1103,6 +1220,8 @@ func TestUnmarshalCaddyfileProxyConfig(t *testing.T) {
 		idle_timeout 1m
 		ping_interval 5s
 		pong_timeout 3s
+		write_timeout 4s
+		close_timeout 2s
 	}`)
 	if err != nil {
 		t.Fatal(err)
@@ -1128,6 +1247,39 @@ func TestUnmarshalCaddyfileProxyConfig(t *testing.T) {
 	}
 	if cfg.IdleTimeout != time.Minute || cfg.PingInterval != 5*time.Second || cfg.PongTimeout != 3*time.Second {
 		t.Errorf("timeouts = idle %v, ping %v, pong %v; want 1m, 5s, 3s", cfg.IdleTimeout, cfg.PingInterval, cfg.PongTimeout)
+	}
+	if cfg.WriteTimeout != 4*time.Second || cfg.CloseTimeout != 2*time.Second {
+		t.Errorf("timeouts = write %v, close %v; want 4s, 2s", cfg.WriteTimeout, cfg.CloseTimeout)
+	}
+}
+
+// TestWriteAndCloseTimeoutDefaults checks what the engine gets when the
+// timeouts are left out, and that write_timeout off stays off (negative)
+// rather than turning into the default.
+func TestWriteAndCloseTimeoutDefaults(t *testing.T) {
+	tests := []struct {
+		name         string
+		input        string
+		write, close time.Duration
+	}{
+		{"unset", "wsgate ws://a:1", 10 * time.Second, 5 * time.Second},
+		{"set", "wsgate ws://a:1 {\n\twrite_timeout 1s\n\tclose_timeout 2s\n}", time.Second, 2 * time.Second},
+		{"write_timeout off", "wsgate ws://a:1 {\n\twrite_timeout off\n}", -1, 5 * time.Second},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			h, err := unmarshal(t, tt.input)
+			if err != nil {
+				t.Fatal(err)
+			}
+			cfg, err := h.proxyConfig()
+			if err != nil {
+				t.Fatalf("proxyConfig: %v", err)
+			}
+			if cfg.WriteTimeout != tt.write || cfg.CloseTimeout != tt.close {
+				t.Errorf("write %v, close %v; want %v, %v", cfg.WriteTimeout, cfg.CloseTimeout, tt.write, tt.close)
+			}
+		})
 	}
 }
 

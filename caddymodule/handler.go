@@ -25,8 +25,10 @@ func init() {
 // alone, while process exit still closes each of them with 1001.
 var registry = proxy.NewRegistry()
 
-// shutdownTimeout bounds how long exit waits for closing handshakes.
-const shutdownTimeout = 5 * time.Second
+// shutdownLimit caps how long exit waits for closing handshakes; each
+// connection bounds its own by its close_timeout, and the wait ends when
+// the last one has finished (one wait for all handlers).
+const shutdownLimit = time.Minute
 
 // Handler relays WebSocket connections to upstream apps, enforcing
 // frame-level limits. Requests that are not WebSocket upgrades pass to the
@@ -81,10 +83,22 @@ type Handler struct {
 	// before it drops the client. Default: 30s.
 	PongTimeout caddy.Duration `json:"pong_timeout,omitempty"`
 
+	// WriteTimeout bounds each write to a peer. A client that does not
+	// take the bytes within it is dropped and the upstream gets 1001
+	// "client not reading"; an upstream that does not is dropped and the
+	// client gets 1011 "upstream not reading". Default: 10s. A negative
+	// value disables it.
+	WriteTimeout caddy.Duration `json:"write_timeout,omitempty"`
+
+	// CloseTimeout bounds the closing handshake: once the gateway has sent
+	// a close frame, the peer has this long to answer before its socket is
+	// dropped. Default: 5s.
+	CloseTimeout caddy.Duration `json:"close_timeout,omitempty"`
+
 	// ParkAfter is how long a side of a connection waits for data before
 	// its reader goroutine is released (the socket is then watched with
-	// epoll; Linux, connections without TLS). Default: 2s. A negative
-	// value keeps the goroutines.
+	// epoll; Linux, plain TCP and TLS). Default: 2s. A negative value
+	// keeps the goroutines.
 	ParkAfter caddy.Duration `json:"park_after,omitempty"`
 
 	// Origins allowed to open sockets: exact origins (https://app.example.com)
@@ -238,6 +252,8 @@ func (h *Handler) proxyConfig() (proxy.Config, error) {
 		IdleTimeout:    time.Duration(h.IdleTimeout),
 		PingInterval:   time.Duration(h.PingInterval),
 		PongTimeout:    time.Duration(h.PongTimeout),
+		WriteTimeout:   time.Duration(h.WriteTimeout),
+		CloseTimeout:   time.Duration(h.CloseTimeout),
 		ParkAfter:      time.Duration(h.ParkAfter),
 	}
 	if h.TLS != nil {
@@ -306,7 +322,7 @@ func (h *Handler) Validate() error {
 func (h *Handler) Cleanup() error {
 	h.cleanupAuth()
 	if caddy.Exiting() {
-		registry.Shutdown(shutdownTimeout)
+		registry.Shutdown(shutdownLimit)
 	}
 	return nil
 }
