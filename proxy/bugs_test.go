@@ -233,3 +233,42 @@ func TestSlowUpstreamFrameKeepsClient(t *testing.T) {
 		}
 	}
 }
+
+// TestBadCloseFrameEndsAtOnce: a client whose close frame is malformed
+// has sent its close all the same, and will not send another: after the
+// gateway's close frame (and the upstream's reply) the gateway drops the
+// connection at once instead of waiting CloseTimeout for a reply.
+func TestBadCloseFrameEndsAtOnce(t *testing.T) {
+	up := startUpstream(t, nil, nil)
+	tg := startGateway(t, up.url, func(c *Config) { c.CloseTimeout = 3 * time.Second })
+	cases := []struct {
+		name  string
+		frame []byte
+		code  int
+	}{
+		{"1-byte payload", cf(opClose, []byte{3}), 1002},
+		{"invalid code", cf(opClose, closePayload(1004, "")), 1002},
+		{"invalid UTF-8 reason", cf(opClose, closePayload(1000, "\xff")), 1007},
+		{"126-byte payload", cf(opClose, closePayload(1000, strings.Repeat("*", 124))), 1002},
+		{"not final", cfrag(opClose, closePayload(1000, "")), 1002},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			rc := dialRaw(t, tg.addr(), nil)
+			up.next(t)
+			rc.write(c.frame)
+			start := time.Now()
+			f, err := rc.read()
+			if err != nil || f.op != opClose {
+				t.Fatalf("op %d (%v), want a close frame", f.op, err)
+			}
+			if code, reason := closeOf(f.payload); code != c.code {
+				t.Fatalf("close %d %q, want %d", code, reason, c.code)
+			}
+			rc.expectEOF() // without answering
+			if d := time.Since(start); d > time.Second {
+				t.Fatalf("the gateway closed the socket %v after its close frame (CloseTimeout 3s)", d)
+			}
+		})
+	}
+}

@@ -47,7 +47,8 @@ type peer struct {
 	// parking (park.go)
 	other  *peer        // the side this one's frames go to
 	pstate atomic.Int32 // sideRunning, sideParking, sideWoken or sideParked
-	pollID uint64       // registration with the poller, 0 before the first park
+	pl     *poller      // the poller it registered with
+	pollID uint64       // registration with pl, 0 before the first park
 	pollFD int
 	polled bool // pollFD is in the poller's epoll set
 }

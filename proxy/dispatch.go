@@ -26,7 +26,14 @@ func (c *relay) relayFrames(src, dst *peer) error {
 		}
 		src.rest = int64(hs) + h.Length
 		if err := ws.CheckHeader(h, src.state()); err != nil {
-			return &closeErr{code: ws.StatusProtocolError, reason: err.Error()}
+			e := &closeErr{code: ws.StatusProtocolError, reason: err.Error()}
+			if h.OpCode == ws.OpClose {
+				// A bad close frame is still src's close: no other is
+				// coming, so src is not waited for after the gateway's.
+				src.closeIn.set(e.code, e.reason)
+				src.closeRecv.Store(true)
+			}
+			return e
 		}
 		switch {
 		case h.OpCode == ws.OpClose:

@@ -85,7 +85,12 @@ type testGateway struct {
 
 func (tg *testGateway) addr() string { return tg.srv.Listener.Addr().String() }
 
-func (tg *testGateway) url(path string) string { return "ws://" + tg.addr() + path }
+func (tg *testGateway) url(path string) string {
+	if tg.srv.TLS != nil {
+		return "wss://" + tg.addr() + path
+	}
+	return "ws://" + tg.addr() + path
+}
 
 // startGateway starts a gateway in front of upstreamURL; mod, if not nil,
 // adjusts the config before Prepare. The registry is shut down when the
@@ -96,17 +101,11 @@ func startGateway(t testing.TB, upstreamURL string, mod func(*Config)) *testGate
 	if mod != nil {
 		mod(&cfg)
 	}
-	g, srv, err := newGatewayServer(cfg)
-	if err != nil {
+	if err := prepareTestConfig(&cfg); err != nil {
 		t.Fatalf("gateway config: %v", err)
 	}
-	t.Cleanup(func() {
-		srv.Close()
-		if !g.Registry().Shutdown(waitFor) {
-			t.Errorf("registry shutdown: %d connections still alive", g.Registry().Len())
-		}
-	})
-	return &testGateway{g: g, srv: srv}
+	g := New(cfg, nil, nil)
+	return serveGateway(t, g, func(w http.ResponseWriter, r *http.Request) { g.ServeHTTP(w, r, RequestInfo{}) }, false)
 }
 
 // startGatewayInfo is startGateway with each request's RequestInfo made by
@@ -123,18 +122,23 @@ func startGatewayInfo(t testing.TB, upstreamURL string, mod func(*Config), info 
 	}
 	logs, logger := newLogBuffer()
 	g := New(cfg, nil, logger)
-	tg := serveGateway(t, g, func(w http.ResponseWriter, r *http.Request) { g.ServeHTTP(w, r, info()) })
+	tg := serveGateway(t, g, func(w http.ResponseWriter, r *http.Request) { g.ServeHTTP(w, r, info()) }, false)
 	tg.log = logs
 	return tg
 }
 
-// serveGateway serves g with net/http on 127.0.0.1 for one test, handing
-// each request to serve. As with startGateway, the registry is shut down
-// when the test ends, and the test fails if a connection is then still
-// alive.
-func serveGateway(t testing.TB, g *Gateway, serve http.HandlerFunc) *testGateway {
+// serveGateway serves g with net/http on 127.0.0.1 for one test (over TLS
+// with httptest's certificate when overTLS), handing each request to
+// serve. The registry is shut down when the test ends, and the test fails
+// if a connection is then still alive.
+func serveGateway(t testing.TB, g *Gateway, serve http.HandlerFunc, overTLS bool) *testGateway {
 	t.Helper()
-	srv := httptest.NewServer(serve)
+	srv := httptest.NewUnstartedServer(serve)
+	if overTLS {
+		srv.StartTLS()
+	} else {
+		srv.Start()
+	}
 	t.Cleanup(func() {
 		srv.Close()
 		if !g.Registry().Shutdown(waitFor) {
@@ -301,6 +305,12 @@ func startUpstream(t testing.TB, opts *websocket.AcceptOptions, serve func(*upCo
 }
 
 func newUpstream(opts *websocket.AcceptOptions, serve func(*upConn) error) *upstream {
+	return newUpstreamTLS(opts, serve, false)
+}
+
+// newUpstreamTLS is newUpstream, served over TLS (a wss:// URL, with
+// httptest's certificate) when overTLS.
+func newUpstreamTLS(opts *websocket.AcceptOptions, serve func(*upConn) error, overTLS bool) *upstream {
 	u := &upstream{conns: make(chan *upConn, 1024), serve: serve}
 	if opts != nil {
 		u.opts = *opts
@@ -309,8 +319,14 @@ func newUpstream(opts *websocket.AcceptOptions, serve func(*upConn) error) *upst
 	if u.serve == nil {
 		u.serve = echo
 	}
-	u.srv = httptest.NewServer(http.HandlerFunc(u.handle))
-	u.url = "ws://" + u.srv.Listener.Addr().String()
+	u.srv = httptest.NewUnstartedServer(http.HandlerFunc(u.handle))
+	if overTLS {
+		u.srv.StartTLS()
+		u.url = "wss://" + u.srv.Listener.Addr().String()
+	} else {
+		u.srv.Start()
+		u.url = "ws://" + u.srv.Listener.Addr().String()
+	}
 	return u
 }
 

@@ -34,7 +34,7 @@ func sweepPeriod(parkAfter time.Duration) time.Duration {
 
 // enableParking makes the idle waits of p kickable, if p can park.
 func (c *relay) enableParking(p *peer) {
-	if c.cfg.ParkAfter <= 0 || p.rd.poll == nil || getPoller() == nil {
+	if c.cfg.ParkAfter <= 0 || p.rd.poll == nil || !getPoller().usable() {
 		return
 	}
 	p.rd.onKick = func(gotData bool) error { return c.kicked(p, gotData) }
@@ -51,7 +51,7 @@ func (c *relay) kicked(p *peer, gotData bool) error {
 // kickIdle kicks the idle waits of c that began ParkAfter or more ago and
 // returns how many it kicked.
 func (c *relay) kickIdle(now int64) int {
-	if c.closing.Load() {
+	if c.closing.Load() || !getPoller().usable() {
 		return 0
 	}
 	after := int64(c.cfg.ParkAfter)
@@ -101,11 +101,12 @@ const (
 // park (or was woken while parking), and the caller goes on reading.
 // After true, src belongs to whoever wakes it.
 func (c *relay) park(src *peer) bool {
-	pl := getPoller()
 	src.pstate.Store(sideParking)
 	if src.pollID == 0 {
-		src.pollID = pl.register(func() { c.wake(src) })
+		src.pl = getPoller()
+		src.pollID = src.pl.register(func() { c.wake(src) })
 	}
+	pl := src.pl
 	var aerr error
 	cerr := src.rd.poll.Control(func(fd uintptr) {
 		src.pollFD = int(fd)
@@ -153,7 +154,7 @@ func (c *relay) unpoll(p *peer) {
 	if p.pollID == 0 {
 		return
 	}
-	pl := getPoller()
+	pl := p.pl
 	done := false
 	if p.polled && p.rd.poll != nil {
 		// Only while the socket is still open: its number may be reused

@@ -3,11 +3,14 @@ package proxy
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"runtime"
+	"syscall"
 	"testing"
 	"time"
 
@@ -44,7 +47,7 @@ func onlyRelay(t *testing.T, tg *testGateway) *relay {
 // that parks after parkAfter, with pings off unless mod sets them.
 func startParkingGateway(t *testing.T, parkAfter time.Duration, mod func(*Config)) (*upstream, *testGateway) {
 	t.Helper()
-	if getPoller() == nil {
+	if !getPoller().usable() {
 		t.Skip("no poller on this platform")
 	}
 	up := startUpstream(t, nil, nil)
@@ -71,13 +74,21 @@ func waitParked(t *testing.T, c *relay) {
 // again and again.
 func TestParkedConnectionRelays(t *testing.T) {
 	up, tg := startParkingGateway(t, 20*time.Millisecond, nil)
-	ctx := context.Background()
 	cl, _ := dialCoder(t, tg, "/", nil)
-	uc := up.next(t)
-	c := onlyRelay(t, tg)
+	exerciseParked(t, cl, up.next(t), onlyRelay(t, tg))
+	tg.waitLen(t, 0)
+	poll(t, "pumps to end", func() bool { return pumps() == 0 })
+}
+
+// exerciseParked sends messages both ways through a connection that parks
+// between them (up to 160 KB: frames larger than the read buffer and than
+// a TLS record), then closes it from the client.
+func exerciseParked(t *testing.T, cl *websocket.Conn, uc *upConn, c *relay) {
+	t.Helper()
+	ctx := context.Background()
 	for i := 0; i < 5; i++ {
 		waitParked(t, c)
-		msg := bytes.Repeat([]byte{byte('a' + i)}, 100+i*40000) // up to 160 KB: frames larger than the read buffer
+		msg := bytes.Repeat([]byte{byte('a' + i)}, 100+i*40000)
 		if err := cl.Write(ctx, websocket.MessageBinary, msg); err != nil {
 			t.Fatal(err)
 		}
@@ -102,8 +113,113 @@ func TestParkedConnectionRelays(t *testing.T) {
 	if code, reason := uc.closeCode(t); code != websocket.StatusNormalClosure || reason != "bye" {
 		t.Fatalf("upstream close %d %q", code, reason)
 	}
+}
+
+// TestParkedTLS: sides served over TLS (the client over HTTPS, a wss://
+// upstream) park like plain ones: crypto/tls is left with no complete
+// record when the wait is kicked, and the socket under it is watched.
+func TestParkedTLS(t *testing.T) {
+	if !getPoller().usable() {
+		t.Skip("no poller on this platform")
+	}
+	for _, tc := range []struct {
+		name                   string
+		clientTLS, upstreamTLS bool
+	}{
+		{"client over TLS", true, false},
+		{"wss upstream", false, true},
+		{"both", true, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			up := newUpstreamTLS(nil, nil, tc.upstreamTLS)
+			t.Cleanup(up.srv.Close)
+			cfg := Config{Upstreams: []string{up.url}, ParkAfter: 20 * time.Millisecond, PingInterval: -1}
+			if tc.upstreamTLS {
+				roots := x509.NewCertPool()
+				roots.AddCert(up.srv.Certificate())
+				cfg.TLS = &tls.Config{RootCAs: roots}
+			}
+			if err := prepareTestConfig(&cfg); err != nil {
+				t.Fatal(err)
+			}
+			g := New(cfg, nil, nil)
+			tg := serveGateway(t, g, func(w http.ResponseWriter, r *http.Request) { g.ServeHTTP(w, r, RequestInfo{}) }, tc.clientTLS)
+			opts := &websocket.DialOptions{}
+			if tc.clientTLS {
+				opts.HTTPClient = tg.srv.Client()
+			}
+			cl, _ := dialCoder(t, tg, "/", opts)
+			uc := up.next(t)
+			c := onlyRelay(t, tg)
+			if _, ok := c.client.rd.conn.(*tls.Conn); ok != tc.clientTLS {
+				t.Fatalf("client side over TLS: %v", ok)
+			}
+			if _, ok := c.upstream.rd.conn.(*tls.Conn); ok != tc.upstreamTLS {
+				t.Fatalf("upstream side over TLS: %v", ok)
+			}
+			exerciseParked(t, cl, uc, c)
+			tg.waitLen(t, 0)
+		})
+	}
+}
+
+// TestPollerFailure: when the poller's wait fails, parked sides are woken
+// and read by goroutines again, nothing parks any more, and connections
+// keep working; an interrupted wait (EINTR) changes nothing.
+func TestPollerFailure(t *testing.T) {
+	if !getPoller().usable() {
+		t.Skip("no poller on this platform")
+	}
+	pl, err := newPoller()
+	if err != nil {
+		t.Fatal(err)
+	}
+	failNow := make(chan struct{})
+	waits := 0
+	pl.wait = func(epfd int, events []syscall.EpollEvent, msec int) (int, error) {
+		waits++
+		if waits == 1 {
+			return -1, syscall.EINTR
+		}
+		select {
+		case <-failNow:
+			return -1, syscall.EBADF
+		default:
+		}
+		return syscall.EpollWait(epfd, events, min(msec, 10))
+	}
+	prev := getPoller()
+	currentPoller.Store(pl)
+	t.Cleanup(func() { currentPoller.Store(prev) })
+
+	up, tg := startParkingGateway(t, 10*time.Millisecond, nil)
+	ctx := context.Background()
+	cl, _ := dialCoder(t, tg, "/", nil)
+	up.next(t)
+	c := onlyRelay(t, tg)
+	waitParked(t, c) // parked after an EINTR: the loop went on
+	if err := cl.Write(ctx, websocket.MessageText, []byte("after EINTR")); err != nil {
+		t.Fatal(err)
+	}
+	if _, m, err := cl.Read(ctx); err != nil || string(m) != "after EINTR" {
+		t.Fatalf("echo: %q %v", m, err)
+	}
+	waitParked(t, c)
+	close(failNow)
+	poll(t, "both sides to be woken", func() bool {
+		return c.client.pstate.Load() == sideRunning && c.upstream.pstate.Load() == sideRunning && pumps() == 2
+	})
+	if err := cl.Write(ctx, websocket.MessageText, []byte("after the failure")); err != nil {
+		t.Fatal(err)
+	}
+	if _, m, err := cl.Read(ctx); err != nil || string(m) != "after the failure" {
+		t.Fatalf("echo: %q %v", m, err)
+	}
+	if pl.usable() || pumps() != 2 {
+		t.Fatalf("after the failure: poller usable %v, %d reader goroutines (want 2, none parked)", pl.usable(), pumps())
+	}
+	cl.Close(websocket.StatusNormalClosure, "")
 	tg.waitLen(t, 0)
-	poll(t, "pumps to end", func() bool { return pumps() == 0 })
 }
 
 // TestParkedHeartbeat: a parked client is still pinged on time and still

@@ -3,7 +3,9 @@
 package proxy
 
 import (
+	"errors"
 	"sync"
+	"sync/atomic"
 	"syscall"
 )
 
@@ -13,26 +15,48 @@ import (
 // it fires. One goroutine waits on it while anything is registered.
 type poller struct {
 	epfd int
+	// wait is epoll_wait (replaced in tests).
+	wait func(epfd int, events []syscall.EpollEvent, msec int) (int, error)
 
 	mu      sync.Mutex
 	next    uint64
 	wake    map[uint64]func()
 	running bool
+	failed  atomic.Bool // epoll_wait failed for good: nothing parks any more
 }
 
 // pollWaitMillis bounds one epoll_wait, so the waiting goroutine notices
 // when nothing is registered any more and exits.
 const pollWaitMillis = 1000
 
-var sharedPoller = sync.OnceValue(func() *poller {
+// errPollerFailed refuses to arm a poller whose wait failed.
+var errPollerFailed = errors.New("wsgate: poller failed")
+
+func newPoller() (*poller, error) {
 	fd, err := syscall.EpollCreate1(syscall.EPOLL_CLOEXEC)
 	if err != nil {
-		return nil
+		return nil, err
 	}
-	return &poller{epfd: fd, wake: make(map[uint64]func())}
-})
+	return &poller{epfd: fd, wait: syscall.EpollWait, wake: make(map[uint64]func())}, nil
+}
 
-func getPoller() *poller { return sharedPoller() }
+var (
+	pollerOnce    sync.Once
+	currentPoller atomic.Pointer[poller]
+)
+
+// getPoller is the process's poller; nil when parking is not possible.
+func getPoller() *poller {
+	pollerOnce.Do(func() {
+		if p, err := newPoller(); err == nil {
+			currentPoller.Store(p)
+		}
+	})
+	return currentPoller.Load()
+}
+
+// usable reports whether sides may park with p.
+func (p *poller) usable() bool { return p != nil && !p.failed.Load() }
 
 // register makes an id for a side that will park; wake runs (on the
 // poller's goroutine; it must not block) each time the armed socket
@@ -49,6 +73,9 @@ func (p *poller) register(wake func()) uint64 {
 // arm watches fd for readability once. added says whether fd is already
 // in the epoll set (so it is modified rather than added).
 func (p *poller) arm(id uint64, fd int, added bool) error {
+	if p.failed.Load() {
+		return errPollerFailed
+	}
 	ev := syscall.EpollEvent{
 		Events: syscall.EPOLLIN | syscall.EPOLLRDHUP | syscall.EPOLLONESHOT,
 		Fd:     int32(uint32(id)),
@@ -85,23 +112,31 @@ func (p *poller) loop() {
 	events := make([]syscall.EpollEvent, 128)
 	fns := make([]func(), 0, 128)
 	for {
-		n, err := syscall.EpollWait(p.epfd, events, pollWaitMillis)
-		if err != nil && err != syscall.EINTR {
-			// Nothing sensible is left to do; parked sides are woken
-			// by their timers or by closing.
-			p.mu.Lock()
-			p.running = false
-			p.mu.Unlock()
-			return
-		}
+		n, err := p.wait(p.epfd, events, pollWaitMillis)
 		fns = fns[:0]
 		p.mu.Lock()
-		if n <= 0 && len(p.wake) == 0 {
+		switch {
+		case err == syscall.EINTR:
+			n = 0
+		case err != nil:
+			// The wait cannot go on: every parked side is woken, to be
+			// read by a goroutine again, and nothing parks any more.
+			p.failed.Store(true)
+			p.running = false
+			for _, fn := range p.wake {
+				fns = append(fns, fn)
+			}
+			p.mu.Unlock()
+			for _, fn := range fns {
+				fn()
+			}
+			return
+		case n == 0 && len(p.wake) == 0:
 			p.running = false
 			p.mu.Unlock()
 			return
 		}
-		for _, ev := range events[:max(n, 0)] {
+		for _, ev := range events[:n] {
 			id := uint64(uint32(ev.Fd)) | uint64(uint32(ev.Pad))<<32
 			if fn := p.wake[id]; fn != nil {
 				fns = append(fns, fn)

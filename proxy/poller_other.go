@@ -9,6 +9,7 @@ type poller struct{}
 
 func getPoller() *poller { return nil }
 
+func (p *poller) usable() bool                            { return false }
 func (p *poller) register(wake func()) uint64             { return 0 }
 func (p *poller) arm(id uint64, fd int, added bool) error { return errNoPoller }
 func (p *poller) forget(id uint64, fd int, added bool)    {}

@@ -451,7 +451,7 @@ func TestUnreadPongsDropSession(t *testing.T) {
 	g := New(cfg, nil, logger)
 	tg := serveGateway(t, g, func(w http.ResponseWriter, r *http.Request) {
 		g.ServeSession(w, r, RequestInfo{Inspect: dropAll}, "test.v1")
-	})
+	}, false)
 	rc := dialRaw(t, tg.addr(), http.Header{"Sec-WebSocket-Protocol": {"test.v1"}}) // never reads
 	tg.waitLen(t, 1)
 	watch := newStallWatch()
