@@ -1,7 +1,7 @@
 package proxy
 
-// Tests that pin down bugs found while writing this suite. The ones whose
-// bug is still open are skipped with skipBug (WSGATE_BUG_TESTS=1 runs them).
+// Edge cases: frames that straddle the read buffer, closing after a peer
+// broke a rule, a frame that arrives slowly.
 
 import (
 	"bufio"

@@ -3,10 +3,17 @@ package proxy
 import (
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"net"
+	"net/http"
+	"runtime"
+	"strconv"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/gobwas/ws"
 )
 
 // fuzzBound is how long a fuzz connection may live after its input was
@@ -14,45 +21,133 @@ import (
 // close timeout end any connection well within it.
 const fuzzBound = 10 * time.Second
 
+// Gateway variants of the fuzz target: bit 0 puts a channel inspector on
+// client messages, bits 1-2 pick the client's rate limit (none, drop,
+// close, throttle).
+const fuzzVariants = 8
+
 var fuzzEnv struct {
-	once sync.Once
-	g    *Gateway
-	addr string
-	err  error
+	once     sync.Once
+	up       *fuzzUpstream
+	gws      [fuzzVariants]*Gateway
+	addrs    [fuzzVariants]string
+	sessions sync.Map // connection id → Session
+	fragSeen sync.Map // connection id → chan struct{}: the client read a first fragment
+	next     atomic.Int64
+	err      error
 }
 
-// fuzzGateway starts, once per process, an echo upstream and a gateway in
-// front of it. They live until the process exits.
-func fuzzGateway(t *testing.T) (*Gateway, string) {
+// fuzzGateways starts, once per process, the checking upstream and a
+// gateway of each variant in front of it. They live until the process
+// exits.
+func fuzzGateways(t *testing.T) {
 	fuzzEnv.once.Do(func() {
-		up := newUpstream(nil, func(uc *upConn) error {
-			for {
-				typ, data, err := uc.c.Read(bgCtx)
-				if err != nil {
-					return err
-				}
-				if err := uc.c.Write(bgCtx, typ, data); err != nil {
-					return err
+		fuzzEnv.up = newFuzzUpstream(func(id string) {
+			// Between the two fragments of an echo, once the client has
+			// the first: a fan-out frame, which must wait for the second.
+			if ch, ok := fuzzEnv.fragSeen.Load(id); ok {
+				select {
+				case <-ch.(chan struct{}):
+				case <-time.After(100 * time.Millisecond): // the gateway may be closing
 				}
 			}
+			if s, ok := fuzzEnv.sessions.Load(id); ok {
+				s.(Session).Enqueue(EncodeServerFrame(ws.OpText, []byte("between fragments")))
+			}
 		})
-		g, srv, err := newGatewayServer(Config{
-			Upstreams:    []string{up.url},
-			Client:       Limits{MaxMessage: 64 << 10},
-			PingInterval: 20 * time.Millisecond,
-			PongTimeout:  40 * time.Millisecond,
-			CloseTimeout: 100 * time.Millisecond,
-		})
-		if err != nil {
-			fuzzEnv.err = err
-			return
+		for v := range fuzzVariants {
+			g, addr, err := startFuzzGateway(byte(v), fuzzEnv.up.url())
+			if err != nil {
+				fuzzEnv.err = err
+				return
+			}
+			fuzzEnv.gws[v], fuzzEnv.addrs[v] = g, addr
 		}
-		fuzzEnv.g, fuzzEnv.addr = g, srv.Listener.Addr().String()
 	})
 	if fuzzEnv.err != nil {
 		t.Fatal(fuzzEnv.err)
 	}
-	return fuzzEnv.g, fuzzEnv.addr
+}
+
+func startFuzzGateway(variant byte, upURL string) (*Gateway, string, error) {
+	cfg := Config{
+		Upstreams:    []string{upURL},
+		Client:       Limits{MaxMessage: 64 << 10},
+		PingInterval: 20 * time.Millisecond,
+		PongTimeout:  40 * time.Millisecond,
+		CloseTimeout: 100 * time.Millisecond,
+		WriteTimeout: 2 * time.Second,
+		SendQueue:    32,
+		SlowConsumer: SlowDrop,
+	}
+	rate := &RateLimit{Messages: 200, MessageBurst: 8, Bytes: 1 << 20, ByteBurst: 64 << 10}
+	switch variant >> 1 & 3 {
+	case 1:
+		rate.OnExceed = ExceedDrop
+	case 2:
+		rate.OnExceed = ExceedClose
+	case 3:
+		rate.OnExceed = ExceedThrottle
+	default:
+		rate = nil
+	}
+	cfg.Client.Rate = rate
+	if err := prepareTestConfig(&cfg); err != nil {
+		return nil, "", err
+	}
+	g := New(cfg, nil, nil)
+	inspect := variant&1 != 0
+	srv := http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		id := r.URL.Query().Get("id")
+		ended := make(chan struct{})
+		info := RequestInfo{
+			OnStart: func(s Session) {
+				fuzzEnv.sessions.Store(id, s)
+				go fanOut(s, ended)
+			},
+			OnClose: func() {
+				fuzzEnv.sessions.Delete(id)
+				close(ended)
+			},
+		}
+		if inspect {
+			info.Inspect = fuzzInspect
+		}
+		g.ServeHTTP(w, r, info)
+	})}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, "", err
+	}
+	go srv.Serve(ln)
+	return g, ln.Addr().String(), nil
+}
+
+// fanOut enqueues a few frames for the client while the connection lives,
+// concurrently with everything else written to it.
+func fanOut(s Session, ended <-chan struct{}) {
+	for i := range 8 {
+		select {
+		case <-ended:
+			return
+		default:
+		}
+		s.Enqueue(EncodeServerFrame(ws.OpText, []byte("fan-out "+strconv.Itoa(i))))
+		runtime.Gosched()
+	}
+}
+
+// fuzzInspect is the fuzz target's channel policy: a message starting with
+// 'D' is dropped with a reply, one starting with 'K' closes the connection,
+// the rest pass.
+func fuzzInspect(msg []byte, text bool) (Verdict, []byte) {
+	switch {
+	case len(msg) > 0 && msg[0] == 'D':
+		return Drop, []byte(`{"error":"forbidden"}`)
+	case len(msg) > 0 && msg[0] == 'K':
+		return Close, nil
+	}
+	return Pass, nil
 }
 
 // buildFrames turns fuzz bytes into properly masked frames: each frame is
@@ -133,29 +228,60 @@ func sentCloseCodes(b []byte) map[int]bool {
 var gatewayCloseCodes = map[int]bool{1000: true, 1001: true, 1002: true, 1007: true, 1008: true, 1009: true, 1011: true}
 
 // FuzzRelayClientFrames writes fuzz bytes as a client's frame stream to a
-// gateway in front of an echo upstream, then reads until the gateway ends
-// the connection. The first byte picks the mode: bit 0 builds properly
+// gateway in front of a raw upstream that echoes every message, then reads
+// until the gateway ends the connection, and checks both streams the
+// gateway wrote, frame by frame.
+//
+// The first byte picks how the stream is written: bit 0 builds properly
 // masked frames from the rest (buildFrames), else the rest is sent raw;
 // the client half-closes the connection after writing unless bits 1 and 2
 // are both set (then only the gateway's ping and pong timeouts can end a
-// connection left mid-frame; that is slow, so it is the rarer case). The gateway must not
-// panic, must end every connection within fuzzBound, must send only well
-// formed server frames, and any close code it sends must be its own
-// (1000, 1001, 1002, 1007, 1008, 1009, 1011) or one the client sent.
+// connection left mid-frame; that is slow, so it is the rarer case). The
+// second byte picks the setup: bits 0-2 the gateway variant (channel
+// inspector; rate limit none, drop, close or throttle), bits 3-4 what the
+// upstream does with a close frame (answer, hang up, stay silent, or close
+// first after its first echo), bit 5 whether it echoes in two fragments
+// with a ping and a fan-out frame between them. Fan-out frames are
+// enqueued concurrently all along.
+//
+// The gateway must not panic and must end every connection within
+// fuzzBound. Toward both peers: well formed frames, masked toward the
+// upstream only, no data frame inside another message, nothing after a
+// close frame, at most one close. Toward the client: any close code it
+// sends is its own (1000, 1001, 1002, 1007, 1008, 1009, 1011) or one a
+// peer sent, and a client that sent a close frame gets one. Toward the
+// upstream: an upstream that sent a close frame gets one.
 func FuzzRelayClientFrames(f *testing.F) {
 	f.Fuzz(func(t *testing.T, data []byte) {
-		g, addr := fuzzGateway(t)
-		var mode byte
+		fuzzGateways(t)
+		var mode, setup byte
 		if len(data) > 0 {
 			mode, data = data[0], data[1:]
+		}
+		if len(data) > 0 {
+			setup, data = data[0], data[1:]
 		}
 		stream := data
 		if mode&1 != 0 {
 			stream = buildFrames(data)
 		}
 		peerCodes := sentCloseCodes(stream)
+		if setup>>3&3 == upInitiateClose {
+			peerCodes[4000] = true // the upstream's, forwarded
+		}
+		variant := setup & (fuzzVariants - 1)
+		id := strconv.FormatInt(fuzzEnv.next.Add(1), 10)
+		result := fuzzEnv.up.result(id)
+		defer fuzzEnv.up.forget(id)
+		fragSeen := make(chan struct{}, 1)
+		fuzzEnv.fragSeen.Store(id, fragSeen)
+		defer fuzzEnv.fragSeen.Delete(id)
+		path := fmt.Sprintf("/?id=%s&close=%d", id, setup>>3&3)
+		if setup&0x20 != 0 {
+			path += "&fragment=1"
+		}
 
-		rc, err := dialRawErr(addr, nil)
+		rc, err := dialRawPath(fuzzEnv.addrs[variant], path, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -170,7 +296,7 @@ func FuzzRelayClientFrames(f *testing.F) {
 		}()
 
 		rc.conn.SetReadDeadline(time.Now().Add(fuzzBound))
-		closed := false
+		var check streamCheck
 		for {
 			fr, err := readRawFrame(rc.br, 1<<20)
 			if err != nil {
@@ -180,31 +306,35 @@ func FuzzRelayClientFrames(f *testing.F) {
 				}
 				break // EOF or reset: the gateway ended it
 			}
-			switch {
-			case fr.masked:
-				t.Fatal("the gateway sent a masked frame to the client")
-			case fr.rsv != 0:
-				t.Fatalf("the gateway sent RSV bits %d", fr.rsv)
-			case fr.op > opBinary && fr.op < opClose, fr.op > opPong:
-				t.Fatalf("the gateway sent opcode %#x", fr.op)
-			case fr.op >= opClose && (len(fr.payload) > 125 || !fr.fin):
-				t.Fatalf("the gateway sent a bad control frame: op %#x, %d bytes, fin %v", fr.op, len(fr.payload), fr.fin)
-			case fr.op == opClose:
-				if closed {
-					t.Fatal("the gateway sent two close frames")
+			if err := check.frame(fr); err != nil {
+				t.Fatalf("to the client: %v", err)
+			}
+			if check.inMsg {
+				select {
+				case fragSeen <- struct{}{}:
+				default:
 				}
-				closed = true
-				if len(fr.payload) == 1 {
-					t.Fatal("the gateway sent a 1-byte close payload")
-				}
-				code, reason := closeOf(fr.payload)
-				if !gatewayCloseCodes[code] && !peerCodes[code] {
+			}
+			if fr.op == opClose {
+				if code, reason := closeOf(fr.payload); !gatewayCloseCodes[code] && !peerCodes[code] {
 					t.Fatalf("the gateway sent close %d %q; the client sent %v", code, reason, peerCodes)
 				}
 			}
 		}
 		<-wrote
+		if len(sentCloseCodes(stream)) > 0 && !check.closed {
+			t.Fatalf("the client sent a close frame (%v) and got none", peerCodes)
+		}
+		select {
+		case err := <-result:
+			if err != nil {
+				t.Fatal(err)
+			}
+		case <-time.After(fuzzBound):
+			t.Fatal("the upstream connection did not end")
+		}
 		// The connection is gone from the registry too.
+		g := fuzzEnv.gws[variant]
 		poll(t, "the connection to leave the registry", func() bool { return g.Registry().Len() == 0 })
 	})
 }
