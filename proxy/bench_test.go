@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"crypto/tls"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -21,13 +22,17 @@ import (
 // nothing. Run it with -benchtime=1x; WSGATE_BENCH_CONNS sets the number of
 // connections (default 2000; capped by the open file limit). "parked" waits
 // until every connection has given up its goroutines (park.go); "awake"
-// has parking off.
+// has parking off; "parked-tls" serves the clients over TLS, and
+// "parked-wss" has a wss:// upstream (what crypto/tls keeps per connection
+// while idle is counted in).
 func BenchmarkIdleConnMemory(b *testing.B) {
-	b.Run("parked", func(b *testing.B) { benchIdleConnMemory(b, time.Millisecond) })
-	b.Run("awake", func(b *testing.B) { benchIdleConnMemory(b, -1) })
+	b.Run("parked", func(b *testing.B) { benchIdleConnMemory(b, time.Millisecond, false, false) })
+	b.Run("awake", func(b *testing.B) { benchIdleConnMemory(b, -1, false, false) })
+	b.Run("parked-tls", func(b *testing.B) { benchIdleConnMemory(b, time.Millisecond, true, false) })
+	b.Run("parked-wss", func(b *testing.B) { benchIdleConnMemory(b, time.Millisecond, false, true) })
 }
 
-func benchIdleConnMemory(b *testing.B, parkAfter time.Duration) {
+func benchIdleConnMemory(b *testing.B, parkAfter time.Duration, clientTLS, upstreamTLS bool) {
 	n := 2000
 	if s := os.Getenv("WSGATE_BENCH_CONNS"); s != "" {
 		var err error
@@ -48,7 +53,7 @@ func benchIdleConnMemory(b *testing.B, parkAfter time.Duration) {
 	// socket: no goroutine, no buffer.
 	var mu sync.Mutex
 	var upConns []net.Conn
-	upSrv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	upSrv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		conn, _, err := http.NewResponseController(w).Hijack()
 		if err != nil {
 			return
@@ -61,14 +66,24 @@ func benchIdleConnMemory(b *testing.B, parkAfter time.Duration) {
 		mu.Unlock()
 	}))
 	defer upSrv.Close()
-
-	g, srv, err := newGatewayServer(Config{Upstreams: []string{"ws://" + upSrv.Listener.Addr().String()}, ParkAfter: parkAfter})
-	if err != nil {
+	cfg := Config{Upstreams: []string{"ws://" + upSrv.Listener.Addr().String()}, ParkAfter: parkAfter}
+	if upstreamTLS {
+		upSrv.StartTLS()
+		cfg.Upstreams[0] = "wss://" + upSrv.Listener.Addr().String()
+		cfg.TLS = &tls.Config{InsecureSkipVerify: true}
+	} else {
+		upSrv.Start()
+	}
+	if err := prepareTestConfig(&cfg); err != nil {
 		b.Fatal(err)
 	}
-	defer srv.Close()
-	defer g.Registry().Shutdown(5 * time.Second)
-	addr := srv.Listener.Addr().String()
+	g := New(cfg, nil, nil)
+	tg := serveGateway(b, g, func(w http.ResponseWriter, r *http.Request) { g.ServeHTTP(w, r, RequestInfo{}) }, clientTLS)
+	addr := tg.addr()
+	dial := func() (*rawClient, error) { return dialRawErr(addr, nil) }
+	if clientTLS {
+		dial = func() (*rawClient, error) { return dialRawTLS(addr) }
+	}
 
 	var m0, m1 runtime.MemStats
 	for range b.N {
@@ -81,7 +96,7 @@ func benchIdleConnMemory(b *testing.B, parkAfter time.Duration) {
 
 		clients := make([]net.Conn, 0, n)
 		for i := 0; i < n; i++ {
-			rc, err := dialRawErr(addr, nil)
+			rc, err := dial()
 			if err != nil {
 				b.Fatalf("connection %d: %v", i, err)
 			}

@@ -8,6 +8,7 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/sha1"
+	"crypto/tls"
 	"encoding/base64"
 	"encoding/binary"
 	"errors"
@@ -97,6 +98,21 @@ func dialRawPath(addr, path string, extra http.Header) (*rawClient, error) {
 	if err != nil {
 		return nil, err
 	}
+	return handshakeRaw(conn, addr, path, extra)
+}
+
+// dialRawTLS is dialRawErr over TLS (any certificate accepted).
+func dialRawTLS(addr string) (*rawClient, error) {
+	d := &tls.Dialer{NetDialer: &net.Dialer{Timeout: waitFor}, Config: &tls.Config{InsecureSkipVerify: true}}
+	conn, err := d.Dial("tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	return handshakeRaw(conn, addr, "/", nil)
+}
+
+// handshakeRaw completes a client handshake by hand on conn.
+func handshakeRaw(conn net.Conn, addr, path string, extra http.Header) (*rawClient, error) {
 	key := newKey()
 	conn.SetDeadline(time.Now().Add(waitFor))
 	if _, err := io.WriteString(conn, handshakeRequest(addr, path, key, extra)); err != nil {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net/http"
 	"net/http/httptest"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -74,5 +75,29 @@ func TestTokenExpiry(t *testing.T) {
 	}
 	if m := upRefreshed.nextMsg(t); string(m.data) != "still here" {
 		t.Fatalf("the upstream's first message was %q: the refresh message was forwarded", m.data)
+	}
+}
+
+// TestSessionExtend: Session.Extend (the rooms protocol's refresh) moves
+// the expiry to a later time and refuses one that has already passed,
+// leaving the expiry where it was.
+func TestSessionExtend(t *testing.T) {
+	clock := newFakeClock()
+	var sess atomic.Value
+	results := make(chan error, 2)
+	cfg := Config{Now: clock.Now, PingInterval: -1, CloseTimeout: time.Second}
+	tg, sessions := startSession(t, cfg, func(msg []byte, text bool) (Verdict, []byte) {
+		d, _ := time.ParseDuration(string(msg))
+		results <- sess.Load().(Session).Extend(clock.Now().Add(d))
+		return Drop, nil
+	})
+	rc := dialRaw(t, tg.addr(), http.Header{"Sec-WebSocket-Protocol": {"test.v1"}})
+	sess.Store(<-sessions)
+	rc.write(cf(opText, []byte("-1s")), cf(opText, []byte("1h")))
+	if err := <-results; err == nil {
+		t.Fatal("Extend accepted a time that has passed")
+	}
+	if err := <-results; err != nil {
+		t.Fatalf("Extend by an hour: %v", err)
 	}
 }

@@ -39,20 +39,6 @@ var bgCtx = context.Background()
 
 // ---------- gateway ----------
 
-// newGatewayServer serves a Gateway for cfg (Upstreams must be set) with
-// net/http on 127.0.0.1. It registers no cleanup, so the fuzz target can keep
-// one for the life of the process.
-func newGatewayServer(cfg Config) (*Gateway, *httptest.Server, error) {
-	if err := prepareTestConfig(&cfg); err != nil {
-		return nil, nil, err
-	}
-	g := New(cfg, nil, nil)
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		g.ServeHTTP(w, r, RequestInfo{})
-	}))
-	return g, srv, nil
-}
-
 // prepareTestConfig applies the test defaults (a short CloseTimeout and
 // ParkAfter) where cfg sets none, then Prepare.
 func prepareTestConfig(cfg *Config) error {

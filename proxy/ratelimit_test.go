@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -231,4 +233,79 @@ func TestRateLimitUpstream(t *testing.T) {
 	if code, reason := uc.closeCode(t); code != websocket.StatusPolicyViolation {
 		t.Fatalf("upstream close %d %q, want 1008", code, reason)
 	}
+}
+
+// TestOwnPongNotCounted: the client's answer to the gateway's own ping is
+// the gateway's business, not a message of the client's: it does not use
+// the client's message budget.
+func TestOwnPongNotCounted(t *testing.T) {
+	clock := newFakeClock()
+	up := startUpstream(t, nil, nil)
+	tg := startGateway(t, up.url, func(c *Config) {
+		c.Now = clock.Now
+		c.Client.Rate = &RateLimit{Messages: 1, MessageBurst: 1}
+		c.PingInterval = 50 * time.Millisecond
+		c.PongTimeout = time.Second
+	})
+	rc := dialRaw(t, tg.addr(), nil)
+	uc := up.next(t)
+	f, err := rc.read()
+	if err != nil || f.op != opPing {
+		t.Fatalf("op %d (%v), want the gateway's ping", f.op, err)
+	}
+	rc.write(cf(opPong, f.payload), cf(opText, []byte("the one message")))
+	if got := uc.nextMsg(t); string(got.data) != "the one message" {
+		t.Fatalf("upstream got %q", got.data)
+	}
+	select {
+	case p := <-uc.pongs:
+		t.Fatalf("the gateway forwarded its own pong %x", p)
+	default:
+	}
+}
+
+// TestRefreshIsLimited: an in-band refresh is a client message like any
+// other: it counts against the rate limit and max_message, so a client
+// cannot have the gateway check signatures without bound.
+func TestRefreshIsLimited(t *testing.T) {
+	clock := newFakeClock()
+	up := startUpstream(t, nil, nil)
+	var checks atomic.Int64
+	cfg := Config{Upstreams: []string{up.url}, Now: clock.Now, PingInterval: -1,
+		Client: Limits{MaxMessage: 100, Rate: &RateLimit{Messages: 1, MessageBurst: 1}}}
+	tg := startGatewayInfo(t, up.url, func(c *Config) { *c = cfg }, func() RequestInfo {
+		return RequestInfo{
+			Expiry:       clock.Now().Add(time.Hour),
+			RefreshField: "refresh",
+			Refresh: func(token string) (time.Time, error) {
+				checks.Add(1)
+				return clock.Now().Add(2 * time.Hour), nil
+			},
+		}
+	})
+	t.Run("rate", func(t *testing.T) {
+		checks.Store(0)
+		rc := dialRaw(t, tg.addr(), nil)
+		up.next(t)
+		rc.write(cf(opText, []byte(`{"refresh":"t1"}`)), cf(opText, []byte(`{"refresh":"t2"}`)))
+		if code, reason, _ := rc.readClose(); code != 1008 || reason != "rate limit exceeded" {
+			t.Fatalf("close %d %q, want 1008 rate limit exceeded", code, reason)
+		}
+		if n := checks.Load(); n != 1 {
+			t.Fatalf("%d refresh tokens checked, want 1", n)
+		}
+	})
+	t.Run("size", func(t *testing.T) {
+		checks.Store(0)
+		clock.Advance(time.Second)
+		rc := dialRaw(t, tg.addr(), nil)
+		up.next(t)
+		rc.write(cf(opText, []byte(`{"refresh":"`+strings.Repeat("x", 100)+`"}`)))
+		if code, reason, _ := rc.readClose(); code != 1009 {
+			t.Fatalf("close %d %q, want 1009", code, reason)
+		}
+		if n := checks.Load(); n != 0 {
+			t.Fatalf("%d refresh tokens checked, want 0", n)
+		}
+	})
 }

@@ -167,6 +167,11 @@ func (r *Registry) Shutdown(limit time.Duration) bool {
 	}
 	deadline := r.deadline
 	r.mu.Unlock()
+	select {
+	case <-r.gone:
+		return true
+	default:
+	}
 	t := time.NewTimer(time.Until(deadline))
 	defer t.Stop()
 	select {
