@@ -26,6 +26,15 @@ type App struct {
 	// Broker configures fan-out between nodes. Default: memory (one node).
 	Broker *BrokerConfig `json:"broker,omitempty"`
 
+	// ReleaseMemory says whether the stacks that idle connections gave up
+	// are handed back to the system at once (a forced garbage collection,
+	// debug.FreeOSMemory, at most every 10 s, only after at least 1,024
+	// connection sides have parked since the last one). Off, the Go
+	// runtime keeps that memory and returns it gradually, so the process
+	// stays larger after a wave of connections. It acts on the whole
+	// process. Default: true.
+	ReleaseMemory *bool `json:"release_memory,omitempty"`
+
 	hub *sharedHub
 	key string
 }
@@ -135,6 +144,15 @@ var defaultHub = func() *sharedHub {
 	return &sharedHub{hub: h, broker: b}
 }()
 
+// releaseMemory is the wsgate app's release_memory, or its default.
+func releaseMemory(ctx caddy.Context) bool {
+	v, err := ctx.AppIfConfigured("wsgate")
+	if err != nil || v == nil || v.(*App).ReleaseMemory == nil {
+		return true
+	}
+	return *v.(*App).ReleaseMemory
+}
+
 // hubFor finds the hub of the configured wsgate app, or the default one.
 func hubFor(ctx caddy.Context) (*rooms.Hub, broker.Broker, error) {
 	v, err := ctx.AppIfConfigured("wsgate")
@@ -156,12 +174,26 @@ func hubFor(ctx caddy.Context) (*rooms.Hub, broker.Broker, error) {
 //	    }
 //	    broker redis_cluster <addrs...> { prefix …; username …; password … }
 //	    broker redis_sentinel <master> <addrs...> { … }
+//	    release_memory on|off
 //	}
 func parseApp(d *caddyfile.Dispenser, _ any) (any, error) {
 	d.Next() // option name
 	app := new(App)
 	for d.NextBlock(0) {
-		if d.Val() != "broker" {
+		switch d.Val() {
+		case "broker":
+		case "release_memory":
+			if app.ReleaseMemory != nil {
+				return nil, d.Err("duplicate release_memory")
+			}
+			var v string
+			if !d.AllArgs(&v) || (v != "on" && v != "off") {
+				return nil, d.Errf("release_memory takes on or off")
+			}
+			on := v == "on"
+			app.ReleaseMemory = &on
+			continue
+		default:
 			return nil, d.Errf("unrecognized wsgate option %q", d.Val())
 		}
 		if app.Broker != nil {

@@ -221,6 +221,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return err
 	}
 	h.gw = proxy.New(cfg, registry, ctx.Slogger())
+	registry.SetReleaseMemory(releaseMemory(ctx))
 	if h.Rooms != nil || h.UpstreamControl != "" {
 		if h.hub, _, err = hubFor(ctx); err != nil {
 			return err

@@ -12,15 +12,8 @@ import (
 // process shuts down. It outlives configurations: a config reload creates a
 // new Gateway but keeps the Registry, and live connections stay.
 type Registry struct {
-	// ReleaseMemory makes the sweeper hand the stacks of parked
-	// goroutines back to the system at once (debug.FreeOSMemory: a
-	// forced garbage collection), at most every 10 s and only after at
-	// least 1,024 sides have parked. Without it the Go runtime returns
-	// that memory by itself, gradually. Set it before the first
-	// connection.
-	ReleaseMemory bool
-
 	mu       sync.Mutex
+	release  bool // see SetReleaseMemory
 	conns    map[*relay]struct{}
 	shutdown bool
 	gone     chan struct{} // closed when the registry is empty after Shutdown
@@ -28,6 +21,18 @@ type Registry struct {
 	sweeping bool          // the sweeper goroutine runs (while there are connections)
 	period   time.Duration // its period: the shortest any connection wants
 	poke     chan struct{} // tells the sweeper its period got shorter
+}
+
+// SetReleaseMemory says whether the sweeper hands the stacks of parked
+// goroutines back to the system at once (debug.FreeOSMemory: a forced
+// garbage collection that also returns free memory), at most every 10 s
+// and only after at least 1,024 sides have parked since the last time.
+// Without it the Go runtime keeps that memory until it returns it by
+// itself, gradually. Off by default: it acts on the whole process.
+func (r *Registry) SetReleaseMemory(on bool) {
+	r.mu.Lock()
+	r.release = on
+	r.mu.Unlock()
 }
 
 // NewRegistry makes an empty registry.
@@ -89,7 +94,7 @@ func (r *Registry) sweep() {
 			period = sweepEvery
 		}
 		r.period = period
-		release := r.ReleaseMemory
+		release := r.release
 		r.mu.Unlock()
 		now := mono()
 		kicked := 0
