@@ -174,6 +174,7 @@ type env struct {
 	redis  *redisProc // while scenario d runs
 
 	pemPath    string // ES256 public key for the wsgate route
+	upCAPath   string // the TLS upstream's self-signed certificate, for wsgate's ca_file
 	hmacSecret string // HS256 secret for the other wsgate route
 	tokES      []string
 	tokHS      []string
@@ -399,7 +400,12 @@ func (e *env) setup() error {
 		e.tokBad = append(e.tokBad, bad)
 		e.tokHS = append(e.tokHS, mintHS256([]byte(e.hmacSecret), benchClaims(i)))
 	}
-	e.up, err = startUpstream()
+	e.upCAPath = filepath.Join(e.dir, "upstream.pem")
+	cert, err := selfSigned(e.upCAPath)
+	if err != nil {
+		return fmt.Errorf("upstream certificate: %w", err)
+	}
+	e.up, err = startUpstream(cert)
 	return err
 }
 
