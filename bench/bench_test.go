@@ -52,6 +52,7 @@ func TestQuickSmoke(t *testing.T) {
 	want := []string{
 		"## Targets (issue 6)",
 		"## a. Idle connections", "| wsgate | ", "| stock | ", "| wsgate rooms | ",
+		"| wsgate TLS | ", "| stock TLS | ", "| wsgate wss upstream | ",
 		"| a'. idle RSS per rooms connection | ≤ 8 KiB | ",
 		"## b. Echo latency", "ping-pong:", "open loop:",
 		"## c. Throughput", "| 64 B | wsgate |", "| 4 KiB | stock |",
