@@ -162,14 +162,36 @@ func (r *report) targets(w writer) {
 	}
 
 	// a. idle
+	const (
+		relayTarget  = "≤ 16 KiB and ≤ 2 goroutines (≤ 0.15× stock); now also ≤ 6.5 KiB"
+		relayStretch = "≤ 8 KiB, no goroutine while idle"
+		tlsTarget    = "≤ 8 KiB and no goroutine while idle"
+	)
+	// "No goroutine" is read as fewer than one per hundred connections.
+	idleFree := func(m idleSample) bool { return m.goroutines < 0.01 }
 	if g, s, ok := r.idleMedians(); ok {
 		ratio := g.rss / s.rss
 		meas := fmt.Sprintf("%s, %.2f goroutines, %s stock's RSS", kib(g.rss), g.goroutines, times(ratio))
-		row("a. idle RSS per relayed connection", "≤ 16 KiB and ≤ 2 goroutines (≤ 0.15× stock)", meas,
-			metStr(g.rss <= 16*1024 && g.goroutines <= 2 && ratio <= 0.15),
-			"≤ 8 KiB, no goroutine while idle", metStr(g.rss <= 8*1024 && g.goroutines < 0.01))
+		row("a. idle RSS per relayed connection", relayTarget, meas,
+			metStr(g.rss <= 6.5*1024 && g.goroutines <= 2 && ratio <= 0.15),
+			relayStretch, metStr(g.rss <= 8*1024 && idleFree(g)))
 	} else {
-		row("a. idle RSS per relayed connection", "≤ 16 KiB and ≤ 2 goroutines (≤ 0.15× stock)", r.missing('a', r.idleErr), "—", "≤ 8 KiB, no goroutine while idle", "—")
+		row("a. idle RSS per relayed connection", relayTarget, r.missing('a', r.idleErr), "—", relayStretch, "—")
+	}
+	for _, x := range []struct{ name, v, ref string }{
+		{"a. idle RSS per relayed connection over TLS (client over HTTPS)", vWsgateTLS, vStockTLS},
+		{"a. idle RSS per connection with a wss:// upstream", vWsgateWSS, vStock},
+	} {
+		m, ok := r.idleMedian(x.v)
+		if !ok {
+			row(x.name, tlsTarget, r.missing('a', r.idleErr), "—", "", "")
+			continue
+		}
+		meas := fmt.Sprintf("%s, %.2f goroutines", kib(m.rss), m.goroutines)
+		if s, ok := r.idleMedian(x.ref); ok {
+			meas += fmt.Sprintf(", %s %s's RSS", times(m.rss/s.rss), x.ref)
+		}
+		row(x.name, tlsTarget, meas, metStr(m.rss <= 8*1024 && idleFree(m)), "", "")
 	}
 	if m, ok := r.idleMedian(vRooms); ok {
 		meas := fmt.Sprintf("%s, %.2f goroutines, heap+stack %s", kib(m.rss), m.goroutines, kib(m.heap+m.stack))
