@@ -148,14 +148,12 @@ func (e *env) caddyfile(c *caddyProc) string {
 // that CA's root out of the system trust store, and local_certs keeps
 // every site off ACME, so nothing needs the internet. Automatic HTTPS has
 // to stay on (with `auto_https off` no certificate is managed at all),
-// but without its redirects, which would listen on port 80. No HTTP/3:
-// the clients speak HTTP/1.1, and a QUIC listener would add only a UDP
-// socket.
+// but without its redirects, which would listen on port 80. Its listeners
+// (HTTP/3's UDP sockets included) are bound to 127.0.0.1 only.
 func (e *env) tlsCaddyfile(c *caddyProc) string {
 	jwt := fmt.Sprintf("\t\t\tpublic_key %s alg ES256", e.pemPath)
 	var b strings.Builder
-	fmt.Fprintf(&b, "{\n\tadmin %s\n\tpersist_config off\n\tauto_https disable_redirects\n\tlocal_certs\n\tskip_install_trust\n", c.admin)
-	b.WriteString("\tservers {\n\t\tprotocols h1 h2\n\t}\n}\n\n")
+	fmt.Fprintf(&b, "{\n\tadmin %s\n\tpersist_config off\n\tauto_https disable_redirects\n\tlocal_certs\n\tskip_install_trust\n\tdefault_bind 127.0.0.1\n}\n\n", c.admin)
 	fmt.Fprintf(&b, "https://127.0.0.1:%d {\n\ttls internal\n%s}\n\n", c.esTLSPort, relayRoute("ws://"+e.up.addr(), "", jwt))
 	fmt.Fprintf(&b, "https://127.0.0.1:%d {\n\ttls internal\n\treverse_proxy %s\n}\n\n", c.stockTLSPort, e.up.addr())
 	fmt.Fprintf(&b, "http://127.0.0.1:%d {\n%s}\n", c.wssPort,
