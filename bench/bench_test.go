@@ -2,6 +2,7 @@ package bench
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -52,7 +53,10 @@ func TestQuickSmoke(t *testing.T) {
 	want := []string{
 		"## Targets (issue 6)",
 		"## a. Idle connections", "| wsgate | ", "| stock | ", "| wsgate rooms | ",
+		"| wsgate TLS | ", "| stock TLS | ", "| wsgate wss upstream | ",
 		"| a'. idle RSS per rooms connection | ≤ 8 KiB | ",
+		"| a. idle RSS per relayed connection over TLS (client over HTTPS) | ≤ 8 KiB and no goroutine while idle | ",
+		"| a. idle RSS per connection with a wss:// upstream | ≤ 8 KiB and no goroutine while idle | ",
 		"## b. Echo latency", "ping-pong:", "open loop:",
 		"## c. Throughput", "| 64 B | wsgate |", "| 4 KiB | stock |",
 		"## d. Fan-out",
@@ -205,5 +209,64 @@ func TestCountAndCommandLine(t *testing.T) {
 	}
 	if _, err := parseScenarios("a,x"); err == nil {
 		t.Error("scenario x accepted")
+	}
+}
+
+func TestIdleTargets(t *testing.T) {
+	const k = 1024
+	idle := func(rss, goroutines float64) []idleSample {
+		return []idleSample{{rss: rss * k, goroutines: goroutines}}
+	}
+	stock := idle(100, 4)
+	for _, c := range []struct {
+		name    string
+		samples map[string][]idleSample
+		want    []string
+	}{
+		{
+			name: "parked everywhere",
+			samples: map[string][]idleSample{
+				vWsgate: idle(6, 0), vStock: stock,
+				vWsgateTLS: idle(7.5, 0), vStockTLS: idle(150, 4), vWsgateWSS: idle(8, 0),
+			},
+			want: []string{
+				"| a. idle RSS per relayed connection | ≤ 16 KiB and ≤ 2 goroutines (≤ 0.15× stock); now also ≤ 6.5 KiB | 6.0 KiB, 0.00 goroutines, 0.06× stock's RSS | **met** | ≤ 8 KiB, no goroutine while idle | **met** |",
+				"| a. idle RSS per relayed connection over TLS (client over HTTPS) | ≤ 8 KiB and no goroutine while idle | 7.5 KiB, 0.00 goroutines, 0.05× stock TLS's RSS | **met** |  |  |",
+				"| a. idle RSS per connection with a wss:// upstream | ≤ 8 KiB and no goroutine while idle | 8.0 KiB, 0.00 goroutines, 0.08× stock's RSS | **met** |  |  |",
+			},
+		},
+		{
+			name: "over 6.5 KiB, and TLS readers awake",
+			samples: map[string][]idleSample{
+				vWsgate: idle(7, 0), vStock: stock,
+				vWsgateTLS: idle(20, 1.5), vStockTLS: idle(150, 4), vWsgateWSS: idle(7, 1),
+			},
+			want: []string{
+				"| 7.0 KiB, 0.00 goroutines, 0.07× stock's RSS | not met | ≤ 8 KiB, no goroutine while idle | **met** |",
+				"| 20.0 KiB, 1.50 goroutines, 0.13× stock TLS's RSS | not met |  |  |",
+				"| 7.0 KiB, 1.00 goroutines, 0.07× stock's RSS | not met |  |  |",
+			},
+		},
+		{
+			name: "no stock TLS to compare with",
+			samples: map[string][]idleSample{
+				vWsgate: idle(6, 0), vStock: stock, vWsgateTLS: idle(7, 0),
+			},
+			want: []string{
+				"| 7.0 KiB, 0.00 goroutines | **met** |  |  |",
+				"| a. idle RSS per connection with a wss:// upstream | ≤ 8 KiB and no goroutine while idle | no data | — |  |  |",
+			},
+		},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			r := &report{scen: map[byte]bool{'a': true}, idle: &idleResult{samples: c.samples}}
+			var b strings.Builder
+			r.targets(func(format string, args ...any) { fmt.Fprintf(&b, format, args...) })
+			for _, want := range c.want {
+				if !strings.Contains(b.String(), want) {
+					t.Errorf("targets lack %q:\n%s", want, b.String())
+				}
+			}
+		})
 	}
 }

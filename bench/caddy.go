@@ -3,6 +3,8 @@ package bench
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -49,6 +51,13 @@ type caddyProc struct {
 	hsPort    int    // the same with an HS256 secret
 	stockPort int    // stock reverse_proxy
 	roomsPort int    // wsgate rooms mode (wsgate.v1) on roomsPath
+	// The tlsCaddy ports.
+	esTLSPort    int // the wsgate (ES256) route over HTTPS
+	stockTLSPort int // stock reverse_proxy over HTTPS
+	wssPort      int // the wsgate (ES256) route on plain HTTP, to the wss:// upstream
+	// clientTLS trusts this Caddy's own CA (tlsCaddy only), once it is
+	// ready.
+	clientTLS *tls.Config
 	logPath   string
 	exited    chan struct{}
 	http      *http.Client
@@ -64,6 +73,10 @@ const (
 	// fanoutCaddy is one of the two fan-out gateways: the Redis broker, a
 	// rooms route and wsgate_publish on one port.
 	fanoutCaddy
+	// tlsCaddy serves the TLS variants of the idle scenario: the wsgate
+	// route and stock reverse_proxy over HTTPS, and the wsgate route to
+	// the wss:// upstream.
+	tlsCaddy
 )
 
 // roomsSite is the rooms-mode site: wsgate.v1 on roomsPath, and (for the
@@ -86,14 +99,13 @@ func (e *env) fanoutCaddyfile(c *caddyProc) string {
 		c.admin, e.redis.url(), roomsSite(c.roomsPort, true))
 }
 
-// caddyfile is the benchmark configuration: one site per route so that
-// no variant pays for another's matchers.
-func (e *env) caddyfile(c *caddyProc) string {
-	upstream := e.up.addr()
-	wsgate := func(jwt string) string {
-		return fmt.Sprintf(`	wsgate {
-		upstream ws://%s
-		origins %s
+// relayRoute is the wsgate handler with every check on, relaying to
+// upstream (a ws:// or wss:// URL); upstreamTLS, when set, is its `tls`
+// block.
+func relayRoute(upstream, upstreamTLS, jwt string) string {
+	return fmt.Sprintf(`	wsgate {
+		upstream %s
+%s		origins %s
 		jwt {
 %s
 		}
@@ -110,8 +122,14 @@ func (e *env) caddyfile(c *caddyProc) string {
 			action publish say
 		}
 	}
-`, upstream, goodOrigin, jwt)
-	}
+`, upstream, upstreamTLS, goodOrigin, jwt)
+}
+
+// caddyfile is the benchmark configuration: one site per route so that
+// no variant pays for another's matchers.
+func (e *env) caddyfile(c *caddyProc) string {
+	upstream := e.up.addr()
+	wsgate := func(jwt string) string { return relayRoute("ws://"+upstream, "", jwt) }
 	var b strings.Builder
 	fmt.Fprintf(&b, "{\n\tadmin %s\n\tpersist_config off\n\tauto_https off\n}\n\n", c.admin)
 	fmt.Fprintf(&b, "http://127.0.0.1:%d {\n%s}\n\n", c.esPort,
@@ -120,6 +138,26 @@ func (e *env) caddyfile(c *caddyProc) string {
 		wsgate(fmt.Sprintf("\t\t\tsecret %s alg HS256", e.hmacSecret)))
 	fmt.Fprintf(&b, "http://127.0.0.1:%d {\n\treverse_proxy %s\n}\n\n", c.stockPort, upstream)
 	b.WriteString(roomsSite(c.roomsPort, false))
+	return b.String()
+}
+
+// tlsCaddyfile is the configuration of the TLS variants, apart from the
+// others so that theirs stays as it was. The HTTPS sites get their
+// certificate from `tls internal`: this Caddy's own CA, created in its
+// data directory (the run's, see tryStartCaddy). skip_install_trust keeps
+// that CA's root out of the system trust store, and local_certs keeps
+// every site off ACME, so nothing needs the internet. Automatic HTTPS has
+// to stay on (with `auto_https off` no certificate is managed at all),
+// but without its redirects, which would listen on port 80. Its listeners
+// (HTTP/3's UDP sockets included) are bound to 127.0.0.1 only.
+func (e *env) tlsCaddyfile(c *caddyProc) string {
+	jwt := fmt.Sprintf("\t\t\tpublic_key %s alg ES256", e.pemPath)
+	var b strings.Builder
+	fmt.Fprintf(&b, "{\n\tadmin %s\n\tpersist_config off\n\tauto_https disable_redirects\n\tlocal_certs\n\tskip_install_trust\n\tdefault_bind 127.0.0.1\n}\n\n", c.admin)
+	fmt.Fprintf(&b, "https://127.0.0.1:%d {\n\ttls internal\n%s}\n\n", c.esTLSPort, relayRoute("ws://"+e.up.addr(), "", jwt))
+	fmt.Fprintf(&b, "https://127.0.0.1:%d {\n\ttls internal\n\treverse_proxy %s\n}\n\n", c.stockTLSPort, e.up.addr())
+	fmt.Fprintf(&b, "http://127.0.0.1:%d {\n%s}\n", c.wssPort,
+		relayRoute("wss://"+e.up.tlsAddr(), fmt.Sprintf("\t\ttls {\n\t\t\tca_file %s\n\t\t}\n", e.upCAPath), jwt))
 	return b.String()
 }
 
@@ -166,19 +204,25 @@ func (e *env) tryStartCaddy(ctx context.Context, kind caddyKind) (*caddyProc, er
 		return nil, err
 	}
 	c := &caddyProc{
-		dir:       dir,
-		admin:     "127.0.0.1:" + strconv.Itoa(ports[0]),
-		roomsPort: ports[1],
-		logPath:   filepath.Join(dir, "caddy.log"),
-		exited:    make(chan struct{}),
+		dir:     dir,
+		admin:   "127.0.0.1:" + strconv.Itoa(ports[0]),
+		logPath: filepath.Join(dir, "caddy.log"),
+		exited:  make(chan struct{}),
 		// No keep-alive: an admin connection held open between two
 		// snapshots would itself show up as a goroutine and a descriptor.
 		http: &http.Client{Timeout: 60 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}},
 	}
-	cfg := e.fanoutCaddyfile
-	if kind == benchCaddy {
-		c.esPort, c.hsPort, c.stockPort = ports[2], ports[3], ports[4]
+	var cfg func(*caddyProc) string
+	switch kind {
+	case benchCaddy:
+		c.roomsPort, c.esPort, c.hsPort, c.stockPort = ports[1], ports[2], ports[3], ports[4]
 		cfg = e.caddyfile
+	case fanoutCaddy:
+		c.roomsPort = ports[1]
+		cfg = e.fanoutCaddyfile
+	case tlsCaddy:
+		c.esTLSPort, c.stockTLSPort, c.wssPort = ports[1], ports[2], ports[3]
+		cfg = e.tlsCaddyfile
 	}
 	cfgPath := filepath.Join(dir, "Caddyfile")
 	if err := os.WriteFile(cfgPath, []byte(cfg(c)), 0o600); err != nil {
@@ -208,7 +252,11 @@ func (e *env) tryStartCaddy(ctx context.Context, kind caddyKind) (*caddyProc, er
 
 func (c *caddyProc) pid() int { return c.cmd.Process.Pid }
 
+// waitReady waits for the admin endpoint and every site. An HTTPS site is
+// ready once a TLS handshake verifies against this Caddy's root: the
+// listener is up before its certificate has been issued.
 func (c *caddyProc) waitReady(ctx context.Context) error {
+	var notYet error // why the last check failed, for a timeout
 	ready := func() (bool, error) {
 		select {
 		case <-c.exited:
@@ -217,15 +265,35 @@ func (c *caddyProc) waitReady(ctx context.Context) error {
 		}
 		resp, err := c.http.Get("http://" + c.admin + "/config/")
 		if err != nil {
+			notYet = err
 			return false, nil
 		}
 		resp.Body.Close()
-		for _, p := range []int{c.esPort, c.hsPort, c.stockPort, c.roomsPort} {
+		for _, p := range []int{c.esPort, c.hsPort, c.stockPort, c.roomsPort, c.wssPort} {
 			if p == 0 {
 				continue
 			}
 			conn, err := net.Dial("tcp", "127.0.0.1:"+strconv.Itoa(p))
 			if err != nil {
+				notYet = err
+				return false, nil
+			}
+			conn.Close()
+		}
+		if c.esTLSPort == 0 {
+			return true, nil
+		}
+		if c.clientTLS == nil {
+			if c.clientTLS, err = c.trustRoot(); err != nil {
+				notYet = err
+				return false, nil
+			}
+		}
+		for _, p := range []int{c.esTLSPort, c.stockTLSPort} {
+			d := &net.Dialer{Timeout: 5 * time.Second}
+			conn, err := tls.DialWithDialer(d, "tcp", "127.0.0.1:"+strconv.Itoa(p), c.clientTLS)
+			if err != nil {
+				notYet = err
 				return false, nil
 			}
 			conn.Close()
@@ -233,9 +301,28 @@ func (c *caddyProc) waitReady(ctx context.Context) error {
 		return true, nil
 	}
 	if err := poll(ctx, 30*time.Second, "caddy to serve", ready); err != nil {
+		if notYet != nil {
+			err = fmt.Errorf("%w (last: %v)", err, notYet)
+		}
 		return fmt.Errorf("%w\n%s", err, c.logTail())
 	}
 	return nil
+}
+
+// trustRoot is a client TLS configuration that trusts only the root of
+// this Caddy's local CA (`tls internal`), read from its data directory,
+// and offers HTTP/1.1 only: WebSockets need it, and Caddy would pick h2.
+func (c *caddyProc) trustRoot() (*tls.Config, error) {
+	path := filepath.Join(c.dir, "caddy", "pki", "authorities", "local", "root.crt")
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(b) {
+		return nil, fmt.Errorf("no certificate in %s yet", path)
+	}
+	return &tls.Config{RootCAs: pool, NextProtos: []string{"http/1.1"}}, nil
 }
 
 // stop ends Caddy gracefully (SIGINT), and kills it if it lingers.

@@ -8,6 +8,7 @@ import (
 	"crypto/hmac"
 	"crypto/rand"
 	"crypto/sha256"
+	"crypto/tls"
 	"encoding/base64"
 	"encoding/binary"
 	"encoding/hex"
@@ -77,7 +78,8 @@ type variant struct {
 }
 
 // Variant names. The first four reach the upstream; the next two are
-// refused by wsgate before any upgrade; the rooms variant has no upstream.
+// refused by wsgate before any upgrade; the rooms variant has no upstream;
+// the TLS variants (idle connections only) run in a tlsCaddy.
 const (
 	vWsgate       = "wsgate"
 	vWsgateHS     = "wsgate HS256"
@@ -88,7 +90,22 @@ const (
 	// vRooms is wsgate's rooms mode (wsgate.v1): no upstream; each
 	// connection subscribes to a room of its own.
 	vRooms = "wsgate rooms"
+	// vWsgateTLS and vStockTLS are wsgate and stock with the client over
+	// HTTPS; vWsgateWSS is wsgate with the client over plain HTTP and
+	// the upstream over wss://.
+	vWsgateTLS = "wsgate TLS"
+	vStockTLS  = "stock TLS"
+	vWsgateWSS = "wsgate wss upstream"
 )
+
+// caddyKindFor is the configuration that serves variant name.
+func caddyKindFor(name string) caddyKind {
+	switch name {
+	case vWsgateTLS, vStockTLS, vWsgateWSS:
+		return tlsCaddy
+	}
+	return benchCaddy
+}
 
 // variant builds the named variant against Caddy c (nil for direct). Every
 // variant sends the same Origin and a token of the same size, so the bytes
@@ -96,7 +113,8 @@ const (
 func (e *env) variant(c *caddyProc, name string) variant {
 	v := variant{name: name, gateway: name != vDirect, want: http.StatusSwitchingProtocols}
 	origin, tokens := goodOrigin, e.tokES
-	port := 0
+	port, scheme := 0, "ws"
+	var tlsConf *tls.Config
 	switch name {
 	case vWsgate:
 		port = c.esPort
@@ -104,6 +122,12 @@ func (e *env) variant(c *caddyProc, name string) variant {
 		port, tokens = c.hsPort, e.tokHS
 	case vStock:
 		port = c.stockPort
+	case vWsgateTLS:
+		port, scheme, tlsConf = c.esTLSPort, "wss", c.clientTLS
+	case vStockTLS:
+		port, scheme, tlsConf = c.stockTLSPort, "wss", c.clientTLS
+	case vWsgateWSS:
+		port = c.wssPort
 	case vDirect:
 	case vRejectOrigin:
 		port, origin, v.want = c.esPort, badOrigin, http.StatusForbidden
@@ -120,11 +144,11 @@ func (e *env) variant(c *caddyProc, name string) variant {
 	if name == vDirect {
 		v.url = "ws://" + e.up.addr() + benchPath
 	} else {
-		v.url = fmt.Sprintf("ws://127.0.0.1:%d%s", port, benchPath)
+		v.url = fmt.Sprintf("%s://127.0.0.1:%d%s", scheme, port, benchPath)
 	}
 	for _, tok := range tokens {
 		h := http.Header{"Origin": {origin}, "Authorization": {"Bearer " + tok}}
-		v.dialers = append(v.dialers, ws.Dialer{Header: ws.HandshakeHeaderHTTP(h), Timeout: 10 * time.Second})
+		v.dialers = append(v.dialers, ws.Dialer{Header: ws.HandshakeHeaderHTTP(h), Timeout: 10 * time.Second, TLSConfig: tlsConf})
 	}
 	return v
 }

@@ -6,10 +6,14 @@
 // prebuilt cmd/caddy binary from a generated Caddyfile, an in-process echo
 // upstream and load-generating clients (both on gobwas/ws, so the load
 // generator's own footprint stays small), and reads the Caddy process's
-// /proc entries and admin endpoint. The fan-out scenario (d) also starts a
-// redis-server (from PATH) and two rooms-mode gateways sharing it, and
-// reads Redis's INFO commandstats. It imports no Caddy or wsgate package,
-// so it can never share a bug with the code it measures.
+// /proc entries and admin endpoint. The idle scenario (a) also measures
+// TLS: Caddy serving HTTPS with `tls internal` (its CA kept in the run's
+// temporary directory, never in the system trust store) and the echo
+// upstream served over TLS with a certificate made at start. The fan-out
+// scenario (d) also starts a redis-server (from PATH) and two rooms-mode
+// gateways sharing it, and reads Redis's INFO commandstats. It imports no
+// Caddy or wsgate package, so it can never share a bug with the code it
+// measures.
 //
 // Everything it starts is stopped before Main returns, on success, error
 // or cancellation; a Caddy left behind by a killed harness dies with it

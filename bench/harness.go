@@ -128,7 +128,7 @@ func Main(ctx context.Context, name string, args []string, stdout, stderr io.Wri
 	fs.StringVar(&opt.Out, "out", "bench/RESULTS.md", "results `file` (Markdown)")
 	fs.BoolVar(&opt.Quick, "quick", false, "smoke run: tiny counts and durations, under a minute, figures meaningless")
 	fs.IntVar(&opt.Runs, "runs", 0, "runs per variant, medians reported (default 3, 1 with -quick)")
-	fs.StringVar(&opt.Scenarios, "scenarios", "a,b,c,d,e", "scenarios to run: a idle (relayed and rooms), b latency, c throughput, d fan-out (needs redis-server), e handshakes")
+	fs.StringVar(&opt.Scenarios, "scenarios", "a,b,c,d,e", "scenarios to run: a idle (relayed, rooms, relayed over TLS), b latency, c throughput, d fan-out (needs redis-server), e handshakes")
 	fs.StringVar(&opt.Profile, "profile", "", "`directory` for gateway CPU profiles from extra, unmeasured throughput and handshake runs")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -174,6 +174,7 @@ type env struct {
 	redis  *redisProc // while scenario d runs
 
 	pemPath    string // ES256 public key for the wsgate route
+	upCAPath   string // the TLS upstream's self-signed certificate, for wsgate's ca_file
 	hmacSecret string // HS256 secret for the other wsgate route
 	tokES      []string
 	tokHS      []string
@@ -399,7 +400,12 @@ func (e *env) setup() error {
 		e.tokBad = append(e.tokBad, bad)
 		e.tokHS = append(e.tokHS, mintHS256([]byte(e.hmacSecret), benchClaims(i)))
 	}
-	e.up, err = startUpstream()
+	e.upCAPath = filepath.Join(e.dir, "upstream.pem")
+	cert, err := selfSigned(e.upCAPath)
+	if err != nil {
+		return fmt.Errorf("upstream certificate: %w", err)
+	}
+	e.up, err = startUpstream(cert)
 	return err
 }
 

@@ -28,8 +28,9 @@ type idleResult struct {
 // idleVariants are measured; for direct the gateway's cost is zero by
 // definition (there is none), and the upstream's own is not the question.
 // The rooms connections (scenario a') have no upstream: each subscribes to
-// a room of its own and stays idle.
-var idleVariants = []string{vWsgate, vStock, vRooms}
+// a room of its own and stays idle. The TLS variants have a Caddy
+// configuration of their own (tlsCaddy).
+var idleVariants = []string{vWsgate, vStock, vRooms, vWsgateTLS, vStockTLS, vWsgateWSS}
 
 // runIdle measures each variant in a fresh Caddy: a process that has
 // already held thousands of connections keeps their memory, which would
@@ -42,7 +43,7 @@ func (e *env) runIdle(ctx context.Context) (*idleResult, error) {
 			if err != nil {
 				return res, fmt.Errorf("%s, run %d: %w", name, r+1, err)
 			}
-			e.logf("  a %-8s run %d: %.1f KiB RSS, %.1f KiB heap, %.1f KiB stacks, %.2f goroutines, %.2f fds per connection",
+			e.logf("  a %-19s run %d: %.1f KiB RSS, %.1f KiB heap, %.1f KiB stacks, %.2f goroutines, %.2f fds per connection",
 				name, r+1, s.rss/1024, s.heap/1024, s.stack/1024, s.goroutines, s.fds)
 			res.samples[name] = append(res.samples[name], s)
 		}
@@ -52,7 +53,7 @@ func (e *env) runIdle(ctx context.Context) (*idleResult, error) {
 
 func (e *env) idleOnce(ctx context.Context, name string) (idleSample, error) {
 	var s idleSample
-	c, err := e.startCaddy(ctx)
+	c, err := e.startCaddyKind(ctx, caddyKindFor(name))
 	if err != nil {
 		return s, err
 	}

@@ -3,10 +3,19 @@ package bench
 import (
 	"bufio"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
+	"math/big"
 	"net"
+	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -18,8 +27,11 @@ import (
 // listener (no net/http), one goroutine per connection, echoing each frame
 // as it came (fragments stay fragments). Its replies are flushed only when
 // no more input is buffered, so pipelined load is answered in batches.
+// The same app is also served over TLS on a second port, for the wss://
+// upstream variant.
 type upstream struct {
 	ln     net.Listener
+	tlsLn  net.Listener // the same echo over TLS, with a self-signed certificate
 	active atomic.Int64 // connections past the upgrade and not yet closed
 	mu     sync.Mutex
 	conns  map[net.Conn]struct{}
@@ -29,23 +41,37 @@ type upstream struct {
 // maxEcho bounds what the upstream holds for one frame.
 const maxEcho = 1 << 20
 
-func startUpstream() (*upstream, error) {
+// startUpstream starts the echo app on a plain port and on a TLS port
+// that presents cert.
+func startUpstream(cert tls.Certificate) (*upstream, error) {
 	ln, err := listenFree()
 	if err != nil {
 		return nil, fmt.Errorf("echo upstream: %w", err)
 	}
-	u := &upstream{ln: ln, conns: map[net.Conn]struct{}{}}
-	u.wg.Add(1)
-	go u.serve()
+	raw, err := listenFree()
+	if err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("echo upstream over TLS: %w", err)
+	}
+	// The handshake happens in handle, on the connection's first read,
+	// under the same deadline as the upgrade.
+	tlsLn := tls.NewListener(raw, &tls.Config{Certificates: []tls.Certificate{cert}})
+	u := &upstream{ln: ln, tlsLn: tlsLn, conns: map[net.Conn]struct{}{}}
+	u.wg.Add(2)
+	go u.serve(ln)
+	go u.serve(tlsLn)
 	return u, nil
 }
 
 func (u *upstream) addr() string { return u.ln.Addr().String() }
 
-func (u *upstream) serve() {
+// tlsAddr is where the echo app is served over TLS (for wss:// URLs).
+func (u *upstream) tlsAddr() string { return u.tlsLn.Addr().String() }
+
+func (u *upstream) serve(ln net.Listener) {
 	defer u.wg.Done()
 	for {
-		c, err := u.ln.Accept()
+		c, err := ln.Accept()
 		if err != nil {
 			var ne net.Error
 			if errors.As(err, &ne) && ne.Timeout() {
@@ -134,13 +160,49 @@ func (u *upstream) waitConns(ctx context.Context, n int64, within time.Duration)
 	return nil
 }
 
-// close stops the listener, closes every connection and waits for them.
+// close stops the listeners, closes every connection and waits for them.
 func (u *upstream) close() {
 	u.ln.Close()
+	u.tlsLn.Close()
 	u.mu.Lock()
 	for c := range u.conns {
 		c.Close()
 	}
 	u.mu.Unlock()
 	u.wg.Wait()
+}
+
+// selfSigned makes the TLS upstream's certificate: P-256, valid for
+// 127.0.0.1 only, its own issuer. Its PEM is written to caPath, which the
+// gateway is told to trust (wsgate's `tls { ca_file … }`), so the relay
+// verifies the upstream as it would in production.
+func selfSigned(caPath string) (tls.Certificate, error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return tls.Certificate{}, err
+	}
+	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 62))
+	if err != nil {
+		return tls.Certificate{}, err
+	}
+	now := time.Now()
+	tmpl := &x509.Certificate{
+		SerialNumber:          serial,
+		Subject:               pkix.Name{CommonName: "wsbench echo upstream"},
+		NotBefore:             now.Add(-time.Hour),
+		NotAfter:              now.Add(24 * time.Hour),
+		IPAddresses:           []net.IP{net.IPv4(127, 0, 0, 1)},
+		KeyUsage:              x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign,
+		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		BasicConstraintsValid: true,
+		IsCA:                  true,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		return tls.Certificate{}, err
+	}
+	if err := os.WriteFile(caPath, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600); err != nil {
+		return tls.Certificate{}, err
+	}
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}, nil
 }
