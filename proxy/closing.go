@@ -1,6 +1,8 @@
 package proxy
 
 import (
+	"encoding/binary"
+
 	"github.com/gobwas/ws"
 )
 
@@ -29,10 +31,11 @@ func (c *relay) handleClose(src, dst *peer, h ws.Header, hs int) error {
 	rd.consume(hs + n)
 	src.rest = 0
 	bad := checkClosePayload(payload)
-	if bad != nil {
-		src.closeIn.set(bad.code, bad.reason)
-	} else {
-		src.closeIn.setRaw(payload)
+	switch {
+	case bad != nil:
+		src.closeCode = bad.code
+	case len(payload) >= 2:
+		src.closeCode = ws.StatusCode(binary.BigEndian.Uint16(payload))
 	}
 	src.closeRecv.Store(true)
 	if bad != nil {
@@ -122,8 +125,7 @@ func (c *relay) closeClientAfterUpstream(code ws.StatusCode, reason string) {
 		c.sendClose(&c.client, code, reason)
 		return
 	}
-	c.pending.set(code, reason)
-	c.hasPending = true
+	c.pendingCode, c.pendingReason = code, reason
 	c.cmu.Unlock()
 }
 
@@ -131,16 +133,13 @@ func (c *relay) closeClientAfterUpstream(code ws.StatusCode, reason string) {
 // reports whether there was.
 func (c *relay) takePending() bool {
 	c.cmu.Lock()
-	if !c.hasPending {
-		c.cmu.Unlock()
+	code, reason := c.pendingCode, c.pendingReason
+	c.pendingCode = 0
+	c.cmu.Unlock()
+	if code == 0 {
 		return false
 	}
-	c.hasPending = false
-	body := c.pending
-	c.cmu.Unlock()
-	if _, err := c.client.w.close(body.bytes()); err != nil {
-		c.abandon(&c.client)
-	}
+	c.sendClose(&c.client, code, reason)
 	return true
 }
 
@@ -154,11 +153,11 @@ func (c *relay) upstreamDone() {
 
 // abandon stops reading p: it is gone, or not reading what it is sent.
 func (c *relay) abandon(p *peer) {
-	if p.w.conn == nil || !p.gone.CompareAndSwap(false, true) {
+	if p.rd.conn == nil || !p.gone.CompareAndSwap(false, true) {
 		return
 	}
 	p.w.closed.Store(true)
-	p.w.conn.SetReadDeadline(longAgo)
+	p.rd.conn.SetReadDeadline(longAgo)
 	c.wake(p)
 }
 
@@ -183,7 +182,6 @@ func (c *relay) drain(p *peer) {
 		}
 		if h.OpCode == ws.OpClose && h.Length <= ws.MaxControlFramePayloadSize {
 			if rd.need(hs+int(h.Length)) == nil {
-				p.closeIn.set(ws.StatusNormalClosure, "")
 				p.closeRecv.Store(true)
 			}
 			return

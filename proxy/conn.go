@@ -21,36 +21,39 @@ func mono() int64 { return int64(time.Since(epoch)) }
 
 // peer is one side of a relayed connection: its reader, its writer, and
 // the state of the message it is sending.
+//
+// Small fields are grouped so that the struct packs tightly: every live
+// connection holds two.
 type peer struct {
-	side    side
+	c       *relay
 	rd      wireReader
 	w       writer
-	limits  Limits
+	other   *peer // the side this one's frames go to
+	limits  *Limits
 	msgLim  *rate.Limiter
 	byteLim *rate.Limiter
 	byteMax int64 // byteLim's burst
 
 	// reader state, owned by the goroutine reading this side
+	msgSize int64
+	rest    int64 // bytes of the frame being handled still unread, from rd.pos()
+
+	// parking (park.go)
+	pl     *poller      // the poller it registered with
+	pollID uint64       // registration with pl, 0 before the first park
+	pollFD int32        // the socket armed in pl
+	pstate atomic.Int32 // sideRunning, sideParking, sideWoken or sideParked
+
+	closeRecv atomic.Bool   // this side's close frame arrived
+	gone      atomic.Bool   // this side is not read any more (it failed, or stopped reading)
+	closeCode ws.StatusCode // the code of this side's close frame (0: none), set before closeRecv
+	utf8      utf8State
+	side      side
+	polled    bool // pollFD is in pl's epoll set
+
 	fragmented bool // a message is in progress
 	text       bool // ... and it is text
 	dropping   bool // ... and it is being dropped (rate limit)
-	msgSize    int64
-	utf8       utf8State
-	msg        []byte    // a message being assembled for inspection
-	msgOp      ws.OpCode // its opcode
-	rest       int64     // bytes of the frame being handled still unread, from rd.pos()
-
-	closeIn   closeBody   // this side's close payload, set before closeRecv
-	closeRecv atomic.Bool // this side's close frame arrived
-	gone      atomic.Bool // this side is not read any more (it failed, or stopped reading)
-
-	// parking (park.go)
-	other  *peer        // the side this one's frames go to
-	pstate atomic.Int32 // sideRunning, sideParking, sideWoken or sideParked
-	pl     *poller      // the poller it registered with
-	pollID uint64       // registration with pl, 0 before the first park
-	pollFD int
-	polled bool // pollFD is in the poller's epoll set
 }
 
 func (p *peer) state() ws.State {
@@ -64,7 +67,7 @@ func (p *peer) state() ws.State {
 	return s
 }
 
-func (p *peer) setLimits(l Limits) {
+func (p *peer) setLimits(l *Limits) {
 	p.limits = l
 	if r := l.Rate; r.enabled() {
 		if r.Messages > 0 {
@@ -90,33 +93,34 @@ type relay struct {
 	g        *Gateway
 	cfg      *Config
 	client   peer
-	upstream *peer // noUpstream in solo mode (allocated only for a real upstream)
-	solo     bool  // no upstream: the gateway itself serves the client (rooms)
+	upstream *peer  // noUpstream in solo mode (allocated only for a real upstream)
+	msg      []byte // a client message being assembled for inspection
 
-	closing      atomic.Bool
 	closeBy      atomic.Int64 // mono deadline of the closing handshake
-	ended        atomic.Int32
 	lastData     atomic.Int64 // mono time of the last data message, if idle timeout is on
 	finishedOnce sync.Once
+	ended        atomic.Int32
+	closing      atomic.Bool
 
 	// cmu guards the closing state below and the quit channel.
-	cmu        sync.Mutex
-	pending    closeBody     // the client's close frame, held until the upstream is done
-	hasPending bool          // pending is set
-	upDone     bool          // the upstream's reader has ended
-	quit       chan struct{} // closed when closing begins; made on first use
-	quitClosed bool
+	cmu           sync.Mutex
+	pendingReason string        // the client's close frame, held until the upstream is done
+	quit          chan struct{} // closed when closing begins; made on first use
+	pendingCode   ws.StatusCode // ... and its code (0: none)
+	upDone        bool          // the upstream's reader has ended
+	quitClosed    bool
+
+	solo    bool // no upstream: the gateway itself serves the client (rooms)
+	pingOut bool // owned by the client's reader, like the heartbeat state below
 
 	onClose      func()
-	onStart      func(Session)
 	control      func(msg []byte) bool
 	inspect      func(msg []byte, text bool) (Verdict, []byte)
 	refresh      func(token string) (time.Time, error)
-	refreshField []byte // `"field"`
+	refreshField string // `"field"`
 
 	// heartbeat and expiry state, owned by the client's reader
 	expiry    int64 // mono time the client's credentials expire; 0: never
-	pingOut   bool
 	pingAt    int64
 	lockMiss  int64
 	pingToken [8]byte
@@ -129,31 +133,42 @@ type relay struct {
 // ever written to it, and which solo relays need not allocate.
 var noUpstream = func() *peer {
 	p := &peer{side: upstreamSide}
-	p.w.side = upstreamSide
+	p.w.p = p
 	p.w.closed.Store(true)
 	p.gone.Store(true)
 	return p
 }()
 
 func newRelay(g *Gateway, client, upstream net.Conn, info *RequestInfo) *relay {
-	c := &relay{g: g, cfg: &g.cfg, upstream: noUpstream, solo: upstream == nil}
+	var c *relay
+	if upstream == nil {
+		c = &relay{solo: true, upstream: noUpstream}
+	} else {
+		// One allocation for the connection and its upstream side.
+		pair := &struct {
+			relay
+			up peer
+		}{}
+		c = &pair.relay
+		c.upstream = &pair.up
+		c.upstream.other = &c.client
+	}
+	c.g, c.cfg = g, &g.cfg
 	if !c.solo {
-		c.upstream = &peer{other: &c.client}
-		c.upstream.init(c, upstreamSide, upstream, g.cfg.Upstream)
+		c.upstream.init(c, upstreamSide, upstream, &c.cfg.Upstream)
 	}
 	c.client.other = c.upstream
-	c.client.init(c, clientSide, client, g.cfg.Client)
+	c.client.init(c, clientSide, client, &c.cfg.Client)
 	binary.LittleEndian.PutUint64(c.pingToken[:], rand.Uint64())
 	c.onClose = info.OnClose
 	if !info.Expiry.IsZero() {
 		c.setExpiry(info.Expiry)
 	}
 	c.inspect = info.Inspect
-	c.onStart = info.OnStart
 	c.control = info.UpstreamControl
 	if info.Refresh != nil && info.RefreshField != "" {
 		c.refresh = info.Refresh
-		c.refreshField = []byte(strconv.Quote(info.RefreshField))
+		c.refreshField = strconv.Quote(info.RefreshField)
 	}
 	if c.cfg.PingInterval > 0 || c.cfg.IdleTimeout > 0 || c.expiry != 0 {
 		c.client.rd.onTimeout = c.tick
@@ -167,17 +182,19 @@ func newRelay(g *Gateway, client, upstream net.Conn, info *RequestInfo) *relay {
 }
 
 // init sets up one side: its reader and writer on conn, and its limits.
-func (p *peer) init(c *relay, s side, conn net.Conn, l Limits) {
-	p.side = s
+func (p *peer) init(c *relay, s side, conn net.Conn, l *Limits) {
+	p.c, p.side = c, s
 	p.rd.init(conn)
-	p.w.conn, p.w.side, p.w.c = conn, s, c
+	p.w.p = p
 	p.setLimits(l)
 	// Waiting frames are written before the read buffer is refilled or
 	// compacted (which would move or overwrite them).
 	p.rd.beforeRefill = func() error { return c.flush(p, p.other) }
 }
 
-func (c *relay) start() {
+// start registers the connection, hands it to onStart (if not nil) and
+// starts reading both sides.
+func (c *relay) start(onStart func(Session)) {
 	now := mono()
 	c.lastData.Store(now)
 	c.client.rd.lastRead = now
@@ -185,8 +202,8 @@ func (c *relay) start() {
 		c.end(&closeErr{side: gatewaySide, code: ws.StatusGoingAway, reason: "server shutting down"})
 	}
 	c.tick()
-	if c.onStart != nil {
-		c.onStart(c)
+	if onStart != nil {
+		onStart(c)
 	}
 	go c.pump(&c.client, false)
 	if !c.solo {
@@ -248,10 +265,14 @@ func (c *relay) stopReading(src *peer, err error) {
 func (c *relay) finish() {
 	c.finishedOnce.Do(func() {
 		// A side whose close frame was never answered (the other side
-		// went away without replying) is answered now.
+		// went away without replying) is answered now, with its code.
 		for _, p := range []*peer{&c.client, c.upstream} {
 			if p.closeRecv.Load() && !p.w.closed.Load() {
-				p.w.close(p.closeIn.bytes())
+				var cb closeBody
+				if p.closeCode != 0 {
+					cb.set(p.closeCode, "")
+				}
+				p.w.close(cb.bytes())
 			}
 		}
 		c.unpoll(&c.client)
@@ -260,9 +281,9 @@ func (c *relay) finish() {
 			c.timer.Stop()
 		}
 		c.client.w.stopQueue()
-		c.client.w.conn.Close()
+		c.client.rd.conn.Close()
 		if !c.solo {
-			c.upstream.w.conn.Close()
+			c.upstream.rd.conn.Close()
 		}
 		c.g.reg.remove(c)
 		if c.onClose != nil {
@@ -295,15 +316,12 @@ func (c *relay) beginClosing() {
 	by := mono() + int64(c.cfg.CloseTimeout)
 	c.closeBy.Store(by)
 	for _, p := range []*peer{&c.client, c.upstream} {
-		if p.w.conn == nil {
+		if p.rd.conn == nil {
 			continue
 		}
-		p.w.conn.SetReadDeadline(c.readDeadline(p))
-		// A write in progress now ends by the closing deadline too,
-		// unless its own deadline comes first.
-		if dl := by + int64(closeGrace); p.w.dl.Load() == 0 || p.w.dl.Load() > dl {
-			p.w.conn.SetWriteDeadline(epoch.Add(time.Duration(dl)))
-		}
+		p.rd.conn.SetReadDeadline(c.readDeadline(p))
+		// A write in progress now ends by the closing deadline too.
+		p.rd.conn.SetWriteDeadline(epoch.Add(time.Duration(by + int64(closeGrace))))
 	}
 	c.cmu.Lock()
 	if c.quit != nil && !c.quitClosed {

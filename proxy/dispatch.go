@@ -30,7 +30,7 @@ func (c *relay) relayFrames(src, dst *peer) error {
 			if h.OpCode == ws.OpClose {
 				// A bad close frame is still src's close: no other is
 				// coming, so src is not waited for after the gateway's.
-				src.closeIn.set(e.code, e.reason)
+				src.closeCode = e.code
 				src.closeRecv.Store(true)
 			}
 			return e

@@ -33,7 +33,9 @@ func (c *relay) dataFrame(src, dst *peer, h ws.Header, hs int) error {
 		src.text = h.OpCode == ws.OpText
 		src.dropping = false
 		src.utf8.reset()
-		src.msg = nil
+		if src.side == clientSide {
+			c.msg = nil
+		}
 	}
 	src.fragmented = !h.Fin
 	if m := src.limits.MaxMessage; m > 0 && h.Length > m-src.msgSize {
@@ -265,26 +267,22 @@ func (c *relay) judge(src *peer, msg []byte) (bool, error) {
 // assembled for inspection; the last one has the message judged and, if it
 // passes, forwarded as one frame.
 func (c *relay) collect(src, dst *peer, fin bool, chunk []byte) error {
-	if len(src.msg) == 0 {
-		src.msg = append(src.msg[:0], make([]byte, ws.MaxHeaderSize)...)
-		src.msgOp = ws.OpText
-		if !src.text {
-			src.msgOp = ws.OpBinary
-		}
+	if len(c.msg) == 0 {
+		c.msg = append(c.msg[:0], make([]byte, ws.MaxHeaderSize)...)
 	}
 	limit := src.limits.MaxMessage
 	if limit <= 0 {
 		limit = assembleCap
 	}
-	if int64(len(src.msg)-ws.MaxHeaderSize+len(chunk)) > limit {
+	if int64(len(c.msg)-ws.MaxHeaderSize+len(chunk)) > limit {
 		return tooBig()
 	}
-	src.msg = append(src.msg, chunk...)
+	c.msg = append(c.msg, chunk...)
 	if !fin {
 		return nil
 	}
-	msg := src.msg
-	src.msg = nil // no payload buffer is kept between messages
+	msg := c.msg
+	c.msg = nil // no payload buffer is kept between messages
 	pass, err := c.judge(src, msg[ws.MaxHeaderSize:])
 	if err != nil || !pass {
 		return err
@@ -292,7 +290,11 @@ func (c *relay) collect(src, dst *peer, fin bool, chunk []byte) error {
 	if err := c.flush(src, dst); err != nil {
 		return err
 	}
-	return dst.w.framed(src.msgOp, msg)
+	op := ws.OpBinary
+	if src.text {
+		op = ws.OpText
+	}
+	return dst.w.framed(op, msg)
 }
 
 // assembleStream collects a client frame larger than the read buffer, for

@@ -123,9 +123,6 @@ type closeBody struct {
 
 func (cb *closeBody) bytes() []byte { return cb.b[:cb.n] }
 
-// setRaw stores a close payload as received (already checked).
-func (cb *closeBody) setRaw(p []byte) { cb.n = uint8(copy(cb.b[:], p)) }
-
 // set stores code and reason, the reason cut to fit on a UTF-8 boundary.
 func (cb *closeBody) set(code ws.StatusCode, reason string) {
 	binary.BigEndian.PutUint16(cb.b[:2], uint16(code))

@@ -108,7 +108,7 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, info Request
 	}
 	up.putReader()
 	started = true
-	c.start()
+	c.start(info.OnStart)
 }
 
 // ServeSession upgrades the client with subprotocol (when the client
@@ -152,7 +152,7 @@ func (g *Gateway) ServeSession(w http.ResponseWriter, r *http.Request, info Requ
 		c.client.rd.prime(b)
 	}
 	started = true
-	c.start()
+	c.start(info.OnStart)
 }
 
 // admit answers a request that cannot be upgraded (bad handshake, or the

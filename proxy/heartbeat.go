@@ -41,7 +41,7 @@ func (c *relay) tick() error {
 				c.lockMiss = 0
 				c.pingOut, c.pingAt = true, now
 				next = now + int64(cfg.PongTimeout)
-			case !c.client.w.busy.Load():
+			case !c.client.w.writing():
 				// The writer is held by a frame whose payload is still
 				// coming from the upstream: the client is not the one
 				// stalling. Try again shortly.
@@ -100,14 +100,14 @@ func (c *relay) setExpiry(exp time.Time) {
 // after the size and rate limits, so signature checks are bounded like
 // any other message.
 func (c *relay) tryRefresh(payload []byte) (bool, error) {
-	if len(payload) == 0 || payload[0] != '{' || !bytes.Contains(payload, c.refreshField) {
+	if len(payload) == 0 || payload[0] != '{' || !bytes.Contains(payload, []byte(c.refreshField)) {
 		return false, nil
 	}
 	var m map[string]json.RawMessage
 	if json.Unmarshal(payload, &m) != nil {
 		return false, nil
 	}
-	raw, ok := m[string(c.refreshField[1:len(c.refreshField)-1])]
+	raw, ok := m[c.refreshField[1:len(c.refreshField)-1]]
 	if !ok {
 		return false, nil
 	}

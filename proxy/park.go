@@ -24,17 +24,28 @@ import (
 // errPark ends a pump that is to park.
 var errPark = errors.New("wsgate: park")
 
-// sweepEvery is how often the registry looks for waits to kick (more
-// often when ParkAfter is shorter than twice that).
+// sweepEvery is how often the registry looks for waits to kick and for
+// writes that have lasted WriteTimeout (more often when ParkAfter or
+// WriteTimeout is shorter than twice that).
 const sweepEvery = time.Second
 
-func sweepPeriod(parkAfter time.Duration) time.Duration {
-	return max(time.Millisecond, min(sweepEvery, parkAfter/2))
+// sweepPeriod is how often the connections of c need a sweep; 0: never.
+func (c *Config) sweepPeriod() time.Duration {
+	var p time.Duration
+	for _, d := range []time.Duration{c.ParkAfter, c.WriteTimeout} {
+		if d > 0 {
+			q := max(time.Millisecond, min(sweepEvery, d/2))
+			if p == 0 || q < p {
+				p = q
+			}
+		}
+	}
+	return p
 }
 
 // enableParking makes the idle waits of p kickable, if p can park.
 func (c *relay) enableParking(p *peer) {
-	if c.cfg.ParkAfter <= 0 || p.rd.poll == nil || !getPoller().usable() {
+	if c.cfg.ParkAfter <= 0 || p.rd.sock == nil || !getPoller().usable() {
 		return
 	}
 	p.rd.onKick = func(gotData bool) error { return c.kicked(p, gotData) }
@@ -48,10 +59,13 @@ func (c *relay) kicked(p *peer, gotData bool) error {
 	return errPark
 }
 
-// kickIdle kicks the idle waits of c that began ParkAfter or more ago and
-// returns how many it kicked.
-func (c *relay) kickIdle(now int64) int {
-	if c.closing.Load() || !getPoller().usable() {
+// sweep is the registry sweeper's visit: writes that have lasted
+// WriteTimeout are ended, and the idle waits of c that began ParkAfter or
+// more ago are kicked. It returns how many it kicked.
+func (c *relay) sweep(now int64) int {
+	c.client.w.expire(now)
+	c.upstream.w.expire(now)
+	if c.cfg.ParkAfter <= 0 || c.closing.Load() || !getPoller().usable() {
 		return 0
 	}
 	after := int64(c.cfg.ParkAfter)
@@ -108,8 +122,8 @@ func (c *relay) park(src *peer) bool {
 	}
 	pl := src.pl
 	var aerr error
-	cerr := src.rd.poll.Control(func(fd uintptr) {
-		src.pollFD = int(fd)
+	cerr := src.rd.sock.Control(func(fd uintptr) {
+		src.pollFD = int32(fd)
 		if aerr = pl.arm(src.pollID, int(fd), src.polled); aerr == nil {
 			src.polled = true
 		}
@@ -156,12 +170,12 @@ func (c *relay) unpoll(p *peer) {
 	}
 	pl := p.pl
 	done := false
-	if p.polled && p.rd.poll != nil {
+	if p.polled && p.rd.sock != nil {
 		// Only while the socket is still open: its number may be reused
 		// once it is closed (and closing removes it from epoll anyway).
-		p.rd.poll.Control(func(fd uintptr) {
-			if int(fd) == p.pollFD {
-				pl.forget(p.pollID, p.pollFD, true)
+		p.rd.sock.Control(func(fd uintptr) {
+			if int32(fd) == p.pollFD {
+				pl.forget(p.pollID, int(p.pollFD), true)
 				done = true
 			}
 		})

@@ -36,27 +36,24 @@ var readBufPool = sync.Pool{New: func() any { b := make([]byte, readBufSize); re
 // waiting to be written (the run): they are rewritten in place and leave
 // together, in one write, before the buffer is refilled or compacted.
 type wireReader struct {
-	conn  net.Conn
-	raw   syscall.RawConn // conn's socket, read directly while idle (plain TCP)
-	poll  syscall.RawConn // the socket under conn (plain TCP or TLS), watched while parked
+	conn net.Conn
+	// sock is the socket under conn (plain TCP, or the TCP connection
+	// under TLS), watched while the side is parked; direct says conn is
+	// the socket itself, read through sock while idle.
+	sock  syscall.RawConn
 	buf   *[]byte
 	r, w  int
 	small [16]byte
 
 	// run is a span of complete frames in buf, rewritten in place, still
-	// to be written to the other side; data says it holds a data frame
-	// and open that its last data frame is not final.
-	run struct {
-		start, end int
-		data, open bool
-	}
+	// to be written to the other side; runData says it holds a data frame
+	// and runOpen that its last data frame is not final.
+	runStart, runEnd int
 
 	// onTimeout, if set, is called when a read deadline passes; a nil
 	// result means "deadline moved, keep reading".
 	onTimeout func() error
-	// track makes successful reads record lastRead (mono time).
-	track    bool
-	lastRead int64
+	lastRead  int64 // mono time of the last read, if track
 
 	// readFD is readReady as a func value, made once; n and rerr are its
 	// results.
@@ -74,10 +71,15 @@ type wireReader struct {
 	// bytes arrived anyway). It returns errPark to give up the goroutine,
 	// nil to go on.
 	onKick    func(gotData bool) error
-	pmu       sync.Mutex
-	waiting   bool  // guarded by pmu: in an idle wait a kick may end
-	kicked    bool  // guarded by pmu: the sweeper ended this wait
 	waitSince int64 // guarded by pmu: mono time the wait began
+	pmu       sync.Mutex
+	waiting   bool // guarded by pmu: in an idle wait a kick may end
+	kicked    bool // guarded by pmu: the sweeper ended this wait
+
+	direct  bool
+	track   bool // successful reads record lastRead
+	runData bool
+	runOpen bool
 }
 
 // init sets the reader up for c. A TLS connection is read through
@@ -92,10 +94,7 @@ func (wr *wireReader) init(c net.Conn) {
 	}
 	if sc, ok := under.(syscall.Conn); ok {
 		if raw, err := sc.SyscallConn(); err == nil {
-			wr.poll = raw
-			if under == c {
-				wr.raw = raw
-			}
+			wr.sock, wr.direct = raw, under == c
 		}
 	}
 }
@@ -125,7 +124,7 @@ func (wr *wireReader) acquire() {
 // release returns the buffer to the pool if everything in it was consumed
 // and written.
 func (wr *wireReader) release() {
-	if wr.buf != nil && wr.r == wr.w && wr.run.end == wr.run.start {
+	if wr.buf != nil && wr.r == wr.w && wr.runEnd == wr.runStart {
 		if cap(*wr.buf) == readBufSize {
 			readBufPool.Put(wr.buf)
 		}
@@ -138,7 +137,7 @@ func (wr *wireReader) release() {
 func (wr *wireReader) releaseAll() {
 	if wr.buf != nil {
 		wr.r = wr.w
-		wr.run.start, wr.run.end = 0, 0
+		wr.runStart, wr.runEnd = 0, 0
 		wr.release()
 	}
 }
@@ -163,28 +162,26 @@ func (wr *wireReader) pos() int { return wr.r }
 // addRun adds the frame in buf[start:end] to the run if it follows the
 // run directly (or the run is empty) and reports whether it did.
 func (wr *wireReader) addRun(start, end int, data, open bool) bool {
-	r := &wr.run
-	if r.end > r.start && r.end != start {
+	if wr.runEnd > wr.runStart && wr.runEnd != start {
 		return false
 	}
-	if r.end == r.start {
-		r.start, r.data = start, false
+	if wr.runEnd == wr.runStart {
+		wr.runStart, wr.runData = start, false
 	}
-	r.end = end
+	wr.runEnd = end
 	if data {
-		r.data, r.open = true, open
+		wr.runData, wr.runOpen = true, open
 	}
 	return true
 }
 
 // takeRun returns the run and empties it.
 func (wr *wireReader) takeRun() (b []byte, data, open bool) {
-	r := &wr.run
-	if r.end <= r.start {
+	if wr.runEnd <= wr.runStart {
 		return nil, false, false
 	}
-	b, data, open = (*wr.buf)[r.start:r.end], r.data, r.open
-	r.start, r.end, r.data = 0, 0, false
+	b, data, open = (*wr.buf)[wr.runStart:wr.runEnd], wr.runData, wr.runOpen
+	wr.runStart, wr.runEnd, wr.runData = 0, 0, false
 	return b, data, open
 }
 
@@ -277,7 +274,7 @@ func (wr *wireReader) fillIdle() error {
 }
 
 func (wr *wireReader) waitIdle() error {
-	if wr.raw == nil {
+	if !wr.direct {
 		n, err := wr.conn.Read(wr.small[:])
 		if n > 0 {
 			wr.acquire()
@@ -293,7 +290,7 @@ func (wr *wireReader) waitIdle() error {
 		wr.readFD = wr.readReady
 	}
 	wr.n, wr.rerr = 0, nil
-	err := wr.raw.Read(wr.readFD)
+	err := wr.sock.Read(wr.readFD)
 	n, rerr := wr.n, wr.rerr
 	wr.rerr = nil
 	if err != nil {

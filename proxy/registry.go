@@ -44,8 +44,7 @@ func (r *Registry) add(c *relay) bool {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.conns[c] = struct{}{}
-	if c.cfg.ParkAfter > 0 {
-		p := sweepPeriod(c.cfg.ParkAfter)
+	if p := c.cfg.sweepPeriod(); p > 0 {
 		switch {
 		case !r.sweeping:
 			r.sweeping, r.period = true, p
@@ -61,7 +60,8 @@ func (r *Registry) add(c *relay) bool {
 	return !r.shutdown
 }
 
-// sweep kicks idle waits so that they park (park.go), until the registry
+// sweep visits every connection, so that idle waits park (park.go) and
+// writes that have lasted WriteTimeout end (writer.go), until the registry
 // is empty. Its period is the shortest any live connection wants.
 func (r *Registry) sweep() {
 	var list []*relay
@@ -86,8 +86,8 @@ func (r *Registry) sweep() {
 		period := time.Duration(0)
 		for c := range r.conns {
 			list = append(list, c)
-			if p := c.cfg.ParkAfter; p > 0 && (period == 0 || sweepPeriod(p) < period) {
-				period = sweepPeriod(p)
+			if p := c.cfg.sweepPeriod(); p > 0 && (period == 0 || p < period) {
+				period = p
 			}
 		}
 		if period == 0 {
@@ -99,7 +99,7 @@ func (r *Registry) sweep() {
 		now := mono()
 		kicked := 0
 		for _, c := range list {
-			kicked += c.kickIdle(now)
+			kicked += c.sweep(now)
 		}
 		parked += kicked
 		if release && kicked == 0 && parked >= releaseAfter && time.Since(released) >= releaseEvery {

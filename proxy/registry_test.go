@@ -50,7 +50,7 @@ func TestSweepFollowsShortestParkAfter(t *testing.T) {
 	reg.mu.Lock()
 	period = reg.period
 	reg.mu.Unlock()
-	if want := sweepPeriod(20 * time.Millisecond); period != want {
+	if want := 10 * time.Millisecond; period != want {
 		t.Fatalf("sweep period %v after a connection parking after 20ms, want %v", period, want)
 	}
 	poll(t, "the second connection to park", func() bool {

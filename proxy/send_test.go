@@ -49,7 +49,7 @@ func TestEnqueueUnderBackpressure(t *testing.T) {
 	poll(t, "the send queue to back up", func() bool {
 		c.client.w.qmu.Lock()
 		defer c.client.w.qmu.Unlock()
-		return len(c.client.w.queue) > 0
+		return c.client.w.pending() > 0
 	})
 	pings := 0
 	for i := 0; i < n; {

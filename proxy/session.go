@@ -54,7 +54,7 @@ func (c *relay) overflow() {
 	if c.cfg.SlowConsumer == SlowDrop || !c.client.w.stopQueue() {
 		return
 	}
-	c.g.log.Info("slow consumer: closing with 1013", "remote", c.client.w.conn.RemoteAddr().String(), "send_queue", c.cfg.SendQueue)
+	c.g.log.Info("slow consumer: closing with 1013", "remote", c.client.rd.conn.RemoteAddr().String(), "send_queue", c.cfg.SendQueue)
 	c.beginClosing()
 	go c.shutdown(ws.StatusCode(1013), "slow consumer")
 }

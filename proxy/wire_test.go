@@ -234,8 +234,8 @@ func TestWireReaderSplitInput(t *testing.T) {
 			feedConn(t, w, stream)
 			var rd wireReader
 			rd.init(r)
-			if (rd.raw != nil) != (kind == "tcp") {
-				t.Fatalf("raw conn path = %v", rd.raw != nil)
+			if rd.direct != (kind == "tcp") {
+				t.Fatalf("raw conn path = %v", rd.direct)
 			}
 			for i, wh := range want {
 				h, err := nextHeader(&rd)

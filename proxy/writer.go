@@ -18,32 +18,43 @@ import (
 // the gateway's own messages wait in the queue, so that only control
 // frames ever land between the fragments of a message (RFC 6455 §5.4).
 type writer struct {
-	conn net.Conn
-	side side // the peer written to
-	c    *relay
+	p *peer // the side written to
 
 	mu     sync.Mutex
-	broken bool         // guarded by mu: nothing more can be written
-	inMsg  bool         // guarded by mu: a forwarded message is in progress
-	dl     atomic.Int64 // written under mu: the write deadline set on conn (mono), 0: none
-
 	closed atomic.Bool // a close frame was written (or the side is gone)
-	busy   atomic.Bool // a conn.Write is in progress right now
+	broken bool        // guarded by mu: nothing more can be written
+	inMsg  bool        // guarded by mu: a forwarded message is in progress
+
+	// Write deadlines. A write records when it began, and the registry's
+	// sweeper ends one that has lasted WriteTimeout by moving the socket's
+	// write deadline into the past: setting a deadline for every write
+	// would change a runtime timer per write, and grow the stack of every
+	// goroutine that writes. Once the connection is closing, each write
+	// sets its own deadline (dl), bounded by the closing deadline.
+	dmu     sync.Mutex
+	expired bool  // guarded by dmu: the sweeper moved the deadline into the past
+	wstart  int64 // guarded by dmu: mono time the write in progress began; 0: none
+	dl      int64 // guarded by mu: the closing write deadline set on conn (mono)
 
 	// Messages waiting to be written (fan-out, or replies held while a
 	// forwarded message is in progress). A goroutine writes them; it
 	// exists only while there is something it can write.
+	running bool // guarded by qmu: the queue goroutine exists
+	refuse  bool // guarded by qmu: nothing more is queued
 	qmu     sync.Mutex
-	queue   [][]byte // guarded by qmu
-	running bool     // guarded by qmu: the queue goroutine exists
-	refuse  bool     // guarded by qmu: nothing more is queued
+	queue   *sendQueue // guarded by qmu; made when first needed
 }
 
-// deadlineSlack is how much longer than WriteTimeout a write deadline may
-// be: the deadline is moved only when less than WriteTimeout is left, so
-// a connection that writes all the time moves it a few times a second,
-// not once per write.
-func deadlineSlack(t time.Duration) time.Duration { return min(t/4, 250*time.Millisecond) }
+// sendQueue holds the frames waiting in a writer's queue.
+type sendQueue struct{ frames [][]byte }
+
+// pending is the number of queued frames (qmu held).
+func (w *writer) pending() int {
+	if w.queue == nil {
+		return 0
+	}
+	return len(w.queue.frames)
+}
 
 // closeGrace bounds a write made once the closing handshake's time is up
 // (a close frame that answers a peer, or the last one of a connection).
@@ -56,50 +67,76 @@ func (w *writer) put(b []byte, bufs *net.Buffers) error {
 	if w.broken {
 		return errBroken
 	}
-	w.arm()
-	w.busy.Store(true)
+	w.begin()
 	var err error
 	if bufs != nil {
-		_, err = bufs.WriteTo(w.conn)
+		_, err = bufs.WriteTo(w.p.rd.conn)
 	} else {
-		_, err = w.conn.Write(b)
+		_, err = w.p.rd.conn.Write(b)
 	}
-	w.busy.Store(false)
+	w.dmu.Lock()
+	w.wstart = 0
+	w.dmu.Unlock()
 	if err != nil {
 		w.broken = true
 		w.closed.Store(true)
-		return &ioErr{side: w.side, write: true, err: err}
+		return &ioErr{side: w.p.side, write: true, err: err}
 	}
 	return nil
 }
 
-// arm sets the write deadline for a write that starts now. While the
-// connection is open the deadline is WriteTimeout (plus slack) away; once
-// it is closing, writes also end by the closing deadline.
-func (w *writer) arm() {
-	t := w.c.cfg.WriteTimeout
-	closeBy := w.c.closeBy.Load()
-	if t <= 0 && closeBy == 0 {
+// begin records a write that starts now (mu held). While the connection
+// is open, the sweeper watches it (expire); once it is closing, the write
+// ends by the closing deadline, or closeGrace from now once that has
+// passed (a close frame answering a peer), and by WriteTimeout.
+func (w *writer) begin() {
+	now := mono()
+	w.dmu.Lock()
+	if w.expired {
+		// The sweeper's deadline may have come after the write it was
+		// meant for had ended.
+		w.p.rd.conn.SetWriteDeadline(time.Time{})
+		w.expired, w.dl = false, 0
+	}
+	w.wstart = now
+	w.dmu.Unlock()
+	closeBy := w.p.c.closeBy.Load()
+	if closeBy == 0 {
 		return
 	}
-	now := mono()
-	var dl int64
-	if closeBy != 0 {
-		dl = max(closeBy, now+int64(closeGrace))
-		if t > 0 {
-			dl = min(dl, now+int64(t))
-		}
-		if dl == w.dl.Load() {
-			return
-		}
-	} else {
-		if w.dl.Load() >= now+int64(t) {
-			return
-		}
-		dl = now + int64(t+deadlineSlack(t))
+	dl := max(closeBy, now+int64(closeGrace))
+	if t := w.p.c.cfg.WriteTimeout; t > 0 {
+		dl = min(dl, now+int64(t))
 	}
-	w.dl.Store(dl)
-	w.conn.SetWriteDeadline(epoch.Add(time.Duration(dl)))
+	if dl != w.dl {
+		w.dl = dl
+		w.p.rd.conn.SetWriteDeadline(epoch.Add(time.Duration(dl)))
+	}
+}
+
+// expire ends a write that has lasted WriteTimeout by now; the registry's
+// sweeper calls it. Writes made while closing have their own deadline.
+func (w *writer) expire(now int64) {
+	if w.p.rd.conn == nil {
+		return // no upstream
+	}
+	t := w.p.c.cfg.WriteTimeout
+	if t <= 0 {
+		return
+	}
+	w.dmu.Lock()
+	if w.wstart != 0 && !w.expired && now-w.wstart >= int64(t) && w.p.c.closeBy.Load() == 0 {
+		w.expired = true
+		w.p.rd.conn.SetWriteDeadline(longAgo)
+	}
+	w.dmu.Unlock()
+}
+
+// writing reports whether a write is in progress right now.
+func (w *writer) writing() bool {
+	w.dmu.Lock()
+	defer w.dmu.Unlock()
+	return w.wstart != 0
 }
 
 // cut marks the writer broken: a frame to the peer was left unfinished.
@@ -170,7 +207,7 @@ func (w *writer) controlLocked(op ws.OpCode, payload []byte) error {
 // encode encodes a frame with payload into buf (which must have room for
 // the header) for this peer: masked toward an upstream.
 func (w *writer) encode(buf []byte, op ws.OpCode, payload []byte) int {
-	h := ws.Header{Fin: true, OpCode: op, Length: int64(len(payload)), Masked: w.side == upstreamSide}
+	h := ws.Header{Fin: true, OpCode: op, Length: int64(len(payload)), Masked: w.p.side == upstreamSide}
 	if h.Masked {
 		h.Mask = newMask()
 	}
@@ -203,7 +240,7 @@ func (w *writer) close(body []byte) (bool, error) {
 // place toward an upstream).
 func (w *writer) framed(op ws.OpCode, buf []byte) error {
 	payload := buf[ws.MaxHeaderSize:]
-	h := ws.Header{Fin: true, OpCode: op, Length: int64(len(payload)), Masked: w.side == upstreamSide}
+	h := ws.Header{Fin: true, OpCode: op, Length: int64(len(payload)), Masked: w.p.side == upstreamSide}
 	if h.Masked {
 		h.Mask = newMask()
 		ws.Cipher(payload, h.Mask, 0)
@@ -237,7 +274,7 @@ func (w *writer) message(frame []byte) (bool, error) {
 func (w *writer) queueIdle() bool {
 	w.qmu.Lock()
 	defer w.qmu.Unlock()
-	return !w.running && len(w.queue) == 0
+	return !w.running && w.pending() == 0
 }
 
 // enqueue queues an encoded frame without blocking; false means the queue
@@ -245,10 +282,13 @@ func (w *writer) queueIdle() bool {
 func (w *writer) enqueue(frame []byte) bool {
 	w.qmu.Lock()
 	defer w.qmu.Unlock()
-	if w.refuse || len(w.queue) >= w.c.cfg.SendQueue {
+	if w.refuse || w.pending() >= w.p.c.cfg.SendQueue {
 		return false
 	}
-	w.queue = append(w.queue, frame)
+	if w.queue == nil {
+		w.queue = new(sendQueue)
+	}
+	w.queue.frames = append(w.queue.frames, frame)
 	if !w.running {
 		w.running = true
 		go w.writeQueued()
@@ -273,7 +313,7 @@ func (w *writer) stopQueue() bool {
 func (w *writer) resume() {
 	w.qmu.Lock()
 	defer w.qmu.Unlock()
-	if !w.running && len(w.queue) > 0 && !w.refuse {
+	if !w.running && w.pending() > 0 && !w.refuse {
 		w.running = true
 		go w.writeQueued()
 	}
@@ -285,19 +325,21 @@ func (w *writer) resume() {
 func (w *writer) writeQueued() {
 	for {
 		w.qmu.Lock()
-		if len(w.queue) == 0 || w.refuse {
+		if w.pending() == 0 || w.refuse {
 			w.running, w.queue = false, nil
 			w.qmu.Unlock()
 			return
 		}
-		frames := w.queue
-		w.queue = nil
+		frames := w.queue.frames
+		w.queue.frames = nil
 		w.qmu.Unlock()
 
 		w.mu.Lock()
 		if w.inMsg {
 			w.qmu.Lock()
-			w.queue = append(frames, w.queue...)
+			if w.queue != nil {
+				w.queue.frames = append(frames, w.queue.frames...)
+			}
 			w.running = false
 			w.qmu.Unlock()
 			w.mu.Unlock()
@@ -314,7 +356,7 @@ func (w *writer) writeQueued() {
 			w.qmu.Lock()
 			w.running = false
 			w.qmu.Unlock()
-			w.c.fail(err)
+			w.p.c.fail(err)
 			return
 		}
 	}
