@@ -252,6 +252,9 @@ func (g *gateway) goroutines() int {
 	}
 	defer resp.Body.Close()
 	line, _ := io.ReadAll(io.LimitReader(resp.Body, 200))
+	// Read the rest, so that the next poll reuses this connection: a new
+	// one each time would make the count of open files flicker.
+	io.Copy(io.Discard, resp.Body)
 	// "goroutine profile: total N"
 	f := strings.Fields(strings.SplitN(string(line), "\n", 2)[0])
 	n, err := strconv.Atoi(f[len(f)-1])
