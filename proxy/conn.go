@@ -140,21 +140,9 @@ var noUpstream = func() *peer {
 }()
 
 func newRelay(g *Gateway, client, upstream net.Conn, info *RequestInfo) *relay {
-	var c *relay
-	if upstream == nil {
-		c = &relay{solo: true, upstream: noUpstream}
-	} else {
-		// One allocation for the connection and its upstream side.
-		pair := &struct {
-			relay
-			up peer
-		}{}
-		c = &pair.relay
-		c.upstream = &pair.up
-		c.upstream.other = &c.client
-	}
-	c.g, c.cfg = g, &g.cfg
+	c := &relay{g: g, cfg: &g.cfg, upstream: noUpstream, solo: upstream == nil}
 	if !c.solo {
+		c.upstream = &peer{other: &c.client}
 		c.upstream.init(c, upstreamSide, upstream, &c.cfg.Upstream)
 	}
 	c.client.other = c.upstream

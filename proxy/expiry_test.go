@@ -101,3 +101,29 @@ func TestSessionExtend(t *testing.T) {
 		t.Fatalf("Extend by an hour: %v", err)
 	}
 }
+
+// TestRefreshExpiredToken: an in-band refresh whose token verifies but has
+// already expired (a verifier's leeway lets such tokens through) closes
+// the connection with 1008 "token expired" rather than keeping it open.
+func TestRefreshExpiredToken(t *testing.T) {
+	clock := newFakeClock()
+	up := startUpstream(t, nil, nil)
+	tg := startGatewayInfo(t, up.url, func(c *Config) { c.Now, c.PingInterval = clock.Now, -1 }, func() RequestInfo {
+		return RequestInfo{
+			Expiry:       clock.Now().Add(time.Hour),
+			RefreshField: "refresh",
+			Refresh: func(token string) (time.Time, error) {
+				return clock.Now().Add(-time.Second), nil
+			},
+		}
+	})
+	rc := dialRaw(t, tg.addr(), nil)
+	uc := up.next(t)
+	rc.write(cf(opText, []byte(`{"refresh":"stale"}`)))
+	if code, reason, _ := rc.readClose(); code != 1008 || reason != "token expired" {
+		t.Fatalf("close %d %q, want 1008 token expired", code, reason)
+	}
+	if code, reason := uc.closeCode(t); code != websocket.StatusPolicyViolation || reason != "token expired" {
+		t.Fatalf("upstream close %d %q", code, reason)
+	}
+}

@@ -31,10 +31,16 @@ type writer struct {
 	// would change a runtime timer per write, and grow the stack of every
 	// goroutine that writes. Once the connection is closing, each write
 	// sets its own deadline (dl), bounded by the closing deadline.
-	dmu     sync.Mutex
-	expired bool  // guarded by dmu: the sweeper moved the deadline into the past
-	wstart  int64 // guarded by dmu: mono time the write in progress began; 0: none
-	dl      int64 // guarded by mu: the closing write deadline set on conn (mono)
+	//
+	// The sweeper sets expiring before it checks that the write it means
+	// is still the one in progress; a write that has ended checks expiring
+	// after clearing wstart, and then waits for the sweeper (dmu) and
+	// takes the deadline back. So a deadline meant for one write never
+	// ends the next one.
+	wstart   atomic.Int64 // mono time the write in progress began; 0: none
+	expiring atomic.Bool  // the sweeper is moving, or has moved, the deadline into the past
+	dmu      sync.Mutex   // the sweeper's expiry against the end of a write
+	dl       int64        // guarded by mu: the closing write deadline set on conn (mono)
 
 	// Messages waiting to be written (fan-out, or replies held while a
 	// forwarded message is in progress). A goroutine writes them; it
@@ -74,9 +80,16 @@ func (w *writer) put(b []byte, bufs *net.Buffers) error {
 	} else {
 		_, err = w.p.rd.conn.Write(b)
 	}
-	w.dmu.Lock()
-	w.wstart = 0
-	w.dmu.Unlock()
+	w.wstart.Store(0)
+	if w.expiring.Load() {
+		// The sweeper ended this write, or is about to end it just as it
+		// finished: take the deadline back for the next one.
+		w.dmu.Lock()
+		w.p.rd.conn.SetWriteDeadline(time.Time{})
+		w.expiring.Store(false)
+		w.dl = 0
+		w.dmu.Unlock()
+	}
 	if err != nil {
 		w.broken = true
 		w.closed.Store(true)
@@ -91,15 +104,7 @@ func (w *writer) put(b []byte, bufs *net.Buffers) error {
 // passed (a close frame answering a peer), and by WriteTimeout.
 func (w *writer) begin() {
 	now := mono()
-	w.dmu.Lock()
-	if w.expired {
-		// The sweeper's deadline may have come after the write it was
-		// meant for had ended.
-		w.p.rd.conn.SetWriteDeadline(time.Time{})
-		w.expired, w.dl = false, 0
-	}
-	w.wstart = now
-	w.dmu.Unlock()
+	w.wstart.Store(now)
 	closeBy := w.p.c.closeBy.Load()
 	if closeBy == 0 {
 		return
@@ -124,20 +129,22 @@ func (w *writer) expire(now int64) {
 	if t <= 0 {
 		return
 	}
+	start := w.wstart.Load()
+	if start == 0 || now-start < int64(t) || w.p.c.closeBy.Load() != 0 {
+		return
+	}
 	w.dmu.Lock()
-	if w.wstart != 0 && !w.expired && now-w.wstart >= int64(t) && w.p.c.closeBy.Load() == 0 {
-		w.expired = true
+	w.expiring.Store(true)
+	if w.wstart.Load() == start {
 		w.p.rd.conn.SetWriteDeadline(longAgo)
+	} else {
+		w.expiring.Store(false) // that write has ended
 	}
 	w.dmu.Unlock()
 }
 
 // writing reports whether a write is in progress right now.
-func (w *writer) writing() bool {
-	w.dmu.Lock()
-	defer w.dmu.Unlock()
-	return w.wstart != 0
-}
+func (w *writer) writing() bool { return w.wstart.Load() != 0 }
 
 // cut marks the writer broken: a frame to the peer was left unfinished.
 // It must be called with mu held.
