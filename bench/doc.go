@@ -1,6 +1,6 @@
 // Package bench is the side-by-side benchmark of wsgate against stock
 // Caddy's reverse_proxy and against the upstream reached directly: the
-// harness behind cmd/wsbench (issue 6).
+// harness behind cmd/wsbench.
 //
 // It measures the gateway from the outside, as a user would: it runs a
 // prebuilt cmd/caddy binary from a generated Caddyfile, an in-process echo

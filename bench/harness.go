@@ -50,7 +50,7 @@ type Options struct {
 	Log io.Writer
 }
 
-// params are the sizes of one run, from the scenarios (or tiny,
+// params are the sizes of one run, from the scenarios' targets (or tiny,
 // for Quick).
 type params struct {
 	runs int
