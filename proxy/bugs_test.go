@@ -5,6 +5,7 @@ package proxy
 
 import (
 	"bufio"
+	"errors"
 	"net"
 	"strings"
 	"testing"
@@ -268,6 +269,49 @@ func TestBadCloseFrameEndsAtOnce(t *testing.T) {
 			rc.expectEOF() // without answering
 			if d := time.Since(start); d > time.Second {
 				t.Fatalf("the gateway closed the socket %v after its close frame (CloseTimeout 3s)", d)
+			}
+		})
+	}
+}
+
+// TestCloseReplyAfterConsumedMessage: when a message the gateway consumed
+// itself ends the connection (a channel policy's close verdict, a bad
+// in-band refresh), the client's close reply is still recognised, so the
+// connection ends at once rather than after CloseTimeout.
+func TestCloseReplyAfterConsumedMessage(t *testing.T) {
+	up := startUpstream(t, nil, nil)
+	tg := startGatewayInfo(t, up.url, func(c *Config) { c.CloseTimeout, c.PingInterval = 3*time.Second, -1 }, func() RequestInfo {
+		return RequestInfo{
+			Inspect: func(msg []byte, text bool) (Verdict, []byte) {
+				if string(msg) == "kill" {
+					return Close, nil
+				}
+				return Pass, nil
+			},
+			Expiry:       time.Now().Add(time.Hour),
+			RefreshField: "refresh",
+			Refresh:      func(string) (time.Time, error) { return time.Time{}, errors.New("bad token") },
+		}
+	})
+	for _, c := range []struct {
+		name, msg string
+		code      int
+	}{
+		{"policy close", "kill", 1008},
+		{"bad refresh", `{"refresh":"forged"}`, 1008},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			rc := dialRaw(t, tg.addr(), nil)
+			up.next(t)
+			rc.write(cf(opText, []byte(c.msg)))
+			code, reason, _ := rc.readClose() // answers the close
+			if code != c.code {
+				t.Fatalf("close %d %q, want %d", code, reason, c.code)
+			}
+			start := time.Now()
+			rc.expectEOF()
+			if d := time.Since(start); d > time.Second {
+				t.Fatalf("the gateway closed the socket %v after the close reply (CloseTimeout 3s)", d)
 			}
 		})
 	}

@@ -28,8 +28,7 @@ func (c *relay) handleClose(src, dst *peer, h ws.Header, hs int) error {
 	if h.Masked {
 		ws.Cipher(payload, h.Mask, 0)
 	}
-	rd.consume(hs + n)
-	src.rest = 0
+	src.consume(hs + n)
 	bad := checkClosePayload(payload)
 	switch {
 	case bad != nil:
@@ -170,10 +169,9 @@ func (c *relay) drain(p *peer) {
 	rd := &p.rd
 	// First the rest of the frame that ended the relay, if any of it is
 	// still unread.
-	if err := rd.skip(p.rest); err != nil {
+	if err := p.skipRest(); err != nil {
 		return
 	}
-	p.rest = 0
 	for {
 		rd.release()
 		h, hs, err := rd.header()

@@ -56,6 +56,24 @@ type peer struct {
 	dropping   bool // ... and it is being dropped (rate limit)
 }
 
+// consume marks n bytes of the frame being handled as read.
+func (p *peer) consume(n int) {
+	p.rd.consume(n)
+	p.rest -= int64(n)
+}
+
+// skipRest reads and discards what is left of the frame being handled.
+func (p *peer) skipRest() error {
+	for p.rest > 0 {
+		b, err := p.rd.chunk(p.rest)
+		if err != nil {
+			return err
+		}
+		p.consume(len(b))
+	}
+	return nil
+}
+
 func (p *peer) state() ws.State {
 	s := ws.StateClientSide
 	if p.side == clientSide {

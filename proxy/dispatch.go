@@ -59,18 +59,18 @@ func (c *relay) controlFrame(src, dst *peer, h ws.Header, hs int) error {
 		return err
 	}
 	if src.side == clientSide && h.OpCode == ws.OpPong && c.ownPong(rd.peek(hs, n), h) {
-		rd.consume(hs + n)
+		src.consume(hs + n)
 		return nil
 	}
 	if drop, err := c.limit(src, dst, true, false, h.Length); err != nil {
 		return err
 	} else if drop {
-		rd.consume(hs + n)
+		src.consume(hs + n)
 		return nil
 	}
 	if c.solo {
 		payload := rd.peek(hs, n)
-		rd.consume(hs + n)
+		src.consume(hs + n)
 		if h.OpCode == ws.OpPing {
 			ws.Cipher(payload, h.Mask, 0)
 			return src.w.control(ws.OpPong, payload)

@@ -26,7 +26,6 @@ func invalidUTF8() *closeErr { e := *errInvalidUTF8; return &e }
 // gateway's own consumers (token refresh, channel policy, upstream
 // control), then forwarding.
 func (c *relay) dataFrame(src, dst *peer, h ws.Header, hs int) error {
-	rd := &src.rd
 	newMsg := h.OpCode != ws.OpContinuation
 	if newMsg {
 		src.msgSize = 0
@@ -53,7 +52,7 @@ func (c *relay) dataFrame(src, dst *peer, h ws.Header, hs int) error {
 		}
 	}
 	if drop {
-		return rd.skip(src.rest)
+		return src.skipRest()
 	}
 	inspect := c.inspect != nil && src.side == clientSide
 	if h.Length > maxWholeFrame {
@@ -72,13 +71,13 @@ func (c *relay) dataFrame(src, dst *peer, h ws.Header, hs int) error {
 	case src.side == clientSide && c.refresh != nil && whole && src.text && len(payload) <= maxRefreshMessage:
 		// A refresh message is consumed here; anything else goes on.
 		if consumed, err := c.tryRefresh(payload); err != nil || consumed {
-			rd.consume(hs + len(payload))
+			src.consume(hs + len(payload))
 			return err
 		}
 	case src.side == upstreamSide && c.control != nil && whole && src.text:
 		// Upstream control messages (a configured prefix) are consumed.
 		if c.control(payload) {
-			rd.consume(hs + len(payload))
+			src.consume(hs + len(payload))
 			return nil
 		}
 	}
@@ -86,11 +85,11 @@ func (c *relay) dataFrame(src, dst *peer, h ws.Header, hs int) error {
 		if !whole {
 			// A fragment: the message is judged once it is complete.
 			err := c.collect(src, dst, h.Fin, payload)
-			rd.consume(hs + len(payload))
+			src.consume(hs + len(payload))
 			return err
 		}
 		if pass, err := c.judge(src, payload); err != nil || !pass {
-			rd.consume(hs + len(payload))
+			src.consume(hs + len(payload))
 			return err
 		}
 	}
@@ -145,8 +144,7 @@ func (c *relay) forwardLoaded(src, dst *peer, h ws.Header, hs int) error {
 	ohs := headerSize(out) // never more than hs: peers' frames are masked alike
 	encodeHeader(rd.peek(hs-ohs, ohs), out)
 	start := rd.pos() + hs - ohs
-	rd.consume(hs + n)
-	src.rest = 0
+	src.consume(hs + n)
 	data := !h.OpCode.IsControl()
 	if rd.addRun(start, start+ohs+n, data, !h.Fin) {
 		return nil
@@ -183,8 +181,7 @@ func (c *relay) stream(src, dst *peer, h ws.Header, hs int) error {
 	}
 	ohs := headerSize(out)
 	encodeHeader(rd.peek(hs-ohs, ohs), out)
-	rd.consume(hs)
-	src.rest = h.Length
+	src.consume(hs)
 
 	w := &dst.w
 	w.mu.Lock()
@@ -218,8 +215,7 @@ func (c *relay) stream(src, dst *peer, h ws.Header, hs int) error {
 					hdr := rd.back(ohs)
 					wbuf = hdr[:ohs+len(chunk)]
 				}
-				rd.consume(len(chunk))
-				src.rest -= int64(len(chunk))
+				src.consume(len(chunk))
 				off += int64(len(chunk))
 			}
 			if !w.closed.Load() {
@@ -301,8 +297,7 @@ func (c *relay) collect(src, dst *peer, fin bool, chunk []byte) error {
 // inspection, checking text as it arrives.
 func (c *relay) assembleStream(src, dst *peer, h ws.Header, hs int) error {
 	rd := &src.rd
-	rd.consume(hs)
-	src.rest = h.Length
+	src.consume(hs)
 	var off int64
 	for src.rest > 0 {
 		chunk, err := rd.chunk(src.rest)
@@ -319,8 +314,7 @@ func (c *relay) assembleStream(src, dst *peer, h ws.Header, hs int) error {
 		if last && h.Fin && src.text && !src.utf8.done() {
 			return invalidUTF8()
 		}
-		rd.consume(len(chunk))
-		src.rest -= int64(len(chunk))
+		src.consume(len(chunk))
 		off += int64(len(chunk))
 		if err := c.collect(src, dst, h.Fin && last, chunk); err != nil {
 			return err
