@@ -5,6 +5,7 @@ package proxy
 
 import (
 	"bufio"
+	"bytes"
 	"errors"
 	"net"
 	"strings"
@@ -315,4 +316,27 @@ func TestCloseReplyAfterConsumedMessage(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestCutFrameEndsAtOnce: invalid UTF-8 deep in a client frame larger than
+// the read buffer is found after part of the frame went to the upstream,
+// so the upstream can get no close frame. The gateway gives up on the
+// upstream at once and the client gets its 1007 right away, instead of
+// after the closing timeout spent waiting for a reply that cannot come.
+func TestCutFrameEndsAtOnce(t *testing.T) {
+	big := bytes.Repeat([]byte("a"), 2*readBufSize)
+	big[readBufSize+1000] = 0xFF
+	up := startUpstream(t, nil, nil)
+	tg := startGateway(t, up.url, func(c *Config) { c.CloseTimeout = 3 * time.Second })
+	rc := dialRaw(t, tg.addr(), nil)
+	up.next(t)
+	start := time.Now()
+	rc.write(cf(opText, big))
+	if code, reason, _ := rc.readClose(); code != 1007 {
+		t.Fatalf("close %d %q, want 1007", code, reason)
+	}
+	if d := time.Since(start); d > time.Second {
+		t.Fatalf("the client's close came %v after the frame (CloseTimeout 3s)", d)
+	}
+	tg.waitLen(t, 0)
 }

@@ -106,6 +106,9 @@ func (c *relay) shutdown(code ws.StatusCode, reason string) {
 
 // sendClose writes a close frame with code and reason to p (once).
 func (c *relay) sendClose(p *peer, code ws.StatusCode, reason string) {
+	if p.rd.conn == nil {
+		return // no upstream
+	}
 	var cb closeBody
 	cb.set(code, reason)
 	if _, err := p.w.close(cb.bytes()); err != nil {

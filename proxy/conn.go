@@ -207,7 +207,10 @@ func (c *relay) start(onStart func(Session)) {
 	if !c.g.reg.add(c) {
 		c.end(&closeErr{side: gatewaySide, code: ws.StatusGoingAway, reason: "server shutting down"})
 	}
-	c.tick()
+	if err := c.tick(); err != nil {
+		// The credentials expired before the connection started.
+		c.fail(err)
+	}
 	if onStart != nil {
 		onStart(c)
 	}
@@ -316,11 +319,12 @@ func (c *relay) quitChan() <-chan struct{} {
 // beginClosing bounds everything that follows by CloseTimeout: reads end
 // by then, and writes shortly after.
 func (c *relay) beginClosing() {
-	if !c.closing.CompareAndSwap(false, true) {
+	// closeBy is set first, and only once: whoever sees closing sees it.
+	by := mono() + int64(c.cfg.CloseTimeout)
+	if !c.closeBy.CompareAndSwap(0, by) {
 		return
 	}
-	by := mono() + int64(c.cfg.CloseTimeout)
-	c.closeBy.Store(by)
+	c.closing.Store(true)
 	for _, p := range []*peer{&c.client, c.upstream} {
 		if p.rd.conn == nil {
 			continue

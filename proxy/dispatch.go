@@ -8,7 +8,12 @@ import (
 // src closes, fails, breaks a rule or parks.
 func (c *relay) relayFrames(src, dst *peer) error {
 	rd := &src.rd
-	defer c.flush(src, dst)
+	defer func() {
+		// Frames read before src's reader stopped still leave.
+		if err := c.flush(src, dst); err != nil {
+			c.fail(err)
+		}
+	}()
 	for {
 		if rd.buffered() == 0 {
 			if err := c.flush(src, dst); err != nil {

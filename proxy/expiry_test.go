@@ -127,3 +127,62 @@ func TestRefreshExpiredToken(t *testing.T) {
 		t.Fatalf("upstream close %d %q", code, reason)
 	}
 }
+
+// TestExpiredAtStart: credentials that expired before the connection
+// started (a verifier's leeway lets such tokens through, and the upstream
+// dial takes time) close it at once with 1008 "token expired".
+func TestExpiredAtStart(t *testing.T) {
+	up := startUpstream(t, nil, nil)
+	tg := startGatewayInfo(t, up.url, func(c *Config) { c.PingInterval = -1 }, func() RequestInfo {
+		return RequestInfo{Expiry: time.Now().Add(-time.Second)}
+	})
+	rc := dialRaw(t, tg.addr(), nil)
+	uc := up.next(t)
+	if code, reason, _ := rc.readClose(); code != 1008 || reason != "token expired" {
+		t.Fatalf("close %d %q, want 1008 token expired", code, reason)
+	}
+	if code, _ := uc.closeCode(t); code != websocket.StatusPolicyViolation {
+		t.Fatalf("upstream close %d", code)
+	}
+}
+
+// TestExpiryLifted: an expiry lifted by Session.Extend(zero time), with
+// pings and the idle timeout off, leaves the client's reader with no
+// deadline at all: after a park and a wake it reads on (it used to keep a
+// deadline in the past and spin).
+func TestExpiryLifted(t *testing.T) {
+	if !getPoller().usable() {
+		t.Skip("no poller on this platform")
+	}
+	up := startUpstream(t, nil, nil)
+	var sess atomic.Value
+	sessions := make(chan Session, 1)
+	tg := startGatewayInfo(t, up.url, func(c *Config) { c.PingInterval, c.ParkAfter = -1, 5*time.Millisecond }, func() RequestInfo {
+		return RequestInfo{
+			Expiry:  time.Now().Add(time.Hour),
+			OnStart: func(s Session) { sessions <- s },
+			Inspect: func(msg []byte, text bool) (Verdict, []byte) {
+				if string(msg) == "forever" {
+					if err := sess.Load().(Session).Extend(time.Time{}); err != nil {
+						t.Errorf("Extend(zero): %v", err)
+					}
+				}
+				return Pass, nil
+			},
+		}
+	})
+	rc := dialRaw(t, tg.addr(), nil)
+	sess.Store(<-sessions)
+	uc := up.next(t)
+	c := onlyRelay(t, tg)
+	rc.write(cf(opText, []byte("forever")))
+	if m := uc.nextMsg(t); string(m.data) != "forever" {
+		t.Fatalf("upstream got %q", m.data)
+	}
+	rc.readData()
+	poll(t, "the client side to park", func() bool { return c.client.pstate.Load() == sideParked })
+	rc.write(cf(opText, []byte("still here")))
+	if m := uc.nextMsg(t); string(m.data) != "still here" {
+		t.Fatalf("upstream got %q", m.data)
+	}
+}

@@ -228,14 +228,16 @@ func (c *relay) stream(src, dst *peer, h ws.Header, hs int) error {
 		return nil
 	}()
 	ended := false
-	if err != nil {
-		if wrote {
-			w.cut()
-		}
-	} else {
+	cut := err != nil && wrote
+	if cut {
+		w.cut()
+	} else if err == nil {
 		ended = w.endFrame(h)
 	}
 	w.mu.Unlock()
+	if cut {
+		c.abandon(dst) // no close frame can follow a cut frame
+	}
 	if ended {
 		w.resume()
 	}

@@ -76,6 +76,10 @@ func (c *relay) tick() error {
 	c.nextTick = next
 	if next != math.MaxInt64 {
 		c.client.rd.conn.SetReadDeadline(epoch.Add(time.Duration(next)))
+	} else {
+		// Nothing is due (the expiry was lifted): no deadline, not the
+		// one that woke us.
+		c.client.rd.conn.SetReadDeadline(time.Time{})
 	}
 	if c.closing.Load() {
 		// beginClosing raced with us: its deadline wins.

@@ -71,7 +71,7 @@ const closeGrace = 500 * time.Millisecond
 // writer broken and is returned as the peer's error.
 func (w *writer) put(b []byte, bufs *net.Buffers) error {
 	if w.broken {
-		return errBroken
+		return &ioErr{side: w.p.side, write: true, err: errBroken}
 	}
 	w.begin()
 	var err error
@@ -232,6 +232,9 @@ func (w *writer) encode(buf []byte, op ws.OpCode, payload []byte) int {
 func (w *writer) close(body []byte) (bool, error) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
+	if w.broken {
+		return false, errBroken
+	}
 	if w.closed.Load() {
 		return false, nil
 	}
