@@ -148,8 +148,8 @@ func TestExpiredAtStart(t *testing.T) {
 
 // TestExpiryLifted: an expiry lifted by Session.Extend(zero time), with
 // pings and the idle timeout off, leaves the client's reader with no
-// deadline at all: after a park and a wake it reads on (it used to keep a
-// deadline in the past and spin).
+// deadline at all: after a park and a wake it reads on, rather than keep
+// a deadline in the past and spin on timeouts.
 func TestExpiryLifted(t *testing.T) {
 	if !getPoller().usable() {
 		t.Skip("no poller on this platform")
