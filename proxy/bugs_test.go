@@ -154,16 +154,24 @@ func TestCloseReplyAfterProtocolError(t *testing.T) {
 			rc := dialRaw(t, tg.addr(), nil)
 			up.next(t)
 			rc.write(c.frames...)
-			code, reason, _ := rc.readClose() // answers the close
-			if code != c.code {
-				t.Fatalf("close %d %q, want %d", code, reason, c.code)
-			}
-			start := time.Now()
-			rc.expectEOF()
-			if d := time.Since(start); d > time.Second {
-				t.Fatalf("the gateway closed the socket %v after the close reply (CloseTimeout 3s)", d)
-			}
+			closedAfterReply(t, rc, c.code)
 		})
+	}
+}
+
+// closedAfterReply reads the gateway's close frame (which must carry code),
+// answers it, and checks that the gateway then closes the socket at once,
+// well within the tests' 3 s CloseTimeout.
+func closedAfterReply(t *testing.T, rc *rawClient, code int) {
+	t.Helper()
+	got, reason, _ := rc.readClose() // answers the close
+	if got != code {
+		t.Fatalf("close %d %q, want %d", got, reason, code)
+	}
+	start := time.Now()
+	rc.expectEOF()
+	if d := time.Since(start); d > time.Second {
+		t.Fatalf("the gateway closed the socket %v after the close reply (CloseTimeout 3s)", d)
 	}
 }
 
@@ -305,15 +313,7 @@ func TestCloseReplyAfterConsumedMessage(t *testing.T) {
 			rc := dialRaw(t, tg.addr(), nil)
 			up.next(t)
 			rc.write(cf(opText, []byte(c.msg)))
-			code, reason, _ := rc.readClose() // answers the close
-			if code != c.code {
-				t.Fatalf("close %d %q, want %d", code, reason, c.code)
-			}
-			start := time.Now()
-			rc.expectEOF()
-			if d := time.Since(start); d > time.Second {
-				t.Fatalf("the gateway closed the socket %v after the close reply (CloseTimeout 3s)", d)
-			}
+			closedAfterReply(t, rc, c.code)
 		})
 	}
 }
