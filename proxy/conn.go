@@ -247,6 +247,12 @@ func (c *relay) pump(src *peer, resumed bool) {
 // is still due, and the last reader to stop finishes the connection.
 func (c *relay) stopReading(src *peer, err error) {
 	e, readFailed := asCloseErr(src.side, err, c.closing.Load())
+	if readFailed && src.gone.Load() {
+		// src was given up (its read deadline moved into the past) by
+		// whoever found out why: that is the reason to report, not this
+		// read's failure.
+		e = nil
+	}
 	if e != nil {
 		c.end(e)
 	} else if readFailed || err == errGotClose {

@@ -353,8 +353,8 @@ func TestWriteTimeoutClientNotReading(t *testing.T) {
 	uc := up.next(t)
 	watch.until(t, writeTimeout+time.Second, "the gateway to drop the client that does not read",
 		func() bool { return isDone(uc.done) })
-	if code, reason := uc.closeCode(t); code != websocket.StatusGoingAway {
-		t.Fatalf("upstream got close %d %q, want 1001 (the client's doing)", code, reason)
+	if code, reason := uc.closeCode(t); code != websocket.StatusGoingAway || reason != "client not reading" {
+		t.Fatalf("upstream got close %d %q, want 1001 \"client not reading\"", code, reason)
 	}
 	tg.waitLen(t, 0)
 	poll(t, "the pumps to end", func() bool { return pumps() == 0 })
@@ -398,8 +398,8 @@ func TestWriteTimeoutUpstreamNotReading(t *testing.T) {
 	if err != nil {
 		t.Fatalf("the client's connection ended without a close frame: %v", err)
 	}
-	if code, reason := closeOf(f.payload); code != 1011 || !strings.Contains(reason, "upstream") {
-		t.Fatalf("client got close %d %q, want 1011 (the upstream's doing)", code, reason)
+	if code, reason := closeOf(f.payload); code != 1011 || reason != "upstream not reading" {
+		t.Fatalf("client got close %d %q, want 1011 \"upstream not reading\"", code, reason)
 	}
 	stop()
 	releaseUpstream()
