@@ -114,11 +114,10 @@ type relay struct {
 	upstream *peer  // noUpstream in solo mode (allocated only for a real upstream)
 	msg      []byte // a client message being assembled for inspection
 
-	closeBy      atomic.Int64 // mono deadline of the closing handshake
-	lastData     atomic.Int64 // mono time of the last data message, if idle timeout is on
-	finishedOnce sync.Once
-	ended        atomic.Int32
-	closing      atomic.Bool
+	closeBy  atomic.Int64 // mono deadline of the closing handshake
+	lastData atomic.Int64 // mono time of the last data message, if idle timeout is on
+	ended    atomic.Int32
+	closing  atomic.Bool
 
 	// cmu guards the closing state below and the quit channel.
 	cmu           sync.Mutex
@@ -277,34 +276,34 @@ func (c *relay) stopReading(src *peer, err error) {
 	}
 }
 
+// finish ends the connection; the last of its readers to stop runs it,
+// once.
 func (c *relay) finish() {
-	c.finishedOnce.Do(func() {
-		// A side whose close frame was never answered (the other side
-		// went away without replying) is answered now, with its code.
-		for _, p := range []*peer{&c.client, c.upstream} {
-			if p.closeRecv.Load() && !p.w.closed.Load() {
-				var cb closeBody
-				if p.closeCode != 0 {
-					cb.set(p.closeCode, "")
-				}
-				p.w.close(cb.bytes())
+	// A side whose close frame was never answered (the other side went
+	// away without replying) is answered now, with its code.
+	for _, p := range []*peer{&c.client, c.upstream} {
+		if p.closeRecv.Load() && !p.w.closed.Load() {
+			var cb closeBody
+			if p.closeCode != 0 {
+				cb.set(p.closeCode, "")
 			}
+			p.w.close(cb.bytes())
 		}
-		c.unpoll(&c.client)
-		c.unpoll(c.upstream)
-		if c.timer != nil {
-			c.timer.Stop()
-		}
-		c.client.w.stopQueue()
-		c.client.rd.conn.Close()
-		if !c.solo {
-			c.upstream.rd.conn.Close()
-		}
-		c.g.reg.remove(c)
-		if c.onClose != nil {
-			c.onClose()
-		}
-	})
+	}
+	c.unpoll(&c.client)
+	c.unpoll(c.upstream)
+	if c.timer != nil {
+		c.timer.Stop()
+	}
+	c.client.w.stopQueue()
+	c.client.rd.conn.Close()
+	if !c.solo {
+		c.upstream.rd.conn.Close()
+	}
+	c.g.reg.remove(c)
+	if c.onClose != nil {
+		c.onClose()
+	}
 }
 
 // quitChan is closed when the connection starts closing. It is made only

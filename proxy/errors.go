@@ -97,9 +97,7 @@ func asCloseErr(src side, err error, closing bool) (e *closeErr, readFailed bool
 	var ce *closeErr
 	var ie *ioErr
 	switch {
-	case err == nil, err == errGotClose, err == errBroken:
-		return nil, false
-	case err == errClosing:
+	case err == nil, err == errGotClose, err == errClosing:
 		return nil, false
 	case errors.As(err, &ce):
 		if ce.side == noSide {

@@ -105,27 +105,32 @@ func (c *relay) load(src *peer, h ws.Header, hs int) ([]byte, error) {
 	n := int(h.Length)
 	done := 0
 	for {
-		if avail := min(n, rd.buffered()-hs); avail > done {
-			p := rd.peek(hs+done, avail-done)
-			if h.Masked {
-				ws.Cipher(p, h.Mask, done)
-			}
-			if src.text && !src.utf8.feed(p) {
-				return nil, invalidUTF8()
+		if avail := min(n, rd.buffered()-hs); avail > done || n == 0 {
+			if err := src.unmask(h, rd.peek(hs+done, avail-done), done, avail == n); err != nil {
+				return nil, err
 			}
 			done = avail
 		}
 		if done == n {
-			break
+			return rd.peek(hs, n), nil
 		}
 		if err := rd.more(hs + n); err != nil {
 			return nil, err
 		}
 	}
-	if src.text && h.Fin && !src.utf8.done() {
-		return nil, invalidUTF8()
+}
+
+// unmask unmasks part of a frame's payload (b, off bytes into it; last:
+// the payload ends with it) and, for text, checks it as UTF-8 following
+// what came before.
+func (p *peer) unmask(h ws.Header, b []byte, off int, last bool) error {
+	if h.Masked {
+		ws.Cipher(b, h.Mask, off)
 	}
-	return rd.peek(hs, n), nil
+	if p.text && (!p.utf8.feed(b) || (last && h.Fin && !p.utf8.done())) {
+		return invalidUTF8()
+	}
+	return nil
 }
 
 // forwardLoaded forwards a frame whose payload is in the buffer, unmasked
@@ -199,12 +204,8 @@ func (c *relay) stream(src, dst *peer, h ws.Header, hs int) error {
 				if err != nil {
 					return err
 				}
-				if h.Masked {
-					ws.Cipher(chunk, h.Mask, int(off))
-				}
-				last := int64(len(chunk)) == src.rest
-				if src.text && (!src.utf8.feed(chunk) || (last && h.Fin && !src.utf8.done())) {
-					return invalidUTF8()
+				if err := src.unmask(h, chunk, int(off), int64(len(chunk)) == src.rest); err != nil {
+					return err
 				}
 				if out.Masked {
 					ws.Cipher(chunk, out.Mask, int(off))
@@ -306,15 +307,9 @@ func (c *relay) assembleStream(src, dst *peer, h ws.Header, hs int) error {
 		if err != nil {
 			return err
 		}
-		if h.Masked {
-			ws.Cipher(chunk, h.Mask, int(off))
-		}
-		if src.text && !src.utf8.feed(chunk) {
-			return invalidUTF8()
-		}
 		last := int64(len(chunk)) == src.rest
-		if last && h.Fin && src.text && !src.utf8.done() {
-			return invalidUTF8()
+		if err := src.unmask(h, chunk, int(off), last); err != nil {
+			return err
 		}
 		src.consume(len(chunk))
 		off += int64(len(chunk))

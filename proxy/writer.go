@@ -299,10 +299,7 @@ func (w *writer) enqueue(frame []byte) bool {
 		w.queue = new(sendQueue)
 	}
 	w.queue.frames = append(w.queue.frames, frame)
-	if !w.running {
-		w.running = true
-		go w.writeQueued()
-	}
+	w.startLocked()
 	return true
 }
 
@@ -323,7 +320,14 @@ func (w *writer) stopQueue() bool {
 func (w *writer) resume() {
 	w.qmu.Lock()
 	defer w.qmu.Unlock()
-	if !w.running && w.pending() > 0 && !w.refuse {
+	if w.pending() > 0 && !w.refuse {
+		w.startLocked()
+	}
+}
+
+// startLocked starts the queue goroutine unless it runs (qmu held).
+func (w *writer) startLocked() {
+	if !w.running {
 		w.running = true
 		go w.writeQueued()
 	}
