@@ -131,6 +131,7 @@ func TestJWTRefusals(t *testing.T) {
 		{"alg none", k.sign(t, "none", "hs", claims(iss, "u1")), 401},
 		{"alg none without kid", k.sign(t, "none", "", claims(iss, "u1")), 401},
 		{"HS256 signed with the RSA public key", hmacWith(k.rsaPub, "rsa", claims(iss, "u1")), 401},
+		{"a critical header extension", hmacHeader(k.hmac, map[string]any{"alg": "HS256", "kid": "hs", "crit": []string{"foo"}, "foo": true}, claims(iss, "u1")), 401},
 		{"issuer A with issuer B's kid", k.sign(t, "ES256", "ec", claims(iss, "u1")), 401},
 		{"issuer B with its own kid", k.sign(t, "ES256", "ec", claims("https://other.test", "u1", "aud", nil)), 101},
 		{"no exp", k.sign(t, "HS256", "hs", claims(iss, "u1", "exp", nil)), 401},

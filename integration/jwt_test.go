@@ -139,6 +139,11 @@ func hmacWith(secret []byte, kid string, claims map[string]any) string {
 	if kid != "" {
 		hdr["kid"] = kid
 	}
+	return hmacHeader(secret, hdr, claims)
+}
+
+// hmacHeader signs HS256 under an arbitrary protected header.
+func hmacHeader(secret []byte, hdr, claims map[string]any) string {
 	hb, _ := json.Marshal(hdr)
 	cb, _ := json.Marshal(claims)
 	input := b64(hb) + "." + b64(cb)

@@ -401,8 +401,14 @@ func (c Claims) exp() (*jwt.NumericDate, error) { return jwt.MapClaims(c).GetExp
 func (v *Verifier) verify(ctx context.Context, token string) (Claims, error) {
 	// Read iss (unverified) only to pick the issuer whose keys and rules apply.
 	var peek jwt.RegisteredClaims
-	if _, _, err := jwt.NewParser().ParseUnverified(token, &peek); err != nil {
+	unverified, _, err := jwt.NewParser().ParseUnverified(token, &peek)
+	if err != nil {
 		return nil, fmt.Errorf("%w: malformed", ErrToken)
+	}
+	// RFC 7515 §4.1.11: a token that lists header extensions as critical
+	// must be refused unless every one is understood, and none is here.
+	if _, ok := unverified.Header["crit"]; ok {
+		return nil, fmt.Errorf("%w: unsupported critical header", ErrToken)
 	}
 	is := v.issuers[peek.Issuer]
 	if is == nil {
@@ -414,7 +420,7 @@ func (v *Verifier) verify(ctx context.Context, token string) (Claims, error) {
 		}
 	}
 	claims := jwt.MapClaims{}
-	_, err := is.parser.ParseWithClaims(token, claims, func(t *jwt.Token) (any, error) { return is.key(ctx, t) })
+	_, err = is.parser.ParseWithClaims(token, claims, func(t *jwt.Token) (any, error) { return is.key(ctx, t) })
 	if err != nil {
 		if errors.Is(err, jwt.ErrTokenSignatureInvalid) {
 			return nil, fmt.Errorf("%w: %w", ErrToken, errBadSignature)
