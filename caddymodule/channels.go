@@ -1,7 +1,6 @@
 package caddymodule
 
 import (
-	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -36,11 +35,12 @@ type RelayChannels struct {
 	// {"subscribe": ["join", "subscribe"], "publish": ["say", "message"]}.
 	// A word that is not mapped is its own action.
 	Actions map[string][]string `json:"actions,omitempty"`
-	// Unmatched decides messages that name no channel: binary messages,
-	// text that is not JSON, JSON without the channel field. "pass" or
-	// "deny". Default: pass. Text that starts like a JSON object but does
-	// not parse strictly, has a duplicate policy key or a non-string channel
-	// is always denied.
+	// Unmatched decides messages that name no channel: text or binary
+	// that is not JSON, JSON without the channel field. "pass" or "deny".
+	// Default: pass. A message that starts like JSON but does not parse
+	// strictly, has a duplicate policy key, a key that differs from a
+	// policy field only in letter case, or a non-string channel is always
+	// denied; an array is a batch whose every object is checked.
 	Unmatched string `json:"unmatched,omitempty"`
 	// OnDeny is "drop" (the message is discarded and the client gets
 	// DenyReply) or "close" (close 1008 "forbidden"). Default: drop.
@@ -55,8 +55,8 @@ const defaultDenyReply = `{"error":"forbidden","channel":{channel}}`
 
 type channelState struct {
 	policy    *policy.ChannelPolicy
-	paths     []policy.FieldPath // [channel, action?]
-	words     map[string]string  // app word → policy action
+	fields    *policy.MessageFields
+	words     map[string]string // app word → policy action
 	unmatched proxy.Verdict
 	deny      proxy.Verdict
 	reply     string
@@ -98,21 +98,8 @@ func (h *Handler) provisionChannels() error {
 		return errors.New("channels in relay mode need relay_channels with a channel_field: without it no frame would be checked")
 	}
 	cs := &channelState{policy: p, words: map[string]string{}, reply: defaultDenyReply, deny: proxy.Drop}
-	chPath, err := policy.ParseFieldPath(rc.ChannelField)
-	if err != nil {
+	if cs.fields, err = policy.NewMessageFields(rc.ChannelField, rc.ActionField); err != nil {
 		return fmt.Errorf("relay_channels: %w", err)
-	}
-	cs.paths = []policy.FieldPath{chPath}
-	if rc.ActionField != "" {
-		aPath, err := policy.ParseFieldPath(rc.ActionField)
-		if err != nil {
-			return fmt.Errorf("relay_channels: %w", err)
-		}
-		a, c := rc.ActionField+".", rc.ChannelField+"."
-		if strings.HasPrefix(a, c) || strings.HasPrefix(c, a) {
-			return fmt.Errorf("relay_channels: action_field %q and channel_field %q must name different, unnested fields", rc.ActionField, rc.ChannelField)
-		}
-		cs.paths = append(cs.paths, aPath)
 	}
 	for action, words := range rc.Actions {
 		if !policy.ValidAction(action) || action == "*" {
@@ -154,7 +141,9 @@ func (h *Handler) provisionChannels() error {
 	return nil
 }
 
-// inspector decides relayed client messages for one connection.
+// inspector decides relayed client messages for one connection. A
+// message passes when every object in it (one, or each of a batch) is
+// allowed; the first refused one names the channel in the reply.
 func (cs *channelState) inspector(claims policy.Claims) func([]byte, bool) (proxy.Verdict, []byte) {
 	// A connection's claims do not change, so neither does the decision
 	// for a channel and action: the last one is kept, since a connection
@@ -164,51 +153,42 @@ func (cs *channelState) inspector(claims policy.Claims) func([]byte, bool) (prox
 		ch, word, action string
 		allow, ok        bool
 	}
-	// Scratch for the extracted fields, kept with the connection so that
-	// a call allocates nothing; the values are slices of msg and are
-	// cleared before returning (msg is a pooled read buffer).
-	var scratch struct {
-		vals  [2][]byte
-		found [2]bool
-	}
+	var scratch policy.FieldScratch
 	return func(msg []byte, text bool) (proxy.Verdict, []byte) {
-		if !text {
-			return cs.unmatched, nil
-		}
-		vals, found := scratch.vals[:len(cs.paths)], scratch.found[:len(cs.paths)]
-		defer clear(vals)
-		err := policy.ExtractJSONFieldBytes(msg, cs.paths, vals, found)
-		if err != nil {
-			if errors.Is(err, policy.ErrJSON) && !looksLikeObject(msg) {
-				return cs.unmatched, nil // not JSON at all: the app's other frames
+		verdict, named := proxy.Pass, false
+		var deniedCh, deniedAction string
+		err := cs.fields.Read(msg, !text, &scratch, func(ch, word []byte) {
+			if ch == nil {
+				if cs.unmatched != proxy.Pass && verdict == proxy.Pass {
+					verdict = cs.unmatched
+				}
+				return
 			}
+			named = true
+			if !last.ok || string(ch) != last.ch || string(word) != last.word {
+				last.ch, last.word, last.ok = string(ch), string(word), true
+				last.action = last.word
+				if a, ok := cs.words[last.word]; ok {
+					last.action = a
+				}
+				last.allow = cs.policy.Decide(last.action, last.ch, claims) == policy.Allow
+			}
+			if !last.allow && (verdict == proxy.Pass || deniedCh == "") {
+				verdict, deniedCh, deniedAction = cs.deny, last.ch, last.action
+			}
+		})
+		switch {
+		case errors.Is(err, policy.ErrNotJSON):
+			return cs.unmatched, nil
+		case err != nil:
 			return cs.deny, cs.replyFor("", "")
-		}
-		if !found[0] {
-			return cs.unmatched, nil
-		}
-		ch, word := vals[0], []byte(nil)
-		if len(cs.paths) > 1 && found[1] {
-			word = vals[1]
-		}
-		if !last.ok || string(ch) != last.ch || string(word) != last.word {
-			last.ch, last.word, last.ok = string(ch), string(word), true
-			last.action = last.word
-			if a, ok := cs.words[last.word]; ok {
-				last.action = a
-			}
-			last.allow = cs.policy.Decide(last.action, last.ch, claims) == policy.Allow
-		}
-		if last.allow {
+		case !named:
+			return cs.unmatched, nil // no object names a channel
+		case verdict == proxy.Pass:
 			return proxy.Pass, nil
 		}
-		return cs.deny, cs.replyFor(last.ch, last.action)
+		return verdict, cs.replyFor(deniedCh, deniedAction)
 	}
-}
-
-func looksLikeObject(msg []byte) bool {
-	t := bytes.TrimLeft(msg, " \t\r\n")
-	return len(t) > 0 && (t[0] == '{' || t[0] == '[')
 }
 
 func (cs *channelState) replyFor(ch, action string) []byte {

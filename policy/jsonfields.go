@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"strings"
+	"unicode"
 	"unicode/utf16"
 	"unicode/utf8"
 )
@@ -14,6 +15,11 @@ var (
 	ErrJSON          = errors.New("malformed JSON")
 	ErrJSONDuplicate = errors.New("duplicate JSON key on a policy path")
 	ErrJSONType      = errors.New("policy field is not a string")
+	// ErrJSONCase is a key that differs from a policy field's name only in
+	// letter case. Decoders disagree on it: Go's encoding/json (and so
+	// gorilla's ReadJSON) takes it for the field, with Unicode case
+	// folding, while JSON.parse and most others do not.
+	ErrJSONCase = errors.New("JSON key differs from a policy field only in letter case")
 )
 
 // maxJSONDepth bounds nesting in inspected messages.
@@ -41,7 +47,8 @@ func ParseFieldPath(s string) (FieldPath, error) {
 // whole document is checked, so what the gateway reads is what any strict
 // parser reads; a key on a policy path that appears twice in one object is
 // an error (parsers disagree on which one wins), and so is a non-string
-// value at a path. Keys are compared after unescaping.
+// value at a path. Keys are compared after unescaping, and a key that
+// matches a path's name only when letter case is ignored is an error too.
 func ExtractJSONFields(doc []byte, paths []FieldPath, vals []string, found []bool) error {
 	raw := make([][]byte, len(paths))
 	err := ExtractJSONFieldBytes(doc, paths, raw, found)
@@ -58,6 +65,39 @@ func ExtractJSONFields(doc []byte, paths []FieldPath, vals []string, found []boo
 // with escapes is unescaped into new memory. It allocates nothing for
 // documents without escapes.
 func ExtractJSONFieldBytes(doc []byte, paths []FieldPath, vals [][]byte, found []bool) error {
+	if err := checkPaths(paths); err != nil {
+		return err
+	}
+	s := jscan{b: doc, paths: paths, vals: vals, found: found}
+	clear(found)
+	s.ws()
+	if err := s.value(s.all(), 0, 0); err != nil {
+		return err
+	}
+	return s.end()
+}
+
+// EachJSONObject reads doc as one JSON message that may be a batch: when
+// doc is an object, fn is called once, after it, with vals and found as
+// ExtractJSONFieldBytes sets them; when doc is an array, fn is called for
+// each object in it, and in arrays nested in it, in order. fn is not
+// called for other values. The whole document is validated as by
+// ExtractJSONFieldBytes, and an error can come after some calls of fn:
+// then the message as a whole is refused.
+func EachJSONObject(doc []byte, paths []FieldPath, vals [][]byte, found []bool, fn func()) error {
+	if err := checkPaths(paths); err != nil {
+		return err
+	}
+	s := jscan{b: doc, paths: paths, vals: vals, found: found}
+	clear(found)
+	s.ws()
+	if err := s.message(s.all(), fn); err != nil {
+		return err
+	}
+	return s.end()
+}
+
+func checkPaths(paths []FieldPath) error {
 	if len(paths) > 64 {
 		return errors.New("at most 64 field paths")
 	}
@@ -66,23 +106,45 @@ func ExtractJSONFieldBytes(doc []byte, paths []FieldPath, vals [][]byte, found [
 			return errors.New("empty field path")
 		}
 	}
-	s := jscan{b: doc, paths: paths, vals: vals, found: found}
-	for i := range found {
-		found[i] = false
+	return nil
+}
+
+// all is the set of every path.
+func (s *jscan) all() uint64 {
+	var a uint64
+	for i := range s.paths {
+		a |= 1 << uint(i)
 	}
-	s.ws()
-	active := uint64(0)
-	for i := range paths {
-		active |= 1 << uint(i)
-	}
-	if err := s.value(active, 0, 0); err != nil {
-		return err
-	}
+	return a
+}
+
+// end checks that only whitespace follows the value.
+func (s *jscan) end() error {
 	s.ws()
 	if s.i != len(s.b) {
 		return ErrJSON
 	}
 	return nil
+}
+
+// message reads a value at the top of a message: an object is reported
+// to fn, an array's elements are messages themselves.
+func (s *jscan) message(active uint64, fn func()) error {
+	if s.i >= len(s.b) {
+		return ErrJSON
+	}
+	switch s.b[s.i] {
+	case '{':
+		clear(s.found)
+		if err := s.object(active, 0); err != nil {
+			return err
+		}
+		fn()
+		return nil
+	case '[':
+		return s.elements(func() error { return s.message(active, fn) })
+	}
+	return s.value(0, 0, 0)
 }
 
 type jscan struct {
@@ -186,27 +248,25 @@ func (s *jscan) object(active uint64, level int) error {
 		if err != nil {
 			return err
 		}
-		var key string
 		var next, targets uint64
 		if active != 0 {
+			key := raw
 			if escaped {
-				key, err = jsonUnescape(s.b[keyStart+1 : s.i-1])
+				u, err := jsonUnescape(s.b[keyStart+1 : s.i-1])
 				if err != nil {
 					return err
 				}
+				key = []byte(u)
 			}
 			for p := range s.paths {
 				if active&(1<<uint(p)) == 0 {
 					continue
 				}
 				name := s.paths[p][level]
-				var eq bool
-				if escaped {
-					eq = key == name
-				} else {
-					eq = string(raw) == name
-				}
-				if !eq {
+				if string(key) != name {
+					if foldEqual(key, name) {
+						return ErrJSONCase
+					}
 					continue
 				}
 				if seen&(1<<uint(p)) != 0 {
@@ -264,6 +324,11 @@ func (s *jscan) after(closing byte) (done bool, err error) {
 }
 
 func (s *jscan) array() error {
+	return s.elements(func() error { return s.value(0, 0, 0) })
+}
+
+// elements reads an array, each element with elem.
+func (s *jscan) elements(elem func() error) error {
 	if err := s.enter(); err != nil {
 		return err
 	}
@@ -276,7 +341,7 @@ func (s *jscan) array() error {
 	}
 	for {
 		s.ws()
-		if err := s.value(0, 0, 0); err != nil {
+		if err := elem(); err != nil {
 			return err
 		}
 		if done, err := s.after(']'); done || err != nil {
@@ -525,4 +590,50 @@ func jsonUnescape(b []byte) (string, error) {
 
 func hex4(b []byte) int {
 	return hexVal(b[0])<<12 | hexVal(b[1])<<8 | hexVal(b[2])<<4 | hexVal(b[3])
+}
+
+// foldEqual reports whether a JSON key some mainstream decoder may take
+// for the field name: equal when letter case is ignored, as Go's
+// encoding/json compares (each rune through unicode.ToLower, then
+// unicode.ToUpper), as strings.EqualFold does (simple Unicode folding),
+// and as lower- or upper-casing both does (Jackson, System.Text.Json).
+func foldEqual(key []byte, name string) bool {
+	if len(key) == len(name) && asciiEqualFold(key, name) {
+		return true
+	}
+	if isASCII(key) && isASCII(name) {
+		return false
+	}
+	k := string(key)
+	return goFold(k) == goFold(name) || strings.EqualFold(k, name) ||
+		strings.ToLower(k) == strings.ToLower(name) || strings.ToUpper(k) == strings.ToUpper(name)
+}
+
+// asciiEqualFold compares a and b folding ASCII letters only.
+func asciiEqualFold[T string | []byte](a T, b string) bool {
+	for i := 0; i < len(a); i++ {
+		x, y := a[i], b[i]
+		if x == y {
+			continue
+		}
+		if x|0x20 != y|0x20 || x|0x20 < 'a' || x|0x20 > 'z' {
+			return false
+		}
+	}
+	return true
+}
+
+func isASCII[T string | []byte](b T) bool {
+	for i := 0; i < len(b); i++ {
+		if b[i] >= utf8.RuneSelf {
+			return false
+		}
+	}
+	return true
+}
+
+// goFold folds s the way encoding/json matches object keys to struct
+// fields.
+func goFold(s string) string {
+	return strings.Map(func(r rune) rune { return unicode.ToUpper(unicode.ToLower(r)) }, s)
 }

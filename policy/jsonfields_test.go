@@ -104,7 +104,17 @@ func TestExtractJSONFields(t *testing.T) {
 		{"top level is null", `null`, []string{"channel"}, []string{jfMissing}, nil},
 		{"key at the wrong depth", `{"x":{"channel":"a"}}`, []string{"channel"}, []string{jfMissing}, nil},
 		{"leaf name at the top", `{"room":"a","payload":{}}`, []string{"payload.room"}, []string{jfMissing}, nil},
-		{"keys are case-sensitive", `{"Channel":"a","CHANNEL":"b"}`, []string{"channel"}, []string{jfMissing}, nil},
+		{"a key in another case", `{"Channel":"a"}`, []string{"channel"}, nil, ErrJSONCase},
+		{"a key in another case after the exact one", `{"channel":"a","CHANNEL":"b"}`, []string{"channel"}, nil, ErrJSONCase},
+		{"a key in another case, escaped", `{"channel":"a","\u0043hannel":"b"}`, []string{"channel"}, nil, ErrJSONCase},
+		{"the Kelvin sign folds to k", `{"kind":"a","\u212aind":"b"}`, []string{"kind"}, nil, ErrJSONCase},
+		{"the long s folds to s", "{\"\u017fub\":\"a\"}", []string{"sub"}, nil, ErrJSONCase},
+		{"dotless i upper-cases to I", "{\"\u0131d\":\"a\"}", []string{"id"}, nil, ErrJSONCase},
+		{"another case on a deeper level", `{"payload":{"ROOM":"a"}}`, []string{"payload.room"}, nil, ErrJSONCase},
+		{"another case of the parent", `{"Payload":{"room":"a"}}`, []string{"payload.room"}, nil, ErrJSONCase},
+		{"another case off the path is ignored", `{"x":{"Channel":"a"},"channel":"b"}`, []string{"channel"}, []string{"b"}, nil},
+		{"a longer key is not a case variant", `{"channels":"a","channel":"b"}`, []string{"channel"}, []string{"b"}, nil},
+		{"a non-letter differing by 0x20 is not a case variant", `{"a@":"a","a` + "`" + `":"b"}`, []string{"a`"}, []string{"b"}, nil},
 		{"empty string value", `{"channel":""}`, []string{"channel"}, []string{""}, nil},
 		{"no paths", `{"a":1}`, nil, nil, nil},
 		{"values after the path are checked", `{"channel":"a","x":{"y":[1,2,{"z":null}]}}`, []string{"channel"}, []string{"a"}, nil},
@@ -446,6 +456,29 @@ func jfDuplicateOnPath(n *jfNode, path FieldPath) bool {
 	return len(hits) == 1 && jfDuplicateOnPath(hits[0], path[1:])
 }
 
+// jfCaseOnPath says whether an object along path (following exact keys)
+// has a key other than the path's name that fold matches to it.
+func jfCaseOnPath(n *jfNode, path FieldPath, fold func(a, b string) bool) bool {
+	if n.kind != '{' || len(path) == 0 {
+		return false
+	}
+	for _, m := range n.members {
+		if m.key == path[0] {
+			if jfCaseOnPath(m.val, path[1:], fold) {
+				return true
+			}
+		} else if fold(m.key, path[0]) {
+			return true
+		}
+	}
+	return false
+}
+
+// jfLooseFold is wider than any decoder's notion of case folding.
+func jfLooseFold(a, b string) bool {
+	return strings.EqualFold(strings.ToLower(a), strings.ToLower(b)) || strings.EqualFold(strings.ToUpper(a), strings.ToUpper(b))
+}
+
 // jfNonStringOnPath says whether some member on path (duplicates included)
 // ends the path with a value that is not a string, or, with prefix, whether
 // the path is present at all.
@@ -501,7 +534,7 @@ func FuzzExtractJSONFields(f *testing.F) {
 		vals := make([]string, len(paths))
 		found := make([]bool, len(paths))
 		err := ExtractJSONFields(doc, paths, vals, found)
-		if err != nil && err != ErrJSON && err != ErrJSONType && err != ErrJSONDuplicate {
+		if err != nil && err != ErrJSON && err != ErrJSONType && err != ErrJSONDuplicate && err != ErrJSONCase {
 			t.Fatalf("unexpected error %v", err)
 		}
 
@@ -529,8 +562,10 @@ func FuzzExtractJSONFields(f *testing.F) {
 			return
 		}
 
-		dup, nonString := false, false
+		dup, nonString, loose, strict := false, false, false, false
 		for i, p := range paths {
+			loose = loose || jfCaseOnPath(tree, p, jfLooseFold)
+			strict = strict || jfCaseOnPath(tree, p, strings.EqualFold)
 			dup = dup || jfDuplicateOnPath(tree, p)
 			nonString = nonString || jfNonStringOnPath(tree, p, false)
 			for j, q := range paths {
@@ -552,6 +587,14 @@ func FuzzExtractJSONFields(f *testing.F) {
 				t.Fatalf("%q: type error reported, but no path ends in a non-string", doc)
 			}
 			return
+		case ErrJSONCase:
+			if !loose {
+				t.Fatalf("%q: case error reported, but no key on a path is a case variant of its name", doc)
+			}
+			return
+		}
+		if strict {
+			t.Fatalf("%q: accepted with a key on a path that strings.EqualFold matches to its name", doc)
 		}
 		if dup {
 			t.Fatalf("%q: accepted with a duplicate key on a path", doc)
