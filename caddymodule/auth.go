@@ -204,6 +204,14 @@ func (h *Handler) cleanupAuth() {
 // refusal and returns false.
 func (h *Handler) authorize(w http.ResponseWriter, r *http.Request, info *proxy.RequestInfo) (policy.Claims, bool) {
 	a := &h.auth
+	// Caddy's access log prints the query string and headers other than
+	// Authorization and Cookie: when they hold a token, whichever check
+	// refuses the request, wsgate skips that line and logs the request
+	// itself, redacted.
+	red := policy.Redact(r, a.sources)
+	if red.Hidden {
+		caddyhttp.SetVar(r.Context(), caddyhttp.LogSkipVar, true)
+	}
 	policy.StripHeaders(r.Header, a.strip)
 	if err := a.origin.Check(r.Header.Values("Origin"), r.Host); err != nil {
 		h.refuse(w, r, http.StatusForbidden, "origin not allowed", err)
@@ -217,13 +225,6 @@ func (h *Handler) authorize(w http.ResponseWriter, r *http.Request, info *proxy.
 		ex, found := policy.ExtractToken(r, a.sources)
 		if found {
 			tokenSrc = &ex.Source
-			if ex.Source.Kind == policy.FromQuery || ex.Source.Kind == policy.FromProtocol {
-				// Caddy's access log would print the query string or the
-				// Sec-WebSocket-Protocol header: wsgate logs the request itself,
-				// redacted.
-				caddyhttp.SetVar(r.Context(), caddyhttp.LogSkipVar, true)
-				h.logRedacted(r, ex.Source)
-			}
 			c, err := a.verifier.Verify(r.Context(), ex.Token)
 			if err != nil {
 				h.unauthorized(w, r, err)
@@ -297,6 +298,11 @@ func (h *Handler) authorize(w http.ResponseWriter, r *http.Request, info *proxy.
 			}
 		}
 	}
+	if red.Hidden {
+		h.auth.logger.Info("websocket request (token redacted; not in the access log)",
+			zap.String("remote", r.RemoteAddr), zap.String("host", r.Host),
+			zap.String("uri", red.URI), zap.Strings("protocols", red.Protocols))
+	}
 	if tokenSrc != nil && tokenSrc.Kind == policy.FromProtocol {
 		info.Protocols = policy.StripProtocolToken(r.Header.Values("Sec-Websocket-Protocol"), tokenSrc.Name)
 		if info.Protocols == nil {
@@ -324,25 +330,15 @@ func (h *Handler) unauthorized(w http.ResponseWriter, r *http.Request, err error
 }
 
 func (h *Handler) refuse(w http.ResponseWriter, r *http.Request, status int, msg string, err error) {
+	red := policy.Redact(r, h.auth.sources)
 	h.auth.logger.Info("websocket refused",
 		zap.Int("status", status),
 		zap.String("reason", err.Error()),
 		zap.String("remote", r.RemoteAddr),
-		zap.String("path", r.URL.Path))
+		zap.String("host", r.Host),
+		zap.String("uri", red.URI),
+		zap.Strings("protocols", red.Protocols))
 	proxy.WriteError(w, status, msg, nil)
-}
-
-// logRedacted logs a request whose token Caddy's access log would show.
-func (h *Handler) logRedacted(r *http.Request, src policy.TokenSource) {
-	uri := r.URL.Path
-	if q := r.URL.RawQuery; q != "" {
-		if src.Kind == policy.FromQuery {
-			q = policy.RedactQuery(q, src.Name)
-		}
-		uri += "?" + q
-	}
-	h.auth.logger.Info("websocket request (token redacted; not in the access log)",
-		zap.String("remote", r.RemoteAddr), zap.String("host", r.Host), zap.String("uri", uri))
 }
 
 // provisionJWT builds the verifier and token sources from h.JWT.

@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -426,23 +428,77 @@ func TestTokenExpiryAndRefresh(t *testing.T) {
 	}
 }
 
+// TestTokensNeverLogged sends tokens in every place a client can put one,
+// down every refusal path and in every order of checks, to a gateway that
+// also writes Caddy's access log to a file, and finds none of them in any
+// log.
 func TestTokensNeverLogged(t *testing.T) {
 	k := newKeys(t)
 	up := startUpstream(t)
-	g := startGateway(t, authSite(up.URL, fmt.Sprintf("\t\t\tsecret %s\n\t\t\tfrom query access_token\n\t\t\tfrom protocol bearer\n\t\t\tfrom header", k.hmac), ""))
+	accessLog := filepath.Join(t.TempDir(), "access.log")
+	site := fmt.Sprintf("\tlog {\n\t\toutput file %s\n\t}\n", accessLog) +
+		authSite(up.URL, fmt.Sprintf("\t\t\tsecret %s\n\t\t\tfrom header\n\t\t\tfrom header X-Token\n\t\t\tfrom query access_token\n\t\t\tfrom protocol bearer", k.hmac),
+			"\t\torigins http://app.test")
+	g := startGateway(t, site)
 	good := k.sign(t, "HS256", "", claims("", "u"))
 	bad := k.sign(t, "HS256", "", claims("", "u", "exp", time.Now().Add(-time.Hour).Unix()))
-	status(t, g, "/ws?access_token="+good, nil)
-	status(t, g, "/ws?access_token="+bad, nil)
-	status(t, g, "/ws", nil, "bearer", good)
-	status(t, g, "/ws", bearerH(bad))
-	eventually(t, 5*time.Second, "the refusals and redacted requests in the log", func() bool {
-		l := g.logs.String()
-		return strings.Count(l, "websocket refused") >= 2 && strings.Contains(l, "access_token=REDACTED")
+	app, foreign := http.Header{"Origin": {"http://app.test"}}, http.Header{"Origin": {"http://evil.test"}}
+	with := func(h http.Header, kv ...string) http.Header {
+		h = h.Clone()
+		for i := 0; i < len(kv); i += 2 {
+			h.Add(kv[i], kv[i+1])
+		}
+		return h
+	}
+	cases := []struct {
+		name   string
+		path   string
+		header http.Header
+		protos []string
+		want   int
+	}{
+		{"a query token on a foreign Origin", "/ws?access_token=" + good, foreign, nil, 403},
+		{"a bad header token before a good query token", "/ws?access_token=" + good, with(app, "Authorization", "Bearer "+bad), nil, 401},
+		{"a good query token under another name", "/ws?token=" + good, app, nil, 401},
+		{"a protocol token without the marker", "/ws", app, []string{"chat", good}, 401},
+		{"a protocol token on a foreign Origin", "/ws", foreign, []string{"bearer", good}, 403},
+		{"a custom header token on a foreign Origin", "/ws", with(foreign, "X-Token", "Bearer "+good), nil, 403},
+		{"an Authorization token on a foreign Origin", "/ws", with(foreign, "Authorization", "Bearer "+good), nil, 403},
+		{"an expired query token", "/ws?access_token=" + bad, app, nil, 401},
+		{"a good query token", "/ws?access_token=" + good, app, nil, 101},
+		{"a good protocol token", "/ws", app, []string{"bearer", good}, 101},
+	}
+	for _, c := range cases {
+		c1, resp, err := dialErr(t, g, c.path, &websocket.DialOptions{HTTPHeader: c.header, Subprotocols: c.protos})
+		got := 101
+		if err != nil {
+			if resp == nil {
+				t.Fatalf("%s: %v", c.name, err)
+			}
+			got = resp.StatusCode
+		} else {
+			c1.Close(websocket.StatusNormalClosure, "")
+		}
+		if got != c.want {
+			t.Fatalf("%s: %d, want %d", c.name, got, c.want)
+		}
+	}
+	eventually(t, 5*time.Second, "every request in a log", func() bool {
+		return strings.Count(g.logs.String(), "websocket refused") >= 8 &&
+			strings.Count(g.logs.String(), "token redacted") >= 2
 	})
 	g.stop()
-	if leaks := tokenLeaks(g.logs.String()); len(leaks) != 0 {
-		t.Fatalf("tokens in logs: %d", len(leaks))
+	access, err := os.ReadFile(accessLog)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(access), `"uri"`) {
+		t.Fatalf("the access log has no request: %s", access)
+	}
+	for name, l := range map[string]string{"the process's log": g.logs.String(), "the access log": string(access)} {
+		if leaks := tokenLeaks(l); len(leaks) != 0 {
+			t.Errorf("%d tokens in %s:\n%s", len(leaks), name, l)
+		}
 	}
 }
 

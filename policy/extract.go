@@ -5,6 +5,7 @@ import (
 	"net/http"
 	"net/textproto"
 	"net/url"
+	"slices"
 	"strings"
 )
 
@@ -164,14 +165,19 @@ func StripProtocolToken(values []string, marker string) []string {
 	return out
 }
 
-// RedactQuery replaces the values of the named query parameters.
+// RedactQuery replaces the values of the named query parameters, and of
+// any parameter whose value looks like a JWT.
 func RedactQuery(raw string, names ...string) string {
-	if raw == "" || len(names) == 0 {
+	if raw == "" {
 		return raw
 	}
 	parts := strings.Split(raw, "&")
 	for i, kv := range parts {
-		k, _, _ := strings.Cut(kv, "=")
+		k, v, _ := strings.Cut(kv, "=")
+		if looksLikeJWT(unescape(v)) || looksLikeJWT(v) {
+			parts[i] = k + "=REDACTED"
+			continue
+		}
 		for _, n := range names {
 			if k == n || unescape(k) == n {
 				parts[i] = k + "=REDACTED"
@@ -179,4 +185,74 @@ func RedactQuery(raw string, names ...string) string {
 		}
 	}
 	return strings.Join(parts, "&")
+}
+
+// Redacted is a request as a log line may show it.
+type Redacted struct {
+	// URI is the request's path and query, with token values replaced by
+	// REDACTED.
+	URI string
+	// Protocols are the Sec-WebSocket-Protocol entries, token entries
+	// replaced by REDACTED.
+	Protocols []string
+	// Hidden says whether Caddy's access log would show a token of this
+	// request: in the query, in Sec-WebSocket-Protocol, or in a header
+	// that Caddy does not redact (it does Authorization,
+	// Proxy-Authorization and Cookie).
+	Hidden bool
+}
+
+// Redact returns what of r may be logged when tokens are read from
+// sources: query parameters and protocol entries that a source reads, and
+// any value that looks like a JWT, wherever it is, are redacted.
+func Redact(r *http.Request, sources []TokenSource) Redacted {
+	var query, markers []string
+	var out Redacted
+	for _, s := range sources {
+		switch s.Kind {
+		case FromQuery:
+			query = append(query, s.Name)
+		case FromProtocol:
+			markers = append(markers, s.Name)
+		case FromHeader:
+			switch textproto.CanonicalMIMEHeaderKey(s.Name) {
+			case "Authorization", "Proxy-Authorization", "Cookie":
+			default:
+				out.Hidden = out.Hidden || len(r.Header.Values(s.Name)) > 0
+			}
+		}
+	}
+	out.URI = r.URL.EscapedPath()
+	if q := r.URL.RawQuery; q != "" {
+		rq := RedactQuery(q, query...)
+		out.Hidden = out.Hidden || rq != q
+		out.URI += "?" + rq
+	}
+	e := protocolEntries(r.Header.Values("Sec-Websocket-Protocol"))
+	for i := 0; i < len(e); i++ {
+		if i > 0 && slices.Contains(markers, e[i-1]) || looksLikeJWT(e[i]) {
+			e[i] = "REDACTED"
+			out.Hidden = true
+		}
+	}
+	out.Protocols = e
+	return out
+}
+
+// looksLikeJWT says whether s has the shape of a compact JWS or JWE: three
+// or five base64url segments, the first long enough to be a header.
+func looksLikeJWT(s string) bool {
+	segs := strings.Split(s, ".")
+	if (len(segs) != 3 && len(segs) != 5) || len(segs[0]) < 8 {
+		return false
+	}
+	for _, seg := range segs {
+		for i := 0; i < len(seg); i++ {
+			c := seg[i]
+			if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_' || c == '=') {
+				return false
+			}
+		}
+	}
+	return true
 }

@@ -2,6 +2,7 @@ package policy
 
 import (
 	"net/http"
+	"net/http/httptest"
 	"net/url"
 	"reflect"
 	"strings"
@@ -217,11 +218,50 @@ func TestRedactQuery(t *testing.T) {
 		{"no names", "t=1", nil, "t=1"},
 		{"empty", "", []string{"t"}, ""},
 		{"empty pieces", "&&t=1&", []string{"t"}, "&&t=REDACTED&"},
+		{"a JWT under another name", "a=1&jwt=eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ1In0.c2ln", []string{"t"}, "a=1&jwt=REDACTED"},
+		{"an escaped JWT", "x=eyJhbGciOiJIUzI1NiJ9%2EeyJzdWIiOiJ1In0%2Ec2ln", nil, "x=REDACTED"},
+		{"dotted values that are not JWTs", "v=1.2.3&host=a.example.com&ip=10.0.0.1", nil, "v=1.2.3&host=a.example.com&ip=10.0.0.1"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			if got := RedactQuery(tt.raw, tt.names...); got != tt.want {
 				t.Errorf("RedactQuery(%q, %q) = %q, want %q", tt.raw, tt.names, got, tt.want)
+			}
+		})
+	}
+}
+
+func TestRedact(t *testing.T) {
+	const jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ1In0.c2lnbmF0dXJl"
+	sources := []TokenSource{{FromHeader, "Authorization"}, {FromHeader, "X-Token"}, {FromQuery, "access_token"}, {FromProtocol, "bearer"}}
+	tests := []struct {
+		name      string
+		target    string
+		header    http.Header
+		want      Redacted
+		protocols string
+	}{
+		{"nothing to hide", "/ws?room=1", nil, Redacted{URI: "/ws?room=1"}, ""},
+		{"the query source", "/ws?access_token=opaque&room=1", nil, Redacted{URI: "/ws?access_token=REDACTED&room=1", Hidden: true}, ""},
+		{"a JWT in another parameter", "/ws?t=" + jwt, nil, Redacted{URI: "/ws?t=REDACTED", Hidden: true}, ""},
+		{"the token after the marker", "/ws", http.Header{"Sec-Websocket-Protocol": {"chat, bearer, opaque"}},
+			Redacted{URI: "/ws", Hidden: true}, "chat bearer REDACTED"},
+		{"a JWT without the marker", "/ws", http.Header{"Sec-Websocket-Protocol": {"chat", jwt}},
+			Redacted{URI: "/ws", Hidden: true}, "chat REDACTED"},
+		{"subprotocols only", "/ws", http.Header{"Sec-Websocket-Protocol": {"chat, v2.json"}},
+			Redacted{URI: "/ws"}, "chat v2.json"},
+		{"a header Caddy does not redact", "/ws", http.Header{"X-Token": {"opaque"}}, Redacted{URI: "/ws", Hidden: true}, ""},
+		{"the Authorization header, which Caddy redacts", "/ws", http.Header{"Authorization": {"Bearer " + jwt}}, Redacted{URI: "/ws"}, ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := httptest.NewRequest("GET", tt.target, nil)
+			for k, v := range tt.header {
+				r.Header[k] = v
+			}
+			got := Redact(r, sources)
+			if got.URI != tt.want.URI || got.Hidden != tt.want.Hidden || strings.Join(got.Protocols, " ") != tt.protocols {
+				t.Fatalf("Redact = %+v, want %+v with protocols %q", got, tt.want, tt.protocols)
 			}
 		})
 	}
