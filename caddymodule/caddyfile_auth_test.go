@@ -752,7 +752,7 @@ func TestProvisionAuthErrors(t *testing.T) {
 		{"private key as public_key", jwtWith("public_key " + priv), "never configure a private key"},
 		{"RS256 on an EC key", jwtWith("public_key " + pub + " alg RS256"), "does not fit"},
 		{"HS256 on a PEM key", jwtWith("public_key " + pub + " alg HS256"), "does not fit"},
-		{"unknown algorithm on a secret", jwtWith("secret " + testSecret + " alg HS257"), "does not fit"},
+		{"unknown algorithm on a secret", jwtWith("secret " + testSecret + " alg HS257"), `unknown algorithm "HS257"`},
 		{"two keys without kid", jwtWith("secret "+testSecret, "secret "+testSecret+"x"), "several keys without an id"},
 		{"top-level keys next to an issuer block", jwtWith("secret "+testSecret, "issuer https://b.test {", "\tsecret "+testSecret, "}"),
 			"several issuers need an issuer name each"},
