@@ -2,6 +2,7 @@ package caddymodule
 
 import (
 	"math"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -11,6 +12,7 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/dustin/go-humanize"
+	"go.uber.org/zap"
 
 	"github.com/wsgate/wsgate/policy"
 	"github.com/wsgate/wsgate/proxy"
@@ -78,7 +80,10 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 // Whatever the handler's provisioning would refuse without reading files or
 // the network is refused here, with the line: values with the same checks
 // (origins, upstream URLs, JWT keys and algorithms, ...) and options that
-// exclude or need each other.
+// exclude or need each other. Options that could never take effect (a
+// pong_timeout with pings off, claims used without jwt or forward_auth,
+// upstream options in rooms mode, ...) are logged as warnings with their
+// line.
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // consume directive name
 	if err := h.addUpstreams(d); err != nil {
@@ -210,6 +215,9 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	if option, err := h.conflict(); err != nil {
 		return errAt(d, option, err)
 	}
+	for _, w := range h.ineffective() {
+		warnAt(d, w.option, w.msg)
+	}
 	return nil
 }
 
@@ -243,11 +251,64 @@ var (
 	rateLimitSubdirectives = []string{"messages", "bytes", "on_exceed"}
 )
 
+// ineffective lists options that can never take effect with the rest of
+// the config.
+func (h *Handler) ineffective() []warning {
+	var ws []warning
+	add := func(set bool, option, msg string) {
+		if set {
+			ws = append(ws, warning{option, option + " " + msg})
+		}
+	}
+	add(h.PongTimeout != 0 && h.PingInterval < 0, "pong_timeout", "has no effect: ping_interval is off")
+	noClaims := h.JWT == nil && h.ForwardAuth == nil
+	const why = "without jwt or forward_auth there are no claims"
+	add(noClaims && len(h.ClaimsHeaders) > 0, "claims_header", "has no effect: "+why)
+	add(noClaims && h.ConnectionLimits != nil && h.ConnectionLimits.PerSubject > 0,
+		"limit_connections", "per_subject has no effect: "+why)
+	if noClaims && len(h.Channels) > 0 {
+		if p, err := compileChannels(h.Channels); err == nil && p.UsesClaims() {
+			ws = append(ws, warning{"channels", "channel rules with {claims.…} never match: " + why})
+		}
+	}
+	if h.Rooms != nil {
+		const rooms = "has no effect in rooms mode (there is no upstream)"
+		add(h.DialTimeout != 0, "dial_timeout", rooms)
+		add(h.TLS != nil, "tls", rooms)
+		add(h.ForwardHeaders != nil, "forward_headers", rooms)
+		add(h.MaxMessageUpstream != 0, "max_message_upstream", rooms)
+		add(h.RefreshField != "", "refresh_field", "has no effect in rooms mode (clients refresh with the protocol's refresh op)")
+		if h.RateLimitUpstream != nil {
+			ws = append(ws, warning{"rate_limit", "rate_limit upstream " + rooms})
+		}
+	} else {
+		add(h.TLS != nil && !slices.ContainsFunc(h.Upstreams, func(u string) bool { return strings.HasPrefix(u, "wss://") }),
+			"tls", "has no effect: no upstream is wss://")
+		const fanout = "has no effect without rooms or upstream_control (nothing is fanned out)"
+		add(h.UpstreamControl == "" && h.SendQueue != 0, "send_queue", fanout)
+		add(h.UpstreamControl == "" && h.SlowConsumer != "", "slow_consumer", fanout)
+	}
+	return ws
+}
+
+// warning is an option that can never take effect, and why.
+type warning struct{ option, msg string }
+
+// adapterLog receives the Caddyfile warnings; tests replace it.
+var adapterLog = func() *zap.Logger { return caddy.Log().Named("config.adapter.caddyfile") }
+
 // errAt returns err at the line of the block's first subdirective named
 // option, or of the directive itself when option is "" or absent.
 func errAt(d *caddyfile.Dispenser, option string, err error) error {
 	seek(d, option)
 	return d.Err(err.Error())
+}
+
+// warnAt logs msg with the file and line of the block's first subdirective
+// named option (or of the directive).
+func warnAt(d *caddyfile.Dispenser, option, msg string) {
+	seek(d, option)
+	adapterLog().Warn(msg, zap.String("file", d.File()), zap.Int("line", d.Line()))
 }
 
 // seek moves d to the block's first subdirective named option, or to the

@@ -8,6 +8,9 @@ import (
 	"testing"
 
 	"github.com/caddyserver/caddy/v2/caddyconfig"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest/observer"
 )
 
 // mark ends the line a test expects an error or warning to point at.
@@ -219,6 +222,66 @@ func TestEditDistance(t *testing.T) {
 		if got := editDistance(tt.b, tt.a); got != tt.want {
 			t.Errorf("editDistance(%q, %q) = %d, want %d", tt.b, tt.a, got, tt.want)
 		}
+	}
+}
+
+// observeAdapterLog collects what the Caddyfile parsers log until the test
+// ends.
+func observeAdapterLog(t *testing.T) *observer.ObservedLogs {
+	t.Helper()
+	core, logs := observer.New(zapcore.WarnLevel)
+	saved := adapterLog
+	adapterLog = func() *zap.Logger { return zap.New(core) }
+	t.Cleanup(func() { adapterLog = saved })
+	return logs
+}
+
+// TestCaddyfileWarnings checks that options that can never take effect
+// are logged, with their line, when the Caddyfile is adapted, and that
+// the same options where they do take effect are not.
+func TestCaddyfileWarnings(t *testing.T) {
+	tests := []struct {
+		name, input, want string // want "" for no warning
+	}{
+		{"pong_timeout with pings off", site("\twsgate ws://a:1 {\n\t\tping_interval off\n\t\tpong_timeout 5s " + mark + "\n\t}"), "pong_timeout has no effect: ping_interval is off"},
+		{"pong_timeout with pings on", site("\twsgate ws://a:1 {\n\t\tping_interval 10s\n\t\tpong_timeout 5s\n\t}"), ""},
+		{"claims_header without a token source", site("\twsgate ws://a:1 {\n\t\tclaims_header sub X-User " + mark + "\n\t}"), "claims_header has no effect: without jwt or forward_auth there are no claims"},
+		{"claims_header with forward_auth", site("\twsgate ws://a:1 {\n\t\tforward_auth http://a/auth\n\t\tclaims_header sub X-User\n\t}"), ""},
+		{"claim template without a token source", site("\twsgate {\n\t\trooms\n\t\tchannels { " + mark + "\n\t\t\tallow subscribe lobby\n\t\t\tallow * org:{claims.org}:*\n\t\t}\n\t}"), "channel rules with {claims.…} never match"},
+		{"claim template with jwt", site("\twsgate {\n\t\trooms\n\t\tjwt {\n\t\t\tsecret " + testSecret + "\n\t\t}\n\t\tchannels {\n\t\t\tallow * org:{claims.org}:*\n\t\t}\n\t}"), ""},
+		{"channels without claims", site("\twsgate {\n\t\trooms\n\t\tchannels {\n\t\t\tallow * lobby\n\t\t}\n\t}"), ""},
+		{"per_subject without a token source", site("\twsgate ws://a:1 {\n\t\tlimit_connections { " + mark + "\n\t\t\tper_subject 2\n\t\t}\n\t}"), "limit_connections per_subject has no effect"},
+		{"tls without a wss upstream", site("\twsgate ws://a:1 {\n\t\ttls { " + mark + "\n\t\t\tserver_name a\n\t\t}\n\t}"), "tls has no effect: no upstream is wss://"},
+		{"upstream option in rooms mode", site("\twsgate {\n\t\trooms\n\t\tdial_timeout 1s " + mark + "\n\t}"), "dial_timeout has no effect in rooms mode"},
+		{"refresh_field in rooms mode", site("\twsgate {\n\t\trooms\n\t\tjwt {\n\t\t\tsecret " + testSecret + "\n\t\t}\n\t\trefresh_field token " + mark + "\n\t}"), "refresh_field has no effect in rooms mode"},
+		{"send_queue without fan-out", site("\twsgate ws://a:1 {\n\t\tsend_queue 10 " + mark + "\n\t}"), "send_queue has no effect without rooms or upstream_control"},
+		{"send_queue with upstream_control", site("\twsgate ws://a:1 {\n\t\tupstream_control x:\n\t\tsend_queue 10\n\t}"), ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			logs := observeAdapterLog(t)
+			if _, _, err := adapt(t, tt.input); err != nil {
+				t.Fatalf("adapting: %v", err)
+			}
+			got := logs.All()
+			if tt.want == "" {
+				for _, e := range got {
+					t.Errorf("unexpected warning %q %v", e.Message, e.ContextMap())
+				}
+				return
+			}
+			if len(got) != 1 {
+				t.Fatalf("%d warnings %v, want one", len(got), got)
+			}
+			e := got[0]
+			if !strings.Contains(e.Message, tt.want) {
+				t.Errorf("warning %q does not contain %q", e.Message, tt.want)
+			}
+			ctx := e.ContextMap()
+			if want := int64(markedLine(t, tt.input)); ctx["file"] != "Caddyfile" || ctx["line"] != want {
+				t.Errorf("warning at %v:%v, want Caddyfile:%d:\n%s", ctx["file"], ctx["line"], want, numbered(tt.input))
+			}
+		})
 	}
 }
 
