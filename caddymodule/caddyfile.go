@@ -278,9 +278,7 @@ func (h *Handler) ineffective() []warning {
 		add(h.ForwardHeaders != nil, "forward_headers", rooms)
 		add(h.MaxMessageUpstream != 0, "max_message_upstream", rooms)
 		add(h.RefreshField != "", "refresh_field", "has no effect in rooms mode (clients refresh with the protocol's refresh op)")
-		if h.RateLimitUpstream != nil {
-			ws = append(ws, warning{"rate_limit", "rate_limit upstream " + rooms})
-		}
+		add(h.RateLimitUpstream != nil, "rate_limit upstream", rooms)
 	} else {
 		add(h.TLS != nil && !slices.ContainsFunc(h.Upstreams, func(u string) bool { return strings.HasPrefix(u, "wss://") }),
 			"tls", "has no effect: no upstream is wss://")
@@ -291,7 +289,8 @@ func (h *Handler) ineffective() []warning {
 	return ws
 }
 
-// warning is an option that can never take effect, and why.
+// warning is an option that can never take effect, and why. option is a
+// subdirective name, maybe followed by its first argument.
 type warning struct{ option, msg string }
 
 // adapterLog receives the Caddyfile warnings; tests replace it.
@@ -311,17 +310,18 @@ func warnAt(d *caddyfile.Dispenser, option, msg string) {
 	adapterLog().Warn(msg, zap.String("file", d.File()), zap.Int("line", d.Line()))
 }
 
-// seek moves d to the block's first subdirective named option, or to the
-// directive.
+// seek moves d to the block's first subdirective named option (a name,
+// or a name and its first argument), or to the directive.
 func seek(d *caddyfile.Dispenser, option string) {
 	d.Reset()
 	d.Next()
 	if option == "" {
 		return
 	}
+	name, arg, _ := strings.Cut(option, " ")
 	d.RemainingArgs()
 	for d.NextBlock(0) {
-		if d.Val() == option {
+		if d.Val() == name && (arg == "" || d.NextArg() && d.Val() == arg) {
 			return
 		}
 		// skip the subdirective's arguments and block

@@ -253,6 +253,7 @@ func TestCaddyfileWarnings(t *testing.T) {
 		{"per_subject without a token source", site("\twsgate ws://a:1 {\n\t\tlimit_connections { " + mark + "\n\t\t\tper_subject 2\n\t\t}\n\t}"), "limit_connections per_subject has no effect"},
 		{"tls without a wss upstream", site("\twsgate ws://a:1 {\n\t\ttls { " + mark + "\n\t\t\tserver_name a\n\t\t}\n\t}"), "tls has no effect: no upstream is wss://"},
 		{"upstream option in rooms mode", site("\twsgate {\n\t\trooms\n\t\tdial_timeout 1s " + mark + "\n\t}"), "dial_timeout has no effect in rooms mode"},
+		{"rate_limit upstream in rooms mode", site("\twsgate {\n\t\trooms\n\t\trate_limit {\n\t\t\tmessages 10/s\n\t\t}\n\t\trate_limit upstream { " + mark + "\n\t\t\tmessages 10/s\n\t\t}\n\t}"), "rate_limit upstream has no effect in rooms mode"},
 		{"refresh_field in rooms mode", site("\twsgate {\n\t\trooms\n\t\tjwt {\n\t\t\tsecret " + testSecret + "\n\t\t}\n\t\trefresh_field token " + mark + "\n\t}"), "refresh_field has no effect in rooms mode"},
 		{"send_queue without fan-out", site("\twsgate ws://a:1 {\n\t\tsend_queue 10 " + mark + "\n\t}"), "send_queue has no effect without rooms or upstream_control"},
 		{"send_queue with upstream_control", site("\twsgate ws://a:1 {\n\t\tupstream_control x:\n\t\tsend_queue 10\n\t}"), ""},
