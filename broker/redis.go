@@ -67,6 +67,20 @@ type shard struct {
 	count int
 }
 
+// CheckRedisURL reports whether NewRedis can read u as RedisOptions.URL.
+func CheckRedisURL(u string) error {
+	_, err := parseRedisURL(u)
+	return err
+}
+
+func parseRedisURL(u string) (*redis.Options, error) {
+	o, err := redis.ParseURL(u)
+	if err != nil {
+		return nil, fmt.Errorf("redis url: %w", err)
+	}
+	return o, nil
+}
+
 // NewRedis connects lazily (go-redis dials on first use and reconnects by
 // itself); an unreachable Redis at start is not an error.
 func NewRedis(opt RedisOptions, h Handler) (*Redis, error) {
@@ -76,9 +90,9 @@ func NewRedis(opt RedisOptions, h Handler) (*Redis, error) {
 	}
 	switch {
 	case opt.URL != "":
-		o, err := redis.ParseURL(opt.URL)
+		o, err := parseRedisURL(opt.URL)
 		if err != nil {
-			return nil, fmt.Errorf("redis url: %w", err)
+			return nil, err
 		}
 		if opt.Password != "" {
 			o.Password = opt.Password

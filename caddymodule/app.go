@@ -194,7 +194,7 @@ func parseApp(d *caddyfile.Dispenser, _ any) (any, error) {
 			app.ReleaseMemory = &on
 			continue
 		default:
-			return nil, d.Errf("unrecognized wsgate option %q", d.Val())
+			return nil, unknownName(d, "wsgate option", []string{"broker", "release_memory"})
 		}
 		if app.Broker != nil {
 			return nil, d.Err("duplicate broker")
@@ -214,6 +214,9 @@ func parseApp(d *caddyfile.Dispenser, _ any) (any, error) {
 			if !d.AllArgs(&bc.URL) {
 				return nil, d.Errf("broker redis needs one URL")
 			}
+			if err := broker.CheckRedisURL(bc.URL); err != nil {
+				return nil, d.Err(err.Error())
+			}
 		case "redis_cluster":
 			bc.Type, bc.Cluster = "redis", true
 			bc.Addrs = d.RemainingArgs()
@@ -228,6 +231,10 @@ func parseApp(d *caddyfile.Dispenser, _ any) (any, error) {
 			}
 			bc.MasterName, bc.Addrs = args[0], args[1:]
 		default:
+			kinds := []string{"memory", "redis", "redis_cluster", "redis_sentinel"}
+			if s := closest(kind, kinds); s != "" {
+				return nil, d.Errf("unknown broker %q, did you mean %q?", kind, s)
+			}
 			return nil, d.Errf("unknown broker %q: want memory, redis, redis_cluster or redis_sentinel", kind)
 		}
 		for nesting := d.Nesting(); d.NextBlock(nesting); {
@@ -240,7 +247,7 @@ func parseApp(d *caddyfile.Dispenser, _ any) (any, error) {
 			case "password":
 				dst = &bc.Password
 			default:
-				return nil, d.Errf("unrecognized broker option %q", d.Val())
+				return nil, unknownName(d, "broker option", []string{"prefix", "username", "password"})
 			}
 			if !d.AllArgs(dst) {
 				return nil, d.ArgErr()

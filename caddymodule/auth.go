@@ -145,9 +145,6 @@ func (h *Handler) provisionAuth(ctx caddy.Context) error {
 			return err
 		}
 	}
-	if h.RefreshField != "" && a.verifier == nil {
-		return errors.New("refresh_field needs jwt")
-	}
 	// Two claims setting one header (in any spelling) would make the
 	// header depend on map order; the Caddyfile refuses it, and so does
 	// JSON config.

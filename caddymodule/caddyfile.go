@@ -2,6 +2,7 @@ package caddymodule
 
 import (
 	"math"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -11,6 +12,10 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/dustin/go-humanize"
+	"go.uber.org/zap"
+
+	"github.com/wsgate/wsgate/policy"
+	"github.com/wsgate/wsgate/proxy"
 )
 
 func init() {
@@ -27,7 +32,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 // UnmarshalCaddyfile sets up the handler from Caddyfile tokens. Syntax:
 //
 //	wsgate [<matcher>] [<upstreams...>] {
-//	    upstream             <ws://host:port/path...>
+//	    upstream             <ws://host:port[/path]...>
 //	    dial_timeout         <duration>
 //	    tls {
 //	        ca_file              <pem_files...>
@@ -48,6 +53,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    pong_timeout         <duration>
 //	    write_timeout        <duration>|off
 //	    close_timeout        <duration>
+//	    park_after           <duration>|off
 //	    origins              <origins...>
 //	    allow_missing_origin
 //	    jwt { … }                    (see parseJWT)
@@ -57,14 +63,32 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    limit_connections { … }      (see parseConnectionLimits)
 //	    channels { … }               (see parseChannels)
 //	    relay_channels { … }         (see parseRelayChannels)
+//	    rooms {                      (instead of upstreams)
+//	        max_subscriptions <n>
+//	        max_data          <size>
+//	    }
+//	    upstream_control     <prefix>
+//	    send_queue           <n>
+//	    slow_consumer        close|drop
 //	}
 //
-// Unknown or repeated subdirectives are errors; upstream may repeat and adds
-// upstreams. A rate such as 100/s, 6000/1m or 1MiB/s is an amount over a
-// duration (s, m and h stand for one second, minute and hour).
+// Unknown or repeated subdirectives are errors, with the closest known name
+// as a suggestion; upstream, origins and claims_header may repeat. A rate
+// such as 100/s, 6000/1m or 1MiB/s is an amount over a duration (s, m and
+// h stand for one second, minute and hour).
+//
+// Whatever the handler's provisioning would refuse without reading files or
+// the network is refused here, with the line: values with the same checks
+// (origins, upstream URLs, JWT keys and algorithms, ...) and options that
+// exclude or need each other. Options that could never take effect (a
+// pong_timeout with pings off, claims used without jwt or forward_auth,
+// upstream options in rooms mode, ...) are logged as warnings with their
+// line.
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // consume directive name
-	h.Upstreams = append(h.Upstreams, d.RemainingArgs()...)
+	if err := h.addUpstreams(d); err != nil {
+		return err
+	}
 	seen := map[string]bool{}
 	for d.NextBlock(0) {
 		name := d.Val()
@@ -77,11 +101,10 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		var err error
 		switch name {
 		case "upstream":
-			args := d.RemainingArgs()
-			if len(args) == 0 {
+			if d.CountRemainingArgs() == 0 {
 				return d.ArgErr()
 			}
-			h.Upstreams = append(h.Upstreams, args...)
+			err = h.addUpstreams(d)
 		case "dial_timeout":
 			h.DialTimeout, err = parseDuration(d)
 		case "tls":
@@ -90,6 +113,11 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			args := d.RemainingArgs()
 			if len(args) == 0 {
 				return d.ArgErr()
+			}
+			for _, a := range args {
+				if err := proxy.CheckForwardHeader(a); err != nil {
+					return d.Err(err.Error())
+				}
 			}
 			h.ForwardHeaders = args
 		case "max_message":
@@ -118,6 +146,9 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			args := d.RemainingArgs()
 			if len(args) == 0 {
 				return d.ArgErr()
+			}
+			if _, err := policy.NewOriginPolicy(args, false); err != nil {
+				return d.Err(err.Error())
 			}
 			h.Origins = append(h.Origins, args...)
 		case "allow_missing_origin":
@@ -175,24 +206,174 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Errf("slow_consumer must be close or drop, not %q", h.SlowConsumer)
 			}
 		default:
-			return d.Errf("unrecognized subdirective %q", name)
+			return unknownName(d, "subdirective", handlerSubdirectives)
 		}
 		if err != nil {
 			return err
 		}
 	}
-	if len(h.Upstreams) == 0 && h.Rooms == nil {
-		// point at the directive, not at the end of its block
-		d.Reset()
-		d.Next()
-		return d.Err("wsgate needs at least one upstream (or rooms)")
+	if option, err := h.conflict(); err != nil {
+		return errAt(d, option, err)
 	}
-	if len(h.Upstreams) > 0 && h.Rooms != nil {
-		d.Reset()
-		d.Next()
-		return d.Err("wsgate: rooms and upstream exclude each other")
+	for _, w := range h.ineffective() {
+		warnAt(d, w.option, w.msg)
 	}
 	return nil
+}
+
+// addUpstreams adds the upstream URLs among the line's remaining
+// arguments.
+func (h *Handler) addUpstreams(d *caddyfile.Dispenser) error {
+	for d.NextArg() {
+		if _, err := proxy.ParseUpstream(d.Val()); err != nil {
+			return d.Err(err.Error())
+		}
+		h.Upstreams = append(h.Upstreams, d.Val())
+	}
+	return nil
+}
+
+// hasPlaceholder reports whether s holds a placeholder such as
+// {env.SECRET}, whose value is only known when the config is provisioned.
+func hasPlaceholder(s string) bool { return strings.Contains(s, "{") }
+
+// The names each block knows, for suggestions on a typo.
+var (
+	handlerSubdirectives = []string{
+		"upstream", "dial_timeout", "tls", "forward_headers", "max_message", "max_message_upstream",
+		"rate_limit", "idle_timeout", "ping_interval", "pong_timeout", "write_timeout", "close_timeout",
+		"park_after", "origins", "allow_missing_origin", "jwt", "forward_auth", "refresh_field",
+		"claims_header", "limit_connections", "channels", "relay_channels", "rooms", "upstream_control",
+		"send_queue", "slow_consumer",
+	}
+	roomsSubdirectives     = []string{"max_subscriptions", "max_data"}
+	tlsSubdirectives       = []string{"ca_file", "server_name", "insecure_skip_verify", "client_certificate"}
+	rateLimitSubdirectives = []string{"messages", "bytes", "on_exceed"}
+)
+
+// ineffective lists options that can never take effect with the rest of
+// the config.
+func (h *Handler) ineffective() []warning {
+	var ws []warning
+	add := func(set bool, option, msg string) {
+		if set {
+			ws = append(ws, warning{option, option + " " + msg})
+		}
+	}
+	add(h.PongTimeout != 0 && h.PingInterval < 0, "pong_timeout", "has no effect: ping_interval is off")
+	noClaims := h.JWT == nil && h.ForwardAuth == nil
+	const why = "without jwt or forward_auth there are no claims"
+	add(noClaims && len(h.ClaimsHeaders) > 0, "claims_header", "has no effect: "+why)
+	add(noClaims && h.ConnectionLimits != nil && h.ConnectionLimits.PerSubject > 0,
+		"limit_connections", "per_subject has no effect: "+why)
+	if noClaims && len(h.Channels) > 0 {
+		if p, err := compileChannels(h.Channels); err == nil && p.UsesClaims() {
+			ws = append(ws, warning{"channels", "channel rules with {claims.…} never match: " + why})
+		}
+	}
+	if h.Rooms != nil {
+		const rooms = "has no effect in rooms mode (there is no upstream)"
+		add(h.DialTimeout != 0, "dial_timeout", rooms)
+		add(h.TLS != nil, "tls", rooms)
+		add(h.ForwardHeaders != nil, "forward_headers", rooms)
+		add(h.MaxMessageUpstream != 0, "max_message_upstream", rooms)
+		add(h.RefreshField != "", "refresh_field", "has no effect in rooms mode (clients refresh with the protocol's refresh op)")
+		add(h.RateLimitUpstream != nil, "rate_limit upstream", rooms)
+	} else {
+		add(h.TLS != nil && !slices.ContainsFunc(h.Upstreams, func(u string) bool { return strings.HasPrefix(u, "wss://") }),
+			"tls", "has no effect: no upstream is wss://")
+		const fanout = "has no effect without rooms or upstream_control (nothing is fanned out)"
+		add(h.UpstreamControl == "" && h.SendQueue != 0, "send_queue", fanout)
+		add(h.UpstreamControl == "" && h.SlowConsumer != "", "slow_consumer", fanout)
+	}
+	return ws
+}
+
+// warning is an option that can never take effect, and why. option is a
+// subdirective name, maybe followed by its first argument.
+type warning struct{ option, msg string }
+
+// adapterLog receives the Caddyfile warnings; tests replace it.
+var adapterLog = func() *zap.Logger { return caddy.Log().Named("config.adapter.caddyfile") }
+
+// errAt returns err at the line of the block's first subdirective named
+// option, or of the directive itself when option is "" or absent.
+func errAt(d *caddyfile.Dispenser, option string, err error) error {
+	seek(d, option)
+	return d.Err(err.Error())
+}
+
+// warnAt logs msg with the file and line of the block's first subdirective
+// named option (or of the directive).
+func warnAt(d *caddyfile.Dispenser, option, msg string) {
+	seek(d, option)
+	adapterLog().Warn(msg, zap.String("file", d.File()), zap.Int("line", d.Line()))
+}
+
+// seek moves d to the block's first subdirective named option (a name,
+// or a name and its first argument), or to the directive.
+func seek(d *caddyfile.Dispenser, option string) {
+	d.Reset()
+	d.Next()
+	if option == "" {
+		return
+	}
+	name, arg, _ := strings.Cut(option, " ")
+	d.RemainingArgs()
+	for d.NextBlock(0) {
+		if d.Val() == name && (arg == "" || d.NextArg() && d.Val() == arg) {
+			return
+		}
+		// skip the subdirective's arguments and block
+		d.RemainingArgs()
+		for n := d.Nesting(); d.NextBlock(n); {
+		}
+	}
+	d.Reset()
+	d.Next()
+}
+
+// unknownName is the error for the unknown name d is at, a what such as
+// "tls subdirective", with the closest of known as a suggestion.
+func unknownName(d *caddyfile.Dispenser, what string, known []string) error {
+	name := d.Val()
+	if s := closest(name, known); s != "" {
+		return d.Errf("unrecognized %s %q, did you mean %q?", what, name, s)
+	}
+	return d.Errf("unrecognized %s %q", what, name)
+}
+
+// closest is the entry of known nearest to name, if it is near enough to
+// be a typo: at most two edits, and fewer than half the name's length.
+func closest(name string, known []string) string {
+	best, bestDist := "", 3
+	for _, k := range known {
+		if dist := editDistance(name, k); dist < bestDist && 2*dist < len(name) {
+			best, bestDist = k, dist
+		}
+	}
+	return best
+}
+
+// editDistance is the Levenshtein distance between a and b, in bytes.
+func editDistance(a, b string) int {
+	prev := make([]int, len(b)+1)
+	cur := make([]int, len(b)+1)
+	for j := range prev {
+		prev[j] = j
+	}
+	for i := 1; i <= len(a); i++ {
+		cur[0] = i
+		for j := 1; j <= len(b); j++ {
+			cost := 1
+			if a[i-1] == b[j-1] {
+				cost = 0
+			}
+			cur[j] = min(prev[j]+1, cur[j-1]+1, prev[j-1]+cost)
+		}
+		prev, cur = cur, prev
+	}
+	return prev[len(b)]
 }
 
 // parseRooms reads:
@@ -227,7 +408,7 @@ func parseRooms(d *caddyfile.Dispenser) (*RoomsConfig, error) {
 			}
 			rc.MaxData = int(n)
 		default:
-			return nil, d.Errf("unrecognized rooms subdirective %q", name)
+			return nil, unknownName(d, "rooms subdirective", roomsSubdirectives)
 		}
 	}
 	return rc, nil
@@ -320,7 +501,7 @@ func parseTLS(d *caddyfile.Dispenser) (*UpstreamTLS, error) {
 				return nil, d.ArgErr()
 			}
 		default:
-			return nil, d.Errf("unrecognized tls subdirective %q", name)
+			return nil, unknownName(d, "tls subdirective", tlsSubdirectives)
 		}
 	}
 	return t, nil
@@ -379,7 +560,7 @@ func (h *Handler) parseRateLimit(d *caddyfile.Dispenser, seen map[string]bool) e
 				return d.Errf("on_exceed must be close, drop or throttle, not %q", rl.OnExceed)
 			}
 		default:
-			return d.Errf("unrecognized rate_limit subdirective %q", name)
+			return unknownName(d, "rate_limit subdirective", rateLimitSubdirectives)
 		}
 	}
 	if rl.Messages == 0 && rl.Bytes == 0 {

@@ -1,10 +1,13 @@
 package caddymodule
 
 import (
+	"slices"
 	"strings"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+
+	"github.com/wsgate/wsgate/policy"
 )
 
 // parseJWT reads:
@@ -86,14 +89,8 @@ func parseJWT(outer *caddyfile.Dispenser) (*JWT, error) {
 			if len(args) == 2 {
 				src.Name = args[1]
 			}
-			switch src.Kind {
-			case "header", "protocol":
-			case "query", "cookie":
-				if src.Name == "" {
-					return nil, d.Errf("from %s needs a name", src.Kind)
-				}
-			default:
-				return nil, d.Errf("unknown token source %q: want header, query, cookie or protocol", src.Kind)
+			if _, err := policy.ParseSource(src.Kind, src.Name); err != nil {
+				return nil, d.Err(err.Error())
 			}
 			j.From = append(j.From, src)
 			continue
@@ -126,7 +123,7 @@ func parseJWT(outer *caddyfile.Dispenser) (*JWT, error) {
 			}
 			j.MaxTokenSize = int(n)
 		default:
-			return nil, d.Errf("unrecognized jwt subdirective %q", name)
+			return nil, unknownName(d, "jwt subdirective", jwtSubdirectives)
 		}
 	}
 	if topUsed {
@@ -137,13 +134,24 @@ func parseJWT(outer *caddyfile.Dispenser) (*JWT, error) {
 	if len(j.Issuers) == 0 {
 		return nil, d.Err("jwt needs a key: secret, public_key or jwks (directly or in an issuer block)")
 	}
-	for _, is := range j.Issuers {
+	names := make([]string, len(j.Issuers))
+	for i, is := range j.Issuers {
 		if len(is.Keys) == 0 && is.JWKSURL == "" {
 			return nil, d.Errf("jwt issuer %q has no key", is.Issuer)
 		}
+		names[i] = is.Issuer
+	}
+	if err := policy.CheckIssuerNames(names); err != nil {
+		return nil, d.Err(err.Error())
 	}
 	return j, nil
 }
+
+var (
+	issuerSubdirectives = []string{"audience", "secret", "public_key", "jwks"}
+	jwtSubdirectives    = append([]string{"issuer", "from", "leeway", "require_claims", "allow_missing_exp", "max_token_size"},
+		issuerSubdirectives...)
+)
 
 func parseIssuerLine(d *caddyfile.Dispenser, is *JWTIssuer) error {
 	switch d.Val() {
@@ -180,7 +188,23 @@ func parseIssuerLine(d *caddyfile.Dispenser, is *JWTIssuer) error {
 				return d.Errf("unexpected %q: want kid <id> or alg <algorithms...>", d.Val())
 			}
 		}
+		// the same checks as provisioning, short of reading the key
+		if kind == "secret" && !hasPlaceholder(k.Secret) {
+			if err := policy.CheckSecret([]byte(k.Secret)); err != nil {
+				return d.Err(err.Error())
+			}
+		}
+		if err := policy.CheckKeyAlgorithms(k.Algorithms, kind == "secret"); err != nil {
+			return d.Err(err.Error())
+		}
 		is.Keys = append(is.Keys, k)
+		ids := make([]string, len(is.Keys))
+		for i, k := range is.Keys {
+			ids[i] = k.ID
+		}
+		if err := policy.CheckKeyIDs(ids); err != nil {
+			return d.Err(err.Error())
+		}
 	case "jwks":
 		if is.JWKSURL != "" {
 			return d.Errf("duplicate jwks for issuer %q", is.Issuer)
@@ -189,6 +213,9 @@ func parseIssuerLine(d *caddyfile.Dispenser, is *JWTIssuer) error {
 			return d.ArgErr()
 		}
 		is.JWKSURL = d.Val()
+		if err := policy.CheckJWKSURL(is.JWKSURL); err != nil {
+			return d.Err(err.Error())
+		}
 		for d.NextArg() {
 			switch d.Val() {
 			case "refresh":
@@ -205,12 +232,17 @@ func parseIssuerLine(d *caddyfile.Dispenser, is *JWTIssuer) error {
 				if len(is.JWKSAlgorithms) == 0 {
 					return d.ArgErr()
 				}
+				for _, a := range is.JWKSAlgorithms {
+					if err := policy.CheckAlgorithm(a); err != nil {
+						return d.Err(err.Error())
+					}
+				}
 			default:
 				return d.Errf("unexpected %q: want refresh <duration> or alg <algorithms...>", d.Val())
 			}
 		}
 	default:
-		return d.Errf("unrecognized issuer subdirective %q", d.Val())
+		return unknownName(d, "issuer subdirective", issuerSubdirectives)
 	}
 	return nil
 }
@@ -228,6 +260,9 @@ func parseForwardAuth(d *caddyfile.Dispenser) (*ForwardAuth, error) {
 	f := new(ForwardAuth)
 	if !d.AllArgs(&f.URL) {
 		return nil, d.ArgErr()
+	}
+	if err := policy.CheckForwardAuthURL(f.URL); err != nil {
+		return nil, d.Err(err.Error())
 	}
 	seen := map[string]bool{}
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
@@ -279,11 +314,16 @@ func parseForwardAuth(d *caddyfile.Dispenser) (*ForwardAuth, error) {
 			}
 			f.ClaimHeaders[hdr] = claim
 		default:
-			return nil, d.Errf("unrecognized forward_auth subdirective %q", name)
+			return nil, unknownName(d, "forward_auth subdirective", forwardAuthSubdirectives)
 		}
 	}
 	return f, nil
 }
+
+var (
+	forwardAuthSubdirectives = []string{"copy_headers", "timeout", "cache", "claims_from_body", "claim_header"}
+	limitSubdirectives       = []string{"total", "per_ip", "per_subject", "zone"}
+)
 
 // parseConnectionLimits reads:
 //
@@ -307,10 +347,8 @@ func parseConnectionLimits(outer *caddyfile.Dispenser) (*ConnectionLimits, error
 			return nil, d.Errf("duplicate limit_connections subdirective %q", name)
 		}
 		seen[name] = true
-		switch name {
-		case "zone", "total", "per_ip", "per_subject":
-		default:
-			return nil, d.Errf("unrecognized limit_connections subdirective %q", name)
+		if !slices.Contains(limitSubdirectives, name) {
+			return nil, unknownName(d, "limit_connections subdirective", limitSubdirectives)
 		}
 		if name == "zone" {
 			if !d.AllArgs(&l.Zone) {

@@ -25,6 +25,9 @@ func parseChannels(d *caddyfile.Dispenser) ([]ChannelRule, error) {
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		effect := d.Val()
 		if effect != "allow" && effect != "deny" {
+			if s := closest(effect, []string{"allow", "deny"}); s != "" {
+				return nil, d.Errf("channel rule must start with allow or deny, not %q, did you mean %q?", effect, s)
+			}
 			return nil, d.Errf("channel rule must start with allow or deny, not %q", effect)
 		}
 		var actions, pattern string
@@ -50,6 +53,8 @@ func parseChannels(d *caddyfile.Dispenser) ([]ChannelRule, error) {
 	}
 	return rules, nil
 }
+
+var relayChannelsSubdirectives = []string{"channel_field", "action_field", "action", "unmatched", "on_deny", "deny_reply"}
 
 // parseRelayChannels reads:
 //
@@ -89,6 +94,11 @@ func parseRelayChannels(d *caddyfile.Dispenser) (*RelayChannels, error) {
 			} else {
 				rc.ActionField = v
 			}
+			if rc.ChannelField != "" && rc.ActionField != "" {
+				if _, err := rc.messageFields(); err != nil {
+					return nil, d.Err(err.Error())
+				}
+			}
 		case "action":
 			args := d.RemainingArgs()
 			if len(args) < 2 {
@@ -104,6 +114,9 @@ func parseRelayChannels(d *caddyfile.Dispenser) (*RelayChannels, error) {
 				return nil, d.Errf("duplicate action %q", args[0])
 			}
 			rc.Actions[args[0]] = args[1:]
+			if _, err := rc.wordActions(); err != nil {
+				return nil, d.Err(err.Error())
+			}
 		case "unmatched":
 			if !d.AllArgs(&rc.Unmatched) {
 				return nil, d.ArgErr()
@@ -123,7 +136,7 @@ func parseRelayChannels(d *caddyfile.Dispenser) (*RelayChannels, error) {
 				return nil, d.ArgErr()
 			}
 		default:
-			return nil, d.Errf("unrecognized relay_channels subdirective %q", name)
+			return nil, unknownName(d, "relay_channels subdirective", relayChannelsSubdirectives)
 		}
 	}
 	if rc.ChannelField == "" {

@@ -456,30 +456,6 @@ func TestProvisionChannels(t *testing.T) {
 	}
 }
 
-// TestProvisionChannelsFromCaddyfile parses configs that are fine for the
-// parser, which sees one block at a time, but not as a whole.
-func TestProvisionChannelsFromCaddyfile(t *testing.T) {
-	tests := []struct {
-		name, input, wantErr string
-	}{
-		{"channels without relay_channels", "wsgate ws://a:1 {\n\tchannels {\n\t\tallow * **\n\t}\n}", "need relay_channels with a channel_field"},
-		{"relay_channels without channels", "wsgate ws://a:1 {\n\trelay_channels {\n\t\tchannel_field c\n\t}\n}", "relay_channels needs a channels block"},
-		{"a word mapped to two actions", relayInput("channel_field c", "action subscribe join", "action publish join"), `word "join" maps to both`},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			h, err := unmarshal(t, tt.input)
-			if err != nil {
-				t.Fatalf("UnmarshalCaddyfile: %v", err)
-			}
-			err = h.provisionChannels()
-			if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
-				t.Errorf("provisionChannels error = %v, want one containing %q", err, tt.wantErr)
-			}
-		})
-	}
-}
-
 // TestChannelsInspector runs relayed frames through a provisioned config.
 func TestChannelsInspector(t *testing.T) {
 	h, err := unmarshal(t, `wsgate ws://a:1 {

@@ -1285,14 +1285,11 @@ func TestWriteAndCloseTimeoutDefaults(t *testing.T) {
 
 // TestUnmarshalCaddyfileRejectedByValidation lists configs that parse but
 // that the proxy config conversion must refuse, so Caddy fails at load
-// rather than at the first connection.
+// rather than at the first connection: what they get wrong is in a file.
 func TestUnmarshalCaddyfileRejectedByValidation(t *testing.T) {
 	tests := []struct {
 		name, input, wantErr string
 	}{
-		{"http upstream", `wsgate http://a:1`, "scheme must be ws or wss"},
-		{"upstream without host", `wsgate ws:///path`, "missing host"},
-		{"managed header forwarded", "wsgate ws://a:1 {\n\tforward_headers Sec-WebSocket-Key\n}", "cannot be forwarded"},
 		{"missing CA file", "wsgate wss://a:1 {\n\ttls {\n\t\tca_file testdata/no-such-ca.pem\n\t}\n}", "reading CA file"},
 	}
 	for _, tt := range tests {

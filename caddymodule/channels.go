@@ -62,15 +62,24 @@ type channelState struct {
 	reply     string
 }
 
-func (h *Handler) provisionChannels() error {
-	if len(h.Channels) == 0 {
-		if h.RelayChannels != nil {
-			return errors.New("relay_channels needs a channels block")
-		}
-		return nil
+// channelConflict finds channel options that need or exclude others, and
+// names the one to blame.
+func (h *Handler) channelConflict() (option string, err error) {
+	switch {
+	case h.RelayChannels != nil && len(h.Channels) == 0:
+		return "relay_channels", errors.New("relay_channels needs a channels block")
+	case h.RelayChannels != nil && h.Rooms != nil:
+		return "relay_channels", errors.New("relay_channels is for relay mode; rooms clients name channels in the protocol")
+	case len(h.Channels) > 0 && h.Rooms == nil && (h.RelayChannels == nil || h.RelayChannels.ChannelField == ""):
+		return "channels", errors.New("channels in relay mode need relay_channels with a channel_field: without it no frame would be checked")
 	}
-	rules := make([]policy.Rule, 0, len(h.Channels))
-	for _, r := range h.Channels {
+	return "", nil
+}
+
+// compileChannels compiles the channel rules.
+func compileChannels(rules []ChannelRule) (*policy.ChannelPolicy, error) {
+	prules := make([]policy.Rule, 0, len(rules))
+	for _, r := range rules {
 		var eff policy.Effect
 		switch r.Effect {
 		case "allow":
@@ -78,39 +87,62 @@ func (h *Handler) provisionChannels() error {
 		case "deny":
 			eff = policy.Deny
 		default:
-			return fmt.Errorf("channel rule %q: effect must be allow or deny", r.Pattern)
+			return nil, fmt.Errorf("channel rule %q: effect must be allow or deny", r.Pattern)
 		}
-		rules = append(rules, policy.Rule{Effect: eff, Actions: r.Actions, Pattern: r.Pattern})
+		prules = append(prules, policy.Rule{Effect: eff, Actions: r.Actions, Pattern: r.Pattern})
 	}
-	p, err := policy.CompileChannelPolicy(rules)
+	return policy.CompileChannelPolicy(prules)
+}
+
+// messageFields reads the channel field and, if set, the action field.
+func (rc *RelayChannels) messageFields() (*policy.MessageFields, error) {
+	f, err := policy.NewMessageFields(rc.ChannelField, rc.ActionField)
+	if err != nil {
+		return nil, fmt.Errorf("relay_channels: %w", err)
+	}
+	return f, nil
+}
+
+// wordActions maps the app's words to policy actions.
+func (rc *RelayChannels) wordActions() (map[string]string, error) {
+	m := map[string]string{}
+	for action, words := range rc.Actions {
+		if !policy.ValidAction(action) || action == "*" {
+			return nil, fmt.Errorf("relay_channels: bad action %q", action)
+		}
+		for _, w := range words {
+			if prev, dup := m[w]; dup && prev != action {
+				// name the actions in a stable order: map order is not
+				return nil, fmt.Errorf("relay_channels: word %q maps to both %s and %s", w, min(prev, action), max(prev, action))
+			}
+			m[w] = action
+		}
+	}
+	return m, nil
+}
+
+func (h *Handler) provisionChannels() error {
+	if _, err := h.channelConflict(); err != nil {
+		return err
+	}
+	if len(h.Channels) == 0 {
+		return nil
+	}
+	p, err := compileChannels(h.Channels)
 	if err != nil {
 		return err
 	}
 	if h.Rooms != nil {
-		if h.RelayChannels != nil {
-			return errors.New("relay_channels is for relay mode; rooms clients name channels in the protocol")
-		}
 		h.channels = &channelState{policy: p}
 		return nil
 	}
 	rc := h.RelayChannels
-	if rc == nil || rc.ChannelField == "" {
-		return errors.New("channels in relay mode need relay_channels with a channel_field: without it no frame would be checked")
+	cs := &channelState{policy: p, reply: defaultDenyReply, deny: proxy.Drop}
+	if cs.fields, err = rc.messageFields(); err != nil {
+		return err
 	}
-	cs := &channelState{policy: p, words: map[string]string{}, reply: defaultDenyReply, deny: proxy.Drop}
-	if cs.fields, err = policy.NewMessageFields(rc.ChannelField, rc.ActionField); err != nil {
-		return fmt.Errorf("relay_channels: %w", err)
-	}
-	for action, words := range rc.Actions {
-		if !policy.ValidAction(action) || action == "*" {
-			return fmt.Errorf("relay_channels: bad action %q", action)
-		}
-		for _, w := range words {
-			if prev, dup := cs.words[w]; dup && prev != action {
-				return fmt.Errorf("relay_channels: word %q maps to both %s and %s", w, prev, action)
-			}
-			cs.words[w] = action
-		}
+	if cs.words, err = rc.wordActions(); err != nil {
+		return err
 	}
 	switch rc.Unmatched {
 	case "", "pass":

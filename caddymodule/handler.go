@@ -3,6 +3,7 @@ package caddymodule
 import (
 	"crypto/tls"
 	"crypto/x509"
+	"errors"
 	"fmt"
 	"net/http"
 	"os"
@@ -41,7 +42,7 @@ type Handler struct {
 	Upstreams []string `json:"upstreams,omitempty"`
 
 	// DialTimeout bounds connecting to an upstream and its handshake.
-	// Default: 5s.
+	// Default: 5s. Negative is an error.
 	DialTimeout caddy.Duration `json:"dial_timeout,omitempty"`
 
 	// TLS configures connections to wss:// upstreams. Default: system roots,
@@ -80,7 +81,8 @@ type Handler struct {
 	PingInterval caddy.Duration `json:"ping_interval,omitempty"`
 
 	// PongTimeout is how long the gateway waits for any frame after a ping
-	// before it drops the client. Default: 30s.
+	// before it drops the client; it has no effect with pings off.
+	// Default: 30s. Negative is an error.
 	PongTimeout caddy.Duration `json:"pong_timeout,omitempty"`
 
 	// WriteTimeout bounds each write to a peer. A client that does not
@@ -92,7 +94,7 @@ type Handler struct {
 
 	// CloseTimeout bounds the closing handshake: once the gateway has sent
 	// a close frame, the peer has this long to answer before its socket is
-	// dropped. Default: 5s.
+	// dropped. Default: 5s. Negative is an error.
 	CloseTimeout caddy.Duration `json:"close_timeout,omitempty"`
 
 	// ParkAfter is how long a side of a connection waits for data before
@@ -139,8 +141,8 @@ type Handler struct {
 	// messages starting with the prefix never reach the upstream.
 	UpstreamControl string `json:"upstream_control,omitempty"`
 
-	// SendQueue bounds the fan-out messages waiting for one client.
-	// Default: 256.
+	// SendQueue bounds the fan-out messages waiting for one client (rooms
+	// or upstream_control). Default: 256. Negative is an error.
 	SendQueue int `json:"send_queue,omitempty"`
 	// SlowConsumer is what happens when the queue is full: "close" (close
 	// 1013 "slow consumer") or "drop" (the message is dropped for this
@@ -233,14 +235,26 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	return h.provisionAuth(ctx)
 }
 
-func (h *Handler) proxyConfig() (proxy.Config, error) {
+// conflict finds options that exclude or need each other, and names the
+// option to blame ("" for the directive itself). The Caddyfile parser
+// reports it with that option's line; provisioning, for JSON configs.
+func (h *Handler) conflict() (option string, err error) {
 	switch {
 	case h.Rooms != nil && len(h.Upstreams) > 0:
-		return proxy.Config{}, fmt.Errorf("wsgate: rooms and upstream exclude each other")
+		return "", errors.New("wsgate: rooms and upstream exclude each other")
 	case h.Rooms == nil && len(h.Upstreams) == 0:
-		return proxy.Config{}, fmt.Errorf("wsgate: no upstream configured (or rooms)")
+		return "", errors.New("wsgate needs at least one upstream (or rooms)")
 	case h.Rooms != nil && h.UpstreamControl != "":
-		return proxy.Config{}, fmt.Errorf("wsgate: upstream_control is for relay mode")
+		return "upstream_control", errors.New("wsgate: upstream_control is for relay mode")
+	case h.RefreshField != "" && h.JWT == nil:
+		return "refresh_field", errors.New("refresh_field needs jwt")
+	}
+	return h.channelConflict()
+}
+
+func (h *Handler) proxyConfig() (proxy.Config, error) {
+	if _, err := h.conflict(); err != nil {
+		return proxy.Config{}, err
 	}
 	cfg := proxy.Config{
 		SendQueue:      h.SendQueue,

@@ -60,8 +60,8 @@ func (p *Publish) Provision(ctx caddy.Context) error {
 	repl := caddy.NewReplacer()
 	for _, k := range p.Keys {
 		v := repl.ReplaceKnown(k, "")
-		if len(v) < 16 {
-			return errors.New("wsgate_publish: a key needs at least 16 characters (unset environment variable?)")
+		if err := checkPublishKey(v); err != nil {
+			return err
 		}
 		p.keys = append(p.keys, []byte(v))
 	}
@@ -84,6 +84,14 @@ func (p *Publish) Provision(ctx caddy.Context) error {
 	var err error
 	p.hub, _, err = hubFor(ctx)
 	return err
+}
+
+// checkPublishKey checks a key's length (after placeholders).
+func checkPublishKey(k string) error {
+	if len(k) < 16 {
+		return errors.New("wsgate_publish: a key needs at least 16 characters (unset environment variable?)")
+	}
+	return nil
 }
 
 type publication struct {
@@ -211,6 +219,11 @@ func (p *Publish) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if !d.AllArgs(&k) {
 				return d.ArgErr()
 			}
+			if !hasPlaceholder(k) {
+				if err := checkPublishKey(k); err != nil {
+					return d.Err(err.Error())
+				}
+			}
 			p.Keys = append(p.Keys, k)
 		case "jwt":
 			j, err := parseJWT(d)
@@ -231,7 +244,7 @@ func (p *Publish) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 			p.MaxBatch = n
 		default:
-			return d.Errf("unrecognized subdirective %q", name)
+			return unknownName(d, "subdirective", []string{"key", "jwt", "max_body", "max_batch"})
 		}
 	}
 	if len(p.Keys) == 0 && p.JWT == nil {

@@ -439,3 +439,18 @@ func lookupPath(c Claims, path []string) (any, bool) {
 
 // Len is the number of rules.
 func (p *ChannelPolicy) Len() int { return len(p.rules) }
+
+// UsesClaims reports whether a rule's pattern reads the claims, and so can
+// only match for a client whose claims are known.
+func (p *ChannelPolicy) UsesClaims() bool {
+	for _, r := range p.rules {
+		for _, s := range r.segs {
+			for _, pt := range s.parts {
+				if pt.claim != nil {
+					return true
+				}
+			}
+		}
+	}
+	return false
+}

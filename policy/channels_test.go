@@ -1215,3 +1215,27 @@ func FuzzChannelPolicy(f *testing.F) {
 		}
 	})
 }
+
+func TestUsesClaims(t *testing.T) {
+	tests := []struct {
+		pattern string
+		want    bool
+	}{
+		{"chat:*", false},
+		{"chat:**", false},
+		{"org:{claims.org}:*", true},
+		{"room:{claims.rooms[*]}", true},
+		{"user-{claims.sub}", true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.pattern, func(t *testing.T) {
+			p, err := CompileChannelPolicy([]Rule{{Effect: Allow, Actions: []string{"*"}, Pattern: "lobby"}, {Effect: Allow, Actions: []string{"*"}, Pattern: tt.pattern}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := p.UsesClaims(); got != tt.want {
+				t.Errorf("UsesClaims() = %v, want %v", got, tt.want)
+			}
+		})
+	}
+}

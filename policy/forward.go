@@ -56,11 +56,20 @@ type cacheEntry struct {
 	expires time.Time
 }
 
+// CheckForwardAuthURL checks the URL of an auth endpoint: http or https,
+// with a host.
+func CheckForwardAuthURL(s string) error {
+	u, err := url.Parse(s)
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		return fmt.Errorf("forward_auth: URL %q must be http(s)://host/…", s)
+	}
+	return nil
+}
+
 // NewForwardAuth validates cfg.
 func NewForwardAuth(cfg ForwardAuthConfig) (*ForwardAuth, error) {
-	u, err := url.Parse(cfg.URL)
-	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-		return nil, fmt.Errorf("forward_auth: URL %q must be http(s)://host/…", cfg.URL)
+	if err := CheckForwardAuthURL(cfg.URL); err != nil {
+		return nil, err
 	}
 	if len(cfg.CopyHeaders) == 0 {
 		cfg.CopyHeaders = []string{"Cookie", "Authorization"}

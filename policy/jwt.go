@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"net/url"
 	"slices"
 	"strings"
 	"sync"
@@ -141,7 +142,94 @@ var (
 	rsaAlgs   = []string{"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"}
 	ecAlgs    = map[string][]string{"P-256": {"ES256"}, "P-384": {"ES384"}, "P-521": {"ES512"}}
 	eddsaAlgs = []string{"EdDSA"}
+	// publicKeyAlgs are the algorithms of every public key type; also the
+	// default for JWKS keys.
+	publicKeyAlgs = slices.Concat(rsaAlgs, []string{"ES256", "ES384", "ES512"}, eddsaAlgs)
 )
+
+// The checks below need no key material and no network, so a config
+// parser can run them on each line; NewVerifier runs them too.
+
+// CheckAlgorithm reports whether alg names a signing algorithm ("none" is
+// not one).
+func CheckAlgorithm(alg string) error {
+	if jwt.GetSigningMethod(alg) == nil || alg == "none" {
+		return fmt.Errorf("unknown algorithm %q", alg)
+	}
+	return nil
+}
+
+// CheckKeyAlgorithms checks the algorithms configured for a static key
+// before the key is read: each must be known and of the key's family,
+// HMAC for a secret and public-key algorithms otherwise.
+func CheckKeyAlgorithms(algs []string, secret bool) error {
+	fit := publicKeyAlgs
+	if secret {
+		fit = hmacAlgs
+	}
+	return checkFit(algs, fit)
+}
+
+func checkFit(algs, fit []string) error {
+	for _, a := range algs {
+		if err := CheckAlgorithm(a); err != nil {
+			return err
+		}
+		if !slices.Contains(fit, a) {
+			return fmt.Errorf("algorithm %s does not fit this key (it takes %s)", a, strings.Join(fit, ", "))
+		}
+	}
+	return nil
+}
+
+// CheckSecret checks the length of an HMAC secret.
+func CheckSecret(secret []byte) error {
+	if len(secret) < 32 {
+		return errors.New("an HMAC secret needs at least 32 bytes")
+	}
+	return nil
+}
+
+// CheckKeyIDs checks the ids of one issuer's static keys: each names one
+// key, and at most one key goes without.
+func CheckKeyIDs(ids []string) error {
+	seen := map[string]bool{}
+	for _, id := range ids {
+		if seen[id] {
+			if id == "" {
+				return errors.New("several keys without an id: give each key an id (kid)")
+			}
+			return fmt.Errorf("key id %q used twice", id)
+		}
+		seen[id] = true
+	}
+	return nil
+}
+
+// CheckIssuerNames checks the iss values of the configured issuers: each
+// names one issuer, and only a sole issuer may go without.
+func CheckIssuerNames(names []string) error {
+	seen := map[string]bool{}
+	for i, n := range names {
+		if n == "" && len(names) > 1 {
+			return fmt.Errorf("jwt issuer #%d: several issuers need an issuer name each", i+1)
+		}
+		if seen[n] {
+			return fmt.Errorf("jwt issuer %q: configured twice", n)
+		}
+		seen[n] = true
+	}
+	return nil
+}
+
+// CheckJWKSURL checks a JWKS URL: http or https, with a host.
+func CheckJWKSURL(s string) error {
+	u, err := url.Parse(s)
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		return fmt.Errorf("jwks URL %q must be http(s)://host/…", s)
+	}
+	return nil
+}
 
 // algsFor lists the algorithms that fit a key's type.
 func algsFor(key any) []string {
@@ -173,13 +261,14 @@ func NewVerifier(ctx context.Context, cfg JWTConfig) (*Verifier, error) {
 		cfg.HTTPClient = &http.Client{Timeout: 10 * time.Second}
 	}
 	v := &Verifier{cfg: cfg, issuers: map[string]*issuer{}, cache: map[[32]byte]cachedToken{}}
+	names := make([]string, len(cfg.Issuers))
 	for i, ic := range cfg.Issuers {
-		if ic.Issuer == "" && len(cfg.Issuers) > 1 {
-			return nil, fmt.Errorf("jwt issuer #%d: several issuers need an issuer name each", i+1)
-		}
-		if _, dup := v.issuers[ic.Issuer]; dup {
-			return nil, fmt.Errorf("jwt issuer %q: configured twice", ic.Issuer)
-		}
+		names[i] = ic.Issuer
+	}
+	if err := CheckIssuerNames(names); err != nil {
+		return nil, err
+	}
+	for _, ic := range cfg.Issuers {
 		is, err := newIssuer(ctx, cfg, ic)
 		if err != nil {
 			return nil, fmt.Errorf("jwt issuer %q: %w", ic.Issuer, err)
@@ -194,23 +283,25 @@ func newIssuer(ctx context.Context, cfg JWTConfig, ic IssuerConfig) (*issuer, er
 	if len(ic.Keys) == 0 && ic.JWKSURL == "" {
 		return nil, errors.New("no key and no JWKS URL")
 	}
-	ids := map[string]bool{}
+	ids := make([]string, len(ic.Keys))
+	for i, kc := range ic.Keys {
+		ids[i] = kc.ID
+	}
+	if err := CheckKeyIDs(ids); err != nil {
+		return nil, err
+	}
 	for _, kc := range ic.Keys {
 		sk, err := newStaticKey(kc)
 		if err != nil {
 			return nil, err
 		}
-		if ids[sk.id] {
-			if sk.id == "" {
-				return nil, errors.New("several keys without an id: give each key an id (kid)")
-			}
-			return nil, fmt.Errorf("key id %q used twice", sk.id)
-		}
-		ids[sk.id] = true
 		is.keys = append(is.keys, sk)
 		is.algs = append(is.algs, sk.algs...)
 	}
 	if ic.JWKSURL != "" {
+		if err := CheckJWKSURL(ic.JWKSURL); err != nil {
+			return nil, err
+		}
 		refresh := ic.JWKSRefresh
 		if refresh <= 0 {
 			refresh = time.Hour
@@ -247,13 +338,12 @@ func newIssuer(ctx context.Context, cfg JWTConfig, ic IssuerConfig) (*issuer, er
 		if len(ic.JWKSAlgorithms) > 0 {
 			is.algs = append(is.algs, ic.JWKSAlgorithms...)
 		} else {
-			is.algs = append(is.algs, rsaAlgs...)
-			is.algs = append(is.algs, "ES256", "ES384", "ES512", "EdDSA")
+			is.algs = append(is.algs, publicKeyAlgs...)
 		}
 	}
 	for _, a := range is.algs {
-		if jwt.GetSigningMethod(a) == nil || a == "none" {
-			return nil, fmt.Errorf("unknown algorithm %q", a)
+		if err := CheckAlgorithm(a); err != nil {
+			return nil, err
 		}
 	}
 	opts := []jwt.ParserOption{
@@ -281,8 +371,8 @@ func newStaticKey(kc KeyConfig) (staticKey, error) {
 	case len(kc.Secret) > 0 && len(kc.PEM) > 0:
 		return sk, errors.New("a key is either a secret or a PEM key, not both")
 	case len(kc.Secret) > 0:
-		if len(kc.Secret) < 32 {
-			return sk, errors.New("an HMAC secret needs at least 32 bytes")
+		if err := CheckSecret(kc.Secret); err != nil {
+			return sk, err
 		}
 		sk.key = kc.Secret
 	case len(kc.PEM) > 0:
@@ -293,6 +383,9 @@ func newStaticKey(kc KeyConfig) (staticKey, error) {
 		sk.key = k
 	default:
 		return sk, errors.New("a key needs a secret or a PEM key")
+	}
+	if err := CheckKeyAlgorithms(kc.Algorithms, len(kc.Secret) > 0); err != nil {
+		return sk, err
 	}
 	fit := algsFor(sk.key)
 	if len(fit) == 0 {
@@ -305,12 +398,7 @@ func newStaticKey(kc KeyConfig) (staticKey, error) {
 			sk.algs = fit
 		}
 	}
-	for _, a := range sk.algs {
-		if !slices.Contains(fit, a) {
-			return sk, fmt.Errorf("algorithm %s does not fit this key (it takes %s)", a, strings.Join(fit, ", "))
-		}
-	}
-	return sk, nil
+	return sk, checkFit(sk.algs, fit)
 }
 
 func parsePublicKeyPEM(b []byte) (any, error) {

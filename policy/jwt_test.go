@@ -444,7 +444,8 @@ func TestNewVerifierErrors(t *testing.T) {
 		{"ES256 on an RSA key", one(KeyConfig{PEM: rsaPEM, Algorithms: []string{"ES256"}}), "algorithm ES256 does not fit"},
 		{"HS256 on a PEM key", one(KeyConfig{PEM: rsaPEM, Algorithms: []string{"HS256"}}), "algorithm HS256 does not fit"},
 		{"RS256 on a secret", one(KeyConfig{Secret: hmacSecret, Algorithms: []string{"RS256"}}), "algorithm RS256 does not fit"},
-		{"none on a secret", one(KeyConfig{Secret: hmacSecret, Algorithms: []string{"none"}}), "algorithm none does not fit"},
+		{"none on a secret", one(KeyConfig{Secret: hmacSecret, Algorithms: []string{"none"}}), `unknown algorithm "none"`},
+		{"unknown algorithm on a secret", one(KeyConfig{Secret: hmacSecret, Algorithms: []string{"HS999"}}), `unknown algorithm "HS999"`},
 		{"EdDSA on an RSA key", one(KeyConfig{PEM: rsaPEM, Algorithms: []string{"EdDSA"}}), "does not fit"},
 		{"PKCS#8 private key", one(KeyConfig{PEM: privatePEM(t, "PRIVATE KEY", k.rsa)}), "never configure a private key"},
 		{"PKCS#1 private key", one(KeyConfig{PEM: privatePEM(t, "RSA PRIVATE KEY", k.rsa)}), "never configure a private key"},
@@ -465,6 +466,7 @@ func TestNewVerifierErrors(t *testing.T) {
 		{"JWKS algorithm none", JWTConfig{Issuers: []IssuerConfig{{JWKSURL: "http://127.0.0.1:1/jwks", JWKSAlgorithms: []string{"none"}}}}, `unknown algorithm "none"`},
 		{"JWKS unknown algorithm", JWTConfig{Issuers: []IssuerConfig{{JWKSURL: "http://127.0.0.1:1/jwks", JWKSAlgorithms: []string{"XS256"}}}}, `unknown algorithm "XS256"`},
 		{"JWKS URL not a URL", JWTConfig{Issuers: []IssuerConfig{{JWKSURL: "not a url"}}}, "jwks"},
+		{"JWKS URL not http", JWTConfig{Issuers: []IssuerConfig{{JWKSURL: "ftp://idp/jwks"}}}, "must be http(s)://host"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -474,6 +476,36 @@ func TestNewVerifierErrors(t *testing.T) {
 			}
 			if !strings.Contains(err.Error(), tt.want) {
 				t.Errorf("error %q does not contain %q", err, tt.want)
+			}
+		})
+	}
+}
+
+// TestCheckKeyAlgorithms checks what can be said of a static key's
+// algorithms before the key is read: only its family is known.
+func TestCheckKeyAlgorithms(t *testing.T) {
+	tests := []struct {
+		name   string
+		algs   []string
+		secret bool
+		want   string // "" for no error
+	}{
+		{"HMAC on a secret", []string{"HS256", "HS512"}, true, ""},
+		{"none given", nil, true, ""},
+		{"RS256 on a secret", []string{"RS256"}, true, "algorithm RS256 does not fit this key (it takes HS256, HS384, HS512)"},
+		{"public-key algorithms on a public key", []string{"RS256", "ES384", "EdDSA"}, false, ""},
+		{"HS256 on a public key", []string{"ES256", "HS256"}, false, "algorithm HS256 does not fit"},
+		{"unknown", []string{"HS256", "HS999"}, true, `unknown algorithm "HS999"`},
+		{"none", []string{"none"}, false, `unknown algorithm "none"`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			err := CheckKeyAlgorithms(tt.algs, tt.secret)
+			switch {
+			case tt.want == "" && err != nil:
+				t.Errorf("error %q, want none", err)
+			case tt.want != "" && (err == nil || !strings.Contains(err.Error(), tt.want)):
+				t.Errorf("error %v, want one containing %q", err, tt.want)
 			}
 		})
 	}

@@ -83,7 +83,7 @@ type Config struct {
 	// when a dial fails the next upstream is tried.
 	Upstreams []string
 	// DialTimeout bounds connecting to an upstream and its handshake.
-	// Default 5s.
+	// Default 5s; negative is an error.
 	DialTimeout time.Duration
 	// TLS is used for wss:// upstreams; nil means the system roots.
 	TLS *tls.Config
@@ -105,9 +105,10 @@ type Config struct {
 	// pings it. Default 30s; negative disables pings.
 	PingInterval time.Duration
 	// PongTimeout is how long the gateway waits for any frame after a ping
-	// before it drops the connection. Default 30s.
+	// before it drops the connection. Default 30s; negative is an error.
 	PongTimeout time.Duration
-	// CloseTimeout bounds the closing handshake. Default 5s.
+	// CloseTimeout bounds the closing handshake. Default 5s; negative is an
+	// error.
 	CloseTimeout time.Duration
 	// WriteTimeout bounds each write to a peer: a peer that does not take
 	// the bytes within it is dropped (a client that stops reading: the
@@ -120,7 +121,8 @@ type Config struct {
 	// negative: never.
 	ParkAfter time.Duration
 
-	// SendQueue bounds the frames queued for a client by fan-out. Default 256.
+	// SendQueue bounds the frames queued for a client by fan-out. Default
+	// 256; negative is an error.
 	SendQueue int
 	// SlowConsumer says what happens when the queue is full: SlowClose
 	// (close 1013 "slow consumer", the default) or SlowDrop (drop frames).
@@ -142,21 +144,39 @@ func (c *Config) now() time.Time {
 	return c.Now()
 }
 
+// ParseUpstream reads an upstream URL: ws:// or wss:// with a host.
+func ParseUpstream(s string) (*url.URL, error) {
+	u, err := url.Parse(s)
+	if err != nil {
+		return nil, fmt.Errorf("upstream %q: %v", s, err)
+	}
+	if u.Scheme != "ws" && u.Scheme != "wss" {
+		return nil, fmt.Errorf("upstream %q: scheme must be ws or wss", s)
+	}
+	if u.Host == "" {
+		return nil, fmt.Errorf("upstream %q: missing host", s)
+	}
+	return u, nil
+}
+
+// CheckForwardHeader says why a client header may not be listed in
+// Config.ForwardHeaders, or returns nil.
+func CheckForwardHeader(name string) error {
+	if neverForward(http.CanonicalHeaderKey(name)) {
+		return fmt.Errorf("header %q cannot be forwarded: the gateway manages it", name)
+	}
+	return nil
+}
+
 // Prepare validates c and fills in defaults. It must be called once before
 // the config is used. A config without upstreams serves sessions only
 // (rooms).
 func (c *Config) Prepare() error {
 	c.upstreamURLs = c.upstreamURLs[:0]
 	for _, s := range c.Upstreams {
-		u, err := url.Parse(s)
+		u, err := ParseUpstream(s)
 		if err != nil {
-			return fmt.Errorf("upstream %q: %v", s, err)
-		}
-		if u.Scheme != "ws" && u.Scheme != "wss" {
-			return fmt.Errorf("upstream %q: scheme must be ws or wss", s)
-		}
-		if u.Host == "" {
-			return fmt.Errorf("upstream %q: missing host", s)
+			return err
 		}
 		c.upstreamURLs = append(c.upstreamURLs, u)
 	}
@@ -167,8 +187,8 @@ func (c *Config) Prepare() error {
 		c.ForwardHeaders = DefaultForwardHeaders
 	}
 	for _, h := range c.ForwardHeaders {
-		if neverForward(http.CanonicalHeaderKey(h)) {
-			return fmt.Errorf("header %q cannot be forwarded: the gateway manages it", h)
+		if err := CheckForwardHeader(h); err != nil {
+			return err
 		}
 	}
 	switch {
@@ -195,16 +215,22 @@ func (c *Config) Prepare() error {
 			return fmt.Errorf("on_exceed must be close, drop or throttle, not %q", r.OnExceed)
 		}
 	}
-	if c.IdleTimeout < 0 {
-		return errors.New("idle timeout must not be negative")
+	// these have no "off": a negative value is a mistake, not the default
+	for _, t := range []struct {
+		name string
+		d    time.Duration
+	}{{"dial", c.DialTimeout}, {"idle", c.IdleTimeout}, {"pong", c.PongTimeout}, {"close", c.CloseTimeout}} {
+		if t.d < 0 {
+			return fmt.Errorf("%s timeout must not be negative", t.name)
+		}
 	}
 	if c.PingInterval == 0 {
 		c.PingInterval = DefaultPingInterval
 	}
-	if c.PongTimeout <= 0 {
+	if c.PongTimeout == 0 {
 		c.PongTimeout = DefaultPongTimeout
 	}
-	if c.CloseTimeout <= 0 {
+	if c.CloseTimeout == 0 {
 		c.CloseTimeout = DefaultCloseTimeout
 	}
 	if c.WriteTimeout == 0 {
@@ -213,7 +239,10 @@ func (c *Config) Prepare() error {
 	if c.ParkAfter == 0 {
 		c.ParkAfter = DefaultParkAfter
 	}
-	if c.SendQueue <= 0 {
+	switch {
+	case c.SendQueue < 0:
+		return errors.New("send queue must not be negative")
+	case c.SendQueue == 0:
 		c.SendQueue = 256
 	}
 	switch c.SlowConsumer {

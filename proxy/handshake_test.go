@@ -307,6 +307,54 @@ func TestPrepareRejectsManagedHeaders(t *testing.T) {
 	}
 }
 
+// TestPrepareRejectsNegative checks that settings without an "off" are
+// refused when negative, rather than taken as their default.
+func TestPrepareRejectsNegative(t *testing.T) {
+	tests := []struct {
+		name string
+		set  func(*Config)
+		want string
+	}{
+		{"dial timeout", func(c *Config) { c.DialTimeout = -time.Second }, "dial timeout must not be negative"},
+		{"idle timeout", func(c *Config) { c.IdleTimeout = -1 }, "idle timeout must not be negative"},
+		{"pong timeout", func(c *Config) { c.PongTimeout = -1 }, "pong timeout must not be negative"},
+		{"close timeout", func(c *Config) { c.CloseTimeout = -time.Second }, "close timeout must not be negative"},
+		{"send queue", func(c *Config) { c.SendQueue = -1 }, "send queue must not be negative"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg := Config{Upstreams: []string{"ws://127.0.0.1:1"}}
+			tt.set(&cfg)
+			if err := cfg.Prepare(); err == nil || err.Error() != tt.want {
+				t.Errorf("Prepare error = %v, want %q", err, tt.want)
+			}
+		})
+	}
+}
+
+func TestParseUpstream(t *testing.T) {
+	tests := []struct {
+		in, want string // want "" for success
+	}{
+		{"ws://a:1", ""},
+		{"wss://a/socket?x=1", ""},
+		{"http://a:1", `upstream "http://a:1": scheme must be ws or wss`},
+		{"ws:///path", `upstream "ws:///path": missing host`},
+		{"ws://a b", `upstream "ws://a b": parse`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.in, func(t *testing.T) {
+			u, err := ParseUpstream(tt.in)
+			switch {
+			case tt.want == "" && (err != nil || u.String() != tt.in):
+				t.Errorf("ParseUpstream = %v, %v; want %s", u, err, tt.in)
+			case tt.want != "" && (err == nil || !strings.HasPrefix(err.Error(), tt.want)):
+				t.Errorf("ParseUpstream error = %v, want one starting %q", err, tt.want)
+			}
+		})
+	}
+}
+
 func TestIsUpgrade(t *testing.T) {
 	cases := []struct {
 		conn, upgrade []string
