@@ -81,11 +81,13 @@ const (
 
 // roomsSite is the rooms-mode site: wsgate.v1 on roomsPath, and (for the
 // fan-out gateways) backend publishing on pubPath. No JWT: a rooms
-// connection's cost is measured without a token's claims.
+// connection's cost is measured without a token's claims. The fan-out
+// scenario's wsgate.v1 publisher is the load generator, so the publish
+// rate is not limited.
 func roomsSite(port int, publish bool) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "http://127.0.0.1:%d {\n\troute {\n", port)
-	fmt.Fprintf(&b, "\t\twsgate %s {\n\t\t\trooms\n\t\t\torigins %s\n\t\t}\n", roomsPath, goodOrigin)
+	fmt.Fprintf(&b, "\t\twsgate %s {\n\t\t\trooms {\n\t\t\t\tpublish_rate off\n\t\t\t}\n\t\t\torigins %s\n\t\t}\n", roomsPath, goodOrigin)
 	if publish {
 		fmt.Fprintf(&b, "\t\twsgate_publish %s {\n\t\t\tkey %s\n\t\t}\n", pubPath, publishKey)
 	}

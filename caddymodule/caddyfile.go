@@ -200,6 +200,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 //	rooms {
 //	    max_subscriptions <n>
 //	    max_data          <size>
+//	    publish_rate      <count>/<duration> [burst <count>] | off
 //	}
 func parseRooms(d *caddyfile.Dispenser) (*RoomsConfig, error) {
 	if d.CountRemainingArgs() > 0 {
@@ -226,6 +227,18 @@ func parseRooms(d *caddyfile.Dispenser) (*RoomsConfig, error) {
 				return nil, err
 			}
 			rc.MaxData = int(n)
+		case "publish_rate":
+			if d.CountRemainingArgs() == 1 && d.NextArg() {
+				if d.Val() == "off" {
+					rc.PublishRate = -1
+					continue
+				}
+				d.Prev()
+			}
+			var err error
+			if rc.PublishRate, rc.PublishBurst, err = parseRate(d, false); err != nil {
+				return nil, err
+			}
 		default:
 			return nil, d.Errf("unrecognized rooms subdirective %q", name)
 		}
