@@ -140,7 +140,8 @@ type Handler struct {
 	UpstreamControl string `json:"upstream_control,omitempty"`
 
 	// SendQueue bounds the fan-out messages waiting for one client.
-	// Default: 256.
+	// Default: 1024 (the bursts of ten rooms publishers at the default
+	// publish rate, arriving at once).
 	SendQueue int `json:"send_queue,omitempty"`
 	// SlowConsumer is what happens when the queue is full: "close" (close
 	// 1013 "slow consumer") or "drop" (the message is dropped for this

@@ -4,6 +4,8 @@ import (
 	"encoding/json"
 	"strings"
 	"testing"
+
+	"github.com/wsgate/wsgate/rooms"
 )
 
 // roomsInput puts one rooms subdirective on line 3.
@@ -105,5 +107,21 @@ func TestRoomsConfigValidate(t *testing.T) {
 				t.Fatalf("validate error %v, want one containing %q", err, tc.wantErr)
 			}
 		})
+	}
+}
+
+// TestSendQueueDefault: the engine's default queue holds the bursts of ten
+// publishers at the rooms' default publish rate.
+func TestSendQueueDefault(t *testing.T) {
+	h, err := unmarshal(t, "wsgate {\n\trooms\n}")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := h.proxyConfig()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := 10 * 2 * rooms.DefaultPublishRate; cfg.SendQueue < want {
+		t.Fatalf("SendQueue = %d, want at least %d", cfg.SendQueue, want)
 	}
 }
