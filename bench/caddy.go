@@ -81,11 +81,17 @@ const (
 
 // roomsSite is the rooms-mode site: wsgate.v1 on roomsPath, and (for the
 // fan-out gateways) backend publishing on pubPath. No JWT: a rooms
-// connection's cost is measured without a token's claims.
+// connection's cost is measured without a token's claims, and with the
+// default publish rate. On the fan-out gateways the wsgate.v1 publisher
+// is the load generator, so the publish rate is not limited there.
 func roomsSite(port int, publish bool) string {
 	var b strings.Builder
+	rooms := "rooms"
+	if publish {
+		rooms = "rooms {\n\t\t\t\tpublish_rate off\n\t\t\t}"
+	}
 	fmt.Fprintf(&b, "http://127.0.0.1:%d {\n\troute {\n", port)
-	fmt.Fprintf(&b, "\t\twsgate %s {\n\t\t\trooms\n\t\t\torigins %s\n\t\t}\n", roomsPath, goodOrigin)
+	fmt.Fprintf(&b, "\t\twsgate %s {\n\t\t\t%s\n\t\t\torigins %s\n\t\t}\n", roomsPath, rooms, goodOrigin)
 	if publish {
 		fmt.Fprintf(&b, "\t\twsgate_publish %s {\n\t\t\tkey %s\n\t\t}\n", pubPath, publishKey)
 	}

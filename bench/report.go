@@ -572,7 +572,7 @@ func (r *report) fanSection(w writer) {
 	}
 	f := r.fan
 	w("Two gateways (`caddy run`, each `wsgate { broker redis redis://127.0.0.1:… }` and a site with\n")
-	w("`wsgate %s { rooms; origins … }` and `wsgate_publish %s { key … }`) share one `redis-server` (`--save \"\"\n", roomsPath, pubPath)
+	w("`wsgate %s { rooms { publish_rate off }; origins … }` and `wsgate_publish %s { key … }`) share one `redis-server` (`--save \"\"\n", roomsPath, pubPath)
 	w("--appendonly no`) started by the harness. %s subscribers (gobwas/ws, subprotocol `wsgate.v1`; %s on\n", count(float64(f.subs)), count(float64(f.perGW[0])))
 	w("gateway A, %s on B) each subscribe to the room `%s` and wait for `{\"op\":\"ok\"}`. A publisher sends\n", count(float64(f.perGW[1])), fanRoom)
 	w("on a fixed schedule (open loop), alternately an HTTP POST to `%s` on gateway A (%d keep-alive\n", pubPath, fanHTTPWorkers)

@@ -246,7 +246,7 @@ var (
 		"claims_header", "limit_connections", "channels", "relay_channels", "rooms", "upstream_control",
 		"send_queue", "slow_consumer",
 	}
-	roomsSubdirectives     = []string{"max_subscriptions", "max_data"}
+	roomsSubdirectives     = []string{"max_subscriptions", "max_data", "publish_rate"}
 	tlsSubdirectives       = []string{"ca_file", "server_name", "insecure_skip_verify", "client_certificate"}
 	rateLimitSubdirectives = []string{"messages", "bytes", "on_exceed"}
 )
@@ -381,6 +381,7 @@ func editDistance(a, b string) int {
 //	rooms {
 //	    max_subscriptions <n>
 //	    max_data          <size>
+//	    publish_rate      <count>/<duration> [burst <count>] | off
 //	}
 func parseRooms(d *caddyfile.Dispenser) (*RoomsConfig, error) {
 	if d.CountRemainingArgs() > 0 {
@@ -407,6 +408,18 @@ func parseRooms(d *caddyfile.Dispenser) (*RoomsConfig, error) {
 				return nil, err
 			}
 			rc.MaxData = int(n)
+		case "publish_rate":
+			if d.CountRemainingArgs() == 1 && d.NextArg() {
+				if d.Val() == "off" {
+					rc.PublishRate = -1
+					continue
+				}
+				d.Prev()
+			}
+			var err error
+			if rc.PublishRate, rc.PublishBurst, err = parseRate(d, false); err != nil {
+				return nil, err
+			}
 		default:
 			return nil, unknownName(d, "rooms subdirective", roomsSubdirectives)
 		}

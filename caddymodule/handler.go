@@ -142,7 +142,9 @@ type Handler struct {
 	UpstreamControl string `json:"upstream_control,omitempty"`
 
 	// SendQueue bounds the fan-out messages waiting for one client (rooms
-	// or upstream_control). Default: 256. Negative is an error.
+	// or upstream_control). Default: 1024 (the bursts of ten rooms
+	// publishers at the default publish rate, arriving at once). Negative
+	// is an error.
 	SendQueue int `json:"send_queue,omitempty"`
 	// SlowConsumer is what happens when the queue is full: "close" (close
 	// 1013 "slow consumer") or "drop" (the message is dropped for this
@@ -168,6 +170,15 @@ type RoomsConfig struct {
 	MaxSubscriptions int `json:"max_subscriptions,omitempty"`
 	// MaxData bounds the data of one publish, in bytes. Default: 65536.
 	MaxData int `json:"max_data,omitempty"`
+	// PublishRate is how many publishes per second each connection may
+	// make on average; a publish over it gets an error reply with code
+	// rate_limited and is not delivered, and the connection stays open.
+	// Default: 50. -1 means no limit.
+	PublishRate float64 `json:"publish_rate,omitempty"`
+	// PublishBurst is how many publishes a connection may make at once.
+	// Default: twice the per-second rate, rounded up (100 with the default
+	// rate).
+	PublishBurst int `json:"publish_burst,omitempty"`
 }
 
 // RateLimit limits the messages and bytes one side of a connection sends.
@@ -218,6 +229,9 @@ func (Handler) CaddyModule() caddy.ModuleInfo {
 
 // Provision builds the relay engine from the config.
 func (h *Handler) Provision(ctx caddy.Context) error {
+	if err := h.Rooms.validate(); err != nil {
+		return err
+	}
 	cfg, err := h.proxyConfig()
 	if err != nil {
 		return err

@@ -2,6 +2,7 @@ package caddymodule
 
 import (
 	"bytes"
+	"fmt"
 	"net/http"
 
 	"github.com/wsgate/wsgate/policy"
@@ -16,6 +17,8 @@ func (h *Handler) serveRooms(w http.ResponseWriter, r *http.Request, info proxy.
 		MaxData:          h.Rooms.MaxData,
 		Refresh:          info.Refresh,
 		Format:           rooms.FormatProtocol,
+		PublishRate:      h.Rooms.PublishRate,
+		PublishBurst:     h.Rooms.PublishBurst,
 	}
 	if h.channels != nil {
 		p := h.channels.policy
@@ -29,6 +32,22 @@ func (h *Handler) serveRooms(w http.ResponseWriter, r *http.Request, info proxy.
 	info.OnStart = rc.Attach
 	info.OnClose = chain(rc.Close, info.OnClose)
 	h.gw.ServeSession(w, r, info, rooms.Subprotocol)
+}
+
+// validate checks what the Caddyfile parser cannot have checked (JSON
+// config); a nil config (no rooms) is valid.
+func (rc *RoomsConfig) validate() error {
+	switch {
+	case rc == nil:
+		return nil
+	case rc.PublishRate < 0 && rc.PublishRate != -1:
+		return fmt.Errorf("wsgate rooms: publish_rate must be positive, or -1 for no limit, not %v", rc.PublishRate)
+	case rc.PublishBurst < 0:
+		return fmt.Errorf("wsgate rooms: publish_burst must not be negative, not %d", rc.PublishBurst)
+	case rc.PublishRate == -1 && rc.PublishBurst != 0:
+		return fmt.Errorf("wsgate rooms: publish_burst needs a publish_rate (it is -1: no limit)")
+	}
+	return nil
 }
 
 // addUpstreamControl lets the upstream subscribe the connection to

@@ -20,18 +20,24 @@ import (
 
 const publishKey = "test-publish-key-0123456789"
 
-// roomsSite serves wsgate.v1 on /ws and backend publishing on /publish.
-func roomsSite(opts string) string {
+// roomsSite serves wsgate.v1 on /ws and backend publishing on /publish;
+// opts are more wsgate subdirectives.
+func roomsSite(opts string) string { return roomsSiteWith("", opts) }
+
+// roomsSiteWith is roomsSite with subdirectives of the rooms block.
+func roomsSiteWith(roomsOpts, opts string) string {
 	return fmt.Sprintf(`	route {
 		wsgate /ws {
-			rooms
+			rooms {
+%s
+			}
 %s
 		}
 		wsgate_publish /publish {
 			key %s
 		}
 		respond 404
-	}`, opts, publishKey)
+	}`, roomsOpts, opts, publishKey)
 }
 
 func redisGlobal(url string) string {
@@ -141,8 +147,11 @@ type seqData struct {
 // Every client gets all 1,000, in per-publisher order, none twice.
 func TestFanOutAcrossTwoNodes(t *testing.T) {
 	rs := startRedis(t)
-	a := startGatewayWith(t, redisGlobal(rs.url()), nil, roomsSite(""))
-	b := startGatewayWith(t, redisGlobal(rs.url()), nil, roomsSite(""))
+	// The client publisher sends a third of the messages back to back, far
+	// over the default publish rate.
+	site := roomsSiteWith("\t\t\t\tpublish_rate off", "")
+	a := startGatewayWith(t, redisGlobal(rs.url()), nil, site)
+	b := startGatewayWith(t, redisGlobal(rs.url()), nil, site)
 	const perNode, total = 200, 1000
 	var clients []*roomsClient
 	for _, g := range []*gateway{a, b} {

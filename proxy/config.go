@@ -19,6 +19,12 @@ const (
 	DefaultWriteTimeout = 10 * time.Second
 	// DefaultParkAfter is the default Config.ParkAfter.
 	DefaultParkAfter = 2 * time.Second
+	// DefaultSendQueue is the default Config.SendQueue: room enough for
+	// ten publishers that each send a burst of 100 messages at the same
+	// moment (the rooms protocol's default publish rate allows one such
+	// burst per connection), so a client that reads is not taken for a
+	// slow consumer.
+	DefaultSendQueue = 1024
 )
 
 // DefaultForwardHeaders are the client request headers copied to the
@@ -122,7 +128,7 @@ type Config struct {
 	ParkAfter time.Duration
 
 	// SendQueue bounds the frames queued for a client by fan-out. Default
-	// 256; negative is an error.
+	// DefaultSendQueue (1024); negative is an error.
 	SendQueue int
 	// SlowConsumer says what happens when the queue is full: SlowClose
 	// (close 1013 "slow consumer", the default) or SlowDrop (drop frames).
@@ -243,7 +249,7 @@ func (c *Config) Prepare() error {
 	case c.SendQueue < 0:
 		return errors.New("send queue must not be negative")
 	case c.SendQueue == 0:
-		c.SendQueue = 256
+		c.SendQueue = DefaultSendQueue
 	}
 	switch c.SlowConsumer {
 	case "":

@@ -5,9 +5,12 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"math"
 	"strconv"
 	"sync"
 	"time"
+
+	"golang.org/x/time/rate"
 
 	"github.com/wsgate/wsgate/broker"
 	"github.com/wsgate/wsgate/policy"
@@ -17,6 +20,14 @@ import (
 // Authorizer decides an action ("subscribe", "publish") on a channel; nil
 // allows everything.
 type Authorizer func(action, channel string) bool
+
+// DefaultPublishRate is the publishes per second one connection may make
+// when ConnConfig.PublishRate is 0. With its burst (twice the rate), one
+// connection puts at most 100 messages at once into a subscriber's send
+// queue, so the bursts of several publishers fit in the proxy's default
+// queue and a subscriber that reads is never taken for a slow consumer
+// because one client floods.
+const DefaultPublishRate = 50
 
 // ConnConfig configures one connection's rooms.
 type ConnConfig struct {
@@ -31,13 +42,24 @@ type ConnConfig struct {
 	// Format of deliveries: FormatProtocol for wsgate.v1 clients,
 	// FormatRaw for relayed apps.
 	Format Format
+	// PublishRate is how many publishes per second the connection may make
+	// on average; a publish over it gets an error reply with code
+	// rate_limited and is not delivered (the connection stays open).
+	// Default (0): DefaultPublishRate. A negative value means no limit.
+	PublishRate float64
+	// PublishBurst is how many publishes may come at once. Default (0):
+	// twice the per-second rate, rounded up (100 with the default rate).
+	PublishBurst int
+	// Now is the clock of the publish rate; nil means time.Now.
+	Now func() time.Time
 }
 
 // Conn is one client connection's subscriptions.
 type Conn struct {
-	hub  *Hub
-	cfg  ConnConfig
-	sess proxy.Session
+	hub    *Hub
+	cfg    ConnConfig
+	sess   proxy.Session
+	pubLim *rate.Limiter // nil: publishes are not limited
 
 	mu     sync.Mutex
 	subs   map[string]struct{}
@@ -52,7 +74,20 @@ func NewConn(h *Hub, cfg ConnConfig) *Conn {
 	if cfg.MaxData <= 0 {
 		cfg.MaxData = 64 << 10
 	}
-	return &Conn{hub: h, cfg: cfg, subs: map[string]struct{}{}}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	c := &Conn{hub: h, cfg: cfg, subs: map[string]struct{}{}}
+	if cfg.PublishRate >= 0 {
+		if cfg.PublishRate == 0 {
+			c.cfg.PublishRate = DefaultPublishRate
+		}
+		if cfg.PublishBurst <= 0 {
+			c.cfg.PublishBurst = int(min(math.MaxInt32, max(1, math.Ceil(2*c.cfg.PublishRate))))
+		}
+		c.pubLim = rate.NewLimiter(rate.Limit(c.cfg.PublishRate), c.cfg.PublishBurst)
+	}
+	return c
 }
 
 // Attach is the proxy's OnStart hook.
@@ -131,6 +166,10 @@ func (c *Conn) do(r Request) *ProtoError {
 	case "publish":
 		if c.cfg.Authorize != nil && !c.cfg.Authorize("publish", r.Channel) {
 			return &ProtoError{CodeForbidden, "publish to " + r.Channel + " denied"}
+		}
+		if c.pubLim != nil && !c.pubLim.AllowN(c.cfg.Now(), 1) {
+			return &ProtoError{CodeRateLimited, "more than " + strconv.FormatFloat(c.cfg.PublishRate, 'g', -1, 64) +
+				" publishes/s (burst " + strconv.Itoa(c.cfg.PublishBurst) + "): not delivered"}
 		}
 		if err := c.hub.Publish(ctx, r.Channel, r.Data); err != nil {
 			if errors.Is(err, broker.ErrUnavailable) {

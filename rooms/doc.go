@@ -6,6 +6,7 @@
 // leaves. A publication is encoded into a WebSocket frame once per format
 // and the same bytes are queued to every subscriber.
 //
-// rooms imports the standard library, broker, policy (channel names) and
-// proxy (frames and sessions); never Caddy.
+// rooms imports the standard library, golang.org/x/time/rate (the
+// publish rate), broker, policy (channel names) and proxy (frames and
+// sessions); never Caddy.
 package rooms
