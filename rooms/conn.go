@@ -133,6 +133,9 @@ func (c *Conn) do(r Request) *ProtoError {
 			return &ProtoError{CodeForbidden, "publish to " + r.Channel + " denied"}
 		}
 		if err := c.hub.Publish(ctx, r.Channel, r.Data); err != nil {
+			if errors.Is(err, ErrInvalidData) {
+				return &ProtoError{CodeBadRequest, err.Error()}
+			}
 			if errors.Is(err, broker.ErrUnavailable) {
 				return &ProtoError{CodeUnavailable, "delivered on this node only: the broker is unavailable"}
 			}
