@@ -319,10 +319,10 @@ func parsePublish(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 // UnmarshalCaddyfile reads:
 //
 //	wsgate_publish [<matcher>] {
-//	    key       <key>
-//	    jwt { … }          (as in wsgate)
-//	    max_body  <size>
-//	    max_batch <n>
+//	    key                <key>
+//	    jwt { … }                     (as in wsgate)
+//	    max_body           <size>
+//	    max_batch          <n>
 //	    idempotency_window <duration>
 //	}
 func (p *Publish) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
