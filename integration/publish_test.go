@@ -129,3 +129,60 @@ func TestPublishIdempotentAcrossNodes(t *testing.T) {
 		}
 	}
 }
+
+// TestPublishDuringRedisOutage: with Redis down a keyed publication gets
+// 503 and reaches the subscribers of the node that answered only; a retry
+// to that node is not delivered there again. Once Redis is back the retry
+// reaches every node (the first one's subscriber a second time, as
+// documented), and later retries are duplicates.
+func TestPublishDuringRedisOutage(t *testing.T) {
+	rs := startRedis(t)
+	a := startGatewayWith(t, redisGlobal(rs.url()), nil, roomsSite(""))
+	b := startGatewayWith(t, redisGlobal(rs.url()), nil, roomsSite(""))
+	const ch = "room:outage"
+	onA, onB := dialRooms(t, a), dialRooms(t, b)
+	onA.subscribe(ch)
+	onB.subscribe(ch)
+	if !onB.reachedBy(t, a, ch, `"warm-`) {
+		t.Fatal("cross-node delivery never started")
+	}
+	httpPublish(t, a, `{"channel":"`+ch+`","data":"drained"}`)
+	onA.messagesUntil(ch, `"drained"`, 10*time.Second)
+	onB.messagesUntil(ch, `"drained"`, 10*time.Second)
+
+	rs.kill()
+	order := `{"channel":"` + ch + `","data":{"order":7},"idempotency_key":"order-7"}`
+	const localOnly = `{"error":"broker unavailable: delivered to this node's subscribers only"}`
+	for i := 0; i < 2; i++ {
+		if st, body := httpPublish(t, a, order); st != 503 || strings.TrimSpace(body) != localOnly {
+			t.Fatalf("attempt %d during the outage: %d %s, want 503 %s", i, st, body, localOnly)
+		}
+	}
+	httpPublish(t, a, `{"channel":"`+ch+`","data":"marker-down"}`)
+	if got := onA.messagesUntil(ch, `"marker-down"`, 10*time.Second); strings.Join(got, " ") != `{"order":7}` {
+		t.Fatalf("subscriber on the answering node got %q during the outage, want the publication once", got)
+	}
+
+	rs.start()
+	if !onB.reachedBy(t, a, ch, `"back-`) || !onA.reachedBy(t, b, ch, `"back-`) {
+		t.Fatal("cross-node delivery did not resume")
+	}
+	for i, want := range []string{`{"accepted":1,"duplicates":0}`, `{"accepted":0,"duplicates":1}`} {
+		g := []*gateway{a, b}[i]
+		if st, body := httpPublish(t, g, order); st != 200 || strings.TrimSpace(body) != want {
+			t.Fatalf("retry %d after the outage: %d %s, want 200 %s", i, st, body, want)
+		}
+	}
+	httpPublish(t, b, `{"channel":"`+ch+`","data":"marker-up"}`)
+	for name, c := range map[string]*roomsClient{"node A": onA, "node B": onB} {
+		var got []string
+		for _, d := range c.messagesUntil(ch, `"marker-up"`, 10*time.Second) {
+			if !strings.HasPrefix(d, `"back-`) {
+				got = append(got, d)
+			}
+		}
+		if strings.Join(got, " ") != `{"order":7}` {
+			t.Errorf("subscriber on %s got %q after the outage, want the publication once", name, got)
+		}
+	}
+}

@@ -73,8 +73,9 @@ type pending struct {
 // another broker they are this node's only.
 //
 // While the broker is unavailable the cluster-wide claim cannot be made:
-// messages are delivered on this node only (the error wraps
-// broker.ErrUnavailable, as with Publish), and this node remembers their
+// messages are delivered on this node only, without a second attempt to
+// reach the broker (the error wraps broker.ErrUnavailable, as with
+// Publish), and this node remembers their
 // keys, so that a retry here while the broker is still down is not
 // delivered to its subscribers again (the error is returned again). Once
 // the broker is back, a retry is sent through it to every node, this one
@@ -135,7 +136,17 @@ func (h *Hub) PublishMessages(ctx context.Context, msgs []Message, window time.D
 		}
 	}
 	var pubErr error
-	if len(chans) > 0 {
+	switch {
+	case len(chans) == 0:
+	case claimErr != nil:
+		// The broker was just found unreachable: deliver here at once
+		// rather than wait for it to fail a second time.
+		h.published.Add(int64(len(chans)))
+		for i, ch := range chans {
+			h.Handle(ch, data[i])
+		}
+		pubErr = claimErr
+	default:
 		pubErr = h.PublishBatch(ctx, chans, data)
 	}
 	outcome := outcomeSent
@@ -163,11 +174,9 @@ func (h *Hub) PublishMessages(ctx context.Context, msgs []Message, window time.D
 	if pubErr != nil {
 		return nil, pubErr
 	}
-	for _, s := range skip {
-		if s {
-			// Delivered on this node, earlier; still not beyond it.
-			return nil, claimErr
-		}
+	if claimErr != nil {
+		// All skipped: delivered on this node earlier, still not beyond.
+		return nil, claimErr
 	}
 	return dup, nil
 }

@@ -25,6 +25,7 @@ type flakyBroker struct {
 	claimGate chan struct{}
 	claiming  chan struct{}
 	released  []string
+	publishes int
 }
 
 var errDown = fmt.Errorf("%w: connection refused", broker.ErrUnavailable)
@@ -45,6 +46,9 @@ func (b *flakyBroker) set(down bool, pubErr error) {
 }
 
 func (b *flakyBroker) Publish(ctx context.Context, ch string, data []byte) error {
+	b.mu.Lock()
+	b.publishes++
+	b.mu.Unlock()
 	if err := b.fail(); err != nil {
 		return err
 	}
@@ -267,5 +271,23 @@ func TestPublishMessagesConcurrentRetry(t *testing.T) {
 	}
 	if got := strings.Join(s.data(), ","); got != "1,0" {
 		t.Fatalf("delivered %s, want 1,0", got)
+	}
+}
+
+// TestPublishMessagesClaimUnavailable: once the claim finds the broker
+// unreachable, the call delivers on this node without waiting for the
+// broker to fail a second time.
+func TestPublishMessagesClaimUnavailable(t *testing.T) {
+	h, b, s, _ := newFlakyHub(t)
+	b.set(true, nil)
+	_, err := h.PublishMessages(context.Background(), []rooms.Message{msg("a", "1", "k"), msg("b", "2", "")}, time.Minute)
+	if !errors.Is(err, broker.ErrUnavailable) {
+		t.Fatalf("error %v, want ErrUnavailable", err)
+	}
+	if b.publishes != 0 {
+		t.Fatalf("%d publishes tried after the claim failed", b.publishes)
+	}
+	if got := strings.Join(s.data(), ","); got != "1,2" {
+		t.Fatalf("delivered %s, want 1,2 on this node", got)
 	}
 }
