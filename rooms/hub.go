@@ -213,6 +213,11 @@ func (h *Hub) PublishBatch(ctx context.Context, channels []string, data [][]byte
 			return fmt.Errorf("publication %d: %w", i, err)
 		}
 	}
+	return h.publishBatch(ctx, channels, data)
+}
+
+// publishBatch is PublishBatch for data already checked.
+func (h *Hub) publishBatch(ctx context.Context, channels []string, data [][]byte) error {
 	h.published.Add(int64(len(channels)))
 	if bp, ok := h.b.(batchPublisher); ok {
 		err := bp.PublishBatch(ctx, channels, data)

@@ -37,6 +37,8 @@ type keyEntry struct {
 	local bool
 	// busy: a call is publishing it now.
 	busy bool
+	// until is when the entry expires.
+	until time.Time
 }
 
 // keyRecord is the node-local record of idempotency keys. It answers
@@ -60,9 +62,11 @@ func (h *Hub) SetClock(now func() time.Time) {
 // pending is a keyed message of a call that this node does not know as a
 // duplicate.
 type pending struct {
-	i           int // index in the call
-	key         string
-	localBefore bool
+	i     int // index in the call
+	key   string
+	until time.Time // end of its window, counted from before its claim
+	// before is the record's entry from earlier calls, if local.
+	before *keyEntry
 }
 
 // PublishMessages publishes msgs in order, as PublishBatch does, except
@@ -75,9 +79,9 @@ type pending struct {
 // While the broker is unavailable the cluster-wide claim cannot be made:
 // messages are delivered on this node only, without a second attempt to
 // reach the broker (the error wraps broker.ErrUnavailable, as with
-// Publish), and this node remembers their
-// keys, so that a retry here while the broker is still down is not
-// delivered to its subscribers again (the error is returned again). Once
+// Publish), and this node remembers their keys, so that a retry here
+// while the broker is still down is not delivered to its subscribers
+// again (the error is returned again). Once
 // the broker is back, a retry is sent through it to every node, this one
 // included. A claim made for a message that then could not be sent is
 // released.
@@ -119,10 +123,10 @@ func (h *Hub) PublishMessages(ctx context.Context, msgs []Message, window time.D
 			// Only this node's record can tell a retry: one delivered
 			// here already is not delivered here again.
 			for _, p := range keyed {
-				skip[p.i] = p.localBefore
+				skip[p.i] = p.before != nil
 			}
 		default:
-			h.keys.finish(keyed, dup, skip, outcomeNone, window)
+			h.keys.finish(keyed, dup, skip, outcomeNone)
 			return nil, claimErr
 		}
 	}
@@ -147,7 +151,7 @@ func (h *Hub) PublishMessages(ctx context.Context, msgs []Message, window time.D
 		}
 		pubErr = claimErr
 	default:
-		pubErr = h.PublishBatch(ctx, chans, data)
+		pubErr = h.publishBatch(ctx, chans, data)
 	}
 	outcome := outcomeSent
 	switch {
@@ -170,7 +174,7 @@ func (h *Hub) PublishMessages(ctx context.Context, msgs []Message, window time.D
 			h.b.(broker.Claimer).Release(context.WithoutCancel(ctx), made)
 		}
 	}
-	h.keys.finish(keyed, dup, skip, outcome, window)
+	h.keys.finish(keyed, dup, skip, outcome)
 	if pubErr != nil {
 		return nil, pubErr
 	}
@@ -218,40 +222,43 @@ func (r *keyRecord) begin(msgs []Message, dup []bool, window time.Duration) ([]p
 		switch {
 		case ok && e.busy:
 			for _, p := range keyed {
-				r.restore(p, now, window)
+				r.restore(p, now)
 			}
 			return nil, fmt.Errorf("publication %d: %w", i, ErrKeyInProgress)
 		case ok && !e.local:
 			dup[i] = true
 			continue
 		}
-		r.m.Set(k, keyEntry{local: e.local, busy: true}, now.Add(window), now)
-		keyed = append(keyed, pending{i: i, key: k, localBefore: e.local})
+		p := pending{i: i, key: k, until: now.Add(window)}
+		if ok {
+			p.before = &e
+		}
+		r.m.Set(k, keyEntry{local: e.local, busy: true, until: p.until}, p.until, now)
+		keyed = append(keyed, p)
 	}
 	return keyed, nil
 }
 
-// finish records what became of the keyed messages of a call.
-func (r *keyRecord) finish(keyed []pending, dup, skip []bool, o outcome, window time.Duration) {
+// finish records what became of the keyed messages of a call. A
+// duplicate found by the broker's claim is left to the claim, which
+// expires a window after the first publication, not after this retry.
+func (r *keyRecord) finish(keyed []pending, dup, skip []bool, o outcome) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	now := r.now()
 	for _, p := range keyed {
-		switch {
-		case dup[p.i]:
-			r.m.Set(p.key, keyEntry{}, now.Add(window), now)
-		case skip[p.i] || o == outcomeNone:
-			r.restore(p, now, window)
-		default:
-			r.m.Set(p.key, keyEntry{local: o == outcomeLocal}, now.Add(window), now)
+		if dup[p.i] || skip[p.i] || o == outcomeNone {
+			r.restore(p, now)
+			continue
 		}
+		r.m.Set(p.key, keyEntry{local: o == outcomeLocal, until: p.until}, p.until, now)
 	}
 }
 
 // restore puts back what the record held before begin.
-func (r *keyRecord) restore(p pending, now time.Time, window time.Duration) {
-	if p.localBefore {
-		r.m.Set(p.key, keyEntry{local: true}, now.Add(window), now)
+func (r *keyRecord) restore(p pending, now time.Time) {
+	if p.before != nil {
+		r.m.Set(p.key, *p.before, p.before.until, now)
 	} else {
 		r.m.Delete(p.key)
 	}

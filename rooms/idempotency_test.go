@@ -26,6 +26,9 @@ type flakyBroker struct {
 	claiming  chan struct{}
 	released  []string
 	publishes int
+	// claims, when set, holds the claims instead of the embedded memory
+	// broker: another node's, for a cluster of hubs.
+	claims broker.Claimer
 }
 
 var errDown = fmt.Errorf("%w: connection refused", broker.ErrUnavailable)
@@ -65,6 +68,9 @@ func (b *flakyBroker) Claim(ctx context.Context, keys []string, window time.Dura
 	b.mu.Unlock()
 	if down {
 		return nil, errDown
+	}
+	if b.claims != nil {
+		return b.claims.Claim(ctx, keys, window)
 	}
 	return b.Memory.Claim(ctx, keys, window)
 }
@@ -181,6 +187,15 @@ func TestPublishMessagesSteps(t *testing.T) {
 			delivered: "1,1",
 		},
 		{
+			name: "outage: retries do not stretch the node's window",
+			steps: []step{
+				{down, []rooms.Message{msg("a", "1", "k")}, "", broker.ErrUnavailable},
+				{func(_ *flakyBroker, c *clock) { c.advance(window / 2) }, []rooms.Message{msg("a", "1", "k")}, "", broker.ErrUnavailable},
+				{func(_ *flakyBroker, c *clock) { c.advance(window / 2) }, []rooms.Message{msg("a", "1", "k")}, "", broker.ErrUnavailable},
+			},
+			delivered: "1,1",
+		},
+		{
 			name: "claimed, then the publish fails: the claim is released",
 			steps: []step{
 				{func(b *flakyBroker, _ *clock) { b.set(false, errDown) }, []rooms.Message{msg("a", "1", "k")}, "", broker.ErrUnavailable},
@@ -289,5 +304,39 @@ func TestPublishMessagesClaimUnavailable(t *testing.T) {
 	}
 	if got := strings.Join(s.data(), ","); got != "1,2" {
 		t.Fatalf("delivered %s, want 1,2 on this node", got)
+	}
+}
+
+// TestPublishMessagesWindowFromFirst: a node that learns of a duplicate
+// from the claim does not start a window of its own: the key is free
+// again on every node a window after it was first published.
+func TestPublishMessagesWindowFromFirst(t *testing.T) {
+	const window = time.Minute
+	ctx := context.Background()
+	a, ba, _, c := newFlakyHub(t)
+	b, bb, sb, _ := newFlakyHub(t)
+	b.SetClock(c.now)
+	bb.SetClock(c.now)
+	bb.claims = ba
+	if _, err := a.PublishMessages(ctx, []rooms.Message{msg("a", "1", "k")}, window); err != nil {
+		t.Fatal(err)
+	}
+	for _, st := range []struct {
+		advance time.Duration
+		wantDup bool
+	}{
+		{window / 2, true},
+		{window/2 - time.Nanosecond, true},
+		{time.Nanosecond, false},
+		{window - time.Nanosecond, true},
+	} {
+		c.advance(st.advance)
+		dup, err := b.PublishMessages(ctx, []rooms.Message{msg("a", "1", "k")}, window)
+		if err != nil || dup[0] != st.wantDup {
+			t.Fatalf("at %v: dup %v, %v; want dup %v", c.now().Sub(time.Unix(1_700_000_000, 0)), dup, err, st.wantDup)
+		}
+	}
+	if got := strings.Join(sb.data(), ","); got != "1" {
+		t.Fatalf("node B's subscriber got %s, want 1 (its own, after the window)", got)
 	}
 }
