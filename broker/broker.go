@@ -4,6 +4,9 @@ import (
 	"context"
 	"errors"
 	"sync"
+	"time"
+
+	"github.com/wsgate/wsgate/internal/ttlmap"
 )
 
 // Handler receives the publications of the channels a node subscribed to.
@@ -38,6 +41,8 @@ type Memory struct {
 	mu     sync.RWMutex
 	subs   map[string]bool
 	closed bool
+	claims ttlmap.Map[struct{}]
+	now    func() time.Time // nil: time.Now
 }
 
 // NewMemory makes a memory broker delivering to h.

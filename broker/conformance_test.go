@@ -30,6 +30,12 @@ type impl struct {
 	// subscribed, if set, checks on the backend that the broker's
 	// subscription to the prefixed name reached the right place.
 	subscribed func(t testing.TB, name string)
+	// advance moves the clock of the brokers from open; nil: they keep
+	// real time.
+	advance func(d time.Duration)
+	// pttl, if set, is the time to live the backend reports for a key
+	// (PTTL), or a negative value when the key does not exist.
+	pttl func(t testing.TB, key string) time.Duration
 }
 
 // batchPublisher is the optional capability the hub looks for.
@@ -433,6 +439,85 @@ func runConformance(t *testing.T, im impl) {
 		n.settle(t, "conc:after")
 	})
 
+	t.Run("Claim", func(t *testing.T) {
+		prefix := newPrefix()
+		c, ok := im.node(t, prefix).b.(broker.Claimer)
+		if !ok {
+			t.Skip("not a Claimer: the hub dedupes on each node alone")
+		}
+		if fresh, err := c.Claim(ctxT(t), nil, time.Minute); err != nil || len(fresh) != 0 {
+			t.Fatalf("empty Claim = %v, %v", fresh, err)
+		}
+		const window = 5 * time.Minute
+		type claimStep struct {
+			c    broker.Claimer
+			keys []string
+			want string // + made, - held already
+		}
+		claims := []claimStep{
+			{c, []string{"x", "y", "x"}, "++-"},
+			{c, []string{"x", "z", "{tag}:w|k"}, "-++"},
+			{c, []string{"y", "{tag}:w|k"}, "--"},
+		}
+		if im.shared {
+			// A second node on the same prefix shares the claims; one on
+			// another prefix does not.
+			same, other := im.node(t, prefix).b.(broker.Claimer), im.node(t, newPrefix()).b.(broker.Claimer)
+			claims = append(claims,
+				claimStep{same, []string{"x", "v", "z"}, "-+-"},
+				claimStep{other, []string{"x", "y", "v"}, "+++"},
+			)
+		}
+		for i, cl := range claims {
+			if got := claimAll(t, cl.c, window, cl.keys...); got != cl.want {
+				t.Fatalf("claim %d of %q: %s, want %s", i, cl.keys, got, cl.want)
+			}
+		}
+		if im.pttl != nil {
+			// The claim is a key under the broker's prefix that expires
+			// after the window.
+			if ttl := im.pttl(t, prefix+"idem:x"); ttl <= window-time.Minute || ttl > window {
+				t.Fatalf("PTTL of %sidem:x is %v, want just under %v", prefix, ttl, window)
+			}
+		}
+
+		if err := c.Release(ctxT(t), []string{"x", "never-claimed"}); err != nil {
+			t.Fatalf("Release: %v", err)
+		}
+		if got := claimAll(t, c, window, "x", "y"); got != "+-" {
+			t.Fatalf("after Release of x: %s, want +-", got)
+		}
+
+		// A claim ends with its window.
+		short := 200 * time.Millisecond
+		if got := claimAll(t, c, short, "e"); got != "+" {
+			t.Fatalf("claim of e: %s", got)
+		}
+		if im.advance != nil {
+			im.advance(short - time.Nanosecond)
+			if got := claimAll(t, c, short, "e"); got != "-" {
+				t.Fatalf("claim of e just before its window ends: %s, want -", got)
+			}
+			im.advance(time.Nanosecond)
+		}
+		eventually(t, waitLong, "the claim of e to expire", func() bool { return claimAll(t, c, window, "e") == "+" })
+		if got := claimAll(t, c, window, "y"); got != "-" {
+			t.Fatalf("y claimed for %v expired early", window)
+		}
+	})
+
+	t.Run("ClaimAfterClose", func(t *testing.T) {
+		n := im.node(t, newPrefix())
+		c, ok := n.b.(broker.Claimer)
+		if !ok {
+			t.Skip("not a Claimer")
+		}
+		n.b.Close()
+		if _, err := c.Claim(ctxT(t), []string{"x"}, time.Minute); !errors.Is(err, broker.ErrClosed) {
+			t.Fatalf("Claim after Close = %v, want ErrClosed", err)
+		}
+	})
+
 	t.Run("Close", func(t *testing.T) {
 		n := im.node(t, newPrefix())
 		n.subscribe(t, "closing")
@@ -475,14 +560,64 @@ func assertMessages(t testing.TB, who string, got [][]byte, want []string) {
 	}
 }
 
+// claimAll claims keys and writes the answer as + (made) or - (held).
+func claimAll(t testing.TB, c broker.Claimer, window time.Duration, keys ...string) string {
+	t.Helper()
+	fresh, err := c.Claim(ctxT(t), keys, window)
+	if err != nil {
+		t.Fatalf("Claim(%q): %v", keys, err)
+	}
+	if len(fresh) != len(keys) {
+		t.Fatalf("Claim(%q) answered %d keys", keys, len(fresh))
+	}
+	var b strings.Builder
+	for _, f := range fresh {
+		b.WriteByte(map[bool]byte{true: '+', false: '-'}[f])
+	}
+	return b.String()
+}
+
+// fakeClock is a settable time source.
+type fakeClock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func (c *fakeClock) now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.t
+}
+
+func (c *fakeClock) advance(d time.Duration) {
+	c.mu.Lock()
+	c.t = c.t.Add(d)
+	c.mu.Unlock()
+}
+
 func TestMemoryConformance(t *testing.T) {
+	clock := &fakeClock{t: time.Unix(1_700_000_000, 0)}
 	runConformance(t, impl{
 		open: func(t *testing.T, _ string, h broker.Handler) broker.Broker {
 			m := broker.NewMemory(h)
+			m.SetClock(clock.now)
 			t.Cleanup(func() { m.Close() })
 			return m
 		},
+		advance: clock.advance,
 	})
+}
+
+// pttl asks the server at addr for a key's PTTL.
+func pttl(t testing.TB, addr, key string) time.Duration {
+	t.Helper()
+	c := dialRESP(t, addr)
+	defer c.c.Close()
+	ms, ok := c.do(t, "PTTL", key).(int64)
+	if !ok {
+		t.Fatalf("PTTL %s: not an integer", key)
+	}
+	return time.Duration(ms) * time.Millisecond
 }
 
 func openRedis(t *testing.T, opt broker.RedisOptions, h broker.Handler) *broker.Redis {
@@ -505,6 +640,7 @@ func TestRedisConformance(t *testing.T) {
 		publishRaw: func(t *testing.T, name string, payload []byte) int64 {
 			return rawPublish(t, srv.addr(), "PUBLISH", name, payload)
 		},
+		pttl: func(t testing.TB, key string) time.Duration { return pttl(t, srv.addr(), key) },
 	})
 }
 
@@ -522,6 +658,7 @@ func TestRedisCluster(t *testing.T) {
 			return rawPublish(t, c.owner[broker.Slot(name)], "SPUBLISH", name, payload)
 		},
 		subscribed: c.requireShardSubscribed,
+		pttl:       func(t testing.TB, key string) time.Duration { return pttl(t, c.owner[broker.Slot(key)], key) },
 	})
 	clusterSpecific(t, c)
 }

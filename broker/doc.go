@@ -6,5 +6,10 @@
 // nothing else; Redis shares channels between nodes through a standalone
 // server, Sentinel, or a Redis Cluster with sharded pub/sub.
 //
-// broker imports the standard library and go-redis; never Caddy.
+// A broker may also be a Claimer: it claims idempotency keys for every
+// node that shares it, so that a publication retried with the same key is
+// delivered once across the cluster.
+//
+// broker imports the standard library, go-redis and internal/ttlmap;
+// never Caddy.
 package broker

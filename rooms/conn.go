@@ -172,6 +172,9 @@ func (c *Conn) do(r Request) *ProtoError {
 				" publishes/s (burst " + strconv.Itoa(c.cfg.PublishBurst) + "): not delivered"}
 		}
 		if err := c.hub.Publish(ctx, r.Channel, r.Data); err != nil {
+			if errors.Is(err, ErrInvalidData) {
+				return &ProtoError{CodeBadRequest, err.Error()}
+			}
 			if errors.Is(err, broker.ErrUnavailable) {
 				return &ProtoError{CodeUnavailable, "delivered on this node only: the broker is unavailable"}
 			}

@@ -376,3 +376,17 @@ func TestConnConcurrentConnections(t *testing.T) {
 		t.Fatalf("broker misuse: %v", b.violations[0])
 	}
 }
+
+// TestConnPublishInvalidData: data the hub refuses (the relay closes a
+// client that sends invalid UTF-8 before it gets here, but the hub is the
+// last word) is a bad_request, and nobody gets it.
+func TestConnPublishInvalidData(t *testing.T) {
+	h, _ := newMemoryHub(t)
+	c, listener := newClient(t, h, rooms.ConnConfig{}), newClient(t, h, rooms.ConnConfig{})
+	listener.ok(`{"op":"subscribe","channel":"a"}`)
+	r := c.refused("{\"id\":1,\"op\":\"publish\",\"channel\":\"a\",\"data\":\"\xff\"}", rooms.CodeBadRequest)
+	if !strings.Contains(r.Message, "not valid UTF-8") {
+		t.Fatalf("reply %+v, want the reason", r)
+	}
+	listener.wantMessages()
+}

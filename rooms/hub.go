@@ -4,8 +4,10 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"sync"
 	"sync/atomic"
+	"time"
 	"unicode/utf8"
 
 	"github.com/gobwas/ws"
@@ -68,20 +70,40 @@ type Hub struct {
 	subs map[string]map[Subscriber]struct{}
 
 	published, delivered, dropped atomic.Int64
+
+	keys keyRecord
 }
 
 // NewHub makes a hub; SetBroker must be called before use (the broker
 // needs the hub's Handle as its handler).
-func NewHub() *Hub { return &Hub{subs: map[string]map[Subscriber]struct{}{}} }
+func NewHub() *Hub {
+	return &Hub{subs: map[string]map[Subscriber]struct{}{}, keys: keyRecord{now: time.Now}}
+}
 
 // SetBroker sets the broker.
 func (h *Hub) SetBroker(b broker.Broker) { h.b = b }
 
+// ErrInvalidData is wrapped by the errors of CheckData.
+var ErrInvalidData = errors.New("invalid data")
+
+// CheckData says why data cannot be published, or returns nil: data must
+// be one JSON value in valid UTF-8, since subscribers get it in a text
+// frame (and, in the wsgate.v1 format, inside a JSON message).
+func CheckData(data []byte) error {
+	switch {
+	case !utf8.Valid(data):
+		return fmt.Errorf("%w: not valid UTF-8", ErrInvalidData)
+	case !json.Valid(data):
+		return fmt.Errorf("%w: not valid JSON", ErrInvalidData)
+	}
+	return nil
+}
+
 // Handle is the broker's handler: it fans a publication out locally. Data
-// that is not valid JSON in valid UTF-8 (a stray plain PUBLISH) is
-// dropped: framed, it would break every subscriber's connection.
+// that CheckData refuses (a stray plain PUBLISH) is dropped: framed, it
+// would break every subscriber's connection.
 func (h *Hub) Handle(channel string, data []byte) {
-	if !utf8.Valid(data) || !json.Valid(data) {
+	if CheckData(data) != nil {
 		h.dropped.Add(1)
 		return
 	}
@@ -149,8 +171,12 @@ func (h *Hub) Unsubscribe(ctx context.Context, channel string, s Subscriber) {
 
 // Publish sends data to channel through the broker. When the broker is
 // unavailable the publication still reaches this node's subscribers, and
-// the error is returned.
+// the error is returned. Data that CheckData refuses is not sent: the
+// error wraps ErrInvalidData.
 func (h *Hub) Publish(ctx context.Context, channel string, data []byte) error {
+	if err := CheckData(data); err != nil {
+		return err
+	}
 	h.published.Add(1)
 	err := h.b.Publish(ctx, channel, data)
 	if errors.Is(err, broker.ErrUnavailable) {
@@ -179,8 +205,19 @@ type batchPublisher interface {
 }
 
 // PublishBatch publishes several messages, in order, in one round trip
-// when the broker supports it.
+// when the broker supports it. When any data is refused by CheckData,
+// nothing is sent and the error names the first such message (by index).
 func (h *Hub) PublishBatch(ctx context.Context, channels []string, data [][]byte) error {
+	for i, d := range data {
+		if err := CheckData(d); err != nil {
+			return fmt.Errorf("publication %d: %w", i, err)
+		}
+	}
+	return h.publishBatch(ctx, channels, data)
+}
+
+// publishBatch is PublishBatch for data already checked.
+func (h *Hub) publishBatch(ctx context.Context, channels []string, data [][]byte) error {
 	h.published.Add(int64(len(channels)))
 	if bp, ok := h.b.(batchPublisher); ok {
 		err := bp.PublishBatch(ctx, channels, data)
@@ -203,5 +240,6 @@ func (h *Hub) PublishBatch(ctx context.Context, channels []string, data [][]byte
 	return errors.Join(errs...)
 }
 
-// Dropped counts publications dropped for not being valid JSON.
+// Dropped counts publications received from the broker and dropped for
+// not being JSON in valid UTF-8.
 func (h *Hub) Dropped() int64 { return h.dropped.Load() }

@@ -492,3 +492,38 @@ func TestHubLargeRoomInOrder(t *testing.T) {
 		}
 	}
 }
+
+// TestHubPublishRefusesInvalidData: data that Handle would drop on every
+// node is refused at Publish, so the publisher learns it; a batch with one
+// such message sends nothing.
+func TestHubPublishRefusesInvalidData(t *testing.T) {
+	ctx := context.Background()
+	for _, tc := range []struct {
+		name, data, want string
+	}{
+		{"not JSON", `hello`, "not valid JSON"},
+		{"empty", ``, "not valid JSON"},
+		{"two values", `1 2`, "not valid JSON"},
+		{"invalid UTF-8", "\"\xff\"", "not valid UTF-8"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h, _ := newMemoryHub(t)
+			s := &recSub{}
+			h.Subscribe(ctx, "a", s)
+			err := h.Publish(ctx, "a", []byte(tc.data))
+			if !errors.Is(err, rooms.ErrInvalidData) || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("Publish = %v, want ErrInvalidData: %s", err, tc.want)
+			}
+			err = h.PublishBatch(ctx, []string{"a", "a"}, [][]byte{[]byte(`1`), []byte(tc.data)})
+			if !errors.Is(err, rooms.ErrInvalidData) || !strings.Contains(err.Error(), "publication 1: ") {
+				t.Fatalf("PublishBatch = %v, want publication 1: ErrInvalidData", err)
+			}
+			if got := s.data(); len(got) != 0 {
+				t.Fatalf("delivered %q", got)
+			}
+			if h.Dropped() != 0 {
+				t.Fatalf("%d dropped on receipt: the data was sent", h.Dropped())
+			}
+		})
+	}
+}
