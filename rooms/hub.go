@@ -149,7 +149,10 @@ func (h *Hub) Unsubscribe(ctx context.Context, channel string, s Subscriber) {
 
 // Publish sends data to channel through the broker. When the broker is
 // unavailable the publication still reaches this node's subscribers, and
-// the error is returned.
+// the error is returned. The broker goes first, so that this node's
+// subscribers get each publication once (through the broker's echo); a
+// broker that knows its backend is down answers at once, so the local
+// delivery is not delayed by the outage.
 func (h *Hub) Publish(ctx context.Context, channel string, data []byte) error {
 	h.published.Add(1)
 	err := h.b.Publish(ctx, channel, data)
