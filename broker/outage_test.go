@@ -47,33 +47,50 @@ func requireFastFailures(t *testing.T, r *broker.Redis, n int, limit time.Durati
 	}
 }
 
-// TestRedisDownUpTransitions kills redis-server under a subscribed broker:
-// the broker learns it from its subscription stream before any publish,
+// TestRedisDownUpTransitions kills redis-server under a broker: the
+// broker learns it from its subscription stream before any publish,
 // answers every publish at once while Redis is down, and once Redis is back
-// and the broker says so, its first publication reaches its own
-// subscription (the stream resubscribed before the broker reported up).
+// and the broker says so, publishing works again and its first publication
+// reaches its own subscription (the stream resubscribed before the broker
+// reported up).
 func TestRedisDownUpTransitions(t *testing.T) {
-	srv := startRedis(t)
-	prefix := newPrefix()
-	rec := newRecorder()
-	r := openRedis(t, broker.RedisOptions{URL: srv.url(), Prefix: prefix}, rec.handle)
-	n := &node{b: r, rec: rec, prefix: prefix}
-	n.subscribe(t, "room")
-	n.settle(t, "room")
-	if !r.Reachable() {
-		t.Fatal("a broker whose subscription is live says Redis is unreachable")
+	for _, tc := range []struct {
+		name string
+		subs []string
+	}{
+		{"subscribed", []string{"room"}},
+		{"no subscriptions", nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			srv := startRedis(t)
+			prefix := newPrefix()
+			rec := newRecorder()
+			r := openRedis(t, broker.RedisOptions{URL: srv.url(), Prefix: prefix}, rec.handle)
+			n := &node{b: r, rec: rec, prefix: prefix}
+			n.subscribe(t, tc.subs...)
+			n.settle(t, tc.subs...)
+			n.publish(t, "room", []byte(`"warm-up"`))
+			if tc.subs != nil {
+				rec.waitN(t, "room", 1)
+			}
+			if !r.Reachable() {
+				t.Fatal("a broker that just published says Redis is unreachable")
+			}
+
+			srv.kill()
+			eventually(t, 2*time.Second, "the broker to notice that Redis is gone (no publish made)", func() bool { return !r.Reachable() })
+			requireFastFailures(t, r, 500, 5*time.Millisecond)
+
+			srv.start()
+			restarted := time.Now()
+			eventually(t, 2*time.Second, "the broker to find Redis back", r.Reachable)
+			t.Logf("reachable %v after the restart", time.Since(restarted).Round(time.Millisecond))
+			n.publish(t, "room", []byte(`"back"`))
+			if tc.subs != nil {
+				assertMessages(t, "the broker's own subscription", rec.waitN(t, "room", 2), []string{`"warm-up"`, `"back"`})
+			}
+		})
 	}
-
-	srv.kill()
-	eventually(t, 2*time.Second, "the broker to notice that Redis is gone (no publish made)", func() bool { return !r.Reachable() })
-	requireFastFailures(t, r, 500, 5*time.Millisecond)
-
-	srv.start()
-	restarted := time.Now()
-	eventually(t, 2*time.Second, "the broker to find Redis back", r.Reachable)
-	t.Logf("reachable %v after the restart", time.Since(restarted).Round(time.Millisecond))
-	n.publish(t, "room", []byte(`"back"`))
-	assertMessages(t, "the broker's own subscription", rec.waitN(t, "room", 1), []string{`"back"`})
 }
 
 // TestRedisUnresponsive: a server that accepts connections and never
