@@ -68,13 +68,13 @@ type Redis struct {
 	// down is set from the first failure to reach Redis until the probe
 	// finds it back. Standalone and Sentinel only: a cluster's masters
 	// fail one at a time, and one mark for all would stop the healthy ones.
-	down    atomic.Bool
-	closed  atomic.Bool     // set under mu, read anywhere
-	ctx     context.Context // cancelled by Close
-	cancel  context.CancelFunc
-	wake    chan struct{} // markDown → probe
-	pongs   chan string   // PONG payloads from the standalone stream
-	pingSeq atomic.Uint64
+	down   atomic.Bool
+	closed atomic.Bool     // set under mu, read anywhere
+	ctx    context.Context // cancelled by Close
+	cancel context.CancelFunc
+	wake   chan struct{} // markDown → probe
+	pongs  chan string   // PONG payloads from the standalone stream
+	probes uint64        // PINGs sent by the probe (its goroutine only)
 
 	mu     sync.Mutex
 	ps     *redis.PubSub   // standalone and Sentinel: one stream
@@ -244,7 +244,8 @@ func (r *Redis) reachable() bool {
 	case <-r.pongs: // stale
 	default:
 	}
-	token := "wsgate-probe-" + strconv.FormatUint(r.pingSeq.Add(1), 10)
+	r.probes++
+	token := "wsgate-probe-" + strconv.FormatUint(r.probes, 10)
 	if r.ps.Ping(ctx, token) != nil {
 		return false
 	}
