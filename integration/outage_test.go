@@ -1,62 +1,15 @@
 package integration
 
 import (
-	"context"
 	"encoding/json"
 	"fmt"
-	"io"
-	"net/http"
 	"sort"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
-
-	"github.com/coder/websocket"
 )
-
-// publishTimed publishes data on ch and returns the reply: "ok", or the
-// error code. Unlike call it never fails the test, so that publishers can
-// run in goroutines of their own.
-func (rc *roomsClient) publishTimed(ch string, data []byte) (string, error) {
-	rc.nextID++
-	b, _ := json.Marshal(map[string]any{"id": rc.nextID, "op": "publish", "channel": ch, "data": json.RawMessage(data)})
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	if err := rc.c.Write(ctx, websocket.MessageText, b); err != nil {
-		return "", err
-	}
-	select {
-	case r := <-rc.replies:
-		if id, _ := r["id"].(float64); int(id) != rc.nextID {
-			return "", fmt.Errorf("reply %v to request %d", r, rc.nextID)
-		}
-		if r["op"] == "ok" {
-			return "ok", nil
-		}
-		code, _ := r["code"].(string)
-		return code, nil
-	case err := <-rc.errs:
-		return "", fmt.Errorf("connection ended: %v", err)
-	case <-ctx.Done():
-		return "", fmt.Errorf("no reply to %s", b)
-	}
-}
-
-// httpPublishTimed is httpPublish for publisher goroutines: it returns the
-// status instead of failing the test.
-func httpPublishTimed(g *gateway, body string) (int, error) {
-	req, _ := http.NewRequest("POST", "http://"+g.addr()+"/publish", strings.NewReader(body))
-	req.Header.Set("Authorization", "Bearer "+publishKey)
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return 0, err
-	}
-	defer resp.Body.Close()
-	io.Copy(io.Discard, resp.Body)
-	return resp.StatusCode, nil
-}
 
 // outageMsg is the data of every publication of TestRedisOutageUnderLoad.
 type outageMsg struct {
@@ -210,9 +163,13 @@ func TestRedisOutageUnderLoad(t *testing.T) {
 			at := time.Now()
 			m.TS = at.UnixNano()
 			data, _ := json.Marshal(m)
-			reply, err := pub.publishTimed(channel, data)
+			r, err := pub.request(map[string]any{"op": "publish", "channel": channel, "data": json.RawMessage(data)})
 			if err != nil {
 				return fmt.Errorf("rooms publisher on node %d: %v", n, err)
+			}
+			reply := "ok"
+			if r["op"] != "ok" {
+				reply = fmt.Sprint(r["code"])
 			}
 			l.record(sent{outageMsg: m, at: at, took: time.Since(at), reply: reply})
 			return nil
@@ -222,7 +179,7 @@ func TestRedisOutageUnderLoad(t *testing.T) {
 			at := time.Now()
 			m.TS = at.UnixNano()
 			data, _ := json.Marshal(m)
-			status, err := httpPublishTimed(g, fmt.Sprintf(`{"channel":%q,"data":%s}`, channel, data))
+			status, _, err := httpPost(g, fmt.Sprintf(`{"channel":%q,"data":%s}`, channel, data))
 			if err != nil {
 				return fmt.Errorf("HTTP publisher on node %d: %v", n, err)
 			}
