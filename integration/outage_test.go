@@ -124,7 +124,7 @@ func TestRedisOutageUnderLoad(t *testing.T) {
 		channel      = "room:steady"
 		wsPeriod     = 10 * time.Millisecond // 100 publications a second per node
 		httpPeriod   = 50 * time.Millisecond // 20 a second per node
-		phase        = 500                   // rooms publications per node before, during and after
+		phase        = 500                   // publications answered per node before, during and after the outage
 		replyBound   = 100 * time.Millisecond
 		resumeBound  = 2 * time.Second
 		killInstant  = 50 * time.Millisecond // around the kill, a publication may be lost or doubled
