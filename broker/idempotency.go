@@ -2,7 +2,6 @@ package broker
 
 import (
 	"context"
-	"fmt"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -65,8 +64,8 @@ func (m *Memory) SetClock(now func() time.Time) {
 // Claim sets each key with SET <prefix>idem:<key> 1 NX PX <window>, all in
 // one pipelined round trip (split by slot on a cluster).
 func (r *Redis) Claim(ctx context.Context, keys []string, window time.Duration) ([]bool, error) {
-	if r.isClosed() {
-		return nil, ErrClosed
+	if err := r.usable(); err != nil {
+		return nil, err
 	}
 	if len(keys) == 0 {
 		return nil, nil
@@ -93,7 +92,7 @@ func (r *Redis) Claim(ctx context.Context, keys []string, window time.Duration) 
 		if len(made) > 0 {
 			r.Release(context.WithoutCancel(ctx), made)
 		}
-		return nil, fmt.Errorf("%w: %v", ErrUnavailable, err)
+		return nil, r.failed(ctx, err)
 	}
 	return fresh, nil
 }
@@ -101,8 +100,8 @@ func (r *Redis) Claim(ctx context.Context, keys []string, window time.Duration) 
 // Release deletes claims, one DEL per key (keys of a cluster may live on
 // different nodes), pipelined.
 func (r *Redis) Release(ctx context.Context, keys []string) error {
-	if r.isClosed() {
-		return ErrClosed
+	if err := r.usable(); err != nil {
+		return err
 	}
 	if len(keys) == 0 {
 		return nil
@@ -114,7 +113,7 @@ func (r *Redis) Release(ctx context.Context, keys []string) error {
 		return nil
 	})
 	if err != nil {
-		return fmt.Errorf("%w: %v", ErrUnavailable, err)
+		return r.failed(ctx, err)
 	}
 	return nil
 }

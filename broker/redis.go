@@ -6,8 +6,10 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -37,14 +39,23 @@ type RedisOptions struct {
 	Logger *slog.Logger
 }
 
-// A publish is retried once, quickly: while Redis is down a client that
-// publishes must learn it in well under a second (go-redis's defaults
-// retry three times with backoff, about 1.7 s), and the hub delivers on
-// this node meanwhile.
+// How the broker meets a Redis that is down. Every dial, read, write and
+// wait for a pooled connection is bounded by ioTimeout, and a command gets
+// one attempt (a PUBLISH is not idempotent, and retrying a dead server only
+// holds the publisher longer): a Redis that stops answering costs the
+// commands in flight at most about ioTimeout. The first failure marks Redis
+// down; from then on Publish answers ErrUnavailable at once, without I/O,
+// and the rooms hub delivers on this node. A background probe, every
+// probeInterval, clears the mark when the subscription stream has
+// reconnected and a PING goes through.
 const (
-	maxRetries      = 1
-	maxRetryBackoff = 50 * time.Millisecond
+	ioTimeout      = time.Second
+	probeInterval  = 100 * time.Millisecond
+	reconnectPause = 100 * time.Millisecond
 )
+
+// errDown is what Publish answers while Redis is known to be down.
+var errDown = fmt.Errorf("%w: redis is unreachable (reconnecting in the background)", ErrUnavailable)
 
 // Redis is a broker on Redis pub/sub.
 type Redis struct {
@@ -54,11 +65,21 @@ type Redis struct {
 	cluster *redis.ClusterClient
 	log     *slog.Logger
 
+	// down is set from the first failure to reach Redis until the probe
+	// finds it back. Standalone and Sentinel only: a cluster's masters
+	// fail one at a time, and one mark for all would stop the healthy ones.
+	down   atomic.Bool
+	closed atomic.Bool     // set under mu, read anywhere
+	ctx    context.Context // cancelled by Close
+	cancel context.CancelFunc
+	wake   chan struct{} // markDown → probe
+	pongs  chan string   // PONG payloads from the standalone stream
+	probes uint64        // PINGs sent by the probe (its goroutine only)
+
 	mu     sync.Mutex
 	ps     *redis.PubSub   // standalone and Sentinel: one stream
 	shards map[int]*shard  // cluster: one stream per hash slot in use
 	chans  map[string]bool // subscribed channels (without prefix)
-	closed bool
 	wg     sync.WaitGroup
 }
 
@@ -84,7 +105,7 @@ func parseRedisURL(u string) (*redis.Options, error) {
 // NewRedis connects lazily (go-redis dials on first use and reconnects by
 // itself); an unreachable Redis at start is not an error.
 func NewRedis(opt RedisOptions, h Handler) (*Redis, error) {
-	r := &Redis{opt: opt, h: h, log: opt.Logger, chans: map[string]bool{}, shards: map[int]*shard{}}
+	r := &Redis{opt: opt, h: h, log: opt.Logger, chans: map[string]bool{}, shards: map[int]*shard{}, wake: make(chan struct{}, 1), pongs: make(chan string, 1)}
 	if r.log == nil {
 		r.log = slog.New(slog.DiscardHandler)
 	}
@@ -103,48 +124,193 @@ func NewRedis(opt RedisOptions, h Handler) (*Redis, error) {
 		if opt.TLS != nil {
 			o.TLSConfig = opt.TLS
 		}
-		o.MaxRetries, o.MaxRetryBackoff = maxRetries, maxRetryBackoff
+		o.MaxRetries, o.DialerRetries, o.ContextTimeoutEnabled = -1, 1, true
+		o.DialTimeout, o.ReadTimeout, o.WriteTimeout, o.PoolTimeout = ioTimeout, ioTimeout, ioTimeout, ioTimeout
 		r.client = redis.NewClient(o)
 	case opt.Cluster:
 		if len(opt.Addrs) == 0 {
 			return nil, errors.New("redis cluster needs node addresses")
 		}
+		// A cluster keeps its one quick retry: the broker does not track
+		// a cluster's health (its masters fail one at a time), so a
+		// command that failed on a connection is tried once more.
 		r.cluster = redis.NewClusterClient(&redis.ClusterOptions{Addrs: opt.Addrs, Username: opt.Username, Password: opt.Password, TLSConfig: opt.TLS,
-			MaxRetries: maxRetries, MaxRetryBackoff: maxRetryBackoff})
+			MaxRetries: 1, MaxRetryBackoff: 50 * time.Millisecond, DialerRetries: 1, ContextTimeoutEnabled: true,
+			DialTimeout: ioTimeout, ReadTimeout: ioTimeout, WriteTimeout: ioTimeout, PoolTimeout: ioTimeout})
 		r.client = r.cluster
 	case opt.MasterName != "":
 		r.client = redis.NewFailoverClient(&redis.FailoverOptions{MasterName: opt.MasterName, SentinelAddrs: opt.Addrs,
 			Username: opt.Username, Password: opt.Password, TLSConfig: opt.TLS,
-			MaxRetries: maxRetries, MaxRetryBackoff: maxRetryBackoff})
+			MaxRetries: -1, DialerRetries: 1, ContextTimeoutEnabled: true,
+			DialTimeout: ioTimeout, ReadTimeout: ioTimeout, WriteTimeout: ioTimeout, PoolTimeout: ioTimeout})
 	default:
 		return nil, errors.New("redis broker needs a URL, Sentinel addresses with a master name, or cluster addresses")
 	}
+	r.ctx, r.cancel = context.WithCancel(context.Background())
 	if r.cluster == nil {
-		r.ps = r.client.Subscribe(context.Background())
+		r.ps = r.client.Subscribe(r.ctx)
 		r.receive(r.ps)
+		r.wg.Add(1)
+		go r.probe()
 	}
 	return r, nil
 }
 
+// receive reads a subscription stream until it is closed. The standalone
+// stream also watches the connection: its failure is the first sign of an
+// outage (Redis closing is seen here before any publish fails), and the
+// probe's PINGs come back on it.
 func (r *Redis) receive(ps *redis.PubSub) {
 	r.wg.Add(1)
+	watch := ps == r.ps
 	go func() {
 		defer r.wg.Done()
 		prefix := r.opt.Prefix
-		for msg := range ps.Channel(redis.WithChannelSize(4096)) {
-			ch, ok := strings.CutPrefix(msg.Channel, prefix)
-			if !ok {
+		for {
+			msg, err := ps.Receive(r.ctx)
+			if err != nil {
+				if r.closed.Load() || errors.Is(err, redis.ErrClosed) {
+					return
+				}
+				if watch {
+					r.markDown(err)
+				}
+				// The next Receive dials again (and resubscribes); a Redis
+				// that refuses connections is not dialled in a tight loop.
+				if !r.pause(reconnectPause) {
+					return
+				}
 				continue
 			}
-			r.h(ch, []byte(msg.Payload))
+			switch m := msg.(type) {
+			case *redis.Message:
+				if ch, ok := strings.CutPrefix(m.Channel, prefix); ok {
+					r.h(ch, []byte(m.Payload))
+				}
+			case *redis.Pong:
+				select {
+				case r.pongs <- m.Payload:
+				default:
+				}
+			}
 		}
 	}()
 }
 
-// Publish sends one PUBLISH (or SPUBLISH on a cluster).
-func (r *Redis) Publish(ctx context.Context, channel string, data []byte) error {
-	if r.isClosed() {
+// pause waits d, or until Close; it reports whether the broker is open.
+func (r *Redis) pause(d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-r.ctx.Done():
+		return false
+	}
+}
+
+// markDown notes that Redis could not be reached and wakes the probe. It
+// is a no-op on a cluster.
+func (r *Redis) markDown(cause error) {
+	if r.ps == nil || r.closed.Load() || !r.down.CompareAndSwap(false, true) {
+		return
+	}
+	r.log.Warn("redis unreachable: publications reach this node's clients only until it is back", "error", cause)
+	select {
+	case r.wake <- struct{}{}:
+	default:
+	}
+}
+
+// probe waits for Redis to be marked down, then checks every
+// probeInterval whether it is back and clears the mark.
+func (r *Redis) probe() {
+	defer r.wg.Done()
+	for {
+		select {
+		case <-r.wake:
+		case <-r.ctx.Done():
+			return
+		}
+		since := time.Now()
+		for !r.reachable() {
+			if !r.pause(probeInterval) {
+				return
+			}
+		}
+		r.down.Store(false)
+		r.log.Info("redis reachable again: publishing through it", "down_for", time.Since(since).Round(time.Millisecond).String())
+	}
+}
+
+// reachable reports whether the subscription stream is connected and
+// subscribed, and a command gets through. The stream comes first: marked
+// up before it has resubscribed, the node's publications would reach the
+// other nodes but not its own clients. A PING on the stream is answered
+// after the SUBSCRIBE that reconnecting sends first, so its PONG proves
+// the subscriptions live. (Checking the stream first also keeps the probe
+// off go-redis's command pool, which after many failed dials waits a
+// second between tries.)
+func (r *Redis) reachable() bool {
+	ctx, cancel := context.WithTimeout(r.ctx, ioTimeout)
+	defer cancel()
+	select {
+	case <-r.pongs: // stale
+	default:
+	}
+	r.probes++
+	token := "wsgate-probe-" + strconv.FormatUint(r.probes, 10)
+	if r.ps.Ping(ctx, token) != nil {
+		return false
+	}
+	for {
+		select {
+		case p := <-r.pongs:
+			if p == token {
+				return r.client.Ping(ctx).Err() == nil
+			}
+		case <-ctx.Done():
+			return false
+		}
+	}
+}
+
+// Reachable reports whether publications go through Redis: false from the
+// first failure to reach it until the background probe finds it back
+// (always true on a cluster, where no single state describes the masters).
+func (r *Redis) Reachable() bool { return !r.down.Load() }
+
+// failed turns a command's error into the broker's, and marks Redis down
+// when the error says it could not be reached: not when the caller gave
+// up (its context ended) nor when Redis answered with an error reply.
+func (r *Redis) failed(ctx context.Context, err error) error {
+	if r.closed.Load() {
 		return ErrClosed
+	}
+	var reply redis.Error
+	if ctx.Err() == nil && !errors.As(err, &reply) {
+		r.markDown(err)
+	}
+	return fmt.Errorf("%w: %v", ErrUnavailable, err)
+}
+
+// usable is the check before a command: ErrClosed after Close, errDown
+// while Redis is known to be down. It takes no lock.
+func (r *Redis) usable() error {
+	if r.closed.Load() {
+		return ErrClosed
+	}
+	if r.down.Load() {
+		return errDown
+	}
+	return nil
+}
+
+// Publish sends one PUBLISH (or SPUBLISH on a cluster). While Redis is
+// known to be down it returns ErrUnavailable at once.
+func (r *Redis) Publish(ctx context.Context, channel string, data []byte) error {
+	if err := r.usable(); err != nil {
+		return err
 	}
 	var err error
 	if r.cluster != nil {
@@ -153,15 +319,16 @@ func (r *Redis) Publish(ctx context.Context, channel string, data []byte) error 
 		err = r.client.Publish(ctx, r.opt.Prefix+channel, data).Err()
 	}
 	if err != nil {
-		return fmt.Errorf("%w: %v", ErrUnavailable, err)
+		return r.failed(ctx, err)
 	}
 	return nil
 }
 
 // PublishBatch sends several publications in one pipelined round trip.
+// While Redis is known to be down it returns ErrUnavailable at once.
 func (r *Redis) PublishBatch(ctx context.Context, channels []string, data [][]byte) error {
-	if r.isClosed() {
-		return ErrClosed
+	if err := r.usable(); err != nil {
+		return err
 	}
 	_, err := r.client.Pipelined(ctx, func(p redis.Pipeliner) error {
 		for i, ch := range channels {
@@ -174,7 +341,7 @@ func (r *Redis) PublishBatch(ctx context.Context, channels []string, data [][]by
 		return nil
 	})
 	if err != nil {
-		return fmt.Errorf("%w: %v", ErrUnavailable, err)
+		return r.failed(ctx, err)
 	}
 	return nil
 }
@@ -184,7 +351,7 @@ func (r *Redis) PublishBatch(ctx context.Context, channels []string, data [][]by
 func (r *Redis) Subscribe(ctx context.Context, channel string) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if r.closed {
+	if r.closed.Load() {
 		return ErrClosed
 	}
 	if r.chans[channel] {
@@ -222,7 +389,7 @@ func (r *Redis) Subscribe(ctx context.Context, channel string) error {
 func (r *Redis) Unsubscribe(ctx context.Context, channel string) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if r.closed {
+	if r.closed.Load() {
 		return ErrClosed
 	}
 	if !r.chans[channel] {
@@ -252,23 +419,18 @@ func (r *Redis) Unsubscribe(ctx context.Context, channel string) error {
 	return nil
 }
 
-func (r *Redis) isClosed() bool {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return r.closed
-}
-
 // Ping checks the connection to Redis.
 func (r *Redis) Ping(ctx context.Context) error { return r.client.Ping(ctx).Err() }
 
 // Close closes the subscriptions and the client.
 func (r *Redis) Close() error {
 	r.mu.Lock()
-	if r.closed {
+	if r.closed.Load() {
 		r.mu.Unlock()
 		return nil
 	}
-	r.closed = true
+	r.closed.Store(true)
+	r.cancel()
 	if r.ps != nil {
 		r.ps.Close()
 	}

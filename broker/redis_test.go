@@ -55,8 +55,8 @@ func TestNewRedisOptions(t *testing.T) {
 	}
 
 	// An unreachable Redis at start is not an error; using it is
-	// ErrUnavailable. (go-redis retries a refused dial for about 1.7 s per
-	// Publish; a short deadline keeps the test quick.)
+	// ErrUnavailable. (A refused dial fails at once; the short deadline
+	// only bounds the test if it did not.)
 	short := func() context.Context {
 		ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
 		t.Cleanup(cancel)

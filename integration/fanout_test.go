@@ -94,24 +94,35 @@ func dialRooms(t testing.TB, g *gateway) *roomsClient {
 // call sends a request and waits for its reply.
 func (rc *roomsClient) call(req map[string]any) map[string]any {
 	rc.t.Helper()
+	r, err := rc.request(req)
+	if err != nil {
+		rc.t.Fatal(err)
+	}
+	return r
+}
+
+// request is call for goroutines other than the test's: it returns an
+// error instead of failing the test.
+func (rc *roomsClient) request(req map[string]any) (map[string]any, error) {
 	rc.nextID++
 	req["id"] = rc.nextID
 	b, _ := json.Marshal(req)
-	if err := rc.c.Write(ctxT(rc.t, 10*time.Second), websocket.MessageText, b); err != nil {
-		rc.t.Fatalf("write: %v", err)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := rc.c.Write(ctx, websocket.MessageText, b); err != nil {
+		return nil, fmt.Errorf("write: %v", err)
 	}
 	select {
 	case r := <-rc.replies:
 		if id, _ := r["id"].(float64); int(id) != rc.nextID {
-			rc.t.Fatalf("reply %v to request %d", r, rc.nextID)
+			return nil, fmt.Errorf("reply %v to request %d", r, rc.nextID)
 		}
-		return r
+		return r, nil
 	case err := <-rc.errs:
-		rc.t.Fatalf("connection ended: %v", err)
-	case <-time.After(10 * time.Second):
-		rc.t.Fatalf("no reply to %s", b)
+		return nil, fmt.Errorf("connection ended: %v", err)
+	case <-ctx.Done():
+		return nil, fmt.Errorf("no reply to %s", b)
 	}
-	return nil
 }
 
 func (rc *roomsClient) subscribe(ch string) {
@@ -123,16 +134,25 @@ func (rc *roomsClient) subscribe(ch string) {
 
 func httpPublish(t testing.TB, g *gateway, body string) (int, string) {
 	t.Helper()
+	status, resp, err := httpPost(g, body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return status, resp
+}
+
+// httpPost is httpPublish for goroutines other than the test's.
+func httpPost(g *gateway, body string) (int, string, error) {
 	req, _ := http.NewRequest("POST", "http://"+g.addr()+"/publish", strings.NewReader(body))
 	req.Header.Set("Authorization", "Bearer "+publishKey)
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
-		t.Fatal(err)
+		return 0, "", err
 	}
 	defer resp.Body.Close()
 	var b bytes.Buffer
 	b.ReadFrom(resp.Body)
-	return resp.StatusCode, b.String()
+	return resp.StatusCode, b.String(), nil
 }
 
 type seqData struct {

@@ -171,8 +171,11 @@ func (h *Hub) Unsubscribe(ctx context.Context, channel string, s Subscriber) {
 
 // Publish sends data to channel through the broker. When the broker is
 // unavailable the publication still reaches this node's subscribers, and
-// the error is returned. Data that CheckData refuses is not sent: the
-// error wraps ErrInvalidData.
+// the error is returned. The broker goes first, so that this node's
+// subscribers get each publication once (through the broker's echo); a
+// broker that knows its backend is down answers at once, so the local
+// delivery is not delayed by the outage. Data that CheckData refuses is
+// not sent: the error wraps ErrInvalidData.
 func (h *Hub) Publish(ctx context.Context, channel string, data []byte) error {
 	if err := CheckData(data); err != nil {
 		return err

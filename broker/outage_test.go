@@ -1,0 +1,161 @@
+package broker_test
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"strconv"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/wsgate/wsgate/broker"
+)
+
+// publishOps are the two ways to publish, each returning the broker's
+// error.
+func publishOps(r *broker.Redis) map[string]func(ctx context.Context) error {
+	return map[string]func(ctx context.Context) error{
+		"Publish": func(ctx context.Context) error { return r.Publish(ctx, "room", []byte(`"x"`)) },
+		"PublishBatch": func(ctx context.Context) error {
+			return r.PublishBatch(ctx, []string{"room", "other"}, [][]byte{[]byte(`1`), []byte(`2`)})
+		},
+	}
+}
+
+// requireFastFailures publishes n times with each op and fails the test
+// unless every call returned ErrUnavailable within limit.
+func requireFastFailures(t *testing.T, r *broker.Redis, n int, limit time.Duration) {
+	t.Helper()
+	for name, op := range publishOps(r) {
+		t.Run(name, func(t *testing.T) {
+			var slowest time.Duration
+			for i := 0; i < n; i++ {
+				start := time.Now()
+				err := op(ctxT(t))
+				slowest = max(slowest, time.Since(start))
+				if !errors.Is(err, broker.ErrUnavailable) {
+					t.Fatalf("call %d while Redis is down = %v, want ErrUnavailable", i, err)
+				}
+			}
+			t.Logf("slowest of %d calls: %v", n, slowest)
+			if slowest > limit {
+				t.Fatalf("a call took %v while Redis was known to be down; want under %v (no I/O)", slowest, limit)
+			}
+		})
+	}
+}
+
+// TestRedisDownUpTransitions kills redis-server under a broker: the
+// broker learns it from its subscription stream before any publish,
+// answers every publish at once while Redis is down, and once Redis is back
+// and the broker says so, publishing works again and its first publication
+// reaches its own subscription (the stream resubscribed before the broker
+// reported up).
+func TestRedisDownUpTransitions(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		subs []string
+	}{
+		{"subscribed", []string{"room"}},
+		{"no subscriptions", nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			srv := startRedis(t)
+			prefix := newPrefix()
+			rec := newRecorder()
+			r := openRedis(t, broker.RedisOptions{URL: srv.url(), Prefix: prefix}, rec.handle)
+			n := &node{b: r, rec: rec, prefix: prefix}
+			n.subscribe(t, tc.subs...)
+			n.settle(t, tc.subs...)
+			n.publish(t, "room", []byte(`"warm-up"`))
+			if tc.subs != nil {
+				rec.waitN(t, "room", 1)
+			}
+			if !r.Reachable() {
+				t.Fatal("a broker that just published says Redis is unreachable")
+			}
+
+			srv.kill()
+			eventually(t, 2*time.Second, "the broker to notice that Redis is gone (no publish made)", func() bool { return !r.Reachable() })
+			requireFastFailures(t, r, 500, 5*time.Millisecond)
+
+			srv.start()
+			restarted := time.Now()
+			eventually(t, 2*time.Second, "the broker to find Redis back", r.Reachable)
+			t.Logf("reachable %v after the restart", time.Since(restarted).Round(time.Millisecond))
+			n.publish(t, "room", []byte(`"back"`))
+			if tc.subs != nil {
+				assertMessages(t, "the broker's own subscription", rec.waitN(t, "room", 2), []string{`"warm-up"`, `"back"`})
+			}
+		})
+	}
+}
+
+// TestRedisUnresponsive: a server that accepts connections and never
+// answers (a hung or unreachable Redis whose packets are dropped) costs the
+// first publish at most about a second; after that the broker answers at
+// once, although the server would hold every command.
+func TestRedisUnresponsive(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(freePort(t)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var conns sync.WaitGroup
+	stop := make(chan struct{})
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			conns.Go(func() {
+				go func() { <-stop; c.Close() }()
+				io.Copy(io.Discard, c)
+			})
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		close(stop)
+		conns.Wait()
+	})
+
+	r := openRedis(t, broker.RedisOptions{URL: "redis://" + ln.Addr().String()}, newRecorder().handle)
+	start := time.Now()
+	if err := r.Publish(context.Background(), "room", []byte(`1`)); !errors.Is(err, broker.ErrUnavailable) {
+		t.Fatalf("Publish to a server that never answers = %v, want ErrUnavailable", err)
+	}
+	first := time.Since(start)
+	t.Logf("first publish answered after %v", first.Round(time.Millisecond))
+	if first > 2500*time.Millisecond {
+		t.Fatalf("the first publish to a server that never answers took %v; want about a second", first)
+	}
+	if r.Reachable() {
+		t.Fatal("the broker says Redis is reachable after a publish timed out")
+	}
+	requireFastFailures(t, r, 200, 5*time.Millisecond)
+}
+
+// TestRedisCallerGivingUpIsNotAnOutage: a publish whose context ended
+// fails, and the broker does not take it for Redis being down.
+func TestRedisCallerGivingUpIsNotAnOutage(t *testing.T) {
+	srv := startRedis(t)
+	r := openRedis(t, broker.RedisOptions{URL: srv.url(), Prefix: newPrefix()}, newRecorder().handle)
+	for name, op := range publishOps(r) {
+		t.Run(name, func(t *testing.T) {
+			ctx, cancel := context.WithCancel(context.Background())
+			cancel()
+			if err := op(ctx); err == nil {
+				t.Fatal("a publish with a cancelled context succeeded")
+			}
+			if !r.Reachable() {
+				t.Fatal("a cancelled publish marked Redis down")
+			}
+			if err := op(ctxT(t)); err != nil {
+				t.Fatalf("publish after a cancelled one: %v", err)
+			}
+		})
+	}
+}
