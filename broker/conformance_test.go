@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/wsgate/wsgate/broker"
+	"github.com/wsgate/wsgate/internal/fakeclock"
 )
 
 // impl is one broker implementation under the conformance suite.
@@ -577,34 +578,16 @@ func claimAll(t testing.TB, c broker.Claimer, window time.Duration, keys ...stri
 	return b.String()
 }
 
-// fakeClock is a settable time source.
-type fakeClock struct {
-	mu sync.Mutex
-	t  time.Time
-}
-
-func (c *fakeClock) now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.t
-}
-
-func (c *fakeClock) advance(d time.Duration) {
-	c.mu.Lock()
-	c.t = c.t.Add(d)
-	c.mu.Unlock()
-}
-
 func TestMemoryConformance(t *testing.T) {
-	clock := &fakeClock{t: time.Unix(1_700_000_000, 0)}
+	clock := fakeclock.New(time.Unix(1_700_000_000, 0))
 	runConformance(t, impl{
 		open: func(t *testing.T, _ string, h broker.Handler) broker.Broker {
 			m := broker.NewMemory(h)
-			m.SetClock(clock.now)
+			m.SetClock(clock.Now)
 			t.Cleanup(func() { m.Close() })
 			return m
 		},
-		advance: clock.advance,
+		advance: clock.Advance,
 	})
 }
 

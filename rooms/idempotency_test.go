@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/wsgate/wsgate/broker"
+	"github.com/wsgate/wsgate/internal/fakeclock"
 	"github.com/wsgate/wsgate/rooms"
 )
 
@@ -82,31 +83,13 @@ func (b *flakyBroker) Release(ctx context.Context, keys []string) error {
 	return b.Memory.Release(ctx, keys)
 }
 
-// clock is a settable time source.
-type clock struct {
-	mu sync.Mutex
-	t  time.Time
-}
-
-func (c *clock) now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.t
-}
-
-func (c *clock) advance(d time.Duration) {
-	c.mu.Lock()
-	c.t = c.t.Add(d)
-	c.mu.Unlock()
-}
-
-func newFlakyHub(t *testing.T) (*rooms.Hub, *flakyBroker, *recSub, *clock) {
+func newFlakyHub(t *testing.T) (*rooms.Hub, *flakyBroker, *recSub, *fakeclock.Clock) {
 	t.Helper()
 	h := rooms.NewHub()
 	b := &flakyBroker{Memory: broker.NewMemory(h.Handle)}
-	c := &clock{t: time.Unix(1_700_000_000, 0)}
-	b.SetClock(c.now)
-	h.SetClock(c.now)
+	c := fakeclock.New(time.Unix(1_700_000_000, 0))
+	b.SetClock(c.Now)
+	h.SetClock(c.Now)
 	h.SetBroker(b)
 	t.Cleanup(func() { b.Close() })
 	s := &recSub{}
@@ -127,14 +110,14 @@ func msg(ch, data, key string) rooms.Message {
 func TestPublishMessagesSteps(t *testing.T) {
 	const window = time.Minute
 	type step struct {
-		before  func(b *flakyBroker, c *clock)
+		before  func(b *flakyBroker, c *fakeclock.Clock)
 		msgs    []rooms.Message
 		wantDup string // "" for none, else e.g. "-d-" (d: duplicate)
 		wantErr error
 	}
-	ok := func(*flakyBroker, *clock) {}
-	down := func(b *flakyBroker, _ *clock) { b.set(true, nil) }
-	up := func(b *flakyBroker, _ *clock) { b.set(false, nil) }
+	ok := func(*flakyBroker, *fakeclock.Clock) {}
+	down := func(b *flakyBroker, _ *fakeclock.Clock) { b.set(true, nil) }
+	up := func(b *flakyBroker, _ *fakeclock.Clock) { b.set(false, nil) }
 	for _, tc := range []struct {
 		name      string
 		steps     []step
@@ -145,7 +128,7 @@ func TestPublishMessagesSteps(t *testing.T) {
 			steps: []step{
 				{ok, []rooms.Message{msg("a", "1", "k")}, "-", nil},
 				{ok, []rooms.Message{msg("a", "1", "k")}, "d", nil},
-				{func(_ *flakyBroker, c *clock) { c.advance(window - time.Nanosecond) }, []rooms.Message{msg("a", "1", "k")}, "d", nil},
+				{func(_ *flakyBroker, c *fakeclock.Clock) { c.Advance(window - time.Nanosecond) }, []rooms.Message{msg("a", "1", "k")}, "d", nil},
 			},
 			delivered: "1",
 		},
@@ -153,7 +136,7 @@ func TestPublishMessagesSteps(t *testing.T) {
 			name: "after the window: again",
 			steps: []step{
 				{ok, []rooms.Message{msg("a", "1", "k")}, "-", nil},
-				{func(_ *flakyBroker, c *clock) { c.advance(window) }, []rooms.Message{msg("a", "1", "k")}, "-", nil},
+				{func(_ *flakyBroker, c *fakeclock.Clock) { c.Advance(window) }, []rooms.Message{msg("a", "1", "k")}, "-", nil},
 			},
 			delivered: "1,1",
 		},
@@ -182,7 +165,7 @@ func TestPublishMessagesSteps(t *testing.T) {
 			name: "outage: the node remembers for the window",
 			steps: []step{
 				{down, []rooms.Message{msg("a", "1", "k")}, "", broker.ErrUnavailable},
-				{func(_ *flakyBroker, c *clock) { c.advance(window) }, []rooms.Message{msg("a", "1", "k")}, "", broker.ErrUnavailable},
+				{func(_ *flakyBroker, c *fakeclock.Clock) { c.Advance(window) }, []rooms.Message{msg("a", "1", "k")}, "", broker.ErrUnavailable},
 			},
 			delivered: "1,1",
 		},
@@ -190,15 +173,15 @@ func TestPublishMessagesSteps(t *testing.T) {
 			name: "outage: retries do not stretch the node's window",
 			steps: []step{
 				{down, []rooms.Message{msg("a", "1", "k")}, "", broker.ErrUnavailable},
-				{func(_ *flakyBroker, c *clock) { c.advance(window / 2) }, []rooms.Message{msg("a", "1", "k")}, "", broker.ErrUnavailable},
-				{func(_ *flakyBroker, c *clock) { c.advance(window / 2) }, []rooms.Message{msg("a", "1", "k")}, "", broker.ErrUnavailable},
+				{func(_ *flakyBroker, c *fakeclock.Clock) { c.Advance(window / 2) }, []rooms.Message{msg("a", "1", "k")}, "", broker.ErrUnavailable},
+				{func(_ *flakyBroker, c *fakeclock.Clock) { c.Advance(window / 2) }, []rooms.Message{msg("a", "1", "k")}, "", broker.ErrUnavailable},
 			},
 			delivered: "1,1",
 		},
 		{
 			name: "claimed, then the publish fails: the claim is released",
 			steps: []step{
-				{func(b *flakyBroker, _ *clock) { b.set(false, errDown) }, []rooms.Message{msg("a", "1", "k")}, "", broker.ErrUnavailable},
+				{func(b *flakyBroker, _ *fakeclock.Clock) { b.set(false, errDown) }, []rooms.Message{msg("a", "1", "k")}, "", broker.ErrUnavailable},
 				{up, []rooms.Message{msg("a", "1", "k")}, "-", nil},
 			},
 			delivered: "1,1",
@@ -206,7 +189,7 @@ func TestPublishMessagesSteps(t *testing.T) {
 		{
 			name: "publish fails for good: nothing recorded",
 			steps: []step{
-				{func(b *flakyBroker, _ *clock) { b.set(false, broker.ErrClosed) }, []rooms.Message{msg("a", "1", "k")}, "", broker.ErrClosed},
+				{func(b *flakyBroker, _ *fakeclock.Clock) { b.set(false, broker.ErrClosed) }, []rooms.Message{msg("a", "1", "k")}, "", broker.ErrClosed},
 				{up, []rooms.Message{msg("a", "1", "k")}, "-", nil},
 			},
 			delivered: "1",
@@ -315,8 +298,8 @@ func TestPublishMessagesWindowFromFirst(t *testing.T) {
 	ctx := context.Background()
 	a, ba, _, c := newFlakyHub(t)
 	b, bb, sb, _ := newFlakyHub(t)
-	b.SetClock(c.now)
-	bb.SetClock(c.now)
+	b.SetClock(c.Now)
+	bb.SetClock(c.Now)
 	bb.claims = ba
 	if _, err := a.PublishMessages(ctx, []rooms.Message{msg("a", "1", "k")}, window); err != nil {
 		t.Fatal(err)
@@ -330,10 +313,10 @@ func TestPublishMessagesWindowFromFirst(t *testing.T) {
 		{time.Nanosecond, false},
 		{window - time.Nanosecond, true},
 	} {
-		c.advance(st.advance)
+		c.Advance(st.advance)
 		dup, err := b.PublishMessages(ctx, []rooms.Message{msg("a", "1", "k")}, window)
 		if err != nil || dup[0] != st.wantDup {
-			t.Fatalf("at %v: dup %v, %v; want dup %v", c.now().Sub(time.Unix(1_700_000_000, 0)), dup, err, st.wantDup)
+			t.Fatalf("at %v: dup %v, %v; want dup %v", c.Now().Sub(time.Unix(1_700_000_000, 0)), dup, err, st.wantDup)
 		}
 	}
 	if got := strings.Join(sb.data(), ","); got != "1" {

@@ -3,32 +3,12 @@ package rooms_test
 import (
 	"fmt"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
+	"github.com/wsgate/wsgate/internal/fakeclock"
 	"github.com/wsgate/wsgate/rooms"
 )
-
-// fakeClock is a clock that moves only when told.
-type fakeClock struct {
-	mu sync.Mutex
-	t  time.Time
-}
-
-func newFakeClock() *fakeClock { return &fakeClock{t: time.Unix(1_700_000_000, 0)} }
-
-func (c *fakeClock) Now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.t
-}
-
-func (c *fakeClock) advance(d time.Duration) {
-	c.mu.Lock()
-	c.t = c.t.Add(d)
-	c.mu.Unlock()
-}
 
 // publishN sends n publishes on channel and counts the accepted ones; every
 // other reply must be rate_limited, echo its id and say the limit.
@@ -94,13 +74,13 @@ func TestConnPublishRate(t *testing.T) {
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			h, _ := newMemoryHub(t)
-			clock := newFakeClock()
+			clock := fakeclock.New(time.Unix(1_700_000_000, 0))
 			reader := newClient(t, h, rooms.ConnConfig{})
 			reader.ok(`{"op":"subscribe","channel":"room:1"}`)
 			pub := newClient(t, h, rooms.ConnConfig{PublishRate: tc.rate, PublishBurst: tc.burst, Now: clock.Now})
 			total := 0
 			for i, s := range tc.steps {
-				clock.advance(s.after)
+				clock.Advance(s.after)
 				if got := pub.publishN("room:1", s.publish, tc.limit); got != s.accepted {
 					t.Fatalf("step %d: %d of %d publishes accepted, want %d", i, got, s.publish, s.accepted)
 				}
@@ -124,7 +104,7 @@ func TestConnPublishRate(t *testing.T) {
 // reason (policy, size) take no token.
 func TestConnPublishRatePerConnection(t *testing.T) {
 	h, _ := newMemoryHub(t)
-	clock := newFakeClock()
+	clock := fakeclock.New(time.Unix(1_700_000_000, 0))
 	cfg := rooms.ConnConfig{
 		PublishRate: 1, PublishBurst: 2, MaxData: 8, Now: clock.Now,
 		Authorize: func(action, channel string) bool { return !strings.HasPrefix(channel, "secret:") },
