@@ -97,6 +97,7 @@ func TestCaddyfileErrorsNameTheLine(t *testing.T) {
 		{"relay_channels without channels", site("\twsgate ws://a:1 {\n\t\trelay_channels { " + mark + "\n\t\t\tchannel_field ch\n\t\t}\n\t}"), "relay_channels needs a channels block"},
 		{"relay_channels in rooms mode", site("\twsgate {\n\t\trooms\n\t\tchannels {\n\t\t\tallow * **\n\t\t}\n\t\trelay_channels { " + mark + "\n\t\t\tchannel_field ch\n\t\t}\n\t}"), "relay_channels is for relay mode"},
 		{"nested channel and action fields", site("\twsgate ws://a:1 {\n\t\tchannels {\n\t\t\tallow * **\n\t\t}\n\t\trelay_channels {\n\t\t\tchannel_field msg\n\t\t\taction_field msg.type " + mark + "\n\t\t}\n\t}"), "must name different, unnested fields"},
+		{"channel and action fields differing in case only", site("\twsgate ws://a:1 {\n\t\tchannels {\n\t\t\tallow * **\n\t\t}\n\t\trelay_channels {\n\t\t\tchannel_field room\n\t\t\taction_field Room " + mark + "\n\t\t}\n\t}"), "differ only in letter case"},
 		{"a word mapped to two actions", site("\twsgate ws://a:1 {\n\t\tchannels {\n\t\t\tallow * **\n\t\t}\n\t\trelay_channels {\n\t\t\tchannel_field ch\n\t\t\taction subscribe join\n\t\t\taction publish join say " + mark + "\n\t\t}\n\t}"), `word "join" maps to both publish and subscribe`},
 
 		// wsgate_publish
