@@ -59,7 +59,7 @@ type Conn struct {
 	hub    *Hub
 	cfg    ConnConfig
 	sess   proxy.Session
-	pubLim *rate.Limiter // nil: publishes are not limited
+	pubLim *rate.Limiter // made at the first publish, so idle connections hold none
 
 	mu     sync.Mutex
 	subs   map[string]struct{}
@@ -85,7 +85,6 @@ func NewConn(h *Hub, cfg ConnConfig) *Conn {
 		if cfg.PublishBurst <= 0 {
 			c.cfg.PublishBurst = int(min(math.MaxInt32, max(1, math.Ceil(2*c.cfg.PublishRate))))
 		}
-		c.pubLim = rate.NewLimiter(rate.Limit(c.cfg.PublishRate), c.cfg.PublishBurst)
 	}
 	return c
 }
@@ -166,6 +165,9 @@ func (c *Conn) do(r Request) *ProtoError {
 	case "publish":
 		if c.cfg.Authorize != nil && !c.cfg.Authorize("publish", r.Channel) {
 			return &ProtoError{CodeForbidden, "publish to " + r.Channel + " denied"}
+		}
+		if c.cfg.PublishRate > 0 && c.pubLim == nil { // Handle runs on the client's reader only
+			c.pubLim = rate.NewLimiter(rate.Limit(c.cfg.PublishRate), c.cfg.PublishBurst)
 		}
 		if c.pubLim != nil && !c.pubLim.AllowN(c.cfg.Now(), 1) {
 			return &ProtoError{CodeRateLimited, "more than " + strconv.FormatFloat(c.cfg.PublishRate, 'g', -1, 64) +
