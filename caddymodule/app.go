@@ -3,6 +3,7 @@ package caddymodule
 import (
 	"encoding/json"
 	"fmt"
+	"sync/atomic"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
@@ -70,7 +71,22 @@ type sharedHub struct {
 	broker broker.Broker
 }
 
-func (s *sharedHub) Destruct() error { return s.broker.Close() }
+func (s *sharedHub) Destruct() error {
+	current.CompareAndSwap(s, nil)
+	return s.broker.Close()
+}
+
+// current is the hub of the running wsgate app (nil: none), which the
+// admin API asks.
+var current atomic.Pointer[sharedHub]
+
+// currentHub is the running wsgate app's hub, or the default one.
+func currentHub() *sharedHub {
+	if s := current.Load(); s != nil {
+		return s
+	}
+	return defaultHub
+}
 
 // hubs keeps hubs across config reloads, keyed by broker config.
 var hubs = caddy.NewUsagePool()
@@ -109,6 +125,7 @@ func newSharedHub(ctx caddy.Context, bc BrokerConfig) (*sharedHub, error) {
 		r, err := broker.NewRedis(broker.RedisOptions{
 			URL: bc.URL, Addrs: bc.Addrs, MasterName: bc.MasterName, Cluster: bc.Cluster,
 			Username: bc.Username, Password: bc.Password, Prefix: bc.Prefix, Logger: ctx.Slogger(),
+			Answer: answerer(h),
 		}, h.Handle)
 		if err != nil {
 			return nil, err
@@ -121,8 +138,12 @@ func newSharedHub(ctx caddy.Context, bc BrokerConfig) (*sharedHub, error) {
 	return &sharedHub{hub: h, broker: b}, nil
 }
 
-// Start is a no-op: the broker connects lazily.
-func (a *App) Start() error { return nil }
+// Start makes this app's hub the one the admin API asks. The broker
+// connects lazily.
+func (a *App) Start() error {
+	current.Store(a.hub)
+	return nil
+}
 
 // Stop is a no-op: connections are closed by the handlers on exit.
 func (a *App) Stop() error { return nil }
