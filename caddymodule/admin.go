@@ -435,7 +435,7 @@ func (s *adminServer) handleConnections(w http.ResponseWriter, r *http.Request) 
 	if len(list) > limit {
 		resp.Connections, more = list[:limit], true
 	}
-	if more {
+	if more && len(resp.Connections) > 0 {
 		resp.NextCursor = cursor(resp.Connections[len(resp.Connections)-1].ID)
 	}
 	return writeJSON(w, http.StatusOK, resp)
@@ -477,7 +477,7 @@ func (s *adminServer) handleChannels(w http.ResponseWriter, r *http.Request) err
 	if len(list) > limit {
 		resp.Channels, more = list[:limit], true
 	}
-	if more {
+	if more && len(resp.Channels) > 0 {
 		resp.NextCursor = cursor(resp.Channels[len(resp.Channels)-1].Channel)
 	}
 	return writeJSON(w, http.StatusOK, resp)

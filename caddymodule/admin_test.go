@@ -396,3 +396,19 @@ func TestAdminBadInput(t *testing.T) {
 		t.Fatalf("a 123-byte reason: %d %v", code, err)
 	}
 }
+
+// TestAdminMemoryBrokerIsLocal: with a broker that links no nodes, the API
+// answers for this node alone, and says so without calling it partial.
+func TestAdminMemoryBrokerIsLocal(t *testing.T) {
+	n := newFakeNode(t, conn("a1", "u-1", "10.0.0.1", "chat", "rooms", "room:1"))
+	sh := &sharedHub{hub: n.hub, broker: broker.NewMemory(n.hub.Handle)}
+	s := &adminServer{conns: n.conns, hub: func() *sharedHub { return sh }}
+	code, body, err := call(t, s.handleConnections, "GET", "/wsgate/connections", "")
+	if err != nil || code != 200 || !slices.Equal(ids(t, body), []string{"a1"}) || body["nodes"] != 1.0 || body["answered"] != 1.0 || body["partial"] != nil {
+		t.Fatalf("listing: %d %v %v", code, err, body)
+	}
+	code, body, err = call(t, s.handleDisconnect, "POST", "/wsgate/disconnect", `{"subject":"u-1","code":4000,"reason":"bye"}`)
+	if err != nil || code != 200 || body["disconnected"] != 1.0 || !slices.Equal(n.conns.closed, []string{"a1 4000 bye"}) {
+		t.Fatalf("disconnect: %d %v %v, closed %v", code, err, body, n.conns.closed)
+	}
+}
