@@ -269,9 +269,9 @@ func checkClose(code uint16, reason string) error {
 
 // gathered is what the nodes answered to one request.
 type gathered struct {
-	answers  []adminAnswer
-	nodes    int   // how many nodes got the request
-	brokerDn error // the broker could not be reached: this node answered alone
+	answers   []adminAnswer
+	nodes     int   // how many nodes got the request
+	brokerErr error // the broker could not be reached: this node answered alone
 }
 
 // ask sends req to every node (through the current wsgate app's broker)
@@ -287,7 +287,7 @@ func (s *adminServer) ask(ctx context.Context, req adminRequest, wait time.Durat
 	defer cancel()
 	raw, n, err := g.Gather(ctx, body)
 	if err != nil {
-		return gathered{answers: []adminAnswer{answerLocal(s.conns, sh.hub, req)}, nodes: 1, brokerDn: err}
+		return gathered{answers: []adminAnswer{answerLocal(s.conns, sh.hub, req)}, nodes: 1, brokerErr: err}
 	}
 	res := gathered{nodes: n}
 	for _, b := range raw {
@@ -310,8 +310,8 @@ type status struct {
 func (g gathered) status() status {
 	s := status{Nodes: g.nodes, Answered: len(g.answers)}
 	switch {
-	case g.brokerDn != nil:
-		s.Partial, s.Error = true, "broker unavailable: this node only ("+g.brokerDn.Error()+")"
+	case g.brokerErr != nil:
+		s.Partial, s.Error = true, "broker unavailable: this node only ("+g.brokerErr.Error()+")"
 	case s.Answered < s.Nodes:
 		s.Partial, s.Error = true, fmt.Sprintf("%d of %d nodes did not answer in time", s.Nodes-s.Answered, s.Nodes)
 	}
