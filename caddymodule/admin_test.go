@@ -412,3 +412,33 @@ func TestAdminMemoryBrokerIsLocal(t *testing.T) {
 		t.Fatalf("disconnect: %d %v %v, closed %v", code, err, body, n.conns.closed)
 	}
 }
+
+// TestAdminAsksTheLastStartedHub: the API follows reloads, and falls back
+// to the config still running when a new one is torn down.
+func TestAdminAsksTheLastStartedHub(t *testing.T) {
+	old, next := &sharedHub{}, &sharedHub{}
+	t.Cleanup(func() { running.forget(old); running.forget(next) })
+	steps := []struct {
+		what string
+		do   func()
+		want *sharedHub
+	}{
+		{"nothing started", func() {}, defaultHub},
+		{"first config", func() { running.started(old) }, old},
+		{"reload with another broker", func() { running.started(next) }, next},
+		{"that reload failed: its hub destroyed", func() { running.forget(next) }, old},
+		{"reload with the same broker", func() { running.started(old) }, old},
+		{"no wsgate app any more", func() { running.forget(old) }, defaultHub},
+	}
+	for _, s := range steps {
+		s.do()
+		if got := currentHub(); got != s.want {
+			t.Fatalf("%s: the API asks %p, want %p", s.what, got, s.want)
+		}
+	}
+	running.started(old)
+	running.started(old)
+	if n := len(running.hubs); n != 1 {
+		t.Fatalf("a hub started twice is listed %d times", n)
+	}
+}

@@ -3,7 +3,8 @@ package caddymodule
 import (
 	"encoding/json"
 	"fmt"
-	"sync/atomic"
+	"slices"
+	"sync"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
@@ -72,18 +73,41 @@ type sharedHub struct {
 }
 
 func (s *sharedHub) Destruct() error {
-	current.CompareAndSwap(s, nil)
+	running.forget(s)
 	return s.broker.Close()
 }
 
-// current is the hub of the running wsgate app (nil: none), which the
-// admin API asks.
-var current atomic.Pointer[sharedHub]
+// running lists the hubs of the started wsgate apps, the last started
+// last. The admin API asks the last one: after a reload, the new config's;
+// after a reload that failed to start, the old config's again (the new
+// hub is destroyed, the old one stays).
+var running hubList
 
-// currentHub is the running wsgate app's hub, or the default one.
+type hubList struct {
+	mu   sync.Mutex
+	hubs []*sharedHub
+}
+
+// started moves s to the end of the list.
+func (l *hubList) started(s *sharedHub) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.hubs = append(slices.DeleteFunc(l.hubs, func(h *sharedHub) bool { return h == s }), s)
+}
+
+func (l *hubList) forget(s *sharedHub) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.hubs = slices.DeleteFunc(l.hubs, func(h *sharedHub) bool { return h == s })
+}
+
+// currentHub is the hub of the last started wsgate app still running, or
+// the default one.
 func currentHub() *sharedHub {
-	if s := current.Load(); s != nil {
-		return s
+	running.mu.Lock()
+	defer running.mu.Unlock()
+	if n := len(running.hubs); n > 0 {
+		return running.hubs[n-1]
 	}
 	return defaultHub
 }
@@ -141,7 +165,7 @@ func newSharedHub(ctx caddy.Context, bc BrokerConfig) (*sharedHub, error) {
 // Start makes this app's hub the one the admin API asks. The broker
 // connects lazily.
 func (a *App) Start() error {
-	current.Store(a.hub)
+	running.started(a.hub)
 	return nil
 }
 
