@@ -109,3 +109,31 @@ func TestGatherNeedsAnswer(t *testing.T) {
 		t.Fatalf("Gather without Answer = %v, want an error saying it is not enabled", err)
 	}
 }
+
+// TestRedisClusterGather: on a Redis Cluster the control channels are
+// sharded (SSUBSCRIBE, SPUBLISH), and every node still answers.
+func TestRedisClusterGather(t *testing.T) {
+	c := startCluster(t)
+	prefix := newPrefix()
+	var nodes []*broker.Redis
+	for _, name := range []string{"a", "b", "c"} {
+		nodes = append(nodes, openRedis(t, broker.RedisOptions{Cluster: true, Addrs: c.addrs(), Prefix: prefix, Answer: func(req []byte) []byte {
+			return []byte(name + ":" + string(req))
+		}}, func(string, []byte) {}))
+	}
+	control := prefix + "#control"
+	eventually(t, waitLong, "three nodes on the sharded control channel", func() bool {
+		return numsub(t, c.owner[broker.Slot(control)], "SHARDNUMSUB", control) == 3
+	})
+	for i, from := range nodes {
+		answers, n, err := from.Gather(ctxT(t), []byte("ping"))
+		var got []string
+		for _, a := range answers {
+			got = append(got, string(a))
+		}
+		slices.Sort(got)
+		if want := []string{"a:ping", "b:ping", "c:ping"}; err != nil || n != 3 || !slices.Equal(got, want) {
+			t.Fatalf("Gather from node %d = %q, %d, %v; want %q, 3", i, got, n, err, want)
+		}
+	}
+}
