@@ -10,6 +10,10 @@
 // node that shares it, so that a publication retried with the same key is
 // delivered once across the cluster.
 //
+// A broker may also be a Gatherer: a request from one node reaches every
+// node that shares it, and their answers come back (the admin API lists
+// and closes connections across nodes so).
+//
 // broker imports the standard library, go-redis and internal/ttlmap;
 // never Caddy.
 package broker

@@ -37,6 +37,11 @@ type RedisOptions struct {
 	Prefix string
 	// Logger may be nil.
 	Logger *slog.Logger
+	// Answer, if not nil, answers the control requests of the nodes that
+	// share the Redis (see Gatherer), this one's included; it may be
+	// called from several goroutines at once. Nil: the node neither
+	// answers nor gathers.
+	Answer func(req []byte) []byte
 }
 
 // How the broker meets a Redis that is down. Every dial, read, write and
@@ -76,6 +81,10 @@ type Redis struct {
 	pongs  chan string   // PONG payloads from the standalone stream
 	probes uint64        // PINGs sent by the probe (its goroutine only)
 
+	node    string                // this node's id, for control replies
+	pmu     sync.Mutex            // guards pending
+	pending map[string]*gathering // control requests awaiting answers, by id
+
 	mu     sync.Mutex
 	ps     *redis.PubSub   // standalone and Sentinel: one stream
 	shards map[int]*shard  // cluster: one stream per hash slot in use
@@ -105,7 +114,8 @@ func parseRedisURL(u string) (*redis.Options, error) {
 // NewRedis connects lazily (go-redis dials on first use and reconnects by
 // itself); an unreachable Redis at start is not an error.
 func NewRedis(opt RedisOptions, h Handler) (*Redis, error) {
-	r := &Redis{opt: opt, h: h, log: opt.Logger, chans: map[string]bool{}, shards: map[int]*shard{}, wake: make(chan struct{}, 1), pongs: make(chan string, 1)}
+	r := &Redis{opt: opt, h: h, log: opt.Logger, chans: map[string]bool{}, shards: map[int]*shard{}, wake: make(chan struct{}, 1), pongs: make(chan string, 1),
+		node: newID(), pending: map[string]*gathering{}}
 	if r.log == nil {
 		r.log = slog.New(slog.DiscardHandler)
 	}
@@ -153,6 +163,10 @@ func NewRedis(opt RedisOptions, h Handler) (*Redis, error) {
 		r.wg.Add(1)
 		go r.probe()
 	}
+	if opt.Answer != nil {
+		r.wg.Add(1)
+		go r.subscribeControl()
+	}
 	return r, nil
 }
 
@@ -185,6 +199,10 @@ func (r *Redis) receive(ps *redis.PubSub) {
 			switch m := msg.(type) {
 			case *redis.Message:
 				if ch, ok := strings.CutPrefix(m.Channel, prefix); ok {
+					if ch != "" && ch[0] == '#' {
+						r.control(ch, m.Payload)
+						continue
+					}
 					r.h(ch, []byte(m.Payload))
 				}
 			case *redis.Pong:
@@ -309,19 +327,8 @@ func (r *Redis) usable() error {
 // Publish sends one PUBLISH (or SPUBLISH on a cluster). While Redis is
 // known to be down it returns ErrUnavailable at once.
 func (r *Redis) Publish(ctx context.Context, channel string, data []byte) error {
-	if err := r.usable(); err != nil {
-		return err
-	}
-	var err error
-	if r.cluster != nil {
-		err = r.cluster.SPublish(ctx, r.opt.Prefix+channel, data).Err()
-	} else {
-		err = r.client.Publish(ctx, r.opt.Prefix+channel, data).Err()
-	}
-	if err != nil {
-		return r.failed(ctx, err)
-	}
-	return nil
+	_, err := r.publish(ctx, channel, data)
+	return err
 }
 
 // PublishBatch sends several publications in one pipelined round trip.

@@ -3,6 +3,8 @@ package caddymodule
 import (
 	"encoding/json"
 	"fmt"
+	"slices"
+	"sync"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
@@ -70,7 +72,45 @@ type sharedHub struct {
 	broker broker.Broker
 }
 
-func (s *sharedHub) Destruct() error { return s.broker.Close() }
+func (s *sharedHub) Destruct() error {
+	running.forget(s)
+	return s.broker.Close()
+}
+
+// running lists the hubs of the started wsgate apps, the last started
+// last. The admin API asks the last one: after a reload, the new config's;
+// after a reload that failed to start, the old config's again (the new
+// hub is destroyed, the old one stays).
+var running hubList
+
+type hubList struct {
+	mu   sync.Mutex
+	hubs []*sharedHub
+}
+
+// started moves s to the end of the list.
+func (l *hubList) started(s *sharedHub) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.hubs = append(slices.DeleteFunc(l.hubs, func(h *sharedHub) bool { return h == s }), s)
+}
+
+func (l *hubList) forget(s *sharedHub) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.hubs = slices.DeleteFunc(l.hubs, func(h *sharedHub) bool { return h == s })
+}
+
+// currentHub is the hub of the last started wsgate app still running, or
+// the default one.
+func currentHub() *sharedHub {
+	running.mu.Lock()
+	defer running.mu.Unlock()
+	if n := len(running.hubs); n > 0 {
+		return running.hubs[n-1]
+	}
+	return defaultHub
+}
 
 // hubs keeps hubs across config reloads, keyed by broker config.
 var hubs = caddy.NewUsagePool()
@@ -109,6 +149,7 @@ func newSharedHub(ctx caddy.Context, bc BrokerConfig) (*sharedHub, error) {
 		r, err := broker.NewRedis(broker.RedisOptions{
 			URL: bc.URL, Addrs: bc.Addrs, MasterName: bc.MasterName, Cluster: bc.Cluster,
 			Username: bc.Username, Password: bc.Password, Prefix: bc.Prefix, Logger: ctx.Slogger(),
+			Answer: answerer(h),
 		}, h.Handle)
 		if err != nil {
 			return nil, err
@@ -121,8 +162,12 @@ func newSharedHub(ctx caddy.Context, bc BrokerConfig) (*sharedHub, error) {
 	return &sharedHub{hub: h, broker: b}, nil
 }
 
-// Start is a no-op: the broker connects lazily.
-func (a *App) Start() error { return nil }
+// Start makes this app's hub the one the admin API asks. The broker
+// connects lazily.
+func (a *App) Start() error {
+	running.started(a.hub)
+	return nil
+}
 
 // Stop is a no-op: connections are closed by the handlers on exit.
 func (a *App) Stop() error { return nil }

@@ -32,6 +32,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 // UnmarshalCaddyfile sets up the handler from Caddyfile tokens. Syntax:
 //
 //	wsgate [<matcher>] [<upstreams...>] {
+//	    name                 <name>
 //	    upstream             <ws://host:port[/path]...>
 //	    dial_timeout         <duration>
 //	    tls {
@@ -105,6 +106,10 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.ArgErr()
 			}
 			err = h.addUpstreams(d)
+		case "name":
+			if !d.AllArgs(&h.Name) {
+				return d.ArgErr()
+			}
 		case "dial_timeout":
 			h.DialTimeout, err = parseDuration(d)
 		case "tls":
@@ -240,7 +245,7 @@ func hasPlaceholder(s string) bool { return strings.Contains(s, "{") }
 // The names each block knows, for suggestions on a typo.
 var (
 	handlerSubdirectives = []string{
-		"upstream", "dial_timeout", "tls", "forward_headers", "max_message", "max_message_upstream",
+		"name", "upstream", "dial_timeout", "tls", "forward_headers", "max_message", "max_message_upstream",
 		"rate_limit", "idle_timeout", "ping_interval", "pong_timeout", "write_timeout", "close_timeout",
 		"park_after", "origins", "allow_missing_origin", "jwt", "forward_auth", "refresh_field",
 		"claims_header", "limit_connections", "channels", "relay_channels", "rooms", "upstream_control",

@@ -35,6 +35,11 @@ const shutdownLimit = time.Minute
 // frame-level limits. Requests that are not WebSocket upgrades pass to the
 // next handler untouched.
 type Handler struct {
+	// Name identifies the handler in the admin API: its connection
+	// listings and their handler filter. Default: the name of the Caddy
+	// server the handler runs in (srv0, ...).
+	Name string `json:"name,omitempty"`
+
 	// Upstreams are the ws:// or wss:// URLs of the app. Connections are
 	// spread round-robin; when one cannot be dialled the next is tried. An
 	// upstream URL with a path is dialled at that path; without one, at the
@@ -368,7 +373,14 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if !ok {
 		return nil
 	}
+	info.Meta = proxy.ConnInfo{Subject: claims.Subject(), Remote: info.ClientIP, Handler: h.Name, Mode: "relay"}
+	if info.Meta.Handler == "" {
+		if srv, ok := r.Context().Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server); ok {
+			info.Meta.Handler = srv.Name()
+		}
+	}
 	if h.Rooms != nil {
+		info.Meta.Mode = "rooms"
 		h.serveRooms(w, r, info, claims)
 		return nil
 	}

@@ -31,6 +31,7 @@ func (h *Handler) serveRooms(w http.ResponseWriter, r *http.Request, info proxy.
 	info.Inspect = rc.Handle
 	info.OnStart = rc.Attach
 	info.OnClose = chain(rc.Close, info.OnClose)
+	info.Meta.Channels = rc.Channels
 	h.gw.ServeSession(w, r, info, rooms.Subprotocol)
 }
 
@@ -56,6 +57,7 @@ func (h *Handler) addUpstreamControl(info *proxy.RequestInfo) {
 	prefix := []byte(h.UpstreamControl)
 	rc := rooms.NewConn(h.hub, rooms.ConnConfig{Format: rooms.FormatRaw, MaxSubscriptions: 1000})
 	info.UpstreamControl = rc.Control(prefix)
+	info.Meta.Channels = rc.Channels
 	info.OnStart = rc.Attach
 	info.OnClose = chain(rc.Close, info.OnClose)
 	inner := info.Inspect

@@ -63,7 +63,13 @@ type roomsMsg struct {
 
 func dialRooms(t testing.TB, g *gateway) *roomsClient {
 	t.Helper()
-	c := dial(t, g, "/ws", &websocket.DialOptions{Subprotocols: []string{"wsgate.v1"}})
+	return dialRoomsWith(t, g, nil)
+}
+
+// dialRoomsWith is dialRooms with extra handshake headers (a token).
+func dialRoomsWith(t testing.TB, g *gateway, hdr http.Header) *roomsClient {
+	t.Helper()
+	c := dial(t, g, "/ws", &websocket.DialOptions{Subprotocols: []string{"wsgate.v1"}, HTTPHeader: hdr})
 	if c.Subprotocol() != "wsgate.v1" {
 		t.Fatalf("subprotocol %q", c.Subprotocol())
 	}

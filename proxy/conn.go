@@ -130,6 +130,7 @@ type relay struct {
 	solo    bool // no upstream: the gateway itself serves the client (rooms)
 	pingOut bool // owned by the client's reader, like the heartbeat state below
 
+	meta         *ConnInfo
 	onClose      func()
 	control      func(msg []byte) bool
 	inspect      func(msg []byte, text bool) (Verdict, []byte)
@@ -165,6 +166,7 @@ func newRelay(g *Gateway, client, upstream net.Conn, info *RequestInfo) *relay {
 	c.client.other = c.upstream
 	c.client.init(c, clientSide, client, &c.cfg.Client)
 	binary.LittleEndian.PutUint64(c.pingToken[:], rand.Uint64())
+	c.meta = newConnInfo(info.Meta, client)
 	c.onClose = info.OnClose
 	if !info.Expiry.IsZero() {
 		c.setExpiry(info.Expiry)

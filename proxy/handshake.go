@@ -160,6 +160,10 @@ type RequestInfo struct {
 	// upstream (up to 16 KiB) and reports whether it consumed them (they
 	// then never reach the client).
 	UpstreamControl func(msg []byte) bool
+
+	// Meta describes the connection in the registry's listings (the admin
+	// API). The gateway sets its ID and Started, and its Remote when empty.
+	Meta ConnInfo
 }
 
 // Verdict is what Inspect decides for a message.

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"net/http"
 	"runtime"
+	"strings"
 	"testing"
 	"time"
 )
@@ -111,5 +112,61 @@ func allStacks() []byte {
 			return buf[:n]
 		}
 		buf = make([]byte, 2*len(buf))
+	}
+}
+
+// TestRegistryListsAndDisconnects: each connection is listed with what the
+// caller described and an unguessable id; Disconnect closes the matching
+// ones with the given code and reason, both sides, and no other.
+func TestRegistryListsAndDisconnects(t *testing.T) {
+	up := startUpstream(t, nil, nil)
+	subject := make(chan string, 2)
+	tg := startGatewayInfo(t, up.url, nil, func() RequestInfo {
+		return RequestInfo{Meta: ConnInfo{Subject: <-subject, Handler: "chat", Mode: "relay"}}
+	})
+	reg := tg.g.Registry()
+	subject <- "u-1"
+	gone := dialRaw(t, tg.addr(), nil)
+	upGone := up.next(t)
+	subject <- "u-2"
+	stays := dialRaw(t, tg.addr(), nil)
+	up.next(t)
+	tg.waitLen(t, 2)
+
+	byID := map[string]*ConnInfo{}
+	var target string
+	for _, m := range reg.Conns() {
+		byID[m.ID] = m
+		if m.Subject == "u-1" {
+			target = m.ID
+		}
+		if len(m.ID) != 32 || strings.Trim(m.ID, "0123456789abcdef") != "" {
+			t.Errorf("id %q: want 32 hex digits", m.ID)
+		}
+		if m.Handler != "chat" || m.Mode != "relay" || m.Remote != "127.0.0.1" || time.Since(m.Started) > waitFor || m.Started.After(time.Now()) {
+			t.Errorf("listed %+v", *m)
+		}
+	}
+	if len(byID) != 2 || target == "" {
+		t.Fatalf("listed %d distinct ids (target %q), want 2 (u-1 among them)", len(byID), target)
+	}
+
+	n := reg.Disconnect(func(m *ConnInfo) bool { return m.ID == target }, 4001, "account disabled")
+	if n != 1 {
+		t.Fatalf("Disconnect closed %d, want 1", n)
+	}
+	if code, reason, _ := gone.readClose(); code != 4001 || reason != "account disabled" {
+		t.Fatalf("client got close %d %q, want 4001 \"account disabled\"", code, reason)
+	}
+	if code, reason := upGone.closeCode(t); code != 4001 || reason != "account disabled" {
+		t.Fatalf("upstream got close %d %q, want 4001 \"account disabled\"", code, reason)
+	}
+	tg.waitLen(t, 1)
+	if n := reg.Disconnect(func(m *ConnInfo) bool { return m.ID == target }, 4001, ""); n != 0 {
+		t.Fatalf("a second Disconnect of the same id closed %d, want 0", n)
+	}
+	stays.write(cf(opText, []byte("still here")))
+	if f := stays.readData(); string(f.payload) != "still here" {
+		t.Fatalf("the other connection echoed %q", f.payload)
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"math"
+	"slices"
 	"strconv"
 	"sync"
 	"time"
@@ -109,6 +110,18 @@ func (c *Conn) Close() {
 	for ch := range subs {
 		c.hub.Unsubscribe(context.Background(), ch, c)
 	}
+}
+
+// Channels returns the channels the connection is subscribed to, sorted.
+func (c *Conn) Channels() []string {
+	c.mu.Lock()
+	list := make([]string, 0, len(c.subs))
+	for ch := range c.subs {
+		list = append(list, ch)
+	}
+	c.mu.Unlock()
+	slices.Sort(list)
+	return list
 }
 
 // Handle is the proxy's Inspect hook in rooms mode: every client message

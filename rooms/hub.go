@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -193,6 +195,25 @@ func (h *Hub) Channels() int {
 	h.mu.RLock()
 	defer h.mu.RUnlock()
 	return len(h.subs)
+}
+
+// ChannelCount is a channel and its number of local subscribers.
+type ChannelCount struct {
+	Channel     string
+	Subscribers int
+}
+
+// ChannelCounts lists the channels with local subscribers, sorted by
+// name.
+func (h *Hub) ChannelCounts() []ChannelCount {
+	h.mu.RLock()
+	list := make([]ChannelCount, 0, len(h.subs))
+	for ch, set := range h.subs {
+		list = append(list, ChannelCount{ch, len(set)})
+	}
+	h.mu.RUnlock()
+	slices.SortFunc(list, func(a, b ChannelCount) int { return strings.Compare(a.Channel, b.Channel) })
+	return list
 }
 
 // Subscribers is the number of local subscribers of channel.

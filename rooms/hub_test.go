@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -525,5 +526,39 @@ func TestHubPublishRefusesInvalidData(t *testing.T) {
 				t.Fatalf("%d dropped on receipt: the data was sent", h.Dropped())
 			}
 		})
+	}
+}
+
+// TestChannelListings: the hub lists its channels sorted with their local
+// subscriber counts, and a connection its own subscriptions, sorted; both
+// follow unsubscribing and closing.
+func TestChannelListings(t *testing.T) {
+	ctx := context.Background()
+	h, _ := newMemoryHub(t)
+	a := rooms.NewConn(h, rooms.ConnConfig{})
+	b := rooms.NewConn(h, rooms.ConnConfig{})
+	for _, s := range []struct {
+		c  *rooms.Conn
+		ch string
+	}{{a, "room:b"}, {a, "room:a"}, {b, "room:b"}, {b, "news"}} {
+		if err := s.c.Subscribe(ctx, s.ch); err != nil {
+			t.Fatal(err)
+		}
+	}
+	want := []rooms.ChannelCount{{"news", 1}, {"room:a", 1}, {"room:b", 2}}
+	if got := h.ChannelCounts(); !slices.Equal(got, want) {
+		t.Fatalf("ChannelCounts = %v, want %v", got, want)
+	}
+	if got := a.Channels(); !slices.Equal(got, []string{"room:a", "room:b"}) {
+		t.Fatalf("a.Channels = %v", got)
+	}
+	a.Unsubscribe(ctx, "room:b")
+	b.Close()
+	want = []rooms.ChannelCount{{"room:a", 1}}
+	if got := h.ChannelCounts(); !slices.Equal(got, want) {
+		t.Fatalf("after unsubscribe and close: ChannelCounts = %v, want %v", got, want)
+	}
+	if got := b.Channels(); len(got) != 0 {
+		t.Fatalf("a closed connection lists %v", got)
 	}
 }
