@@ -16,6 +16,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/caddyserver/caddy/v2"
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
 	"github.com/golang-jwt/jwt/v5"
 	"github.com/spf13/cobra"
@@ -28,7 +29,7 @@ import (
 func init() {
 	caddycmd.RegisterCommand(caddycmd.Command{
 		Name:  "wsgate-token",
-		Usage: "--secret <secret> | --secret-env <NAME> | --key <private.pem> [--alg <alg>] [--sub <subject>] [--iss <issuer>] [--aud <audience>]... [--ttl <duration>] [--kid <id>] [--claim <name>=<value>]...",
+		Usage: "--secret <secret> | --secret-env <NAME> | --key <private.pem> | --config <file> [--adapter <name>] [--alg <alg>] [--sub <subject>] [--iss <issuer>] [--aud <audience>]... [--ttl <duration>] [--kid <id>] [--claim <name>=<value>]...",
 		Short: "Mints a development JWT that a wsgate jwt block accepts",
 		Long: `
 Signs a JWT with the secret or key a wsgate jwt block verifies with, and
@@ -41,6 +42,11 @@ Exactly one of:
                (keeps it out of the shell history and the process list)
 --key          a PEM private key file: RSA, ECDSA or Ed25519, PKCS #8,
                PKCS #1 or SEC 1 (the gateway holds the matching public key)
+--config       the gateway's config (with --adapter, as caddy run takes
+               them): the HMAC secret of a jwt block in it, with its
+               placeholders ({env.NAME}) expanded; --iss and --kid choose
+               among several keys, and the key's issuer, first audience, id
+               and first algorithm are used unless flags say otherwise
 
 --alg      the algorithm; default HS256 for a secret, RS256 for RSA, ES256,
            ES384 or ES512 by the curve, EdDSA for Ed25519
@@ -54,8 +60,9 @@ Exactly one of:
            (org=acme is the string "acme"; rooms='["a","b"]' is an array;
            n=3 is a number; id='"3"' is the string "3")
 
-Example:
+Examples:
   caddy wsgate-token --secret-env CHAT_JWT_SECRET --sub u-7 --claim org=acme
+  caddy wsgate-token --config Caddyfile --sub u-7 --claim org=acme
 `,
 		CobraFunc: tokenCobra(time.Now),
 	})
@@ -97,6 +104,8 @@ type tokenOptions struct {
 	Secret    string
 	SecretEnv string
 	KeyFile   string
+	Config    string
+	Adapter   string
 	Alg       string
 	Sub       string
 	Iss       string
@@ -115,6 +124,8 @@ func tokenCobra(now func() time.Time) func(*cobra.Command) {
 		f.StringVar(&o.Secret, "secret", "", "HMAC secret (at least 32 bytes)")
 		f.StringVar(&o.SecretEnv, "secret-env", "", "name of the environment variable holding the HMAC secret")
 		f.StringVar(&o.KeyFile, "key", "", "PEM private key file (RSA, ECDSA, Ed25519)")
+		f.StringVar(&o.Config, "config", "", "the gateway's config file, to take the HMAC secret of a jwt block")
+		f.StringVar(&o.Adapter, "adapter", "", "name of the config adapter (as caddy run takes it)")
 		f.StringVar(&o.Alg, "alg", "", "signing algorithm (default by key type)")
 		f.StringVar(&o.Sub, "sub", "", "subject (sub claim)")
 		f.StringVar(&o.Iss, "iss", "", "issuer (iss claim)")
@@ -138,16 +149,17 @@ func tokenCobra(now func() time.Time) func(*cobra.Command) {
 // mintToken signs a token as tokenOptions say.
 func mintToken(o tokenOptions) (string, error) {
 	var sign, verify any // the key that signs, and the one the gateway holds
-	switch given := countSet(o.Secret, o.SecretEnv, o.KeyFile); {
+	switch given := countSet(o.Secret, o.SecretEnv, o.KeyFile, o.Config); {
 	case given != 1:
-		return "", errors.New("give exactly one of --secret, --secret-env or --key")
-	case o.KeyFile != "":
-		k, err := readPrivateKey(o.KeyFile)
-		if err != nil {
+		return "", errors.New("give exactly one of --secret, --secret-env, --key or --config")
+	case o.Adapter != "" && o.Config == "":
+		return "", errors.New("--adapter needs --config")
+	case o.Config != "":
+		if err := o.secretFromConfig(); err != nil {
 			return "", err
 		}
-		sign, verify = k, k.Public()
-	default:
+		fallthrough
+	case o.KeyFile == "":
 		secret := o.Secret
 		if o.SecretEnv != "" {
 			if secret = os.Getenv(o.SecretEnv); secret == "" {
@@ -158,6 +170,12 @@ func mintToken(o tokenOptions) (string, error) {
 			return "", err
 		}
 		sign, verify = []byte(secret), []byte(secret)
+	default:
+		k, err := readPrivateKey(o.KeyFile)
+		if err != nil {
+			return "", err
+		}
+		sign, verify = k, k.Public()
 	}
 	fit := policy.KeyAlgorithms(verify)
 	if len(fit) == 0 {
@@ -229,6 +247,109 @@ func mintToken(o tokenOptions) (string, error) {
 		return "", fmt.Errorf("signing: %w", err)
 	}
 	return s, nil
+}
+
+// secretFromConfig sets o.Secret, and the issuer, audience, key id and
+// algorithm not given by flags, from the one jwt key of the config that
+// --iss and --kid select.
+func (o *tokenOptions) secretFromConfig() error {
+	cfg, _, _, err := caddycmd.LoadConfig(o.Config, o.Adapter)
+	if err != nil {
+		return fmt.Errorf("--config: %w", err)
+	}
+	type candidate struct {
+		issuer JWTIssuer
+		key    JWTKey
+	}
+	var all, match []candidate
+	for _, j := range jwtBlocks(cfg) {
+		for _, is := range j.Issuers {
+			for _, k := range is.Keys {
+				c := candidate{is, k}
+				if slices.ContainsFunc(all, func(a candidate) bool {
+					return a.issuer.Issuer == c.issuer.Issuer && a.key.ID == c.key.ID && a.key.Secret == c.key.Secret && a.key.PublicKeyFile == c.key.PublicKeyFile
+				}) {
+					continue // the same key in several handlers
+				}
+				all = append(all, c)
+				if (o.Iss == "" || o.Iss == is.Issuer) && (o.Kid == "" || o.Kid == k.ID) {
+					match = append(match, c)
+				}
+			}
+		}
+	}
+	describe := func(cs []candidate) string {
+		var d []string
+		for _, c := range cs {
+			kind := "secret"
+			if c.key.Secret == "" {
+				kind = "public key " + c.key.PublicKeyFile
+			}
+			d = append(d, fmt.Sprintf("issuer %q key id %q (%s)", c.issuer.Issuer, c.key.ID, kind))
+		}
+		return strings.Join(d, "; ")
+	}
+	switch {
+	case len(all) == 0:
+		return fmt.Errorf("--config %s: no jwt key with a secret or public key in any wsgate or wsgate_publish handler", o.Config)
+	case len(match) == 0:
+		return fmt.Errorf("--config %s: no jwt key for --iss %q --kid %q; the config has: %s", o.Config, o.Iss, o.Kid, describe(all))
+	case len(match) > 1:
+		return fmt.Errorf("--config %s: several jwt keys; choose one with --iss and --kid: %s", o.Config, describe(match))
+	}
+	c := match[0]
+	if c.key.Secret == "" {
+		return fmt.Errorf("--config %s: %s is verified with a public key; sign with its private key: --key <private.pem>", o.Config, describe(match))
+	}
+	o.Secret = caddy.NewReplacer().ReplaceKnown(c.key.Secret, "")
+	if o.Secret == "" {
+		return fmt.Errorf("--config %s: the secret %s is empty (unset environment variable?)", o.Config, c.key.Secret)
+	}
+	if o.Iss == "" {
+		o.Iss = c.issuer.Issuer
+	}
+	if len(o.Aud) == 0 && len(c.issuer.Audience) > 0 {
+		o.Aud = c.issuer.Audience[:1]
+	}
+	if o.Kid == "" {
+		o.Kid = c.key.ID
+	}
+	if o.Alg == "" && len(c.key.Algorithms) > 0 {
+		o.Alg = c.key.Algorithms[0]
+	}
+	return nil
+}
+
+// jwtBlocks finds the jwt blocks of the wsgate and wsgate_publish
+// handlers anywhere in a JSON config (in routes, subroutes, any app).
+func jwtBlocks(cfg []byte) []JWT {
+	var root any
+	if json.Unmarshal(cfg, &root) != nil {
+		return nil
+	}
+	var out []JWT
+	var walk func(any)
+	walk = func(v any) {
+		switch v := v.(type) {
+		case map[string]any:
+			if h, _ := v["handler"].(string); (h == "wsgate" || h == "wsgate_publish") && v["jwt"] != nil {
+				b, _ := json.Marshal(v["jwt"])
+				var j JWT
+				if json.Unmarshal(b, &j) == nil {
+					out = append(out, j)
+				}
+			}
+			for _, e := range v {
+				walk(e)
+			}
+		case []any:
+			for _, e := range v {
+				walk(e)
+			}
+		}
+	}
+	walk(root)
+	return out
 }
 
 func countSet(values ...string) int {

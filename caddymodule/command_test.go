@@ -252,7 +252,7 @@ func TestTokenCommandRefuses(t *testing.T) {
 		args []string
 		want string // in the error
 	}{
-		{"no key", []string{"--sub", "u"}, "exactly one of --secret, --secret-env or --key"},
+		{"no key", []string{"--sub", "u"}, "exactly one of --secret, --secret-env, --key or --config"},
 		{"two keys", []string{"--secret", testSecret, "--key", rsaFile}, "exactly one of"},
 		{"short secret", []string{"--secret", testSecret[:31]}, "at least 32 bytes"},
 		{"unset secret variable", []string{"--secret-env", "TEST_WSGATE_UNSET_VARIABLE"}, "TEST_WSGATE_UNSET_VARIABLE is unset or empty"},
@@ -448,4 +448,124 @@ func TestPublishCommandRedis(t *testing.T) {
 			t.Fatalf("error %v: the command's own timeout, not Redis's answer", err)
 		}
 	})
+}
+
+// TestTokenCommandFromConfig takes the secret, and what else the key says,
+// from a Caddyfile's jwt blocks.
+func TestTokenCommandFromConfig(t *testing.T) {
+	rsaKey := mustKey[*rsa.PrivateKey](t)(rsa.GenerateKey(rand.Reader, 2048))
+	_, rsaPub := keyFiles(t, rsaKey, "PRIVATE KEY")
+	dir := t.TempDir()
+	pubFile := filepath.Join(dir, "pub.pem")
+	if err := os.WriteFile(pubFile, rsaPub, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	other := strings.Repeat("s", 40)
+	caddyfile := filepath.Join(dir, "Caddyfile")
+	if err := os.WriteFile(caddyfile, []byte(`{
+	admin off
+}
+
+:8080 {
+	route {
+		wsgate /ws {
+			rooms {
+			}
+			jwt {
+				issuer https://id.example {
+					audience chat other
+					secret {env.TEST_WSGATE_SECRET} kid k1
+					secret `+other+` kid k2 alg HS512
+				}
+				issuer internal {
+					public_key `+pubFile+`
+				}
+			}
+		}
+		wsgate_publish /publish {
+			jwt {
+				issuer https://id.example {
+					audience chat other
+					secret {env.TEST_WSGATE_SECRET} kid k1
+				}
+			}
+		}
+	}
+}
+`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	plain := filepath.Join(dir, "plain.caddyfile")
+	if err := os.WriteFile(plain, []byte(":8080 {\n\trespond hi\n}\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("TEST_WSGATE_SECRET", testSecret)
+
+	verifierFor := func(t *testing.T, key policy.KeyConfig) *policy.Verifier {
+		t.Helper()
+		v, err := policy.NewVerifier(context.Background(), policy.JWTConfig{
+			Issuers: []policy.IssuerConfig{{Issuer: "https://id.example", Audience: []string{"chat"}, Keys: []policy.KeyConfig{key}}},
+			Now:     func() time.Time { return testNow },
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return v
+	}
+	for _, tc := range []struct {
+		name string
+		args []string
+		key  policy.KeyConfig
+		alg  string
+	}{
+		{"key k1, issuer and audience from the config", []string{"--kid", "k1"},
+			policy.KeyConfig{ID: "k1", Secret: []byte(testSecret)}, "HS256"},
+		{"key k2 with its algorithm", []string{"--iss", "https://id.example", "--kid", "k2"},
+			policy.KeyConfig{ID: "k2", Secret: []byte(other), Algorithms: []string{"HS512"}}, "HS512"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			args := append([]string{"--config", caddyfile, "--sub", "u-7"}, tc.args...)
+			out, err := runCommand(t, tokenCobra(func() time.Time { return testNow }), args...)
+			if err != nil {
+				t.Fatal(err)
+			}
+			tok := strings.TrimSpace(out)
+			claims, err := verifierFor(t, tc.key).Verify(context.Background(), tok)
+			if err != nil {
+				t.Fatalf("the gateway refuses the token: %v", err)
+			}
+			if claims.Subject() != "u-7" || claims["iss"] != "https://id.example" || claims["aud"] != "chat" {
+				t.Fatalf("claims %v", claims)
+			}
+			if hdr := tokenHeader(t, tok); hdr["alg"] != tc.alg || hdr["kid"] != tc.key.ID {
+				t.Fatalf("header %v, want alg %s kid %s", hdr, tc.alg, tc.key.ID)
+			}
+		})
+	}
+
+	for _, tc := range []struct {
+		name string
+		args []string
+		env  string // TEST_WSGATE_SECRET
+		want string
+	}{
+		{"several keys", []string{"--config", caddyfile}, testSecret,
+			`several jwt keys; choose one with --iss and --kid: issuer "https://id.example" key id "k1" (secret); issuer "https://id.example" key id "k2" (secret); issuer "internal" key id "" (public key ` + pubFile + `)`},
+		{"a public key", []string{"--config", caddyfile, "--iss", "internal"}, testSecret, "is verified with a public key; sign with its private key: --key"},
+		{"no such issuer", []string{"--config", caddyfile, "--iss", "nobody"}, testSecret, `no jwt key for --iss "nobody" --kid ""; the config has: issuer "https://id.example" key id "k1"`},
+		{"no jwt block", []string{"--config", plain}, testSecret, "no jwt key with a secret or public key"},
+		{"unset secret variable", []string{"--config", caddyfile, "--kid", "k1"}, "", "the secret {env.TEST_WSGATE_SECRET} is empty"},
+		{"short secret in the environment", []string{"--config", caddyfile, "--kid", "k1"}, "short", "at least 32 bytes"},
+		{"config and secret", []string{"--config", caddyfile, "--secret", testSecret}, testSecret, "exactly one of"},
+		{"adapter without config", []string{"--secret", testSecret, "--adapter", "caddyfile"}, testSecret, "--adapter needs --config"},
+		{"missing config", []string{"--config", filepath.Join(dir, "nope")}, testSecret, "--config: "},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Setenv("TEST_WSGATE_SECRET", tc.env)
+			_, err := runCommand(t, tokenCobra(time.Now), tc.args...)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("error %v, want one containing %q", err, tc.want)
+			}
+		})
+	}
 }
