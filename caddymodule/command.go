@@ -215,28 +215,28 @@ func mintToken(o tokenOptions) (string, error) {
 		now = time.Now
 	}
 	t := now()
-	set := map[string]any{"iat": t.Unix()}
-	if o.TTL > 0 {
-		set["exp"] = t.Add(o.TTL).Unix()
+	var aud any = o.Aud
+	if len(o.Aud) == 1 {
+		aud = o.Aud[0]
 	}
-	if o.Sub != "" {
-		set["sub"] = o.Sub
-	}
-	if o.Iss != "" {
-		set["iss"] = o.Iss
-	}
-	switch len(o.Aud) {
-	case 0:
-	case 1:
-		set["aud"] = o.Aud[0]
-	default:
-		set["aud"] = o.Aud
-	}
-	for name, v := range set {
-		if _, dup := claims[name]; dup {
-			return "", fmt.Errorf("--claim %s: the claim is set by its own flag (--sub, --iss, --aud, --ttl), or is iat", name)
+	for _, c := range []struct {
+		name  string
+		value any
+		given bool
+	}{
+		{"iat", t.Unix(), true},
+		{"exp", t.Add(o.TTL).Unix(), o.TTL > 0},
+		{"sub", o.Sub, o.Sub != ""},
+		{"iss", o.Iss, o.Iss != ""},
+		{"aud", aud, len(o.Aud) > 0},
+	} {
+		if !c.given {
+			continue
 		}
-		claims[name] = v
+		if _, dup := claims[c.name]; dup {
+			return "", fmt.Errorf("--claim %s: the claim is set by its own flag (--sub, --iss, --aud, --ttl), or is iat", c.name)
+		}
+		claims[c.name] = c.value
 	}
 	tok := jwt.NewWithClaims(jwt.GetSigningMethod(alg), claims)
 	if o.Kid != "" {
