@@ -242,9 +242,15 @@ func TestTokenCommandRefuses(t *testing.T) {
 	pubFile := filepath.Join(dir, "pub.pem")
 	encrypted := filepath.Join(dir, "enc.pem")
 	garbage := filepath.Join(dir, "garbage.pem")
-	os.WriteFile(pubFile, rsaPub, 0o600)
-	os.WriteFile(encrypted, pem.EncodeToMemory(&pem.Block{Type: "ENCRYPTED PRIVATE KEY", Bytes: []byte{1}}), 0o600)
-	os.WriteFile(garbage, []byte("not a key"), 0o600)
+	for path, data := range map[string][]byte{
+		pubFile:   rsaPub,
+		encrypted: pem.EncodeToMemory(&pem.Block{Type: "ENCRYPTED PRIVATE KEY", Bytes: []byte{1}}),
+		garbage:   []byte("not a key"),
+	} {
+		if err := os.WriteFile(path, data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
 	t.Setenv("TEST_WSGATE_EMPTY", "")
 
 	for _, tc := range []struct {
