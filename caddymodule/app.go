@@ -41,6 +41,9 @@ type App struct {
 	key string
 }
 
+// defaultPrefix is the broker's Prefix when none is configured.
+const defaultPrefix = "wsgate:"
+
 // BrokerConfig selects and configures the broker.
 type BrokerConfig struct {
 	// Type is "memory" or "redis". Default: memory.
@@ -125,7 +128,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 	resolved := *bc
 	resolved.Password = repl.ReplaceKnown(bc.Password, "")
 	if resolved.Prefix == "" {
-		resolved.Prefix = "wsgate:"
+		resolved.Prefix = defaultPrefix
 	}
 	keyb, _ := json.Marshal(resolved)
 	a.key = string(keyb)

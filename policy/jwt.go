@@ -231,6 +231,11 @@ func CheckJWKSURL(s string) error {
 	return nil
 }
 
+// KeyAlgorithms lists the signing algorithms that fit a verification key
+// (an HMAC secret as []byte, or an RSA, ECDSA or Ed25519 public key),
+// the default first; nil for any other key.
+func KeyAlgorithms(key any) []string { return slices.Clone(algsFor(key)) }
+
 // algsFor lists the algorithms that fit a key's type.
 func algsFor(key any) []string {
 	switch k := key.(type) {

@@ -5,11 +5,13 @@ package redistest
 
 import (
 	"io"
+	"math/rand/v2"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"sync"
 	"testing"
 	"time"
 )
@@ -47,6 +49,35 @@ func Start(t testing.TB, port int, extra ...string) *Server {
 	s.Restart()
 	t.Cleanup(s.Stop)
 	return s
+}
+
+var (
+	portMu    sync.Mutex
+	usedPorts = map[int]bool{}
+)
+
+// StartFree is Start on a port below 32768 (away from the ephemeral
+// range) that is free now and not handed out before in this process.
+func StartFree(t testing.TB, extra ...string) *Server {
+	t.Helper()
+	portMu.Lock()
+	port := 0
+	for i := 0; i < 200 && port == 0; i++ {
+		p := 20000 + rand.IntN(12000)
+		if usedPorts[p] {
+			continue
+		}
+		if ln, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(p)); err == nil {
+			ln.Close()
+			usedPorts[p] = true
+			port = p
+		}
+	}
+	portMu.Unlock()
+	if port == 0 {
+		t.Fatal("no free port")
+	}
+	return Start(t, port, extra...)
 }
 
 // Addr is host:port.
