@@ -134,6 +134,10 @@ type Config struct {
 	// (close 1013 "slow consumer", the default) or SlowDrop (drop frames).
 	SlowConsumer SlowConsumer
 
+	// Stats, if set, counts what the connections do (for metrics).
+	// Default: nil (nothing counted beyond each connection's own counts).
+	Stats *Stats
+
 	// Now is the clock for rate limits; nil means time.Now.
 	Now func() time.Time
 

@@ -5,6 +5,7 @@ import (
 	"math"
 	"math/rand/v2"
 	"net"
+	"net/url"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -43,6 +44,8 @@ type peer struct {
 	pollID uint64       // registration with pl, 0 before the first park
 	pollFD int32        // the socket armed in pl
 	pstate atomic.Int32 // sideRunning, sideParking, sideWoken or sideParked
+
+	sent counter // data this side sent that was passed on (stats.go)
 
 	closeRecv atomic.Bool   // this side's close frame arrived
 	gone      atomic.Bool   // this side is not read any more (it failed, or stopped reading)
@@ -131,6 +134,10 @@ type relay struct {
 	pingOut bool // owned by the client's reader, like the heartbeat state below
 
 	onClose      func()
+	onEnd        func(*ConnEnd)
+	upURL        *url.URL     // the upstream dialled
+	rec          *closeRecord // how it closed, made when closing begins (cmu)
+	fanout       counter      // publications queued for the client
 	control      func(msg []byte) bool
 	inspect      func(msg []byte, text bool) (Verdict, []byte)
 	refresh      func(token string) (time.Time, error)
@@ -166,6 +173,7 @@ func newRelay(g *Gateway, client, upstream net.Conn, info *RequestInfo) *relay {
 	c.client.init(c, clientSide, client, &c.cfg.Client)
 	binary.LittleEndian.PutUint64(c.pingToken[:], rand.Uint64())
 	c.onClose = info.OnClose
+	c.onEnd = info.OnEnd
 	if !info.Expiry.IsZero() {
 		c.setExpiry(info.Expiry)
 	}
@@ -203,6 +211,9 @@ func (c *relay) start(onStart func(Session)) {
 	now := mono()
 	c.lastData.Store(now)
 	c.client.rd.lastRead = now
+	if s := c.stats(); s != nil {
+		s.started(c)
+	}
 	if !c.g.reg.add(c) {
 		c.end(&closeErr{side: gatewaySide, code: ws.StatusGoingAway, reason: "server shutting down"})
 	}
@@ -301,6 +312,15 @@ func (c *relay) finish() {
 		c.upstream.rd.conn.Close()
 	}
 	c.g.reg.remove(c)
+	if s, f := c.stats(), c.onEnd; s != nil || f != nil {
+		e := c.summary()
+		if s != nil {
+			s.ended(c, e)
+		}
+		if f != nil {
+			f(e)
+		}
+	}
 	if c.onClose != nil {
 		c.onClose()
 	}
