@@ -392,7 +392,8 @@ func (h *Handler) serveUpgrade(w http.ResponseWriter, r *http.Request, start tim
 	if refused != "" {
 		return refused
 	}
-	if h.logConns {
+	if h.logConns && h.auth.logger.Core().Enabled(h.connLog) {
+		// (a hook costs each connection some memory while it lives)
 		info.OnEnd = h.connectionLogger(r, claims, start)
 	}
 	if h.Rooms != nil {

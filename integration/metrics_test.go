@@ -441,8 +441,8 @@ func TestMetricsSession(t *testing.T) {
 		if d, ok := c.line["duration"].(float64); !ok || d <= 0 {
 			t.Errorf("%s: duration %v", c.what, c.line["duration"])
 		}
-		if c.line["level"] != "info" {
-			t.Errorf("%s: level %v, want info", c.what, c.line["level"])
+		if c.line["level"] != "info" || c.line["logger"] != "http.handlers.wsgate" {
+			t.Errorf("%s: level %v, logger %v, want info, http.handlers.wsgate", c.what, c.line["level"], c.line["logger"])
 		}
 	}
 
