@@ -226,6 +226,13 @@ func (*collector) Collect(ch chan<- prometheus.Metric) {
 		for k, n := range s.Closes {
 			counter(descCloses, n, m.name, k.Side, k.Code)
 		}
+		// Normal closures exist from the start, at zero, like the
+		// other series (the codes that occur are not known before).
+		for _, k := range []proxy.CloseKey{{Side: "client", Code: "1000"}, {Side: "upstream", Code: "1000"}} {
+			if _, ok := s.Closes[k]; !ok {
+				counter(descCloses, 0, m.name, k.Side, k.Code)
+			}
+		}
 		for _, d := range []proxy.Direction{proxy.ClientToUpstream, proxy.UpstreamToClient, proxy.Fanout} {
 			counter(descMessages, s.Traffic.Messages[d], m.name, d.String())
 			counter(descBytes, s.Traffic.Bytes[d], m.name, d.String())

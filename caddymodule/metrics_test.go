@@ -50,7 +50,7 @@ func TestMetricsAcrossConfigs(t *testing.T) {
 		}
 		fams := gather(ctx.GetMetricsRegistry())
 		for _, name := range []string{"wsgate_connections_open", "wsgate_upgrades_total", "wsgate_messages_total",
-			"wsgate_handshake_duration_seconds"} {
+			"wsgate_handshake_duration_seconds", "wsgate_closes_total", "wsgate_upstream_dial_duration_seconds"} {
 			if f := fams[name]; f == nil || !hasHandler(f, "metrics-test") {
 				t.Errorf("config %d: %s has no series for handler metrics-test", i, name)
 			}

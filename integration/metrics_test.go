@@ -188,6 +188,7 @@ func TestMetricsSession(t *testing.T) {
 		metric("wsgate_broker_up", 1),
 		metric("wsgate_token_verifications_total", 0, "result", "valid"),
 		metric("wsgate_policy_denials_total", 0, "handler", "relay", "action", "publish"),
+		metric("wsgate_closes_total", 0, "handler", "relay", "side", "client", "code", "1000"),
 	})
 
 	// Refusals of every kind.
