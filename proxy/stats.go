@@ -10,9 +10,10 @@ import (
 )
 
 // Counting what connections do, for metrics and connection logs. Nothing
-// here costs a frame more than an atomic add on its own connection: data
-// messages and bytes are counted on each side of each connection, and
-// summed over the live connections only when someone asks (Snapshot).
+// here costs a frame more than an atomic add or two on its own
+// connection's counters (no lock, no lookup): data messages and bytes are
+// counted on each side of each connection, and summed over the live
+// connections only when someone asks (Snapshot).
 // Rare events (a close, a slow consumer, a rate-limit hit) are counted
 // where they happen, on the Stats the connection was configured with.
 
@@ -50,8 +51,9 @@ func (t *Traffic) add(o Traffic) {
 	}
 }
 
-// counter is a side's count of the data it sent (one writer at a time:
-// the side's reader, or the fan-out publisher; read at any time).
+// counter counts data messages and their payload bytes: those a side sent
+// (added by its reader), or those queued for the client (by fan-out
+// publishers). It is read at any time.
 type counter struct {
 	msgs, bytes atomic.Uint64
 }
