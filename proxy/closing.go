@@ -134,7 +134,10 @@ func (c *relay) closeClientAfterUpstream(code ws.StatusCode, reason string) {
 		c.sendClose(&c.client, code, reason)
 		return
 	}
-	c.pendingCode, c.pendingReason = code, reason
+	if c.rec == nil {
+		c.rec = &closeRecord{}
+	}
+	c.rec.pendingCode, c.rec.pendingReason = code, reason
 	c.cmu.Unlock()
 }
 
@@ -142,8 +145,12 @@ func (c *relay) closeClientAfterUpstream(code ws.StatusCode, reason string) {
 // reports whether there was.
 func (c *relay) takePending() bool {
 	c.cmu.Lock()
-	code, reason := c.pendingCode, c.pendingReason
-	c.pendingCode = 0
+	var code ws.StatusCode
+	var reason string
+	if r := c.rec; r != nil {
+		code, reason = r.pendingCode, r.pendingReason
+		r.pendingCode = 0
+	}
 	c.cmu.Unlock()
 	if code == 0 {
 		return false

@@ -4,6 +4,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"math"
 	"net/http"
 	"net/url"
 	"time"
@@ -189,6 +190,9 @@ func (c *Config) Prepare() error {
 			return err
 		}
 		c.upstreamURLs = append(c.upstreamURLs, u)
+	}
+	if len(c.upstreamURLs) > math.MaxUint16 {
+		return fmt.Errorf("at most %d upstreams, not %d", math.MaxUint16, len(c.upstreamURLs))
 	}
 	if c.DialTimeout == 0 {
 		c.DialTimeout = DefaultDialTimeout

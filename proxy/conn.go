@@ -5,7 +5,6 @@ import (
 	"math"
 	"math/rand/v2"
 	"net"
-	"net/url"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -54,9 +53,10 @@ type peer struct {
 	side      side
 	polled    bool // pollFD is in pl's epoll set
 
-	fragmented bool // a message is in progress
-	text       bool // ... and it is text
-	dropping   bool // ... and it is being dropped (rate limit)
+	upIdx      uint16 // upstream side: the upstream dialled, in Config.Upstreams
+	fragmented bool   // a message is in progress
+	text       bool   // ... and it is text
+	dropping   bool   // ... and it is being dropped (rate limit)
 }
 
 // consume marks n bytes of the frame being handled as read.
@@ -114,34 +114,30 @@ type relay struct {
 	g        *Gateway
 	cfg      *Config
 	client   peer
-	upstream *peer  // noUpstream in solo mode (allocated only for a real upstream)
-	msg      []byte // a client message being assembled for inspection
+	upstream *peer   // noUpstream in solo mode (allocated only for a real upstream)
+	msg      *[]byte // a client message being assembled for inspection
 
 	closeBy  atomic.Int64 // mono deadline of the closing handshake
 	lastData atomic.Int64 // mono time of the last data message, if idle timeout is on
 	ended    atomic.Int32
 	closing  atomic.Bool
 
-	// cmu guards the closing state below and the quit channel.
-	cmu           sync.Mutex
-	pendingReason string        // the client's close frame, held until the upstream is done
-	quit          chan struct{} // closed when closing begins; made on first use
-	pendingCode   ws.StatusCode // ... and its code (0: none)
-	upDone        bool          // the upstream's reader has ended
-	quitClosed    bool
+	// cmu guards the closing state below, the quit channel and rec.
+	cmu        sync.Mutex
+	quit       chan struct{} // closed when closing begins; made on first use
+	upDone     bool          // the upstream's reader has ended
+	quitClosed bool
 
 	solo    bool // no upstream: the gateway itself serves the client (rooms)
 	pingOut bool // owned by the client's reader, like the heartbeat state below
 
-	onClose      func()
-	onEnd        func(*ConnEnd)
-	upURL        *url.URL     // the upstream dialled
-	rec          *closeRecord // how it closed, made when closing begins (cmu)
-	fanout       counter      // publications queued for the client
-	control      func(msg []byte) bool
-	inspect      func(msg []byte, text bool) (Verdict, []byte)
-	refresh      func(token string) (time.Time, error)
-	refreshField string // `"field"`
+	onClose func()
+	onEnd   func(*ConnEnd)
+	rec     *closeRecord // how it closed, made when closing begins (cmu)
+	fanout  counter      // publications queued for the client
+	control func(msg []byte) bool
+	inspect func(msg []byte, text bool) (Verdict, []byte)
+	refresh *refresher // nil: no in-band token refresh
 
 	// heartbeat and expiry state, owned by the client's reader
 	expiry    int64 // mono time the client's credentials expire; 0: never
@@ -180,8 +176,7 @@ func newRelay(g *Gateway, client, upstream net.Conn, info *RequestInfo) *relay {
 	c.inspect = info.Inspect
 	c.control = info.UpstreamControl
 	if info.Refresh != nil && info.RefreshField != "" {
-		c.refresh = info.Refresh
-		c.refreshField = strconv.Quote(info.RefreshField)
+		c.refresh = &refresher{verify: info.Refresh, field: strconv.Quote(info.RefreshField)}
 	}
 	if c.cfg.PingInterval > 0 || c.cfg.IdleTimeout > 0 || c.expiry != 0 {
 		c.client.rd.onTimeout = c.tick

@@ -275,21 +275,23 @@ func (c *relay) judge(src *peer, msg []byte) (bool, error) {
 // assembled for inspection; the last one has the message judged and, if it
 // passes, forwarded as one frame.
 func (c *relay) collect(src, dst *peer, fin bool, chunk []byte) error {
-	if len(c.msg) == 0 {
-		c.msg = append(c.msg[:0], make([]byte, ws.MaxHeaderSize)...)
+	if c.msg == nil {
+		// headroom for the frame header, written in front of the message
+		b := make([]byte, ws.MaxHeaderSize, ws.MaxHeaderSize+len(chunk))
+		c.msg = &b
 	}
 	limit := src.limits.MaxMessage
 	if limit <= 0 {
 		limit = assembleCap
 	}
-	if int64(len(c.msg)-ws.MaxHeaderSize+len(chunk)) > limit {
+	if int64(len(*c.msg)-ws.MaxHeaderSize+len(chunk)) > limit {
 		return tooBig()
 	}
-	c.msg = append(c.msg, chunk...)
+	*c.msg = append(*c.msg, chunk...)
 	if !fin {
 		return nil
 	}
-	msg := c.msg
+	msg := *c.msg
 	c.msg = nil // no payload buffer is kept between messages
 	pass, err := c.judge(src, msg[ws.MaxHeaderSize:])
 	if err != nil || !pass {

@@ -109,7 +109,7 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, info Request
 		return BadHandshake
 	}
 	c := newRelay(g, conn, up.conn, &info)
-	c.upURL = up.url
+	c.upstream.upIdx = up.idx
 	if rw != nil && rw.Reader.Buffered() > 0 {
 		b, _ := rw.Reader.Peek(rw.Reader.Buffered())
 		c.client.rd.prime(b)
@@ -184,7 +184,7 @@ func (g *Gateway) admit(w http.ResponseWriter, r *http.Request) Outcome {
 type dialed struct {
 	conn net.Conn
 	br   *bufio.Reader
-	url  *url.URL // the upstream it was dialled from
+	idx  uint16 // the upstream it was dialled from, in Config.Upstreams
 }
 
 func (d *dialed) putReader() {
@@ -236,7 +236,7 @@ func (g *Gateway) dial(ctx context.Context, r *http.Request, info *RequestInfo) 
 			s.OnDial(time.Since(t0), err == nil)
 		}
 		if err == nil {
-			return &dialed{conn: conn, br: br, url: u}, handshake{protocol: hs.Protocol}, nil
+			return &dialed{conn: conn, br: br, idx: uint16((first + i) % n)}, handshake{protocol: hs.Protocol}, nil
 		}
 		if status != 0 {
 			err = errUpstreamStatus(status)

@@ -251,6 +251,11 @@ type closeRecord struct {
 	first     side
 	firstCode ws.StatusCode
 	from, to  [2]*CloseFrame // by client (0) and upstream (1)
+
+	// the client's close frame, held until the upstream is done
+	// (closeClientAfterUpstream); pendingCode 0: none
+	pendingReason string
+	pendingCode   ws.StatusCode
 }
 
 func sideIndex(s side) int {
@@ -305,8 +310,8 @@ func (c *relay) closeFrame(p *peer, in bool, payload []byte) {
 // summary makes the connection's ConnEnd.
 func (c *relay) summary() *ConnEnd {
 	e := &ConnEnd{Traffic: c.traffic(), First: "gateway"}
-	if c.upURL != nil {
-		e.Upstream = c.upURL.Redacted()
+	if !c.solo {
+		e.Upstream = c.cfg.upstreamURLs[c.upstream.upIdx].Redacted()
 	}
 	c.cmu.Lock()
 	if r := c.rec; r != nil {
