@@ -100,6 +100,8 @@ type handlerMetrics struct {
 	name           string
 	stats          *proxy.Stats
 	publishLimited atomic.Uint64 // rooms publishes over publish_rate
+	// onPublishLimited counts one; made once, so that connections share it
+	onPublishLimited func()
 }
 
 var (
@@ -122,6 +124,7 @@ func metricsFor(name string) *handlerMetrics {
 				failed.Observe(d.Seconds())
 			}
 		}
+		m.onPublishLimited = func() { m.publishLimited.Add(1) }
 		handlerMetricsOf[name] = m
 	}
 	return m

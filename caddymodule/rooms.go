@@ -12,9 +12,8 @@ import (
 
 // serveRooms serves one wsgate.v1 client.
 func (h *Handler) serveRooms(w http.ResponseWriter, r *http.Request, info proxy.RequestInfo, claims policy.Claims) proxy.Outcome {
-	m := h.metrics
 	cfg := rooms.ConnConfig{
-		OnRateLimited:    func() { m.publishLimited.Add(1) },
+		OnRateLimited:    h.metrics.onPublishLimited,
 		MaxSubscriptions: h.Rooms.MaxSubscriptions,
 		MaxData:          h.Rooms.MaxData,
 		Refresh:          info.Refresh,
