@@ -28,13 +28,13 @@ func TestQuickSmoke(t *testing.T) {
 	out := filepath.Join(dir, "RESULTS.md")
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	scenarios, fanout := "a,b,c,d,e", true
+	scenarios, fanout := "a,b,c,d,e,m", true
 	if _, err := exec.LookPath("redis-server"); err != nil {
 		if os.Getenv("CI") != "" {
 			t.Fatal("redis-server is not installed (.ci/run installs it); scenario d needs it")
 		}
 		t.Log("redis-server is not installed: scenario d (fan-out) skipped; apt-get install -y redis-server")
-		scenarios, fanout = "a,b,c,e", false
+		scenarios, fanout = "a,b,c,e,m", false
 	}
 	start := time.Now()
 	_, err := Run(ctx, Options{Caddy: bin, Out: out, Quick: true, Scenarios: scenarios, CmdLine: "TestQuickSmoke", Log: testLog{t}})
@@ -61,6 +61,8 @@ func TestQuickSmoke(t *testing.T) {
 		"## c. Throughput", "| 64 B | wsgate |", "| 4 KiB | stock |",
 		"## d. Fan-out",
 		"## e. Handshakes", "| wsgate, bad Origin |", "| wsgate, bad token |", "| wsgate HS256 |",
+		"## m. Throughput with metrics on and off", "| 64 B | wsgate, metrics on |", "| 4 KiB | wsgate |",
+		"| m. throughput with metrics on, 64 B messages, all checks on | ≥ 0.97× metrics off | ",
 		"| command | `TestQuickSmoke` |",
 	}
 	if fanout {

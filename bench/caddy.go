@@ -52,9 +52,10 @@ type caddyProc struct {
 	stockPort int    // stock reverse_proxy
 	roomsPort int    // wsgate rooms mode (wsgate.v1) on roomsPath
 	// The tlsCaddy ports.
-	esTLSPort    int // the wsgate (ES256) route over HTTPS
-	stockTLSPort int // stock reverse_proxy over HTTPS
-	wssPort      int // the wsgate (ES256) route on plain HTTP, to the wss:// upstream
+	esTLSPort    int  // the wsgate (ES256) route over HTTPS
+	stockTLSPort int  // stock reverse_proxy over HTTPS
+	wssPort      int  // the wsgate (ES256) route on plain HTTP, to the wss:// upstream
+	metrics      bool // Caddy's `metrics` option is on
 	// clientTLS trusts this Caddy's own CA (tlsCaddy only), once it is
 	// ready.
 	clientTLS *tls.Config
@@ -77,6 +78,10 @@ const (
 	// route and stock reverse_proxy over HTTPS, and the wsgate route to
 	// the wss:// upstream.
 	tlsCaddy
+	// metricsCaddy is benchCaddy with Caddy's metrics on (scenario m).
+	metricsCaddy
+	// baselineCaddy is benchCaddy run from Options.Baseline (scenario m).
+	baselineCaddy
 )
 
 // roomsSite is the rooms-mode site: wsgate.v1 on roomsPath, and (for the
@@ -137,7 +142,11 @@ func (e *env) caddyfile(c *caddyProc) string {
 	upstream := e.up.addr()
 	wsgate := func(jwt string) string { return relayRoute("ws://"+upstream, "", jwt) }
 	var b strings.Builder
-	fmt.Fprintf(&b, "{\n\tadmin %s\n\tpersist_config off\n\tauto_https off\n}\n\n", c.admin)
+	metrics := ""
+	if c.metrics {
+		metrics = "\tmetrics\n"
+	}
+	fmt.Fprintf(&b, "{\n\tadmin %s\n\tpersist_config off\n\tauto_https off\n%s}\n\n", c.admin, metrics)
 	fmt.Fprintf(&b, "http://127.0.0.1:%d {\n%s}\n\n", c.esPort,
 		wsgate(fmt.Sprintf("\t\t\tpublic_key %s alg ES256", e.pemPath)))
 	fmt.Fprintf(&b, "http://127.0.0.1:%d {\n%s}\n\n", c.hsPort,
@@ -220,8 +229,9 @@ func (e *env) tryStartCaddy(ctx context.Context, kind caddyKind) (*caddyProc, er
 	}
 	var cfg func(*caddyProc) string
 	switch kind {
-	case benchCaddy:
+	case benchCaddy, metricsCaddy, baselineCaddy:
 		c.roomsPort, c.esPort, c.hsPort, c.stockPort = ports[1], ports[2], ports[3], ports[4]
+		c.metrics = kind == metricsCaddy
 		cfg = e.caddyfile
 	case fanoutCaddy:
 		c.roomsPort = ports[1]
@@ -239,13 +249,17 @@ func (e *env) tryStartCaddy(ctx context.Context, kind caddyKind) (*caddyProc, er
 		return nil, err
 	}
 	defer logf.Close() // the child holds its own descriptor
-	c.cmd = exec.Command(e.opt.Caddy, "run", "--config", cfgPath, "--adapter", "caddyfile")
+	bin := e.opt.Caddy
+	if kind == baselineCaddy {
+		bin = e.opt.Baseline
+	}
+	c.cmd = exec.Command(bin, "run", "--config", cfgPath, "--adapter", "caddyfile")
 	c.cmd.Env = append(os.Environ(), "HOME="+dir, "XDG_DATA_HOME="+dir, "XDG_CONFIG_HOME="+dir)
 	c.cmd.Stdout, c.cmd.Stderr = logf, logf
 	// A harness killed without a chance to clean up takes Caddy with it.
 	c.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := c.cmd.Start(); err != nil {
-		return nil, fmt.Errorf("running %s: %w", e.opt.Caddy, err)
+		return nil, fmt.Errorf("running %s: %w", bin, err)
 	}
 	e.procs = append(e.procs, c)
 	go func() { c.cmd.Wait(); close(c.exited) }()

@@ -35,9 +35,13 @@ type Options struct {
 	Quick bool
 	// Runs per variant; the report gives medians. Default 3 (1 with Quick).
 	Runs int
-	// Scenarios to run, from "abcde". Default all five. Scenario d
+	// Scenarios to run, from "abcdem". Default all six. Scenario d
 	// (fan-out) starts redis-server, which must be on PATH.
 	Scenarios string
+	// Baseline, when set, is another cmd/caddy binary (a build without
+	// wsgate's metrics) that scenario m also measures, with the same
+	// configuration as its metrics-off gateway.
+	Baseline string
 	// Profile, when set, is a directory where CPU profiles of the gateway
 	// are written, taken during one extra throughput run per variant and
 	// size, one extra handshake burst per variant and one extra fan-out
@@ -67,6 +71,8 @@ type params struct {
 	tputSizes             []int
 	tputWarm, tputDur     time.Duration
 
+	metricsRuns int // of scenario m, per variant
+
 	hsLoops int
 	hsDur   time.Duration
 
@@ -95,7 +101,8 @@ func fullParams() params {
 		openConns: 64, openRate: 2000, openWarm: 500 * time.Millisecond, openDur: 5 * time.Second,
 		tputConns: 32, tputWindow: 16, tputSizes: []int{64, 4096},
 		tputWarm: 500 * time.Millisecond, tputDur: 5 * time.Second,
-		hsLoops: 8, hsDur: 3 * time.Second,
+		metricsRuns: 6,
+		hsLoops:     8, hsDur: 3 * time.Second,
 		fanSubs: 1000, fanRate: 50, fanWarm: time.Second, fanDur: 10 * time.Second, fanSteps: fanSteps(13), fanStepDur: 4 * time.Second,
 	}
 }
@@ -108,7 +115,8 @@ func quickParams() params {
 		openConns: 64, openRate: 2000, openWarm: 100 * time.Millisecond, openDur: 500 * time.Millisecond,
 		tputConns: 32, tputWindow: 16, tputSizes: []int{64, 4096},
 		tputWarm: 100 * time.Millisecond, tputDur: 500 * time.Millisecond,
-		hsLoops: 8, hsDur: 300 * time.Millisecond,
+		metricsRuns: 1,
+		hsLoops:     8, hsDur: 300 * time.Millisecond,
 		fanSubs: 40, fanRate: 50, fanWarm: 200 * time.Millisecond, fanDur: time.Second, fanSteps: []float64{100, 200}, fanStepDur: 500 * time.Millisecond,
 	}
 }
@@ -128,7 +136,8 @@ func Main(ctx context.Context, name string, args []string, stdout, stderr io.Wri
 	fs.StringVar(&opt.Out, "out", "bench/RESULTS.md", "results `file` (Markdown)")
 	fs.BoolVar(&opt.Quick, "quick", false, "smoke run: tiny counts and durations, under a minute, figures meaningless")
 	fs.IntVar(&opt.Runs, "runs", 0, "runs per variant, medians reported (default 3, 1 with -quick)")
-	fs.StringVar(&opt.Scenarios, "scenarios", "a,b,c,d,e", "scenarios to run: a idle (relayed, rooms, relayed over TLS), b latency, c throughput, d fan-out (needs redis-server), e handshakes")
+	fs.StringVar(&opt.Scenarios, "scenarios", "a,b,c,d,e,m", "scenarios to run: a idle (relayed, rooms, relayed over TLS), b latency, c throughput, d fan-out (needs redis-server), e handshakes, m throughput with metrics on and off")
+	fs.StringVar(&opt.Baseline, "baseline", "", "another cmd/caddy `binary` (a build without wsgate's metrics) that scenario m measures too")
 	fs.StringVar(&opt.Profile, "profile", "", "`directory` for gateway CPU profiles from extra, unmeasured throughput and handshake runs")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -199,7 +208,7 @@ func Run(ctx context.Context, opt Options) (*Result, error) {
 		opt.Out = "bench/RESULTS.md"
 	}
 	if opt.Scenarios == "" {
-		opt.Scenarios = "a,b,c,d,e"
+		opt.Scenarios = "a,b,c,d,e,m"
 	}
 	if opt.Log == nil {
 		opt.Log = io.Discard
@@ -220,6 +229,14 @@ func Run(ctx context.Context, opt Options) (*Result, error) {
 	}
 	if opt.Caddy, err = filepath.Abs(opt.Caddy); err != nil {
 		return nil, err
+	}
+	if opt.Baseline != "" {
+		if st, err := os.Stat(opt.Baseline); err != nil || st.IsDir() {
+			return nil, fmt.Errorf("no baseline caddy binary at %s", opt.Baseline)
+		}
+		if opt.Baseline, err = filepath.Abs(opt.Baseline); err != nil {
+			return nil, err
+		}
 	}
 	nofile, err := raiseNoFile()
 	if err != nil {
@@ -262,11 +279,11 @@ func Run(ctx context.Context, opt Options) (*Result, error) {
 		}
 	}
 	var shared *caddyProc
-	if (scen['b'] || scen['c'] || scen['e']) && ctx.Err() == nil {
+	if (scen['b'] || scen['c'] || scen['e'] || scen['m']) && ctx.Err() == nil {
 		// One Caddy for the remaining scenarios: they measure rates and
 		// deltas, which a long-lived process does not skew.
 		if shared, err = e.startCaddy(ctx); err != nil {
-			for _, s := range []byte("bce") {
+			for _, s := range []byte("bcem") {
 				if scen[s] {
 					fail(s, err)
 				}
@@ -286,6 +303,13 @@ func Run(ctx context.Context, opt Options) (*Result, error) {
 			rep.tput, rep.tputErr = e.runThroughput(ctx, shared)
 			if rep.tputErr != nil {
 				fail('c', rep.tputErr)
+			}
+		}
+		if scen['m'] {
+			e.logf("m. throughput with metrics on and off")
+			rep.metrics, rep.metricsErr = e.runMetrics(ctx, shared)
+			if rep.metricsErr != nil {
+				fail('m', rep.metricsErr)
 			}
 		}
 		if scen['e'] {
@@ -339,8 +363,8 @@ func parseScenarios(s string) (map[byte]bool, error) {
 	m := map[byte]bool{}
 	for f := range strings.SplitSeq(s, ",") {
 		f = strings.TrimSpace(strings.ToLower(f))
-		if len(f) != 1 || f[0] < 'a' || f[0] > 'e' {
-			return nil, fmt.Errorf("unknown scenario %q (want letters a to e, comma-separated)", f)
+		if len(f) != 1 || (f[0] < 'a' || f[0] > 'e') && f[0] != 'm' {
+			return nil, fmt.Errorf("unknown scenario %q (want letters a to e, or m, comma-separated)", f)
 		}
 		m[f[0]] = true
 	}

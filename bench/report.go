@@ -92,17 +92,19 @@ type report struct {
 	started time.Time
 	elapsed time.Duration
 
-	idle     *idleResult
-	idleErr  error
-	lat      *latResult
-	latErr   error
-	tput     *tputResult
-	tputErr  error
-	hs       *hsResult
-	hsErr    error
-	fan      *fanResult
-	fanErr   error
-	profiles []string
+	idle       *idleResult
+	idleErr    error
+	lat        *latResult
+	latErr     error
+	tput       *tputResult
+	tputErr    error
+	hs         *hsResult
+	hsErr      error
+	metrics    *metricsResult
+	metricsErr error
+	fan        *fanResult
+	fanErr     error
+	profiles   []string
 }
 
 func (r *report) markdown() string {
@@ -143,6 +145,7 @@ func (r *report) markdown() string {
 	r.tputSection(w)
 	r.fanSection(w)
 	r.hsSection(w)
+	r.metricsSection(w)
 	if len(r.profiles) > 0 {
 		w("CPU profiles of the gateway, from extra runs that are not part of the figures: %s.\n\n", "`"+strings.Join(r.profiles, "`, `")+"`")
 	}
@@ -238,6 +241,19 @@ func (r *report) targets(w writer) {
 		}
 		ratio := g.rate / s.rate
 		row(name, "≥ 1.0× stock", fmt.Sprintf("%s msg/s, %s", count(g.rate), times(ratio)), metStr(ratio >= 1.0), "≥ 1.2× stock", metStr(ratio >= 1.2))
+	}
+
+	// m. metrics
+	for _, size := range r.p.tputSizes {
+		name := fmt.Sprintf("m. throughput with metrics on, %s messages, all checks on", sizeStr(size))
+		target := fmt.Sprintf("≥ %.2f× metrics off", metricsTarget)
+		on, off, ok := r.metricsMedians(size, vWsgateMetrics)
+		if !ok {
+			row(name, target, r.missing('m', r.metricsErr), "—", "", "")
+			continue
+		}
+		ratio := on.rate / off.rate
+		row(name, target, fmt.Sprintf("%s msg/s, %.3f×", count(on.rate), ratio), metStr(ratio >= metricsTarget), "", "")
 	}
 
 	// d. fan-out
@@ -757,6 +773,13 @@ func (r *report) appendix(w writer) {
 			w("| e. per second | %s | %s |\n", v, list(pluck(r.hs.samples[v], func(s hsSample) float64 { return s.rate }), count))
 		}
 	}
+	if r.metrics != nil {
+		for _, size := range r.p.tputSizes {
+			for _, v := range r.metrics.variants {
+				w("| m. %s msg/s | %s | %s |\n", sizeStr(size), v, list(pluck(r.metrics.samples[size][v], func(s tputSample) float64 { return s.rate }), count))
+			}
+		}
+	}
 	w("\n")
 }
 
@@ -781,6 +804,8 @@ func (r *report) section(w writer, s byte, err error) bool {
 		return r.fan != nil
 	case 'e':
 		return r.hs != nil
+	case 'm':
+		return r.metrics != nil
 	}
 	return false
 }
@@ -853,4 +878,51 @@ func noNegativeZero(x float64) float64 {
 		return 0
 	}
 	return x
+}
+
+// ---- m. metrics ----
+
+// metricsMedians are the medians of variant v of scenario m and of the
+// metrics-off runs at size.
+func (r *report) metricsMedians(size int, v string) (g, off tputSample, ok bool) {
+	if r.metrics == nil || len(r.metrics.samples[size][v]) == 0 || len(r.metrics.samples[size][vWsgate]) == 0 {
+		return g, off, false
+	}
+	med := func(ss []tputSample) tputSample {
+		return tputSample{
+			rate:    median(ss, func(x tputSample) float64 { return x.rate }),
+			cpuPerM: median(ss, func(x tputSample) float64 { return x.cpuPerM }),
+			cores:   median(ss, func(x tputSample) float64 { return x.cores }),
+		}
+	}
+	return med(r.metrics.samples[size][v]), med(r.metrics.samples[size][vWsgate]), true
+}
+
+func (r *report) metricsSection(w writer) {
+	w("## m. Throughput with metrics on and off\n\n")
+	if !r.section(w, 'm', r.metricsErr) {
+		return
+	}
+	w("Scenario c's wsgate runs (%d connections, %d messages in flight each, %v after %v of warm-up), %d\n",
+		r.p.tputConns, r.p.tputWindow, r.p.tputDur, r.p.tputWarm, r.p.metricsRuns)
+	w("times per variant, interleaved, their order rotated every run. **wsgate** is the shared gateway:\n")
+	w("no `metrics` option, never scraped. **wsgate, metrics on** is a second gateway, the same configuration\n")
+	w("with Caddy's `metrics` option, its `/metrics` scraped every second during the measured window (%d\n", r.metrics.scrapes)
+	w("scrapes, each checked for wsgate's series). wsgate's own counting is in both: it cannot be turned off.\n")
+	if len(r.metrics.variants) > 2 {
+		w("**wsgate, baseline build** is a third gateway with the first one's configuration, run from `%s`\n", r.opt.Baseline)
+		w("(a build without wsgate's metrics), so the cost of the counting itself shows.\n")
+	}
+	w("\n| size | variant | msg/s | vs metrics off | Caddy CPU-s per 1M msgs | vs metrics off | Caddy cores |\n|---|---|---|---|---|---|---|\n")
+	for _, size := range r.p.tputSizes {
+		for _, v := range r.metrics.variants {
+			g, off, ok := r.metricsMedians(size, v)
+			if !ok {
+				continue
+			}
+			w("| %s | %s | %s | %.3f× | %.2f | %.3f× | %.2f |\n", sizeStr(size), v, count(g.rate), g.rate/off.rate,
+				g.cpuPerM, g.cpuPerM/off.cpuPerM, g.cores)
+		}
+	}
+	w("\n")
 }

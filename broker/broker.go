@@ -88,3 +88,16 @@ func (m *Memory) Close() error {
 	m.mu.Unlock()
 	return nil
 }
+
+// Stats is what a broker that reports on itself (Redis) has counted.
+type Stats struct {
+	// Up is true while the broker is reachable.
+	Up bool
+	// Reconnects counts returns after an outage (the broker was found
+	// unreachable, then reachable again).
+	Reconnects uint64
+	// Errors counts commands that failed while the broker was thought
+	// reachable (not those refused at once during an outage), and losses
+	// of the subscription connection that revealed an outage.
+	Errors uint64
+}

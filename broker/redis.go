@@ -85,6 +85,8 @@ type Redis struct {
 	pmu     sync.Mutex            // guards pending
 	pending map[string]*gathering // control requests awaiting answers, by id
 
+	reconnects, failures atomic.Uint64 // for Stats
+
 	mu     sync.Mutex
 	ps     *redis.PubSub   // standalone and Sentinel: one stream
 	shards map[int]*shard  // cluster: one stream per hash slot in use
@@ -186,8 +188,8 @@ func (r *Redis) receive(ps *redis.PubSub) {
 				if r.closed.Load() || errors.Is(err, redis.ErrClosed) {
 					return
 				}
-				if watch {
-					r.markDown(err)
+				if watch && r.markDown(err) {
+					r.failures.Add(1)
 				}
 				// The next Receive dials again (and resubscribes); a Redis
 				// that refuses connections is not dialled in a tight loop.
@@ -228,16 +230,17 @@ func (r *Redis) pause(d time.Duration) bool {
 }
 
 // markDown notes that Redis could not be reached and wakes the probe. It
-// is a no-op on a cluster.
-func (r *Redis) markDown(cause error) {
+// is a no-op on a cluster. It reports whether Redis was thought up.
+func (r *Redis) markDown(cause error) bool {
 	if r.ps == nil || r.closed.Load() || !r.down.CompareAndSwap(false, true) {
-		return
+		return false
 	}
 	r.log.Warn("redis unreachable: publications reach this node's clients only until it is back", "error", cause)
 	select {
 	case r.wake <- struct{}{}:
 	default:
 	}
+	return true
 }
 
 // probe waits for Redis to be marked down, then checks every
@@ -257,6 +260,7 @@ func (r *Redis) probe() {
 			}
 		}
 		r.down.Store(false)
+		r.reconnects.Add(1)
 		r.log.Info("redis reachable again: publishing through it", "down_for", time.Since(since).Round(time.Millisecond).String())
 	}
 }
@@ -293,6 +297,11 @@ func (r *Redis) reachable() bool {
 	}
 }
 
+// Stats reads the broker's counts.
+func (r *Redis) Stats() Stats {
+	return Stats{Up: r.Reachable(), Reconnects: r.reconnects.Load(), Errors: r.failures.Load()}
+}
+
 // Reachable reports whether publications go through Redis: false from the
 // first failure to reach it until the background probe finds it back
 // (always true on a cluster, where no single state describes the masters).
@@ -306,8 +315,11 @@ func (r *Redis) failed(ctx context.Context, err error) error {
 		return ErrClosed
 	}
 	var reply redis.Error
-	if ctx.Err() == nil && !errors.As(err, &reply) {
-		r.markDown(err)
+	if ctx.Err() == nil {
+		r.failures.Add(1)
+		if !errors.As(err, &reply) {
+			r.markDown(err)
+		}
 	}
 	return fmt.Errorf("%w: %v", ErrUnavailable, err)
 }

@@ -139,11 +139,15 @@ func (a *App) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("wsgate broker: %w", err)
 	}
 	a.hub = v.(*sharedHub)
+	if err := registerMetrics(ctx.GetMetricsRegistry()); err != nil {
+		return fmt.Errorf("wsgate metrics: %w", err)
+	}
 	return nil
 }
 
 func newSharedHub(ctx caddy.Context, bc BrokerConfig) (*sharedHub, error) {
 	h := rooms.NewHub()
+	h.OnPublish = observePublish
 	var b broker.Broker
 	switch bc.Type {
 	case "", "memory":
@@ -187,6 +191,7 @@ func (a *App) Cleanup() error {
 // defaultHub serves handlers when no wsgate app is configured.
 var defaultHub = func() *sharedHub {
 	h := rooms.NewHub()
+	h.OnPublish = observePublish
 	b := broker.NewMemory(h.Handle)
 	h.SetBroker(b)
 	return &sharedHub{hub: h, broker: b}

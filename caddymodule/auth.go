@@ -198,8 +198,8 @@ func (h *Handler) cleanupAuth() {
 }
 
 // authorize runs the upgrade-time checks. It fills info, or writes the
-// refusal and returns false.
-func (h *Handler) authorize(w http.ResponseWriter, r *http.Request, info *proxy.RequestInfo) (policy.Claims, bool) {
+// refusal and names its reason (the upgrades counter's result label).
+func (h *Handler) authorize(w http.ResponseWriter, r *http.Request, info *proxy.RequestInfo) (claims policy.Claims, refused string) {
 	a := &h.auth
 	// Caddy's access log prints the query string and headers other than
 	// Authorization and Cookie: when they hold a token, whichever check
@@ -212,10 +212,9 @@ func (h *Handler) authorize(w http.ResponseWriter, r *http.Request, info *proxy.
 	policy.StripHeaders(r.Header, a.strip)
 	if err := a.origin.Check(r.Header.Values("Origin"), r.Host); err != nil {
 		h.refuse(w, r, http.StatusForbidden, "origin not allowed", err)
-		return nil, false
+		return nil, "origin"
 	}
 
-	var claims policy.Claims
 	var tokenSrc *policy.TokenSource
 	switch {
 	case a.verifier != nil:
@@ -223,27 +222,30 @@ func (h *Handler) authorize(w http.ResponseWriter, r *http.Request, info *proxy.
 		if found {
 			tokenSrc = &ex.Source
 			c, err := a.verifier.Verify(r.Context(), ex.Token)
+			countToken(err)
 			if err != nil {
 				h.unauthorized(w, r, err)
-				return nil, false
+				return nil, "token"
 			}
 			claims = c
 			break
 		}
 		if a.forward == nil {
-			h.unauthorized(w, r, fmt.Errorf("%w: no token", policy.ErrToken))
-			return nil, false
+			err := fmt.Errorf("%w: no token", policy.ErrToken)
+			countToken(err)
+			h.unauthorized(w, r, err)
+			return nil, "token"
 		}
 		fallthrough
 	case a.forward != nil:
 		c, err := a.forward.Check(r.Context(), r)
 		if errors.Is(err, policy.ErrAuthUnavailable) {
 			h.refuse(w, r, http.StatusServiceUnavailable, "authentication unavailable", err)
-			return nil, false
+			return nil, "forward_auth"
 		}
 		if err != nil {
 			h.unauthorized(w, r, err)
-			return nil, false
+			return nil, "forward_auth"
 		}
 		claims = c
 	}
@@ -253,7 +255,7 @@ func (h *Handler) authorize(w http.ResponseWriter, r *http.Request, info *proxy.
 		if err != nil {
 			w.Header().Set("Retry-After", "5")
 			h.refuse(w, r, http.StatusTooManyRequests, "too many connections", err)
-			return nil, false
+			return nil, "limit"
 		}
 		info.OnClose = release
 	}
@@ -284,6 +286,7 @@ func (h *Handler) authorize(w http.ResponseWriter, r *http.Request, info *proxy.
 			info.RefreshField = h.RefreshField
 			info.Refresh = func(token string) (time.Time, error) {
 				c, err := verifier.Verify(context.Background(), token)
+				countToken(err)
 				if err != nil {
 					return time.Time{}, err
 				}
@@ -307,7 +310,12 @@ func (h *Handler) authorize(w http.ResponseWriter, r *http.Request, info *proxy.
 		}
 		info.AcceptProtocol = tokenSrc.Name
 	}
-	return claims, true
+	return claims, ""
+}
+
+// countToken counts a token verification by its result.
+func countToken(err error) {
+	tokenVerifications.WithLabelValues(policy.TokenResult(err)).Inc()
 }
 
 func expiry(c policy.Claims) (time.Time, bool) {
@@ -349,6 +357,7 @@ func (h *Handler) provisionJWT(ctx caddy.Context) error {
 			RequiredClaims:  j.RequiredClaims,
 			AllowMissingExp: j.AllowMissingExp,
 			MaxTokenSize:    j.MaxTokenSize,
+			CacheHits:       &tokenCacheHits,
 		}
 		for _, is := range j.Issuers {
 			ic := policy.IssuerConfig{

@@ -71,6 +71,8 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    upstream_control     <prefix>
 //	    send_queue           <n>
 //	    slow_consumer        close|drop
+//	    metrics_name         <name>
+//	    log_connections      info|debug|off
 //	}
 //
 // Unknown or repeated subdirectives are errors, with the closest known name
@@ -210,6 +212,19 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if h.SlowConsumer != "close" && h.SlowConsumer != "drop" {
 				return d.Errf("slow_consumer must be close or drop, not %q", h.SlowConsumer)
 			}
+		case "metrics_name":
+			if !d.AllArgs(&h.MetricsName) || h.MetricsName == "" {
+				return d.ArgErr()
+			}
+		case "log_connections":
+			if !d.AllArgs(&h.LogConnections) {
+				return d.ArgErr()
+			}
+			switch h.LogConnections {
+			case "info", "debug", "off":
+			default:
+				return d.Errf("log_connections must be info, debug or off, not %q", h.LogConnections)
+			}
 		default:
 			return unknownName(d, "subdirective", handlerSubdirectives)
 		}
@@ -249,7 +264,7 @@ var (
 		"rate_limit", "idle_timeout", "ping_interval", "pong_timeout", "write_timeout", "close_timeout",
 		"park_after", "origins", "allow_missing_origin", "jwt", "forward_auth", "refresh_field",
 		"claims_header", "limit_connections", "channels", "relay_channels", "rooms", "upstream_control",
-		"send_queue", "slow_consumer",
+		"send_queue", "slow_consumer", "metrics_name", "log_connections",
 	}
 	roomsSubdirectives     = []string{"max_subscriptions", "max_data", "publish_rate"}
 	tlsSubdirectives       = []string{"ca_file", "server_name", "insecure_skip_verify", "client_certificate"}

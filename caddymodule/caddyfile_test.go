@@ -110,6 +110,21 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 			want:  Handler{Upstreams: []string{"ws://a:1"}},
 		},
 		{
+			name: "metrics_name and log_connections",
+			input: `wsgate ws://a:1 {
+				metrics_name chat
+				log_connections debug
+			}`,
+			want: Handler{Upstreams: []string{"ws://a:1"}, MetricsName: "chat", LogConnections: "debug"},
+		},
+		{
+			name: "log_connections off",
+			input: `wsgate ws://a:1 {
+				log_connections off
+			}`,
+			want: Handler{Upstreams: []string{"ws://a:1"}, LogConnections: "off"},
+		},
+		{
 			name: "dial_timeout",
 			input: `wsgate ws://a:1 {
 				dial_timeout 2.5s
@@ -484,7 +499,32 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 			}`,
 			wantErr: `unrecognized subdirective "max_mesage"`,
 			line:    3,
+		}, {
+			name: "log_connections with an unknown level",
+			input: `wsgate ws://a:1 {
+				log_connections warn
+			}`,
+			wantErr: `log_connections must be info, debug or off, not "warn"`,
+			line:    2,
 		},
+		{
+			name: "metrics_name without a name",
+			input: `wsgate ws://a:1 {
+				metrics_name
+			}`,
+			wantErr: "wrong argument count",
+			line:    2,
+		},
+		{
+			name: "metrics_name twice",
+			input: `wsgate ws://a:1 {
+				metrics_name a
+				metrics_name b
+			}`,
+			wantErr: `duplicate subdirective "metrics_name"`,
+			line:    3,
+		},
+
 		{
 			name: "duplicate subdirective",
 			input: `wsgate ws://a:1 {

@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"strings"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/wsgate/wsgate/policy"
 	"github.com/wsgate/wsgate/proxy"
 )
@@ -60,6 +62,46 @@ type channelState struct {
 	unmatched proxy.Verdict
 	deny      proxy.Verdict
 	reply     string
+	// denials counts refusals by action: the actions the config names,
+	// "other" for any other word, "unmatched" for messages that name no
+	// channel (unmatched deny) and "invalid" for malformed ones.
+	denials map[string]prometheus.Counter
+}
+
+// countDenied counts a refusal of action.
+func (cs *channelState) countDenied(action string) {
+	c, ok := cs.denials[action]
+	if !ok {
+		c = cs.denials["other"]
+	}
+	if c != nil {
+		c.Inc()
+	}
+}
+
+// setDenials prepares the denial counters of the actions the config can
+// name (none without metrics).
+func (cs *channelState) setDenials(m *handlerMetrics, rules []ChannelRule, extra ...string) {
+	if m == nil {
+		return
+	}
+	cs.denials = map[string]prometheus.Counter{}
+	add := func(a string) {
+		if a != "*" && cs.denials[a] == nil {
+			cs.denials[a] = m.denials(a)
+		}
+	}
+	for _, r := range rules {
+		for _, a := range r.Actions {
+			add(a)
+		}
+	}
+	for _, a := range cs.words {
+		add(a)
+	}
+	for _, a := range extra {
+		add(a)
+	}
 }
 
 // channelConflict finds channel options that need or exclude others, and
@@ -134,6 +176,7 @@ func (h *Handler) provisionChannels() error {
 	}
 	if h.Rooms != nil {
 		h.channels = &channelState{policy: p}
+		h.channels.setDenials(h.metrics, h.Channels, "subscribe", "publish")
 		return nil
 	}
 	rc := h.RelayChannels
@@ -169,6 +212,7 @@ func (h *Handler) provisionChannels() error {
 	if cs.unmatched != proxy.Pass {
 		cs.unmatched = cs.deny
 	}
+	cs.setDenials(h.metrics, h.Channels, "other", "unmatched", "invalid")
 	h.channels = cs
 	return nil
 }
@@ -210,14 +254,20 @@ func (cs *channelState) inspector(claims policy.Claims) func([]byte, bool) (prox
 			}
 		})
 		switch {
-		case errors.Is(err, policy.ErrNotJSON):
+		case errors.Is(err, policy.ErrNotJSON), err == nil && !named: // no object names a channel
+			if cs.unmatched != proxy.Pass {
+				cs.countDenied("unmatched")
+			}
 			return cs.unmatched, nil
 		case err != nil:
+			cs.countDenied("invalid")
 			return cs.deny, cs.replyFor("", "")
-		case !named:
-			return cs.unmatched, nil // no object names a channel
 		case verdict == proxy.Pass:
 			return proxy.Pass, nil
+		case deniedCh == "":
+			cs.countDenied("unmatched") // an object of a batch named none
+		default:
+			cs.countDenied(deniedAction)
 		}
 		return verdict, cs.replyFor(deniedCh, deniedAction)
 	}

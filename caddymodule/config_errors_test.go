@@ -314,6 +314,7 @@ func TestProvisionRefusesJSON(t *testing.T) {
 		{"negative pong_timeout", `{"upstreams":["ws://a:1"],"pong_timeout":-1000000000}`, "pong timeout must not be negative"},
 		{"negative dial_timeout", `{"upstreams":["ws://a:1"],"dial_timeout":-1}`, "dial timeout must not be negative"},
 		{"negative send_queue", `{"upstreams":["ws://a:1"],"send_queue":-1}`, "send queue must not be negative"},
+		{"unknown log_connections level", `{"upstreams":["ws://a:1"],"log_connections":"warn"}`, `log_connections must be info, debug or off, not "warn"`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

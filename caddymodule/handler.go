@@ -12,6 +12,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap/zapcore"
 
 	"github.com/wsgate/wsgate/proxy"
 	"github.com/wsgate/wsgate/rooms"
@@ -163,7 +164,18 @@ type Handler struct {
 	// and action; required with Channels.
 	RelayChannels *RelayChannels `json:"relay_channels,omitempty"`
 
+	// MetricsName is the value of the handler label of this handler's
+	// metrics; handlers with the same name add up. Default: "wsgate".
+	MetricsName string `json:"metrics_name,omitempty"`
+
+	// LogConnections is the level of the line logged when a connection
+	// ends: "info", "debug" or "off". Default: info.
+	LogConnections string `json:"log_connections,omitempty"`
+
 	gw       *proxy.Gateway
+	metrics  *handlerMetrics
+	connLog  zapcore.Level // when logConns
+	logConns bool
 	auth     authState
 	channels *channelState
 	hub      *rooms.Hub
@@ -241,6 +253,10 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err != nil {
 		return err
 	}
+	if err := h.provisionMetrics(ctx); err != nil {
+		return err
+	}
+	cfg.Stats = h.metrics.stats
 	h.gw = proxy.New(cfg, registry, ctx.Slogger())
 	registry.SetReleaseMemory(releaseMemory(ctx))
 	if h.Rooms != nil || h.UpstreamControl != "" {
@@ -366,12 +382,24 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if !proxy.IsUpgrade(r) {
 		return next.ServeHTTP(w, r)
 	}
+	start := time.Now()
+	result := h.serveUpgrade(w, r, start)
+	h.metrics.upgrade(h.mode(), result, time.Since(start))
+	return nil
+}
+
+// serveUpgrade serves an upgrade request and names its result.
+func (h *Handler) serveUpgrade(w http.ResponseWriter, r *http.Request, start time.Time) string {
 	info := proxy.RequestInfo{}
 	info.ClientIP, _ = caddyhttp.GetVar(r.Context(), caddyhttp.ClientIPVarKey).(string)
 	info.TrustedProxy, _ = caddyhttp.GetVar(r.Context(), caddyhttp.TrustedProxyVarKey).(bool)
-	claims, ok := h.authorize(w, r, &info)
-	if !ok {
-		return nil
+	claims, refused := h.authorize(w, r, &info)
+	if refused != "" {
+		return refused
+	}
+	if h.logConns && h.auth.logger.Core().Enabled(h.connLog) {
+		// (a hook costs each connection some memory while it lives)
+		info.OnEnd = h.connectionLogger(r, claims, start)
 	}
 	info.Meta = proxy.ConnInfo{Subject: claims.Subject(), Remote: info.ClientIP, Handler: h.Name, Mode: "relay"}
 	if info.Meta.Handler == "" {
@@ -381,8 +409,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 	if h.Rooms != nil {
 		info.Meta.Mode = "rooms"
-		h.serveRooms(w, r, info, claims)
-		return nil
+		return string(h.serveRooms(w, r, info, claims))
 	}
 	if h.channels != nil {
 		info.Inspect = h.channels.inspector(claims)
@@ -390,8 +417,15 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if h.UpstreamControl != "" {
 		h.addUpstreamControl(&info)
 	}
-	h.gw.ServeHTTP(w, r, info)
-	return nil
+	return string(h.gw.ServeHTTP(w, r, info))
+}
+
+// mode is the mode label of the handler's metrics.
+func (h *Handler) mode() string {
+	if h.Rooms != nil {
+		return "rooms"
+	}
+	return "relay"
 }
 
 // Interface guards

@@ -11,8 +11,9 @@ import (
 )
 
 // serveRooms serves one wsgate.v1 client.
-func (h *Handler) serveRooms(w http.ResponseWriter, r *http.Request, info proxy.RequestInfo, claims policy.Claims) {
+func (h *Handler) serveRooms(w http.ResponseWriter, r *http.Request, info proxy.RequestInfo, claims policy.Claims) proxy.Outcome {
 	cfg := rooms.ConnConfig{
+		OnRateLimited:    h.metrics.onPublishLimited,
 		MaxSubscriptions: h.Rooms.MaxSubscriptions,
 		MaxData:          h.Rooms.MaxData,
 		Refresh:          info.Refresh,
@@ -22,8 +23,13 @@ func (h *Handler) serveRooms(w http.ResponseWriter, r *http.Request, info proxy.
 	}
 	if h.channels != nil {
 		p := h.channels.policy
+		cs := h.channels
 		cfg.Authorize = func(action, channel string) bool {
-			return p.Decide(action, channel, claims) == policy.Allow
+			if p.Decide(action, channel, claims) == policy.Allow {
+				return true
+			}
+			cs.countDenied(action)
+			return false
 		}
 	}
 	rc := rooms.NewConn(h.hub, cfg)
@@ -32,7 +38,7 @@ func (h *Handler) serveRooms(w http.ResponseWriter, r *http.Request, info proxy.
 	info.OnStart = rc.Attach
 	info.OnClose = chain(rc.Close, info.OnClose)
 	info.Meta.Channels = rc.Channels
-	h.gw.ServeSession(w, r, info, rooms.Subprotocol)
+	return h.gw.ServeSession(w, r, info, rooms.Subprotocol)
 }
 
 // validate checks what the Caddyfile parser cannot have checked (JSON

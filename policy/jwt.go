@@ -16,6 +16,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/MicahParks/jwkset"
@@ -53,6 +54,9 @@ type JWTConfig struct {
 	Now func() time.Time
 	// HTTPClient fetches JWKS; nil means a client with a 10 s timeout.
 	HTTPClient *http.Client
+	// CacheHits, if set, counts tokens answered from the cache of recent
+	// verifications (accepted tokens, and refused bad signatures).
+	CacheHits *atomic.Uint64
 }
 
 // IssuerConfig is one token issuer.
@@ -440,6 +444,9 @@ func (v *Verifier) Verify(ctx context.Context, token string) (Claims, error) {
 	hit, ok := v.cache[key]
 	v.cacheMu.Unlock()
 	if ok && now.Before(hit.until) {
+		if v.cfg.CacheHits != nil {
+			v.cfg.CacheHits.Add(1)
+		}
 		if hit.err != nil {
 			return nil, hit.err
 		}
@@ -526,6 +533,45 @@ func (v *Verifier) verify(ctx context.Context, token string) (Claims, error) {
 		}
 	}
 	return Claims(claims), nil
+}
+
+// TokenResult names the outcome of a verification for metrics: "valid"
+// for a nil error, else one of a small fixed set (expired, not_yet_valid,
+// bad_signature, unknown_issuer, wrong_issuer, wrong_audience,
+// missing_claim, malformed, too_large, unknown_key, missing, invalid).
+func TokenResult(err error) string {
+	if err == nil {
+		return "valid"
+	}
+	desc, ok := strings.CutPrefix(err.Error(), ErrToken.Error()+": ")
+	if !ok {
+		return "invalid"
+	}
+	switch {
+	case desc == "expired", desc == "token expired":
+		return "expired"
+	case desc == "not valid yet":
+		return "not_yet_valid"
+	case desc == errBadSignature.Error():
+		return "bad_signature"
+	case desc == "unknown issuer":
+		return "unknown_issuer"
+	case desc == "wrong issuer":
+		return "wrong_issuer"
+	case desc == "wrong audience":
+		return "wrong_audience"
+	case desc == "required claim missing", strings.HasPrefix(desc, "claim "):
+		return "missing_claim"
+	case desc == "malformed", desc == "unsupported critical header":
+		return "malformed"
+	case desc == "too large":
+		return "too_large"
+	case desc == "unverifiable":
+		return "unknown_key"
+	case desc == "no token":
+		return "missing"
+	}
+	return "invalid"
 }
 
 // reason turns a jwt error into a short message without token content.

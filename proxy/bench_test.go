@@ -59,7 +59,7 @@ func benchIdleConnMemory(b *testing.B, parkAfter time.Duration, clientTLS, upstr
 			return
 		}
 		resp := "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
-			"Sec-WebSocket-Accept: " + acceptKey(r.Header.Get("Sec-WebSocket-Key")) + "\r\n\r\n"
+			"Sec-WebSocket-Accept: " + wantAccept(r.Header.Get("Sec-WebSocket-Key")) + "\r\n\r\n"
 		conn.Write([]byte(resp))
 		mu.Lock()
 		upConns = append(upConns, conn)

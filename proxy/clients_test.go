@@ -71,7 +71,7 @@ func newKey() string {
 	return base64.StdEncoding.EncodeToString(k)
 }
 
-func acceptKey(key string) string {
+func wantAccept(key string) string {
 	h := sha1.Sum([]byte(key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"))
 	return base64.StdEncoding.EncodeToString(h[:])
 }
@@ -129,9 +129,9 @@ func handshakeRaw(conn net.Conn, addr, path string, extra http.Header) (*rawClie
 		conn.Close()
 		return nil, fmt.Errorf("handshake: HTTP %d", resp.StatusCode)
 	}
-	if got := resp.Header.Get("Sec-WebSocket-Accept"); got != acceptKey(key) {
+	if got := resp.Header.Get("Sec-WebSocket-Accept"); got != wantAccept(key) {
 		conn.Close()
-		return nil, fmt.Errorf("handshake: Sec-WebSocket-Accept %q, want %q", got, acceptKey(key))
+		return nil, fmt.Errorf("handshake: Sec-WebSocket-Accept %q, want %q", got, wantAccept(key))
 	}
 	conn.SetDeadline(time.Time{})
 	return &rawClient{conn: conn, br: br, resp: resp}, nil

@@ -30,6 +30,7 @@ func (c *relay) handleClose(src, dst *peer, h ws.Header, hs int) error {
 	}
 	src.consume(hs + n)
 	bad := checkClosePayload(payload)
+	c.closeFrame(src, true, payload)
 	switch {
 	case bad != nil:
 		src.closeCode = bad.code
@@ -37,6 +38,7 @@ func (c *relay) handleClose(src, dst *peer, h ws.Header, hs int) error {
 		src.closeCode = ws.StatusCode(binary.BigEndian.Uint16(payload))
 	}
 	src.closeRecv.Store(true)
+	c.closedFirst(src.side, src.closeCode, false)
 	if bad != nil {
 		return bad
 	}
@@ -67,6 +69,11 @@ func (c *relay) end(e *closeErr) {
 	c.beginClosing()
 	if e.err != nil && !isExpected(e.err) {
 		c.g.log.Debug("connection failed", "side", e.side.String(), "reason", e.reason, "error", e.err.Error())
+	}
+	if e.gone {
+		c.closedFirst(e.side, 0, e.timeout)
+	} else {
+		c.closedFirst(e.side, e.code, false)
 	}
 	code, reason := e.other()
 	switch e.side {
@@ -127,7 +134,10 @@ func (c *relay) closeClientAfterUpstream(code ws.StatusCode, reason string) {
 		c.sendClose(&c.client, code, reason)
 		return
 	}
-	c.pendingCode, c.pendingReason = code, reason
+	if c.rec == nil {
+		c.rec = &closeRecord{}
+	}
+	c.rec.pendingCode, c.rec.pendingReason = code, reason
 	c.cmu.Unlock()
 }
 
@@ -135,8 +145,12 @@ func (c *relay) closeClientAfterUpstream(code ws.StatusCode, reason string) {
 // reports whether there was.
 func (c *relay) takePending() bool {
 	c.cmu.Lock()
-	code, reason := c.pendingCode, c.pendingReason
-	c.pendingCode = 0
+	var code ws.StatusCode
+	var reason string
+	if r := c.rec; r != nil {
+		code, reason = r.pendingCode, r.pendingReason
+		r.pendingCode = 0
+	}
 	c.cmu.Unlock()
 	if code == 0 {
 		return false
@@ -183,6 +197,11 @@ func (c *relay) drain(p *peer) {
 		}
 		if h.OpCode == ws.OpClose && h.Length <= ws.MaxControlFramePayloadSize {
 			if rd.need(hs+int(h.Length)) == nil {
+				payload := append([]byte(nil), rd.peek(hs, int(h.Length))...)
+				if h.Masked {
+					ws.Cipher(payload, h.Mask, 0)
+				}
+				c.closeFrame(p, true, payload)
 				p.closeRecv.Store(true)
 			}
 			return

@@ -4,6 +4,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"math"
 	"net/http"
 	"net/url"
 	"time"
@@ -134,6 +135,10 @@ type Config struct {
 	// (close 1013 "slow consumer", the default) or SlowDrop (drop frames).
 	SlowConsumer SlowConsumer
 
+	// Stats, if set, counts what the connections do (for metrics).
+	// Default: nil (nothing counted beyond each connection's own counts).
+	Stats *Stats
+
 	// Now is the clock for rate limits; nil means time.Now.
 	Now func() time.Time
 
@@ -185,6 +190,9 @@ func (c *Config) Prepare() error {
 			return err
 		}
 		c.upstreamURLs = append(c.upstreamURLs, u)
+	}
+	if len(c.upstreamURLs) > math.MaxUint16 {
+		return fmt.Errorf("at most %d upstreams, not %d", math.MaxUint16, len(c.upstreamURLs))
 	}
 	if c.DialTimeout == 0 {
 		c.DialTimeout = DefaultDialTimeout

@@ -44,6 +44,8 @@ type peer struct {
 	pollFD int32        // the socket armed in pl
 	pstate atomic.Int32 // sideRunning, sideParking, sideWoken or sideParked
 
+	sent counter // data this side sent that was passed on (stats.go)
+
 	closeRecv atomic.Bool   // this side's close frame arrived
 	gone      atomic.Bool   // this side is not read any more (it failed, or stopped reading)
 	closeCode ws.StatusCode // the code of this side's close frame (0: none), set before closeRecv
@@ -51,9 +53,10 @@ type peer struct {
 	side      side
 	polled    bool // pollFD is in pl's epoll set
 
-	fragmented bool // a message is in progress
-	text       bool // ... and it is text
-	dropping   bool // ... and it is being dropped (rate limit)
+	upIdx      uint16 // upstream side: the upstream dialled, in Config.Upstreams
+	fragmented bool   // a message is in progress
+	text       bool   // ... and it is text
+	dropping   bool   // ... and it is being dropped (rate limit)
 }
 
 // consume marks n bytes of the frame being handled as read.
@@ -111,31 +114,31 @@ type relay struct {
 	g        *Gateway
 	cfg      *Config
 	client   peer
-	upstream *peer  // noUpstream in solo mode (allocated only for a real upstream)
-	msg      []byte // a client message being assembled for inspection
+	upstream *peer   // noUpstream in solo mode (allocated only for a real upstream)
+	msg      *[]byte // a client message being assembled for inspection
 
 	closeBy  atomic.Int64 // mono deadline of the closing handshake
 	lastData atomic.Int64 // mono time of the last data message, if idle timeout is on
 	ended    atomic.Int32
 	closing  atomic.Bool
 
-	// cmu guards the closing state below and the quit channel.
-	cmu           sync.Mutex
-	pendingReason string        // the client's close frame, held until the upstream is done
-	quit          chan struct{} // closed when closing begins; made on first use
-	pendingCode   ws.StatusCode // ... and its code (0: none)
-	upDone        bool          // the upstream's reader has ended
-	quitClosed    bool
+	// cmu guards the closing state below, the quit channel and rec.
+	cmu        sync.Mutex
+	quit       chan struct{} // closed when closing begins; made on first use
+	upDone     bool          // the upstream's reader has ended
+	quitClosed bool
 
 	solo    bool // no upstream: the gateway itself serves the client (rooms)
 	pingOut bool // owned by the client's reader, like the heartbeat state below
 
-	meta         *ConnInfo
-	onClose      func()
-	control      func(msg []byte) bool
-	inspect      func(msg []byte, text bool) (Verdict, []byte)
-	refresh      func(token string) (time.Time, error)
-	refreshField string // `"field"`
+	meta    *ConnInfo
+	onClose func()
+	onEnd   func(*ConnEnd)
+	rec     *closeRecord // how it closed, made when closing begins (cmu)
+	fanout  counter      // publications queued for the client
+	control func(msg []byte) bool
+	inspect func(msg []byte, text bool) (Verdict, []byte)
+	refresh *refresher // nil: no in-band token refresh
 
 	// heartbeat and expiry state, owned by the client's reader
 	expiry    int64 // mono time the client's credentials expire; 0: never
@@ -168,14 +171,14 @@ func newRelay(g *Gateway, client, upstream net.Conn, info *RequestInfo) *relay {
 	binary.LittleEndian.PutUint64(c.pingToken[:], rand.Uint64())
 	c.meta = newConnInfo(info.Meta, client)
 	c.onClose = info.OnClose
+	c.onEnd = info.OnEnd
 	if !info.Expiry.IsZero() {
 		c.setExpiry(info.Expiry)
 	}
 	c.inspect = info.Inspect
 	c.control = info.UpstreamControl
 	if info.Refresh != nil && info.RefreshField != "" {
-		c.refresh = info.Refresh
-		c.refreshField = strconv.Quote(info.RefreshField)
+		c.refresh = &refresher{verify: info.Refresh, field: strconv.Quote(info.RefreshField)}
 	}
 	if c.cfg.PingInterval > 0 || c.cfg.IdleTimeout > 0 || c.expiry != 0 {
 		c.client.rd.onTimeout = c.tick
@@ -205,6 +208,9 @@ func (c *relay) start(onStart func(Session)) {
 	now := mono()
 	c.lastData.Store(now)
 	c.client.rd.lastRead = now
+	if s := c.stats(); s != nil {
+		s.started(c)
+	}
 	if !c.g.reg.add(c) {
 		c.end(&closeErr{side: gatewaySide, code: ws.StatusGoingAway, reason: "server shutting down"})
 	}
@@ -303,6 +309,15 @@ func (c *relay) finish() {
 		c.upstream.rd.conn.Close()
 	}
 	c.g.reg.remove(c)
+	if s, f := c.stats(), c.onEnd; s != nil || f != nil {
+		e := c.summary()
+		if s != nil {
+			s.ended(c, e)
+		}
+		if f != nil {
+			f(e)
+		}
+	}
 	if c.onClose != nil {
 		c.onClose()
 	}

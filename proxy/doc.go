@@ -19,7 +19,9 @@
 //   - heartbeat.go, limits.go, session.go: pings, expiry and refresh; rate
 //     limits; what fan-out may do with a connection;
 //   - park.go, poller_*.go, registry.go: idle sides that give up their
-//     goroutine, and the registry that sweeps and shuts down connections.
+//     goroutine, and the registry that sweeps and shuts down connections;
+//   - stats.go: what connections do, counted for metrics (Stats) and
+//     summed up when one ends (ConnEnd, for its log line).
 //
 // Idle connections are cheap: after the hijack a connection holds no bufio
 // or payload buffer while it waits for data (read buffers come from a pool

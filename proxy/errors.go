@@ -33,11 +33,12 @@ func (s side) String() string {
 // unless gone: it can no longer be written to (its connection failed, or
 // it stopped reading). The other side is told what other says.
 type closeErr struct {
-	side   side
-	code   ws.StatusCode
-	reason string
-	gone   bool
-	err    error // the I/O error behind it, if any
+	side    side
+	code    ws.StatusCode
+	reason  string
+	gone    bool
+	timeout bool  // gone: a write to it lasted its deadline
+	err     error // the I/O error behind it, if any
 }
 
 func (e *closeErr) Error() string {
@@ -83,10 +84,11 @@ var (
 // timeout means it stopped reading.
 func gone(s side, err error) *closeErr {
 	reason := s.String() + " went away"
-	if errors.Is(err, os.ErrDeadlineExceeded) {
+	timeout := errors.Is(err, os.ErrDeadlineExceeded)
+	if timeout {
 		reason = s.String() + " not reading"
 	}
-	return &closeErr{side: s, gone: true, reason: reason, err: err}
+	return &closeErr{side: s, gone: true, timeout: timeout, reason: reason, err: err}
 }
 
 // asCloseErr turns an error that ended src's reader (or any goroutine's

@@ -151,6 +151,9 @@ func (c *relay) forwardLoaded(src, dst *peer, h ws.Header, hs int) error {
 	start := rd.pos() + hs - ohs
 	src.consume(hs + n)
 	data := !h.OpCode.IsControl()
+	if data {
+		src.sent.add(fin(h), uint64(n))
+	}
 	if rd.addRun(start, start+ohs+n, data, !h.Fin) {
 		return nil
 	}
@@ -229,6 +232,9 @@ func (c *relay) stream(src, dst *peer, h ws.Header, hs int) error {
 		return nil
 	}()
 	ended := false
+	if err == nil {
+		src.sent.add(fin(h), uint64(h.Length))
+	}
 	cut := err != nil && wrote
 	if cut {
 		w.cut()
@@ -249,6 +255,9 @@ func (c *relay) stream(src, dst *peer, h ws.Header, hs int) error {
 // whether the message may be forwarded; a drop may send a reply to the
 // client, and a close verdict ends the connection.
 func (c *relay) judge(src *peer, msg []byte) (bool, error) {
+	if c.solo {
+		src.sent.add(1, uint64(len(msg))) // the gateway is the client's peer
+	}
 	v, reply := c.inspect(msg, src.text)
 	switch v {
 	case Pass:
@@ -266,21 +275,23 @@ func (c *relay) judge(src *peer, msg []byte) (bool, error) {
 // assembled for inspection; the last one has the message judged and, if it
 // passes, forwarded as one frame.
 func (c *relay) collect(src, dst *peer, fin bool, chunk []byte) error {
-	if len(c.msg) == 0 {
-		c.msg = append(c.msg[:0], make([]byte, ws.MaxHeaderSize)...)
+	if c.msg == nil {
+		// headroom for the frame header, written in front of the message
+		b := make([]byte, ws.MaxHeaderSize, ws.MaxHeaderSize+len(chunk))
+		c.msg = &b
 	}
 	limit := src.limits.MaxMessage
 	if limit <= 0 {
 		limit = assembleCap
 	}
-	if int64(len(c.msg)-ws.MaxHeaderSize+len(chunk)) > limit {
+	if int64(len(*c.msg)-ws.MaxHeaderSize+len(chunk)) > limit {
 		return tooBig()
 	}
-	c.msg = append(c.msg, chunk...)
+	*c.msg = append(*c.msg, chunk...)
 	if !fin {
 		return nil
 	}
-	msg := c.msg
+	msg := *c.msg
 	c.msg = nil // no payload buffer is kept between messages
 	pass, err := c.judge(src, msg[ws.MaxHeaderSize:])
 	if err != nil || !pass {
@@ -293,7 +304,19 @@ func (c *relay) collect(src, dst *peer, fin bool, chunk []byte) error {
 	if src.text {
 		op = ws.OpText
 	}
-	return dst.w.framed(op, msg)
+	if err := dst.w.framed(op, msg); err != nil {
+		return err
+	}
+	src.sent.add(1, uint64(len(msg)-ws.MaxHeaderSize))
+	return nil
+}
+
+// fin is 1 for the last frame of a message, else 0.
+func fin(h ws.Header) uint64 {
+	if h.Fin {
+		return 1
+	}
+	return 0
 }
 
 // assembleStream collects a client frame larger than the read buffer, for

@@ -118,7 +118,7 @@ func (u *fuzzUpstream) handle(w http.ResponseWriter, r *http.Request) {
 	}
 	defer conn.Close()
 	brw.Writer.WriteString("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
-		"Sec-WebSocket-Accept: " + acceptKey(r.Header.Get("Sec-WebSocket-Key")) + "\r\n\r\n")
+		"Sec-WebSocket-Accept: " + wantAccept(r.Header.Get("Sec-WebSocket-Key")) + "\r\n\r\n")
 	brw.Writer.Flush()
 	u.result(id) <- u.serve(id, conn, brw.Reader, behaviour, fragment)
 }

@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"net/url"
 	"sync/atomic"
+	"time"
 
 	"github.com/gobwas/ws"
 )
@@ -56,38 +57,48 @@ func WriteError(w http.ResponseWriter, status int, msg string, hdr http.Header) 
 	w.Write(append(b, '\n'))
 }
 
+// Outcome is how an upgrade request ended.
+type Outcome string
+
+// Outcomes.
+const (
+	Upgraded       Outcome = "ok"        // the connection is live
+	BadHandshake   Outcome = "handshake" // refused: not a valid upgrade, or the upgrade failed
+	UpstreamFailed Outcome = "upstream"  // refused with 502: no upstream could be dialled
+	ShuttingDown   Outcome = "shutdown"  // refused with 503: the gateway is shutting down
+	NotConfigured  Outcome = "config"    // refused with 500: nothing to serve it with
+)
+
 // ServeHTTP checks the handshake, dials an upstream, upgrades the client
 // and starts relaying. It returns once the relay has started (the relay
-// runs on its own goroutines) or after it has written an HTTP error.
-func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, info RequestInfo) {
+// runs on its own goroutines) or after it has written an HTTP error, and
+// says which.
+func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, info RequestInfo) Outcome {
 	started := false
 	defer func() {
 		if !started && info.OnClose != nil {
 			info.OnClose()
 		}
 	}()
-	if !g.admit(w, r) {
-		return
+	if o := g.admit(w, r); o != Upgraded {
+		return o
 	}
 	if len(g.cfg.upstreamURLs) == 0 {
 		WriteError(w, http.StatusInternalServerError, "no upstream configured", nil)
-		return
+		return NotConfigured
 	}
 	up, hs, err := g.dial(r.Context(), r, &info)
 	if err != nil {
 		g.log.Warn("upstream unavailable", "error", err.Error(), "remote", r.RemoteAddr)
 		WriteError(w, http.StatusBadGateway, "upstream unavailable", nil)
-		return
+		return UpstreamFailed
 	}
 	accept := hs.protocol
 	if accept == "" {
 		accept = info.AcceptProtocol
 	}
-	u := ws.HTTPUpgrader{
-		Protocol: func(p string) bool { return accept != "" && p == accept },
-	}
-	normalizeUpgradeHeaders(r)
-	conn, rw, _, err := u.Upgrade(r, w)
+	protocol := pickProtocol(r, func(p string) bool { return accept != "" && p == accept })
+	conn, rw, err := upgrade(w, r, protocol)
 	if err != nil {
 		up.conn.Close()
 		up.putReader()
@@ -95,9 +106,10 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, info Request
 			conn.Close()
 		}
 		g.log.Debug("client upgrade failed", "error", err.Error(), "remote", r.RemoteAddr)
-		return
+		return BadHandshake
 	}
 	c := newRelay(g, conn, up.conn, &info)
+	c.upstream.upIdx = up.idx
 	if rw != nil && rw.Reader.Buffered() > 0 {
 		b, _ := rw.Reader.Peek(rw.Reader.Buffered())
 		c.client.rd.prime(b)
@@ -109,21 +121,22 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, info Request
 	up.putReader()
 	started = true
 	c.start(info.OnStart)
+	return Upgraded
 }
 
 // ServeSession upgrades the client with subprotocol (when the client
 // offered it; refused with 400 otherwise) and serves it without an
 // upstream: every client message goes to info.Inspect, and info.OnStart
 // gets the Session used to send to the client.
-func (g *Gateway) ServeSession(w http.ResponseWriter, r *http.Request, info RequestInfo, subprotocol string) {
+func (g *Gateway) ServeSession(w http.ResponseWriter, r *http.Request, info RequestInfo, subprotocol string) Outcome {
 	started := false
 	defer func() {
 		if !started && info.OnClose != nil {
 			info.OnClose()
 		}
 	}()
-	if !g.admit(w, r) {
-		return
+	if o := g.admit(w, r); o != Upgraded {
+		return o
 	}
 	offered := false
 	for _, p := range offeredProtocols(r) {
@@ -131,20 +144,18 @@ func (g *Gateway) ServeSession(w http.ResponseWriter, r *http.Request, info Requ
 	}
 	if !offered {
 		WriteError(w, http.StatusBadRequest, "this endpoint speaks the "+subprotocol+" subprotocol; offer it in Sec-WebSocket-Protocol", nil)
-		return
+		return BadHandshake
 	}
 	if info.Inspect == nil {
 		WriteError(w, http.StatusInternalServerError, "no session handler", nil)
-		return
+		return NotConfigured
 	}
-	u := ws.HTTPUpgrader{Protocol: func(p string) bool { return p == subprotocol }}
-	normalizeUpgradeHeaders(r)
-	conn, rw, _, err := u.Upgrade(r, w)
+	conn, rw, err := upgrade(w, r, subprotocol) // the client offered it (checked above)
 	if err != nil {
 		if conn != nil {
 			conn.Close()
 		}
-		return
+		return BadHandshake
 	}
 	c := newRelay(g, conn, nil, &info)
 	if rw != nil && rw.Reader.Buffered() > 0 {
@@ -153,25 +164,27 @@ func (g *Gateway) ServeSession(w http.ResponseWriter, r *http.Request, info Requ
 	}
 	started = true
 	c.start(info.OnStart)
+	return Upgraded
 }
 
 // admit answers a request that cannot be upgraded (bad handshake, or the
-// gateway is shutting down) and reports whether it may go on.
-func (g *Gateway) admit(w http.ResponseWriter, r *http.Request) bool {
+// gateway is shutting down) and says why, or Upgraded when it may go on.
+func (g *Gateway) admit(w http.ResponseWriter, r *http.Request) Outcome {
 	if herr := CheckHandshake(r); herr != nil {
 		WriteError(w, herr.Status, herr.Message, herr.Header)
-		return false
+		return BadHandshake
 	}
 	if g.reg.closed() {
 		WriteError(w, http.StatusServiceUnavailable, "server shutting down", nil)
-		return false
+		return ShuttingDown
 	}
-	return true
+	return Upgraded
 }
 
 type dialed struct {
 	conn net.Conn
 	br   *bufio.Reader
+	idx  uint16 // the upstream it was dialled from, in Config.Upstreams
 }
 
 func (d *dialed) putReader() {
@@ -217,9 +230,13 @@ func (g *Gateway) dial(ctx context.Context, r *http.Request, info *RequestInfo) 
 			TLSConfig:     g.cfg.TLS,
 			OnStatusError: func(s int, _ []byte, _ io.Reader) { status = s },
 		}
+		t0 := time.Now()
 		conn, br, hs, err := d.Dial(ctx, target.String())
+		if s := g.cfg.Stats; s != nil && s.OnDial != nil {
+			s.OnDial(time.Since(t0), err == nil)
+		}
 		if err == nil {
-			return &dialed{conn: conn, br: br}, handshake{protocol: hs.Protocol}, nil
+			return &dialed{conn: conn, br: br, idx: uint16((first + i) % n)}, handshake{protocol: hs.Protocol}, nil
 		}
 		if status != 0 {
 			err = errUpstreamStatus(status)
@@ -239,13 +256,4 @@ func joinPath(u *url.URL, r *http.Request) (path, raw string) {
 		return "/", ""
 	}
 	return r.URL.Path, r.URL.RawPath
-}
-
-// normalizeUpgradeHeaders rewrites the (already checked) Connection and
-// Upgrade headers to one line each: gobwas/ws reads only the first line
-// of a header, and a client may spread "Connection: keep-alive, Upgrade"
-// over several.
-func normalizeUpgradeHeaders(r *http.Request) {
-	r.Header.Set("Connection", "Upgrade")
-	r.Header.Set("Upgrade", "websocket")
 }

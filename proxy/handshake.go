@@ -1,6 +1,8 @@
 package proxy
 
 import (
+	"bufio"
+	"crypto/sha1"
 	"encoding/base64"
 	"net"
 	"net/http"
@@ -65,6 +67,53 @@ func CheckHandshake(r *http.Request) *HandshakeError {
 		}
 	}
 	return nil
+}
+
+// upgrade answers a checked handshake (CheckHandshake) with 101 and
+// protocol (none when empty), then takes the connection over. The 101 goes
+// through w, like any response, before the hijack: the layers around the
+// handler (an access log, metrics) record the status they see written, and
+// a response written into the hijacked socket would leave them none.
+func upgrade(w http.ResponseWriter, r *http.Request, protocol string) (net.Conn, *bufio.ReadWriter, error) {
+	h := w.Header()
+	h["Upgrade"] = []string{"websocket"}
+	h["Connection"] = []string{"Upgrade"}
+	h["Sec-Websocket-Accept"] = []string{acceptKey(r.Header.Get("Sec-Websocket-Key"))}
+	if protocol != "" {
+		h["Sec-Websocket-Protocol"] = []string{protocol}
+	}
+	w.WriteHeader(http.StatusSwitchingProtocols)
+	// The connection is taken from the innermost writer: a wrapper's
+	// Hijack (Caddy's response recorders, there with an access log or
+	// metrics) hands back its own wrapper of the socket, which hides the
+	// socket from the poller, so idle sides could not park; and what the
+	// wrappers count of it is never read, their request being logged when
+	// the handler returns.
+	for {
+		u, ok := w.(interface{ Unwrap() http.ResponseWriter })
+		if !ok {
+			break
+		}
+		w = u.Unwrap()
+	}
+	return http.NewResponseController(w).Hijack()
+}
+
+// acceptKey is the Sec-WebSocket-Accept answering key (RFC 6455 §4.2.2).
+func acceptKey(key string) string {
+	sum := sha1.Sum([]byte(key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"))
+	return base64.StdEncoding.EncodeToString(sum[:])
+}
+
+// pickProtocol is the first subprotocol the client offered that ok takes,
+// or "".
+func pickProtocol(r *http.Request, ok func(string) bool) string {
+	for _, p := range offeredProtocols(r) {
+		if ok(p) {
+			return p
+		}
+	}
+	return ""
 }
 
 // offeredProtocols lists the subprotocols the client offered, in order.
@@ -145,6 +194,9 @@ type RequestInfo struct {
 	// OnClose is called exactly once when the connection has ended, or when
 	// the request failed before a connection was made.
 	OnClose func()
+	// OnEnd, if set, is called once when a connection that started has
+	// ended (before OnClose), with what it did and how it closed.
+	OnEnd func(*ConnEnd)
 
 	// Inspect, if set, sees every complete client message (unmasked; text
 	// already checked as UTF-8) before it is forwarded, and says whether it

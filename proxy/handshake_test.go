@@ -113,7 +113,7 @@ func dialRawHandshake(addr, head string) (*rawClient, error) {
 		conn.Close()
 		return nil, err
 	}
-	if resp.StatusCode != 101 || resp.Header.Get("Sec-WebSocket-Accept") != acceptKey(key) {
+	if resp.StatusCode != 101 || resp.Header.Get("Sec-WebSocket-Accept") != wantAccept(key) {
 		conn.Close()
 		return nil, &HandshakeError{Status: resp.StatusCode, Message: "handshake refused"}
 	}
@@ -388,7 +388,7 @@ func TestUpstreamFirstFrameWithHandshake(t *testing.T) {
 		}
 		defer conn.Close()
 		resp := "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
-			"Sec-WebSocket-Accept: " + acceptKey(r.Header.Get("Sec-WebSocket-Key")) + "\r\n\r\n"
+			"Sec-WebSocket-Accept: " + wantAccept(r.Header.Get("Sec-WebSocket-Key")) + "\r\n\r\n"
 		msg := append([]byte(resp), sf(opText, []byte("welcome"))...)
 		msg = append(msg, sf(opBinary, []byte{1, 2, 3})...)
 		conn.Write(msg)

@@ -97,6 +97,13 @@ func (c *relay) setExpiry(exp time.Time) {
 	c.expiry = max(1, mono()+int64(exp.Sub(c.cfg.Now())))
 }
 
+// refresher verifies tokens sent in band (RequestInfo.Refresh); field is
+// the message's field, quoted.
+type refresher struct {
+	verify func(token string) (time.Time, error)
+	field  string
+}
+
 // tryRefresh consumes a client message {"<field>": "<token>"}: the token is
 // verified, and the connection's expiry moves to the new token's. A refresh
 // with a bad token closes the connection (1008 "invalid token"), one with
@@ -104,14 +111,14 @@ func (c *relay) setExpiry(exp time.Time) {
 // after the size and rate limits, so signature checks are bounded like
 // any other message.
 func (c *relay) tryRefresh(payload []byte) (bool, error) {
-	if len(payload) == 0 || payload[0] != '{' || !bytes.Contains(payload, []byte(c.refreshField)) {
+	if len(payload) == 0 || payload[0] != '{' || !bytes.Contains(payload, []byte(c.refresh.field)) {
 		return false, nil
 	}
 	var m map[string]json.RawMessage
 	if json.Unmarshal(payload, &m) != nil {
 		return false, nil
 	}
-	raw, ok := m[c.refreshField[1:len(c.refreshField)-1]]
+	raw, ok := m[c.refresh.field[1:len(c.refresh.field)-1]]
 	if !ok {
 		return false, nil
 	}
@@ -119,7 +126,7 @@ func (c *relay) tryRefresh(payload []byte) (bool, error) {
 	if json.Unmarshal(raw, &token) != nil || token == "" {
 		return true, &closeErr{code: ws.StatusPolicyViolation, reason: "invalid token"}
 	}
-	exp, err := c.refresh(token)
+	exp, err := c.refresh.verify(token)
 	if err != nil {
 		return true, &closeErr{code: ws.StatusPolicyViolation, reason: "invalid token"}
 	}

@@ -24,6 +24,7 @@ func (c *relay) limit(src, dst *peer, control, newMsg bool, n int64) (drop bool,
 			wait = max(wait, src.byteLim.ReserveN(now, int(min(n, src.byteMax))).DelayFrom(now))
 		}
 		if wait > 0 {
+			c.countLimited(src, ExceedThrottle)
 			// Frames read before this one leave now, not after the wait.
 			if err := c.flush(src, dst); err != nil {
 				return false, err
@@ -49,6 +50,7 @@ func (c *relay) limit(src, dst *peer, control, newMsg bool, n int64) (drop bool,
 		return false, nil
 	}
 	if src.limits.Rate.OnExceed == ExceedDrop && counts {
+		c.countLimited(src, ExceedDrop)
 		// A control frame is dropped alone (the message it came between
 		// goes on); a message is dropped whole, all its fragments. Half a
 		// message can't be dropped: a later fragment over the limit
@@ -58,5 +60,6 @@ func (c *relay) limit(src, dst *peer, control, newMsg bool, n int64) (drop bool,
 		}
 		return true, nil
 	}
+	c.countLimited(src, ExceedClose)
 	return false, &closeErr{code: ws.StatusPolicyViolation, reason: "rate limit exceeded"}
 }

@@ -140,6 +140,7 @@ func (c *relay) park(src *peer) bool {
 		src.pstate.Store(sideRunning)
 		return false
 	}
+	c.countParked(1)
 	return true
 }
 
@@ -149,6 +150,7 @@ func (c *relay) wake(p *peer) {
 		switch p.pstate.Load() {
 		case sideParked:
 			if p.pstate.CompareAndSwap(sideParked, sideRunning) {
+				c.countParked(-1)
 				go c.pump(p, true)
 				return
 			}

@@ -226,7 +226,7 @@ func startRawUpstream(t testing.TB, serve func(conn net.Conn, br *bufio.Reader))
 		}
 		defer conn.Close()
 		resp := "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
-			"Sec-WebSocket-Accept: " + acceptKey(r.Header.Get("Sec-WebSocket-Key")) + "\r\n\r\n"
+			"Sec-WebSocket-Accept: " + wantAccept(r.Header.Get("Sec-WebSocket-Key")) + "\r\n\r\n"
 		brw.Writer.WriteString(resp)
 		brw.Writer.Flush()
 		serve(conn, brw.Reader)

@@ -343,10 +343,12 @@ func TestWriteTimeoutClientNotReading(t *testing.T) {
 			return <-ended
 		}
 	})
+	stats := NewStats()
 	tg := startGateway(t, up.url, func(c *Config) {
 		c.WriteTimeout = writeTimeout
 		c.CloseTimeout = writeTimeout
 		c.PingInterval = -1
+		c.Stats = stats
 	})
 	fds := openFDs()
 	rc := dialRaw(t, tg.addr(), nil) // never reads
@@ -357,9 +359,29 @@ func TestWriteTimeoutClientNotReading(t *testing.T) {
 		t.Fatalf("upstream got close %d %q, want 1001 \"client not reading\"", code, reason)
 	}
 	tg.waitLen(t, 0)
+	checkWriteTimeout(t, stats, "client")
 	poll(t, "the pumps to end", func() bool { return pumps() == 0 })
 	rc.conn.Close()
 	waitFDs(t, fds)
+}
+
+// checkWriteTimeout checks that the connection that ended was counted as a
+// write timeout on side, which closed first and without a close frame.
+func checkWriteTimeout(t *testing.T, stats *Stats, side string) {
+	t.Helper()
+	s := stats.Snapshot()
+	client, upstream := uint64(0), uint64(0)
+	if side == "client" {
+		client = 1
+	} else {
+		upstream = 1
+	}
+	if s.WriteTimeoutsClient != client || s.WriteTimeoutsUpstream != upstream {
+		t.Errorf("write timeouts: client %d, upstream %d; want %d, %d", s.WriteTimeoutsClient, s.WriteTimeoutsUpstream, client, upstream)
+	}
+	if s.Closes[CloseKey{side, "none"}] != 1 || len(s.Closes) != 1 {
+		t.Errorf("closes %v, want one %s none", s.Closes, side)
+	}
 }
 
 // TestWriteTimeoutUpstreamNotReading: roles swapped. An upstream that
@@ -371,10 +393,12 @@ func TestWriteTimeoutUpstreamNotReading(t *testing.T) {
 	releaseUpstream := func() { once.Do(func() { close(release) }) }
 	upURL := startRawUpstream(t, func(net.Conn, *bufio.Reader) { <-release })
 	t.Cleanup(releaseUpstream)
+	stats := NewStats()
 	tg := startGateway(t, upURL, func(c *Config) {
 		c.WriteTimeout = writeTimeout
 		c.CloseTimeout = writeTimeout
 		c.PingInterval = -1
+		c.Stats = stats
 	})
 	fds := openFDs()
 	rc := dialRaw(t, tg.addr(), nil)
@@ -404,6 +428,7 @@ func TestWriteTimeoutUpstreamNotReading(t *testing.T) {
 	stop()
 	releaseUpstream()
 	tg.waitLen(t, 0)
+	checkWriteTimeout(t, stats, "upstream")
 	poll(t, "the pumps to end", func() bool { return pumps() == 0 })
 	waitFDs(t, fds)
 }

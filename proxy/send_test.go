@@ -93,23 +93,60 @@ func TestEnqueueUnderBackpressure(t *testing.T) {
 // Enqueue then refuses and the connection is dropped (1013, or cut off
 // after CloseTimeout when even the close frame does not fit).
 func TestEnqueueSlowConsumer(t *testing.T) {
-	tg, sessions := startSession(t, Config{PingInterval: -1, SendQueue: 8, CloseTimeout: 200 * time.Millisecond}, dropAll)
-	dialRaw(t, tg.addr(), http.Header{"Sec-WebSocket-Protocol": {"test.v1"}})
-	s := <-sessions
-	refused := -1
-	for i := range 10000 {
-		if !s.Enqueue(EncodeServerFrame(ws.OpBinary, sendFrame(i, 64<<10))) {
-			refused = i
-			break
-		}
+	for _, policy := range []SlowConsumer{SlowClose, SlowDrop} {
+		t.Run(string(policy), func(t *testing.T) {
+			stats := NewStats()
+			tg, sessions := startSession(t, Config{PingInterval: -1, SendQueue: 8, CloseTimeout: 200 * time.Millisecond,
+				SlowConsumer: policy, Stats: stats}, dropAll)
+			rc := dialRaw(t, tg.addr(), http.Header{"Sec-WebSocket-Protocol": {"test.v1"}})
+			s := <-sessions
+			frame := func(i int) []byte { return EncodeServerFrame(ws.OpBinary, sendFrame(i, 64<<10)) }
+			queued := -1
+			for i := range 10000 {
+				if !s.Enqueue(frame(i)) {
+					queued = i
+					break
+				}
+			}
+			if queued < 0 {
+				t.Fatal("10000 frames of 64 KiB queued for a client that does not read")
+			}
+			refused := 1
+			for i := range 5 {
+				if s.Enqueue(frame(queued + 1 + i)) {
+					if policy == SlowClose {
+						t.Fatal("Enqueue accepted a frame after refusing one")
+					}
+					queued++
+				} else {
+					refused++
+				}
+			}
+			snap := stats.Snapshot()
+			if got := snap.Traffic.Messages[Fanout]; got != uint64(queued) {
+				t.Errorf("fan-out messages counted %d, want the %d queued", got, queued)
+			}
+			if got := snap.Traffic.Bytes[Fanout]; got != uint64(queued)*(64<<10) {
+				t.Errorf("fan-out bytes counted %d, want %d", got, queued*(64<<10))
+			}
+			switch policy {
+			case SlowClose:
+				if snap.SlowClosed != 1 || snap.SlowDropped != 0 {
+					t.Errorf("slow consumers: %d closed, %d dropped; want 1, 0", snap.SlowClosed, snap.SlowDropped)
+				}
+				tg.waitLen(t, 0)
+				if got := stats.Snapshot().Closes; got[CloseKey{"client", "1013"}] != 1 || len(got) != 1 {
+					t.Errorf("closes %v, want one client 1013", got)
+				}
+			case SlowDrop:
+				if snap.SlowClosed != 0 || snap.SlowDropped != uint64(refused) {
+					t.Errorf("slow consumers: %d closed, %d dropped; want 0, %d", snap.SlowClosed, snap.SlowDropped, refused)
+				}
+				rc.conn.Close()
+				tg.waitLen(t, 0)
+			}
+		})
 	}
-	if refused < 0 {
-		t.Fatal("10000 frames of 64 KiB queued for a client that does not read")
-	}
-	if s.Enqueue(EncodeServerFrame(ws.OpBinary, []byte("more"))) {
-		t.Fatal("Enqueue accepted a frame after refusing one")
-	}
-	tg.waitLen(t, 0)
 }
 
 func dropAll([]byte, bool) (Verdict, []byte) { return Drop, nil }

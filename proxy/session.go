@@ -30,6 +30,7 @@ func (c *relay) Enqueue(frame []byte) bool {
 		return false
 	}
 	if c.client.w.enqueue(frame) {
+		c.fanout.add(1, uint64(len(frame)-frameHeaderSize(frame)))
 		return true
 	}
 	c.overflow()
@@ -51,10 +52,30 @@ func (c *relay) reply(msg []byte) error {
 // written is out (bounded by the closing deadline); with SlowDrop the
 // message is dropped.
 func (c *relay) overflow() {
-	if c.cfg.SlowConsumer == SlowDrop || !c.client.w.stopQueue() {
+	if c.cfg.SlowConsumer == SlowDrop {
+		c.countSlow(true)
 		return
 	}
+	if !c.client.w.stopQueue() {
+		return
+	}
+	c.countSlow(false)
 	c.g.log.Info("slow consumer: closing with 1013", "remote", c.client.rd.conn.RemoteAddr().String(), "send_queue", c.cfg.SendQueue)
 	c.beginClosing()
 	go c.shutdown(ws.StatusCode(1013), "slow consumer")
+}
+
+// frameHeaderSize is the size of the header of an encoded server frame
+// (unmasked).
+func frameHeaderSize(frame []byte) int {
+	if len(frame) < 2 {
+		return len(frame)
+	}
+	switch frame[1] & 0x7f {
+	case 126:
+		return 4
+	case 127:
+		return 10
+	}
+	return 2
 }

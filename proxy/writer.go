@@ -230,6 +230,14 @@ func (w *writer) encode(buf []byte, op ws.OpCode, payload []byte) int {
 // close writes a close frame with body, once. It reports whether this
 // call wrote it.
 func (w *writer) close(body []byte) (bool, error) {
+	wrote, err := w.closeLocked(body)
+	if wrote {
+		w.p.c.closeFrame(w.p, false, body)
+	}
+	return wrote, err
+}
+
+func (w *writer) closeLocked(body []byte) (bool, error) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	if w.broken {

@@ -53,6 +53,9 @@ type ConnConfig struct {
 	PublishBurst int
 	// Now is the clock of the publish rate; nil means time.Now.
 	Now func() time.Time
+	// OnRateLimited, if set, is called for each publish refused for the
+	// publish rate.
+	OnRateLimited func()
 }
 
 // Conn is one client connection's subscriptions.
@@ -183,6 +186,9 @@ func (c *Conn) do(r Request) *ProtoError {
 			c.pubLim = rate.NewLimiter(rate.Limit(c.cfg.PublishRate), c.cfg.PublishBurst)
 		}
 		if c.pubLim != nil && !c.pubLim.AllowN(c.cfg.Now(), 1) {
+			if c.cfg.OnRateLimited != nil {
+				c.cfg.OnRateLimited()
+			}
 			return &ProtoError{CodeRateLimited, "more than " + strconv.FormatFloat(c.cfg.PublishRate, 'g', -1, 64) +
 				" publishes/s (burst " + strconv.Itoa(c.cfg.PublishBurst) + "): not delivered"}
 		}

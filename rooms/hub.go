@@ -71,9 +71,14 @@ type Hub struct {
 	mu   sync.RWMutex
 	subs map[string]map[Subscriber]struct{}
 
-	published, delivered, dropped atomic.Int64
+	// counts for Stats
+	publishedWS, publishedHTTP, received, delivered, dropped atomic.Int64
 
 	keys keyRecord
+
+	// OnPublish, if set, is told how long each publication (or batch)
+	// that went through the broker took. Set it before use.
+	OnPublish func(time.Duration)
 }
 
 // NewHub makes a hub; SetBroker must be called before use (the broker
@@ -105,10 +110,16 @@ func CheckData(data []byte) error {
 // that CheckData refuses (a stray plain PUBLISH) is dropped: framed, it
 // would break every subscriber's connection.
 func (h *Hub) Handle(channel string, data []byte) {
+	h.received.Add(1)
 	if CheckData(data) != nil {
 		h.dropped.Add(1)
 		return
 	}
+	h.deliver(channel, data)
+}
+
+// deliver fans checked data out to channel's local subscribers.
+func (h *Hub) deliver(channel string, data []byte) {
 	p := &Publication{Channel: channel, Data: data}
 	h.mu.RLock()
 	set := h.subs[channel]
@@ -182,10 +193,12 @@ func (h *Hub) Publish(ctx context.Context, channel string, data []byte) error {
 	if err := CheckData(data); err != nil {
 		return err
 	}
-	h.published.Add(1)
+	h.publishedWS.Add(1)
+	t0 := time.Now()
 	err := h.b.Publish(ctx, channel, data)
+	h.published(t0, err)
 	if errors.Is(err, broker.ErrUnavailable) {
-		h.Handle(channel, data)
+		h.deliver(channel, data)
 	}
 	return err
 }
@@ -242,21 +255,26 @@ func (h *Hub) PublishBatch(ctx context.Context, channels []string, data [][]byte
 
 // publishBatch is PublishBatch for data already checked.
 func (h *Hub) publishBatch(ctx context.Context, channels []string, data [][]byte) error {
-	h.published.Add(int64(len(channels)))
+	h.publishedHTTP.Add(int64(len(channels)))
 	if bp, ok := h.b.(batchPublisher); ok {
+		t0 := time.Now()
 		err := bp.PublishBatch(ctx, channels, data)
+		h.published(t0, err)
 		if errors.Is(err, broker.ErrUnavailable) {
 			for i, ch := range channels {
-				h.Handle(ch, data[i])
+				h.deliver(ch, data[i])
 			}
 		}
 		return err
 	}
 	var errs []error
 	for i, ch := range channels {
-		if err := h.b.Publish(ctx, ch, data[i]); err != nil {
+		t0 := time.Now()
+		err := h.b.Publish(ctx, ch, data[i])
+		h.published(t0, err)
+		if err != nil {
 			if errors.Is(err, broker.ErrUnavailable) {
-				h.Handle(ch, data[i])
+				h.deliver(ch, data[i])
 			}
 			errs = append(errs, err)
 		}
@@ -264,6 +282,43 @@ func (h *Hub) publishBatch(ctx context.Context, channels []string, data [][]byte
 	return errors.Join(errs...)
 }
 
+// published reports a broker publication that started at t0.
+func (h *Hub) published(t0 time.Time, err error) {
+	if err == nil && h.OnPublish != nil {
+		h.OnPublish(time.Since(t0))
+	}
+}
+
 // Dropped counts publications received from the broker and dropped for
 // not being JSON in valid UTF-8.
 func (h *Hub) Dropped() int64 { return h.dropped.Load() }
+
+// HubStats is what a hub has counted, for metrics.
+type HubStats struct {
+	// PublishedWS and PublishedHTTP count publications this node took
+	// from clients (Publish) and from backends (PublishBatch,
+	// PublishMessages: duplicates left out); Received those the broker
+	// handed it (Handle), each node's own included.
+	PublishedWS, PublishedHTTP, Received int64
+	// Delivered counts publications handed to local subscribers (one per
+	// subscriber); Invalid those received and dropped as not JSON in
+	// valid UTF-8.
+	Delivered, Invalid int64
+	// Channels with local subscribers, and local subscriptions, now.
+	Channels, Subscriptions int
+}
+
+// Stats reads the hub's counts.
+func (h *Hub) Stats() HubStats {
+	s := HubStats{
+		PublishedWS: h.publishedWS.Load(), PublishedHTTP: h.publishedHTTP.Load(), Received: h.received.Load(),
+		Delivered: h.delivered.Load(), Invalid: h.dropped.Load(),
+	}
+	h.mu.RLock()
+	s.Channels = len(h.subs)
+	for _, set := range h.subs {
+		s.Subscriptions += len(set)
+	}
+	h.mu.RUnlock()
+	return s
+}

@@ -145,9 +145,9 @@ func (h *Hub) PublishMessages(ctx context.Context, msgs []Message, window time.D
 	case claimErr != nil:
 		// The broker was just found unreachable: deliver here at once
 		// rather than wait for it to fail a second time.
-		h.published.Add(int64(len(chans)))
+		h.publishedHTTP.Add(int64(len(chans)))
 		for i, ch := range chans {
-			h.Handle(ch, data[i])
+			h.deliver(ch, data[i])
 		}
 		pubErr = claimErr
 	default:
