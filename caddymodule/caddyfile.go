@@ -71,7 +71,6 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    upstream_control     <prefix>
 //	    send_queue           <n>
 //	    slow_consumer        close|drop
-//	    metrics_name         <name>
 //	    log_connections      info|debug|off
 //	}
 //
@@ -212,10 +211,6 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if h.SlowConsumer != "close" && h.SlowConsumer != "drop" {
 				return d.Errf("slow_consumer must be close or drop, not %q", h.SlowConsumer)
 			}
-		case "metrics_name":
-			if !d.AllArgs(&h.MetricsName) || h.MetricsName == "" {
-				return d.ArgErr()
-			}
 		case "log_connections":
 			if !d.AllArgs(&h.LogConnections) {
 				return d.ArgErr()
@@ -264,7 +259,7 @@ var (
 		"rate_limit", "idle_timeout", "ping_interval", "pong_timeout", "write_timeout", "close_timeout",
 		"park_after", "origins", "allow_missing_origin", "jwt", "forward_auth", "refresh_field",
 		"claims_header", "limit_connections", "channels", "relay_channels", "rooms", "upstream_control",
-		"send_queue", "slow_consumer", "metrics_name", "log_connections",
+		"send_queue", "slow_consumer", "log_connections",
 	}
 	roomsSubdirectives     = []string{"max_subscriptions", "max_data", "publish_rate"}
 	tlsSubdirectives       = []string{"ca_file", "server_name", "insecure_skip_verify", "client_certificate"}

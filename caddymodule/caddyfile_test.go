@@ -110,12 +110,12 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 			want:  Handler{Upstreams: []string{"ws://a:1"}},
 		},
 		{
-			name: "metrics_name and log_connections",
+			name: "name and log_connections",
 			input: `wsgate ws://a:1 {
-				metrics_name chat
+				name chat
 				log_connections debug
 			}`,
-			want: Handler{Upstreams: []string{"ws://a:1"}, MetricsName: "chat", LogConnections: "debug"},
+			want: Handler{Upstreams: []string{"ws://a:1"}, Name: "chat", LogConnections: "debug"},
 		},
 		{
 			name: "log_connections off",
@@ -508,20 +508,20 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 			line:    2,
 		},
 		{
-			name: "metrics_name without a name",
+			name: "name without a value",
 			input: `wsgate ws://a:1 {
-				metrics_name
+				name
 			}`,
 			wantErr: "wrong argument count",
 			line:    2,
 		},
 		{
-			name: "metrics_name twice",
+			name: "name twice",
 			input: `wsgate ws://a:1 {
-				metrics_name a
-				metrics_name b
+				name a
+				name b
 			}`,
-			wantErr: `duplicate subdirective "metrics_name"`,
+			wantErr: `duplicate subdirective "name"`,
 			line:    3,
 		},
 

@@ -19,11 +19,7 @@ import (
 // provisionMetrics finds the handler's metrics, registers the collectors
 // with the config's registry, and reads log_connections.
 func (h *Handler) provisionMetrics(ctx caddy.Context) error {
-	name := h.MetricsName
-	if name == "" {
-		name = defaultMetricsName
-	}
-	h.metrics = metricsFor(name)
+	h.metrics = metricsFor(h.Name)
 	if err := registerMetrics(ctx.GetMetricsRegistry()); err != nil {
 		return fmt.Errorf("wsgate metrics: %w", err)
 	}

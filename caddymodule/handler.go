@@ -36,9 +36,10 @@ const shutdownLimit = time.Minute
 // frame-level limits. Requests that are not WebSocket upgrades pass to the
 // next handler untouched.
 type Handler struct {
-	// Name identifies the handler in the admin API: its connection
-	// listings and their handler filter. Default: the name of the Caddy
-	// server the handler runs in (srv0, ...).
+	// Name identifies the handler: the handler label of its metrics
+	// (handlers with the same name add up), the handler field and filter
+	// of the admin API's connection listings, and its connection log
+	// lines. Default: "wsgate".
 	Name string `json:"name,omitempty"`
 
 	// Upstreams are the ws:// or wss:// URLs of the app. Connections are
@@ -164,10 +165,6 @@ type Handler struct {
 	// and action; required with Channels.
 	RelayChannels *RelayChannels `json:"relay_channels,omitempty"`
 
-	// MetricsName is the value of the handler label of this handler's
-	// metrics; handlers with the same name add up. Default: "wsgate".
-	MetricsName string `json:"metrics_name,omitempty"`
-
 	// LogConnections is the level of the line logged when a connection
 	// ends: "info", "debug" or "off". Default: info.
 	LogConnections string `json:"log_connections,omitempty"`
@@ -252,6 +249,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	cfg, err := h.proxyConfig()
 	if err != nil {
 		return err
+	}
+	if h.Name == "" {
+		h.Name = defaultName
 	}
 	if err := h.provisionMetrics(ctx); err != nil {
 		return err
@@ -402,11 +402,6 @@ func (h *Handler) serveUpgrade(w http.ResponseWriter, r *http.Request, start tim
 		info.OnEnd = h.connectionLogger(r, claims, start)
 	}
 	info.Meta = proxy.ConnInfo{Subject: claims.Subject(), Remote: info.ClientIP, Handler: h.Name, Mode: "relay"}
-	if info.Meta.Handler == "" {
-		if srv, ok := r.Context().Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server); ok {
-			info.Meta.Handler = srv.Name()
-		}
-	}
 	if h.Rooms != nil {
 		info.Meta.Mode = "rooms"
 		return string(h.serveRooms(w, r, info, claims))

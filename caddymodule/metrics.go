@@ -23,8 +23,8 @@ import (
 // atomic counters; the collector reads them all when /metrics is scraped.
 // Histograms and per-upgrade counters are updated once per connection.
 
-// defaultMetricsName is the handler label when metrics_name is not set.
-const defaultMetricsName = "wsgate"
+// defaultName is the handler's name when none is configured.
+const defaultName = "wsgate"
 
 // upgradeResults are the values of the upgrades counter's result label.
 var upgradeResults = []string{"ok", "origin", "token", "forward_auth", "limit", "upstream", "handshake", "shutdown", "config"}
@@ -93,7 +93,7 @@ func init() {
 	}
 }
 
-// handlerMetrics is what the handlers of one metrics_name count. It lives
+// handlerMetrics is what the handlers of one name count. It lives
 // as long as the process: connections keep the config they started with,
 // and what they count after a reload must land in the same series.
 type handlerMetrics struct {

@@ -12,7 +12,7 @@ import (
 // config's registry once (handlers of one config share it, and each
 // reload brings a new registry), that the pedantic registry Caddy uses
 // accepts what they collect, and that a handler's series carry its
-// metrics_name and survive a new config.
+// name and survive a new config.
 func TestMetricsAcrossConfigs(t *testing.T) {
 	gather := func(reg *prometheus.Registry) map[string]*dto.MetricFamily {
 		t.Helper()
@@ -40,7 +40,7 @@ func TestMetricsAcrossConfigs(t *testing.T) {
 		ctx := provisionContext(t)
 		for range 2 { // two handlers of one config
 			var h Handler
-			if err := json.Unmarshal([]byte(`{"upstreams":["ws://a:1"],"metrics_name":"metrics-test"}`), &h); err != nil {
+			if err := json.Unmarshal([]byte(`{"upstreams":["ws://a:1"],"name":"metrics-test"}`), &h); err != nil {
 				t.Fatal(err)
 			}
 			if err := h.Provision(ctx); err != nil {

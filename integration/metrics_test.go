@@ -125,7 +125,7 @@ func TestMetricsSession(t *testing.T) {
 	route {
 		wsgate /relay {
 			upstream %s
-			metrics_name relay
+			name relay
 			jwt {
 				secret %s
 			}
@@ -147,18 +147,18 @@ func TestMetricsSession(t *testing.T) {
 		}
 		wsgate /fa {
 			upstream %s
-			metrics_name relay
+			name relay
 			forward_auth http://%s/check
 		}
 		wsgate /down {
 			upstream ws://127.0.0.1:%d
-			metrics_name relay
+			name relay
 		}
 		wsgate /ws {
 			rooms {
 				publish_rate 1/1h burst 1
 			}
-			metrics_name rooms
+			name rooms
 			park_after 100ms
 			channels {
 				allow subscribe chat:*
@@ -168,7 +168,7 @@ func TestMetricsSession(t *testing.T) {
 		}
 		wsgate /slow {
 			rooms
-			metrics_name rooms
+			name rooms
 			send_queue 4
 		}
 		wsgate_publish /publish {
