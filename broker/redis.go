@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/url"
 	"strconv"
 	"strings"
 	"sync"
@@ -108,6 +109,12 @@ func CheckRedisURL(u string) error {
 func parseRedisURL(u string) (*redis.Options, error) {
 	o, err := redis.ParseURL(u)
 	if err != nil {
+		// url.Parse quotes the whole URL, password included: keep only
+		// what went wrong.
+		var ue *url.Error
+		if errors.As(err, &ue) {
+			return nil, fmt.Errorf("redis url: %v", ue.Err)
+		}
 		return nil, fmt.Errorf("redis url: %w", err)
 	}
 	return o, nil

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"math/rand/v2"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -291,4 +292,26 @@ func enough(m map[string][]string, n int) bool {
 		}
 	}
 	return true
+}
+
+// TestCheckRedisURLHidesPassword: a URL that does not parse is refused
+// without quoting it, since it may hold a password.
+func TestCheckRedisURLHidesPassword(t *testing.T) {
+	for _, u := range []string{
+		"redis://user:s3cret-pass@127.0.0.1:notaport",
+		"redis://:s3cret-pass@[::1",
+		"redis://user:s3cret-pass@127.0.0.1:6379/x",
+		"rediss://user:s3cret-pass@127.0.0.1:6379/99999999999999999999",
+	} {
+		err := broker.CheckRedisURL(u)
+		if err == nil {
+			t.Fatalf("%s: accepted", u)
+		}
+		if strings.Contains(err.Error(), "s3cret") {
+			t.Errorf("the error shows the password: %v", err)
+		}
+	}
+	if err := broker.CheckRedisURL("redis://user:s3cret-pass@127.0.0.1:6379/2"); err != nil {
+		t.Errorf("a good URL: %v", err)
+	}
 }
