@@ -211,7 +211,12 @@ func (h *Handler) authorize(w http.ResponseWriter, r *http.Request, info *proxy.
 	}
 	policy.StripHeaders(r.Header, a.strip)
 	if err := a.origin.Check(r.Header.Values("Origin"), r.Host); err != nil {
-		h.refuse(w, r, http.StatusForbidden, "origin not allowed", err)
+		msg := "origin not allowed"
+		if errors.Is(err, policy.ErrNoOrigin) {
+			// the one refusal a setting may be meant to lift: say which
+			msg = "origin not allowed: no Origin header (see allow_missing_origin)"
+		}
+		h.refuse(w, r, http.StatusForbidden, msg, err)
 		return nil, "origin"
 	}
 

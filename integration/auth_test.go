@@ -3,6 +3,7 @@ package integration
 import (
 	"encoding/json"
 	"fmt"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -34,6 +35,17 @@ func status(t *testing.T, g *gateway, path string, h http.Header, protos ...stri
 		t.Fatalf("dial %s: %v", path, err)
 	}
 	return resp.StatusCode, nil
+}
+
+// readBody reads and closes a response body, without its final newline.
+func readBody(t *testing.T, resp *http.Response) string {
+	t.Helper()
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatalf("reading the body: %v", err)
+	}
+	return strings.TrimSuffix(string(b), "\n")
 }
 
 func bearerH(tok string) http.Header { return http.Header{"Authorization": {"Bearer " + tok}} }
@@ -74,21 +86,26 @@ func TestOriginChecks(t *testing.T) {
 func TestOriginDefaultSameOriginAndMissing(t *testing.T) {
 	up := startUpstream(t)
 	g := startGateway(t, relaySite(up.URL, ""))
-	if got, _ := status(t, g, "/ws", http.Header{"Origin": {"http://elsewhere.test"}}); got != 403 {
-		t.Fatalf("cross-origin: %d, want 403", got)
+	_, resp, err := dialErr(t, g, "/ws", &websocket.DialOptions{HTTPHeader: http.Header{"Origin": {"http://elsewhere.test"}}})
+	if err == nil || resp == nil {
+		t.Fatalf("cross-origin: dial %v, want a 403 response", err)
+	}
+	if body := readBody(t, resp); resp.StatusCode != 403 || body != `{"error":"origin not allowed"}` {
+		t.Fatalf("cross-origin: %d %s, want 403 with no hint about allow_missing_origin", resp.StatusCode, body)
 	}
 	// no Origin at all (raw request: the client library would add none)
 	req, _ := http.NewRequest("GET", "http://"+g.addr()+"/ws", nil)
 	for k, v := range map[string]string{"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="} {
 		req.Header.Set(k, v)
 	}
-	resp, err := http.DefaultTransport.RoundTrip(req)
+	resp, err = http.DefaultTransport.RoundTrip(req)
 	if err != nil {
 		t.Fatal(err)
 	}
-	resp.Body.Close()
-	if resp.StatusCode != 403 || resp.Header.Get("Content-Type") != "application/json" {
-		t.Fatalf("no Origin: %d %s, want 403 JSON", resp.StatusCode, resp.Header.Get("Content-Type"))
+	body := readBody(t, resp)
+	if resp.StatusCode != 403 || resp.Header.Get("Content-Type") != "application/json" ||
+		body != `{"error":"origin not allowed: no Origin header (see allow_missing_origin)"}` {
+		t.Fatalf("no Origin: %d %s %s, want 403 JSON naming allow_missing_origin", resp.StatusCode, resp.Header.Get("Content-Type"), body)
 	}
 	g2 := startGateway(t, relaySite(up.URL, "\t\tallow_missing_origin"))
 	req.URL.Host = g2.addr()

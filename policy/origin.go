@@ -35,6 +35,11 @@ type wildOrigin struct {
 // ErrOrigin is returned (wrapped) for every refused origin.
 var ErrOrigin = errors.New("origin not allowed")
 
+// ErrNoOrigin is wrapped, with ErrOrigin, when a request without an Origin
+// header is refused: unlike a wrong Origin, that refusal is often a
+// non-browser client that allow_missing_origin would let in.
+var ErrNoOrigin = errors.New("no Origin header")
+
 // NewOriginPolicy compiles an allow-list. allowMissing lets requests without
 // an Origin header (non-browser clients) through.
 func NewOriginPolicy(allowed []string, allowMissing bool) (*OriginPolicy, error) {
@@ -102,7 +107,7 @@ func (p *OriginPolicy) Check(origins []string, host string) error {
 		if p.allowMissing {
 			return nil
 		}
-		return fmt.Errorf("%w: no Origin header", ErrOrigin)
+		return fmt.Errorf("%w: %w", ErrOrigin, ErrNoOrigin)
 	}
 	if len(origins) > 1 {
 		return fmt.Errorf("%w: more than one Origin header", ErrOrigin)

@@ -129,6 +129,8 @@ func TestOriginPolicy(t *testing.T) {
 					t.Errorf("Check(%q, %q) allowed, want refused", tt.origins, tt.host)
 				} else if !errors.Is(err, ErrOrigin) {
 					t.Errorf("error %q is not ErrOrigin", err)
+				} else if got, want := errors.Is(err, ErrNoOrigin), tt.origins == nil; got != want {
+					t.Errorf("error %q: errors.Is(ErrNoOrigin) = %v, want %v", err, got, want)
 				}
 			}
 		})
