@@ -139,10 +139,31 @@ func startGatewayFull(t testing.TB, port int, global string, env []string, site 
 		g.port = freePort(t)
 	}
 	g.adminAddr = "127.0.0.1:" + strconv.Itoa(freePort(t))
-	path := g.writeCaddyfile(site)
+	g.run(g.writeCaddyfile(site))
+	return g
+}
+
+// startGatewayFromText runs Caddy with a whole Caddyfile whose site listens
+// on port and whose admin endpoint is adminAddr (both polled until ready).
+func startGatewayFromText(t testing.TB, port int, adminAddr, caddyfile string) *gateway {
+	t.Helper()
+	g := &gateway{t: t, dir: t.TempDir(), logs: &syncBuffer{}, exited: make(chan struct{}), port: port, adminAddr: adminAddr}
+	path := filepath.Join(g.dir, "Caddyfile")
+	if err := os.WriteFile(path, []byte(caddyfile), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	g.run(path)
+	return g
+}
+
+// run starts Caddy with the Caddyfile at path and waits until it is ready;
+// the test's cleanup stops it.
+func (g *gateway) run(path string) {
+	t := g.t
+	t.Helper()
 	g.cmd = exec.Command(caddyBin, "run", "--config", path, "--adapter", "caddyfile")
 	g.cmd.Env = append(os.Environ(), "HOME="+g.dir, "XDG_DATA_HOME="+g.dir, "XDG_CONFIG_HOME="+g.dir)
-	g.cmd.Env = append(g.cmd.Env, env...)
+	g.cmd.Env = append(g.cmd.Env, g.env...)
 	g.cmd.Stdout, g.cmd.Stderr = g.logs, g.logs
 	if err := g.cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -150,7 +171,6 @@ func startGatewayFull(t testing.TB, port int, global string, env []string, site 
 	go func() { g.cmd.Wait(); close(g.exited) }()
 	t.Cleanup(g.stop)
 	g.waitReady()
-	return g
 }
 
 func (g *gateway) caddyfile(site string) string {
