@@ -2,12 +2,13 @@ package broker_test
 
 import (
 	"bytes"
-	"math/rand/v2"
 	"net"
 	"strconv"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/wsgate/wsgate/internal/testports"
 )
 
 // delivery is one call of a broker's handler.
@@ -127,14 +128,18 @@ var (
 	usedPorts = map[int]bool{}
 )
 
-// freePort returns a port below 32768 that is free now, and whose cluster
-// bus port (port+10000) is free too, never the same twice in a process.
+// freePort returns a port of the tests' range (testports) that is free
+// now, and whose cluster bus port (port+10000) is free too, never the same
+// twice in a process.
 func freePort(t testing.TB) int {
 	t.Helper()
 	portMu.Lock()
 	defer portMu.Unlock()
 	for i := 0; i < 500; i++ {
-		p := 20000 + rand.IntN(12000)
+		p, err := testports.Random()
+		if err != nil {
+			t.Fatal(err)
+		}
 		if usedPorts[p] || !portFree(p) || !portFree(p+10000) {
 			continue
 		}

@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"math/rand/v2"
 	"net"
 	"net/http"
 	"os"
@@ -18,6 +17,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/wsgate/wsgate/internal/testports"
 )
 
 // caddyBin is the gateway binary built once for the whole run.
@@ -44,14 +45,18 @@ func TestMain(m *testing.M) {
 var portMu sync.Mutex
 var usedPorts = map[int]bool{}
 
-// freePort finds a free TCP port on 127.0.0.1 below 32768 (the machine's
-// standard services and the ephemeral range are avoided).
+// freePort finds a free TCP port on 127.0.0.1 in the tests' range
+// (testports: by default below the ephemeral range, away from the machine's
+// standard services).
 func freePort(t testing.TB) int {
 	t.Helper()
 	portMu.Lock()
 	defer portMu.Unlock()
 	for i := 0; i < 200; i++ {
-		p := 20000 + rand.IntN(12000)
+		p, err := testports.Random()
+		if err != nil {
+			t.Fatal(err)
+		}
 		if usedPorts[p] {
 			continue
 		}
@@ -67,7 +72,7 @@ func freePort(t testing.TB) int {
 	return 0
 }
 
-// listen opens a listener on a free port below 32768.
+// listen opens a listener on a free port of the tests' range.
 func listen(t testing.TB) net.Listener {
 	t.Helper()
 	for i := 0; i < 50; i++ {

@@ -5,7 +5,6 @@ package redistest
 
 import (
 	"io"
-	"math/rand/v2"
 	"net"
 	"os"
 	"os/exec"
@@ -14,6 +13,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/wsgate/wsgate/internal/testports"
 )
 
 // Bin finds a Redis tool (redis-server, redis-cli). With CI set it must
@@ -56,14 +57,19 @@ var (
 	usedPorts = map[int]bool{}
 )
 
-// StartFree is Start on a port below 32768 (away from the ephemeral
-// range) that is free now and not handed out before in this process.
+// StartFree is Start on a port of the tests' range (testports: by default
+// below the ephemeral range) that is free now and not handed out before in
+// this process.
 func StartFree(t testing.TB, extra ...string) *Server {
 	t.Helper()
 	portMu.Lock()
 	port := 0
 	for i := 0; i < 200 && port == 0; i++ {
-		p := 20000 + rand.IntN(12000)
+		p, err := testports.Random()
+		if err != nil {
+			portMu.Unlock()
+			t.Fatal(err)
+		}
 		if usedPorts[p] {
 			continue
 		}
