@@ -11,6 +11,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/wsgate/wsgate/internal/fakeclock"
 )
 
 // authServer is an app's auth endpoint that counts its calls and records
@@ -282,7 +284,7 @@ func TestForwardAuthCache(t *testing.T) {
 		}
 		w.Write([]byte(`{"sub":"` + answer.Load().(string) + `"}`))
 	})
-	clk := newFakeClock(verifyNow)
+	clk := fakeclock.New(verifyNow)
 	f := newTestForwardAuth(t, ForwardAuthConfig{
 		URL: srv.URL, CacheTTL: time.Minute, ClaimsFromBody: true, Now: clk.Now,
 	})
@@ -304,14 +306,14 @@ func TestForwardAuthCache(t *testing.T) {
 	check("a", "u-1", 1)
 	answer.Store("u-2")
 	check("a", "u-1", 1) // cached
-	clk.Add(time.Minute - time.Nanosecond)
+	clk.Advance(time.Minute - time.Nanosecond)
 	check("a", "u-1", 1) // still within the TTL
 	check("b", "u-2", 2) // another credential is another entry
-	clk.Add(time.Nanosecond)
+	clk.Advance(time.Nanosecond)
 	check("a", "u-2", 3) // exactly at the TTL: asked again
 	check("a", "u-2", 3)
 	check("b", "u-2", 3) // b was cached later
-	clk.Add(time.Hour)
+	clk.Advance(time.Hour)
 	check("b", "u-2", 4)
 
 	// refusals are not cached
@@ -338,7 +340,7 @@ func TestForwardAuthCacheKey(t *testing.T) {
 	srv := newAuthServer(t, func(w http.ResponseWriter, r *http.Request) {
 		w.Write([]byte(`{"sub":"` + r.Header.Get("Cookie") + "|" + r.Header.Get("Authorization") + `"}`))
 	})
-	f := newTestForwardAuth(t, ForwardAuthConfig{URL: srv.URL, CacheTTL: time.Hour, ClaimsFromBody: true, Now: newFakeClock(verifyNow).Now})
+	f := newTestForwardAuth(t, ForwardAuthConfig{URL: srv.URL, CacheTTL: time.Hour, ClaimsFromBody: true, Now: fakeclock.New(verifyNow).Now})
 	reqs := []struct {
 		headers []string
 		want    string

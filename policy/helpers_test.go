@@ -196,27 +196,6 @@ func privatePEM(t testing.TB, typ string, priv any) []byte {
 	return pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der})
 }
 
-// fakeClock is a settable time source for JWTConfig.Now and
-// ForwardAuthConfig.Now.
-type fakeClock struct {
-	mu  sync.Mutex
-	now time.Time
-}
-
-func newFakeClock(t time.Time) *fakeClock { return &fakeClock{now: t} }
-
-func (c *fakeClock) Now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.now
-}
-
-func (c *fakeClock) Add(d time.Duration) {
-	c.mu.Lock()
-	c.now = c.now.Add(d)
-	c.mu.Unlock()
-}
-
 // leaks reports the parts of token (whole, and each long-enough segment)
 // that appear in msg.
 func tokenLeaks(msg, token string) []string {

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"testing"
 	"time"
+
+	"github.com/wsgate/wsgate/internal/fakeclock"
 )
 
 // TestVerifiedTokenCache: a verified token is remembered, but never past
@@ -13,7 +15,7 @@ import (
 func TestVerifiedTokenCache(t *testing.T) {
 	secret := []byte("0123456789abcdef0123456789abcdef")
 	start := time.Unix(1_800_000_000, 0)
-	clock := newFakeClock(start)
+	clock := fakeclock.New(start)
 	v, err := NewVerifier(context.Background(), JWTConfig{
 		Issuers: []IssuerConfig{{Keys: []KeyConfig{{Secret: secret}}}},
 		Leeway:  5 * time.Second,
@@ -31,11 +33,11 @@ func TestVerifiedTokenCache(t *testing.T) {
 	if len(v.cache) != 1 {
 		t.Fatalf("%d cached tokens, want 1", len(v.cache))
 	}
-	clock.Add(34 * time.Second) // within exp + leeway
+	clock.Advance(34 * time.Second) // within exp + leeway
 	if _, err := v.Verify(context.Background(), tok); err != nil {
 		t.Fatalf("within leeway: %v", err)
 	}
-	clock.Add(2 * time.Second) // past exp + leeway: the cache must not answer
+	clock.Advance(2 * time.Second) // past exp + leeway: the cache must not answer
 	if _, err := v.Verify(context.Background(), tok); !errors.Is(err, ErrToken) {
 		t.Fatalf("expired token: %v, want ErrToken", err)
 	}
@@ -60,7 +62,7 @@ func TestVerifiedTokenCache(t *testing.T) {
 	if !ok || e.err == nil || e.claims != nil || e.until.Sub(clock.Now()) != refusedTTL {
 		t.Fatalf("bad signature cached as %+v (%v), want a refusal for %v", e, ok, refusedTTL)
 	}
-	clock.Add(refusedTTL)
+	clock.Advance(refusedTTL)
 	if _, err := v.Verify(context.Background(), bad); !errors.Is(err, ErrToken) {
 		t.Fatalf("bad signature after the refusal expired: %v", err)
 	}

@@ -6,6 +6,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/wsgate/wsgate/internal/fakeclock"
 )
 
 // verifyNow is the injected "now" of the verifier tests.
@@ -287,7 +289,7 @@ func TestVerifyTimeBoundaries(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			clk := newFakeClock(tt.now)
+			clk := fakeclock.New(tt.now)
 			v := newTestVerifier(t, JWTConfig{
 				Issuers: []IssuerConfig{{Keys: []KeyConfig{{Secret: hmacSecret}}}},
 				Leeway:  tt.leeway,
@@ -307,7 +309,7 @@ func TestVerifyTimeBoundaries(t *testing.T) {
 }
 
 func TestVerifyClockMovesOn(t *testing.T) {
-	clk := newFakeClock(verifyNow)
+	clk := fakeclock.New(verifyNow)
 	v := newTestVerifier(t, JWTConfig{
 		Issuers: []IssuerConfig{{Keys: []KeyConfig{{Secret: hmacSecret}}}},
 		Now:     clk.Now,
@@ -316,7 +318,7 @@ func TestVerifyClockMovesOn(t *testing.T) {
 	if _, err := v.Verify(context.Background(), tok); err != nil {
 		t.Fatalf("at t0: %v", err)
 	}
-	clk.Add(time.Hour)
+	clk.Advance(time.Hour)
 	if _, err := v.Verify(context.Background(), tok); !errors.Is(err, ErrToken) {
 		t.Fatalf("an hour later: err = %v, want expired", err)
 	}

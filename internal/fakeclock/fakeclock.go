@@ -1,4 +1,5 @@
-// Package fakeclock is a time source for tests that moves only when told.
+// Package fakeclock is a time source for tests that moves only when told;
+// the broker, policy and rooms tests share it.
 // It imports only the standard library.
 package fakeclock
 
