@@ -379,6 +379,18 @@ func parseWait(q url.Values) (time.Duration, error) {
 
 func cursor(key string) string { return base64.RawURLEncoding.EncodeToString([]byte(key)) }
 
+// page is the first limit entries of a sorted list, and the cursor of the
+// page after them: when the list, or a node's part of it (more), goes on.
+func page[T any](list []T, limit int, more bool, key func(T) string) ([]T, string) {
+	if len(list) > limit {
+		list, more = list[:limit], true
+	}
+	if !more || len(list) == 0 {
+		return list, ""
+	}
+	return list, cursor(key(list[len(list)-1]))
+}
+
 func writeJSON(w http.ResponseWriter, status int, v any) error {
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(status)
@@ -431,13 +443,8 @@ func (s *adminServer) handleConnections(w http.ResponseWriter, r *http.Request) 
 		Connections []connEntry `json:"connections"`
 		NextCursor  string      `json:"next_cursor,omitempty"`
 		status
-	}{Connections: list, status: g.status()}
-	if len(list) > limit {
-		resp.Connections, more = list[:limit], true
-	}
-	if more && len(resp.Connections) > 0 {
-		resp.NextCursor = cursor(resp.Connections[len(resp.Connections)-1].ID)
-	}
+	}{status: g.status()}
+	resp.Connections, resp.NextCursor = page(list, limit, more, func(c connEntry) string { return c.ID })
 	return writeJSON(w, http.StatusOK, resp)
 }
 
@@ -473,13 +480,8 @@ func (s *adminServer) handleChannels(w http.ResponseWriter, r *http.Request) err
 		Channels   []channelEntry `json:"channels"`
 		NextCursor string         `json:"next_cursor,omitempty"`
 		status
-	}{Channels: list, status: g.status()}
-	if len(list) > limit {
-		resp.Channels, more = list[:limit], true
-	}
-	if more && len(resp.Channels) > 0 {
-		resp.NextCursor = cursor(resp.Channels[len(resp.Channels)-1].Channel)
-	}
+	}{status: g.status()}
+	resp.Channels, resp.NextCursor = page(list, limit, more, func(c channelEntry) string { return c.Channel })
 	return writeJSON(w, http.StatusOK, resp)
 }
 
