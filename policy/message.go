@@ -1,10 +1,10 @@
 package policy
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"strings"
 	"unicode"
 	"unicode/utf16"
 	"unicode/utf8"
@@ -85,7 +85,7 @@ func (m *MessageFields) Read(msg []byte, binary bool, sc *FieldScratch, fn func(
 	if binary {
 		doc = utf8View(msg)
 	}
-	doc = trimBOM(doc)
+	doc = bytes.TrimPrefix(doc, []byte("\uFEFF")) // one byte order mark, as TextDecoder drops
 	vals, found := sc.vals[:len(m.paths)], sc.found[:len(m.paths)]
 	defer clear(vals)
 	err := EachJSONObject(doc, m.paths, vals, found, func() {
@@ -102,15 +102,6 @@ func (m *MessageFields) Read(msg []byte, binary bool, sc *FieldScratch, fn func(
 		return ErrNotJSON
 	}
 	return err
-}
-
-var bom = []byte("\uFEFF")
-
-func trimBOM(b []byte) []byte {
-	if len(b) >= 3 && string(b[:3]) == string(bom) {
-		return b[3:]
-	}
-	return b
 }
 
 // looksLikeJSON says whether b, after whitespace of any kind, byte order
@@ -139,13 +130,13 @@ func looksLikeJSON(b []byte) bool {
 // anything else is returned as is.
 func utf8View(b []byte) []byte {
 	switch {
-	case hasPrefix(b, "\x00\x00\xfe\xff"):
+	case bytes.HasPrefix(b, []byte("\x00\x00\xfe\xff")):
 		return decodeUTF32(b[4:], binary.BigEndian)
-	case hasPrefix(b, "\xff\xfe\x00\x00"):
+	case bytes.HasPrefix(b, []byte("\xff\xfe\x00\x00")):
 		return decodeUTF32(b[4:], binary.LittleEndian)
-	case hasPrefix(b, "\xfe\xff"):
+	case bytes.HasPrefix(b, []byte("\xfe\xff")):
 		return decodeUTF16(b[2:], binary.BigEndian)
-	case hasPrefix(b, "\xff\xfe"):
+	case bytes.HasPrefix(b, []byte("\xff\xfe")):
 		return decodeUTF16(b[2:], binary.LittleEndian)
 	case len(b) >= 4 && b[0] == 0 && b[1] != 0:
 		return decodeUTF16(b, binary.BigEndian)
@@ -162,8 +153,6 @@ func utf8View(b []byte) []byte {
 	}
 	return b
 }
-
-func hasPrefix(b []byte, p string) bool { return strings.HasPrefix(string(b), p) }
 
 func decodeUTF16(b []byte, order binary.ByteOrder) []byte {
 	u := make([]uint16, len(b)/2)
