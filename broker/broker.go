@@ -9,10 +9,12 @@ import (
 	"github.com/wsgate/wsgate/internal/ttlmap"
 )
 
-// Handler receives the publications of the channels a node subscribed to.
-// It is called from one goroutine per subscription stream, in the order
-// the broker delivered them, and must not block for long.
-type Handler func(channel string, data []byte)
+// Handler receives the messages of the channels a node subscribed to. It
+// is called from one goroutine per subscription stream (the memory broker:
+// the publisher's, one at a time per channel that keeps history or
+// presence), in the order the broker delivered them, and must not block
+// for long.
+type Handler func(channel string, m Message)
 
 // Broker moves publications between nodes.
 type Broker interface {
@@ -43,10 +45,16 @@ type Memory struct {
 	closed bool
 	claims ttlmap.Map[struct{}]
 	now    func() time.Time // nil: time.Now
+
+	cmu   sync.Mutex
+	chans map[string]*memChannel // channels with history or presence
+	sweep int                    // history publications since the last sweep
 }
 
 // NewMemory makes a memory broker delivering to h.
-func NewMemory(h Handler) *Memory { return &Memory{h: h, subs: map[string]bool{}} }
+func NewMemory(h Handler) *Memory {
+	return &Memory{h: h, subs: map[string]bool{}, chans: map[string]*memChannel{}}
+}
 
 // Publish delivers data to the handler when channel is subscribed.
 func (m *Memory) Publish(_ context.Context, channel string, data []byte) error {
@@ -57,7 +65,7 @@ func (m *Memory) Publish(_ context.Context, channel string, data []byte) error {
 		return ErrClosed
 	}
 	if ok {
-		m.h(channel, data)
+		m.h(channel, Message{Data: data})
 	}
 	return nil
 }

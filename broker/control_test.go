@@ -16,7 +16,7 @@ func answering(t *testing.T, url, prefix, name string) *broker.Redis {
 	t.Helper()
 	return openRedis(t, broker.RedisOptions{URL: url, Prefix: prefix, Answer: func(req []byte) []byte {
 		return []byte(name + ":" + string(req))
-	}}, func(string, []byte) {})
+	}}, func(string, broker.Message) {})
 }
 
 // TestRedisGather: a control request reaches every node sharing the Redis
@@ -104,7 +104,7 @@ func TestRedisGather(t *testing.T) {
 // gather (it would not hear its own request).
 func TestGatherNeedsAnswer(t *testing.T) {
 	srv := startRedis(t)
-	r := openRedis(t, broker.RedisOptions{URL: srv.url(), Prefix: newPrefix()}, func(string, []byte) {})
+	r := openRedis(t, broker.RedisOptions{URL: srv.url(), Prefix: newPrefix()}, func(string, broker.Message) {})
 	if _, _, err := r.Gather(ctxT(t), []byte("x")); err == nil || !strings.Contains(err.Error(), "not enabled") {
 		t.Fatalf("Gather without Answer = %v, want an error saying it is not enabled", err)
 	}
@@ -119,7 +119,7 @@ func TestRedisClusterGather(t *testing.T) {
 	for _, name := range []string{"a", "b", "c"} {
 		nodes = append(nodes, openRedis(t, broker.RedisOptions{Cluster: true, Addrs: c.addrs(), Prefix: prefix, Answer: func(req []byte) []byte {
 			return []byte(name + ":" + string(req))
-		}}, func(string, []byte) {}))
+		}}, func(string, broker.Message) {}))
 	}
 	control := prefix + "#control"
 	eventually(t, waitLong, "three nodes on the sharded control channel", func() bool {

@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/wsgate/wsgate/broker"
 	"github.com/wsgate/wsgate/internal/testports"
 )
 
@@ -33,10 +34,10 @@ func newRecorder() *recorder {
 	return &recorder{probes: map[string]int{}, fences: map[string]bool{}, wake: make(chan struct{}, 1)}
 }
 
-func (r *recorder) handle(channel string, data []byte) {
+func (r *recorder) handle(channel string, m broker.Message) {
 	// The broker may reuse nothing it hands over, but a copy makes the
 	// byte-for-byte checks independent of that promise.
-	d := bytes.Clone(data)
+	d := bytes.Clone(m.Data)
 	r.mu.Lock()
 	switch {
 	case bytes.HasPrefix(d, []byte(`"probe:`)):

@@ -212,7 +212,9 @@ func (r *Redis) receive(ps *redis.PubSub) {
 						r.control(ch, m.Payload)
 						continue
 					}
-					r.h(ch, []byte(m.Payload))
+					if msg, ok := decodeEnvelope([]byte(m.Payload)); ok {
+						r.h(ch, msg)
+					}
 				}
 			case *redis.Pong:
 				select {

@@ -43,7 +43,7 @@ func TestSlot(t *testing.T) {
 }
 
 func TestNewRedisOptions(t *testing.T) {
-	h := func(string, []byte) {}
+	h := func(string, broker.Message) {}
 	for name, opt := range map[string]broker.RedisOptions{
 		"nothing":          {},
 		"cluster no addrs": {Cluster: true},

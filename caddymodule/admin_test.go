@@ -110,7 +110,7 @@ func conn(id, subject, remote, handler, mode string, channels ...string) *proxy.
 
 // newAdmin serves the API over the nodes (the first is "this" node).
 func newAdmin(nodes ...*fakeNode) (*adminServer, *fakeCluster) {
-	c := &fakeCluster{Memory: broker.NewMemory(func(string, []byte) {}), nodes: nodes}
+	c := &fakeCluster{Memory: broker.NewMemory(func(string, broker.Message) {}), nodes: nodes}
 	sh := &sharedHub{hub: nodes[0].hub, broker: c}
 	return &adminServer{conns: nodes[0].conns, hub: func() *sharedHub { return sh }}, c
 }

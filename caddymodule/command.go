@@ -528,7 +528,7 @@ func publishRedis(ctx context.Context, o publishOptions, out io.Writer) error {
 	}
 	// The broker itself, so the command publishes exactly what a gateway
 	// node would.
-	b, err := broker.NewRedis(broker.RedisOptions{URL: o.Redis, Prefix: o.Prefix}, func(string, []byte) {})
+	b, err := broker.NewRedis(broker.RedisOptions{URL: o.Redis, Prefix: o.Prefix}, func(string, broker.Message) {})
 	if err != nil {
 		return err
 	}

@@ -109,7 +109,8 @@ func CheckData(data []byte) error {
 // Handle is the broker's handler: it fans a publication out locally. Data
 // that CheckData refuses (a stray plain PUBLISH) is dropped: framed, it
 // would break every subscriber's connection.
-func (h *Hub) Handle(channel string, data []byte) {
+func (h *Hub) Handle(channel string, m broker.Message) {
+	data := m.Data
 	h.received.Add(1)
 	if CheckData(data) != nil {
 		h.dropped.Add(1)

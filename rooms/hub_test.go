@@ -432,7 +432,7 @@ func TestHubHandleDropsDataThatIsNotJSON(t *testing.T) {
 		}
 	}
 	for _, data := range [][]byte{[]byte(`hello`), []byte("\"\xff\xfe\""), {}, []byte(`{"a":`)} {
-		h.Handle("room", data)
+		h.Handle("room", broker.Message{Data: data})
 	}
 	var bad []string
 	for _, m := range proto.messages() {
@@ -470,7 +470,7 @@ func TestHubLargeRoomInOrder(t *testing.T) {
 		sessions[i] = s
 	}
 	for m := range msgs {
-		h.Handle("big", []byte(fmt.Sprintf(`{"n":%d}`, m)))
+		h.Handle("big", broker.Message{Data: []byte(fmt.Sprintf(`{"n":%d}`, m))})
 	}
 	first := sessions[0].queued()
 	if len(first) != msgs {

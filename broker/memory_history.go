@@ -1,0 +1,232 @@
+package broker
+
+import (
+	"context"
+	"sync"
+	"time"
+)
+
+// memChannel is the memory broker's record of a channel that keeps history
+// or presence. Its lock also orders the channel's deliveries: a
+// publication is given its offset and handed to the handler in one step.
+type memChannel struct {
+	mu      sync.Mutex
+	epoch   string
+	top     uint64
+	last    time.Time // the last publication, or when the epoch was made
+	metaTTL time.Duration
+	ring    []memEntry // the latest publications, oldest first
+	members map[string][]byte
+}
+
+type memEntry struct {
+	off  uint64
+	at   time.Time
+	data []byte
+}
+
+// sweepEvery is how many history publications pass between sweeps of
+// channels whose epoch has expired.
+const sweepEvery = 1024
+
+func (m *Memory) clock() time.Time {
+	m.mu.RLock()
+	now := m.now
+	m.mu.RUnlock()
+	if now != nil {
+		return now()
+	}
+	return time.Now()
+}
+
+// channel returns channel's record, making it when create is set (nil
+// otherwise when there is none), locked.
+func (m *Memory) channel(name string, create bool) *memChannel {
+	m.cmu.Lock()
+	c := m.chans[name]
+	if c == nil {
+		if !create {
+			m.cmu.Unlock()
+			return nil
+		}
+		c = &memChannel{}
+		m.chans[name] = c
+	}
+	m.cmu.Unlock()
+	c.mu.Lock()
+	return c
+}
+
+// deliverLocked hands msg to the handler if channel is subscribed; the
+// caller holds the channel's lock, which keeps deliveries in order.
+func (m *Memory) deliverLocked(channel string, msg Message) {
+	m.mu.RLock()
+	ok := m.subs[channel]
+	m.mu.RUnlock()
+	if ok {
+		m.h(channel, msg)
+	}
+}
+
+// freshen starts a new epoch when c's has expired (or there is none).
+func (c *memChannel) freshen(now time.Time, metaTTL time.Duration) {
+	if c.epoch == "" || now.Sub(c.last) > c.metaTTL {
+		c.epoch, c.top, c.ring, c.last = newEpoch(), 0, nil, now
+	}
+	c.metaTTL = metaTTL
+}
+
+// PublishHistory appends to the channels' rings and delivers, in order.
+func (m *Memory) PublishHistory(_ context.Context, pubs []HistoryPub) ([]Position, error) {
+	if m.isClosed() {
+		return nil, ErrClosed
+	}
+	now := m.clock()
+	pos := make([]Position, len(pubs))
+	for i, p := range pubs {
+		c := m.channel(p.Channel, true)
+		c.freshen(now, p.Opt.metaTTL())
+		c.top++
+		c.last = now
+		c.ring = append(c.ring, memEntry{off: c.top, at: now, data: p.Data})
+		if n := len(c.ring) - max(p.Opt.Size, 0); n > 0 {
+			clear(c.ring[:n])
+			c.ring = c.ring[n:]
+		}
+		pos[i] = Position{c.epoch, c.top}
+		m.deliverLocked(p.Channel, Message{Data: p.Data, Pos: pos[i]})
+		c.mu.Unlock()
+	}
+	m.cmu.Lock()
+	m.sweep += len(pubs)
+	if m.sweep >= sweepEvery {
+		m.sweep = 0
+		m.sweepLocked(now)
+	}
+	m.cmu.Unlock()
+	return pos, nil
+}
+
+// sweepLocked forgets channels whose epoch expired and that have no
+// presence entries. The caller holds cmu.
+func (m *Memory) sweepLocked(now time.Time) {
+	for name, c := range m.chans {
+		if !c.mu.TryLock() {
+			continue // busy: not idle
+		}
+		if len(c.members) == 0 && (c.epoch == "" || now.Sub(c.last) > c.metaTTL) {
+			delete(m.chans, name)
+		}
+		c.mu.Unlock()
+	}
+}
+
+// History reads a channel's ring.
+func (m *Memory) History(_ context.Context, channel string, q HistoryQuery) (HistoryResult, error) {
+	if m.isClosed() {
+		return HistoryResult{}, ErrClosed
+	}
+	now := m.clock()
+	c := m.channel(channel, true)
+	defer c.mu.Unlock()
+	c.freshen(now, q.Opt.metaTTL())
+	res := HistoryResult{Top: Position{c.epoch, c.top}}
+	if q.Limit <= 0 {
+		return res, nil
+	}
+	live := c.ring
+	for len(live) > 0 && q.Opt.TTL > 0 && now.Sub(live[0].at) > q.Opt.TTL {
+		live = live[1:]
+	}
+	if q.Latest {
+		live = live[max(0, len(live)-q.Limit):]
+	} else {
+		for len(live) > 0 && live[0].off <= q.After {
+			live = live[1:]
+		}
+		live = live[:min(len(live), q.Limit)]
+	}
+	res.Pubs = make([]Stored, len(live))
+	for i, e := range live {
+		res.Pubs[i] = Stored{e.off, e.data}
+	}
+	return res, nil
+}
+
+// Join records id in channel's presence.
+func (m *Memory) Join(_ context.Context, channel, id string, info []byte, opt PresenceOptions) error {
+	if m.isClosed() {
+		return ErrClosed
+	}
+	c := m.channel(channel, true)
+	defer c.mu.Unlock()
+	if c.members == nil {
+		c.members = map[string][]byte{}
+	}
+	c.members[id] = info
+	if opt.Events {
+		m.deliverLocked(channel, Message{Kind: KindJoin, Data: info})
+	}
+	return nil
+}
+
+// Leave removes id from channel's presence.
+func (m *Memory) Leave(_ context.Context, channel, id string, opt PresenceOptions) error {
+	if m.isClosed() {
+		return ErrClosed
+	}
+	c := m.channel(channel, false)
+	if c == nil {
+		return nil
+	}
+	defer c.mu.Unlock()
+	info, ok := c.members[id]
+	if !ok {
+		return nil
+	}
+	delete(c.members, id)
+	if opt.Events {
+		m.deliverLocked(channel, Message{Kind: KindLeave, Data: info})
+	}
+	return nil
+}
+
+// Presence lists channel's entries.
+func (m *Memory) Presence(_ context.Context, channel string) (map[string][]byte, error) {
+	if m.isClosed() {
+		return nil, ErrClosed
+	}
+	list := map[string][]byte{}
+	if c := m.channel(channel, false); c != nil {
+		for id, info := range c.members {
+			list[id] = info
+		}
+		c.mu.Unlock()
+	}
+	return list, nil
+}
+
+// PresenceCount counts channel's entries.
+func (m *Memory) PresenceCount(_ context.Context, channel string) (int, error) {
+	if m.isClosed() {
+		return 0, ErrClosed
+	}
+	c := m.channel(channel, false)
+	if c == nil {
+		return 0, nil
+	}
+	defer c.mu.Unlock()
+	return len(c.members), nil
+}
+
+func (m *Memory) isClosed() bool {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	return m.closed
+}
+
+// Interface guards
+var (
+	_ Historian = (*Memory)(nil)
+	_ Presencer = (*Memory)(nil)
+)
