@@ -7,9 +7,12 @@ import (
 )
 
 // memChannel is the memory broker's record of a channel that keeps history
-// or presence. Its lock also orders the channel's deliveries: a
-// publication is given its offset and handed to the handler in one step.
+// or presence. Its order lock is held from giving a publication its offset
+// to handing it to the handler, which keeps deliveries in offset order;
+// mu guards the record, and is never held while the handler runs (the
+// handler may read history).
 type memChannel struct {
+	order   sync.Mutex
 	mu      sync.Mutex
 	epoch   string
 	top     uint64
@@ -17,6 +20,7 @@ type memChannel struct {
 	metaTTL time.Duration
 	ring    []memEntry // the latest publications, oldest first
 	members map[string][]byte
+	dead    bool // swept: whoever holds it must look the channel up again
 }
 
 type memEntry struct {
@@ -40,7 +44,7 @@ func (m *Memory) clock() time.Time {
 }
 
 // channel returns channel's record, making it when create is set (nil
-// otherwise when there is none), locked.
+// otherwise when there is none).
 func (m *Memory) channel(name string, create bool) *memChannel {
 	m.cmu.Lock()
 	c := m.chans[name]
@@ -53,12 +57,33 @@ func (m *Memory) channel(name string, create bool) *memChannel {
 		m.chans[name] = c
 	}
 	m.cmu.Unlock()
-	c.mu.Lock()
 	return c
 }
 
+// lock looks channel up and locks its record (its order lock first, when
+// order is set); nil when there is none and create is not set.
+func (m *Memory) lock(name string, create, order bool) *memChannel {
+	for {
+		c := m.channel(name, create)
+		if c == nil {
+			return nil
+		}
+		if order {
+			c.order.Lock()
+		}
+		c.mu.Lock()
+		if !c.dead {
+			return c
+		}
+		c.mu.Unlock()
+		if order {
+			c.order.Unlock()
+		}
+	}
+}
+
 // deliverLocked hands msg to the handler if channel is subscribed; the
-// caller holds the channel's lock, which keeps deliveries in order.
+// caller holds the channel's order lock.
 func (m *Memory) deliverLocked(channel string, msg Message) {
 	m.mu.RLock()
 	ok := m.subs[channel]
@@ -84,7 +109,7 @@ func (m *Memory) PublishHistory(_ context.Context, pubs []HistoryPub) ([]Positio
 	now := m.clock()
 	pos := make([]Position, len(pubs))
 	for i, p := range pubs {
-		c := m.channel(p.Channel, true)
+		c := m.lock(p.Channel, true, true)
 		c.freshen(now, p.Opt.metaTTL())
 		c.top++
 		c.last = now
@@ -94,8 +119,9 @@ func (m *Memory) PublishHistory(_ context.Context, pubs []HistoryPub) ([]Positio
 			c.ring = c.ring[n:]
 		}
 		pos[i] = Position{c.epoch, c.top}
-		m.deliverLocked(p.Channel, Message{Data: p.Data, Pos: pos[i]})
 		c.mu.Unlock()
+		m.deliverLocked(p.Channel, Message{Data: p.Data, Pos: pos[i]})
+		c.order.Unlock()
 	}
 	m.cmu.Lock()
 	m.sweep += len(pubs)
@@ -115,6 +141,7 @@ func (m *Memory) sweepLocked(now time.Time) {
 			continue // busy: not idle
 		}
 		if len(c.members) == 0 && (c.epoch == "" || now.Sub(c.last) > c.metaTTL) {
+			c.dead = true
 			delete(m.chans, name)
 		}
 		c.mu.Unlock()
@@ -127,7 +154,7 @@ func (m *Memory) History(_ context.Context, channel string, q HistoryQuery) (His
 		return HistoryResult{}, ErrClosed
 	}
 	now := m.clock()
-	c := m.channel(channel, true)
+	c := m.lock(channel, true, false)
 	defer c.mu.Unlock()
 	c.freshen(now, q.Opt.metaTTL())
 	res := HistoryResult{Top: Position{c.epoch, c.top}}
@@ -158,12 +185,13 @@ func (m *Memory) Join(_ context.Context, channel, id string, info []byte, opt Pr
 	if m.isClosed() {
 		return ErrClosed
 	}
-	c := m.channel(channel, true)
-	defer c.mu.Unlock()
+	c := m.lock(channel, true, true)
+	defer c.order.Unlock()
 	if c.members == nil {
 		c.members = map[string][]byte{}
 	}
 	c.members[id] = info
+	c.mu.Unlock()
 	if opt.Events {
 		m.deliverLocked(channel, Message{Kind: KindJoin, Data: info})
 	}
@@ -175,17 +203,15 @@ func (m *Memory) Leave(_ context.Context, channel, id string, opt PresenceOption
 	if m.isClosed() {
 		return ErrClosed
 	}
-	c := m.channel(channel, false)
+	c := m.lock(channel, false, true)
 	if c == nil {
 		return nil
 	}
-	defer c.mu.Unlock()
+	defer c.order.Unlock()
 	info, ok := c.members[id]
-	if !ok {
-		return nil
-	}
 	delete(c.members, id)
-	if opt.Events {
+	c.mu.Unlock()
+	if ok && opt.Events {
 		m.deliverLocked(channel, Message{Kind: KindLeave, Data: info})
 	}
 	return nil
@@ -197,7 +223,7 @@ func (m *Memory) Presence(_ context.Context, channel string) (map[string][]byte,
 		return nil, ErrClosed
 	}
 	list := map[string][]byte{}
-	if c := m.channel(channel, false); c != nil {
+	if c := m.lock(channel, false, false); c != nil {
 		for id, info := range c.members {
 			list[id] = info
 		}
@@ -211,7 +237,7 @@ func (m *Memory) PresenceCount(_ context.Context, channel string) (int, error) {
 	if m.isClosed() {
 		return 0, ErrClosed
 	}
-	c := m.channel(channel, false)
+	c := m.lock(channel, false, false)
 	if c == nil {
 		return 0, nil
 	}

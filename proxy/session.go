@@ -22,7 +22,15 @@ type Session interface {
 	// expiry stays. It must be called from the Inspect hook, which runs on
 	// the client's reader.
 	Extend(exp time.Time) error
+	// Reply sends a message of the gateway's own to the client (a text
+	// frame), in order with what is queued: an answer that must reach the
+	// client before frames queued after it. It must be called from the
+	// Inspect hook, and is not counted as fan-out.
+	Reply(msg []byte) error
 }
+
+// Reply implements Session.
+func (c *relay) Reply(msg []byte) error { return c.reply(msg) }
 
 // Enqueue implements Session.
 func (c *relay) Enqueue(frame []byte) bool {

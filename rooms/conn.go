@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"maps"
 	"math"
 	"slices"
 	"strconv"
@@ -56,6 +57,12 @@ type ConnConfig struct {
 	// OnRateLimited, if set, is called for each publish refused for the
 	// publish rate.
 	OnRateLimited func()
+	// ID names the connection in channels' presence (the admin API's
+	// connection id).
+	ID string
+	// PresenceInfo is what the connection shows in presence lists and
+	// join and leave events: a JSON object. Default: {"conn":<ID>}.
+	PresenceInfo []byte
 }
 
 // Conn is one client connection's subscriptions.
@@ -66,7 +73,7 @@ type Conn struct {
 	pubLim *rate.Limiter // made at the first publish, so idle connections hold none
 
 	mu     sync.Mutex
-	subs   map[string]struct{}
+	subs   map[string]bool // channel → joined its presence
 	closed bool
 }
 
@@ -81,7 +88,11 @@ func NewConn(h *Hub, cfg ConnConfig) *Conn {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
-	c := &Conn{hub: h, cfg: cfg, subs: map[string]struct{}{}}
+	if cfg.PresenceInfo == nil {
+		id, _ := json.Marshal(cfg.ID)
+		cfg.PresenceInfo = []byte(`{"conn":` + string(id) + `}`)
+	}
+	c := &Conn{hub: h, cfg: cfg, subs: map[string]bool{}}
 	if cfg.PublishRate >= 0 {
 		if cfg.PublishRate == 0 {
 			c.cfg.PublishRate = DefaultPublishRate
@@ -99,7 +110,9 @@ func (c *Conn) Attach(s proxy.Session) { c.sess = s }
 // Deliver queues a publication for the client.
 func (c *Conn) Deliver(p *Publication) {
 	if s := c.sess; s != nil {
-		s.Enqueue(p.Frame(c.cfg.Format))
+		if f := p.Frame(c.cfg.Format); f != nil {
+			s.Enqueue(f)
+		}
 	}
 }
 
@@ -110,8 +123,18 @@ func (c *Conn) Close() {
 	c.subs = nil
 	c.closed = true
 	c.mu.Unlock()
-	for ch := range subs {
-		c.hub.Unsubscribe(context.Background(), ch, c)
+	for ch, joined := range subs {
+		c.unsubscribe(context.Background(), ch, joined)
+	}
+}
+
+// unsubscribe leaves channel (and its presence, when joined).
+func (c *Conn) unsubscribe(ctx context.Context, channel string, joined bool) {
+	c.hub.Unsubscribe(ctx, channel, c)
+	if joined {
+		ctx, cancel := context.WithTimeout(ctx, historyTimeout)
+		c.hub.Leave(ctx, channel, c.cfg.ID)
+		cancel()
 	}
 }
 
@@ -137,110 +160,265 @@ func (c *Conn) Handle(msg []byte, text bool) (proxy.Verdict, []byte) {
 	if perr != nil {
 		return proxy.Drop, ErrorReply(r, perr)
 	}
-	if perr := c.do(r); perr != nil {
+	reply, perr := c.do(r)
+	switch {
+	case perr != nil:
 		return proxy.Drop, ErrorReply(r, perr)
+	case reply == nil:
+		return proxy.Drop, OK(r)
+	case len(reply) == 0: // sent by do, ahead of what it delivered
+		return proxy.Drop, nil
 	}
-	return proxy.Drop, OK(r)
+	return proxy.Drop, reply
 }
 
-func (c *Conn) do(r Request) *ProtoError {
+// sent is do's reply when do has sent the reply itself.
+var sent = []byte{}
+
+// do carries out r and returns the reply: nil for a plain ok, sent when
+// it was sent already.
+func (c *Conn) do(r Request) ([]byte, *ProtoError) {
 	ctx := context.Background()
 	switch r.Op {
 	case "ping":
-		return nil
+		return nil, nil
 	case "refresh":
 		if c.cfg.Refresh == nil {
-			return &ProtoError{CodeNotFound, "token refresh is not enabled"}
+			return nil, &ProtoError{CodeNotFound, "token refresh is not enabled"}
 		}
 		exp, err := c.cfg.Refresh(r.Token)
 		if err != nil {
-			return &ProtoError{CodeForbidden, "invalid token"}
+			return nil, &ProtoError{CodeForbidden, "invalid token"}
 		}
 		if c.sess.Extend(exp) != nil {
-			return &ProtoError{CodeForbidden, "token expired"}
+			return nil, &ProtoError{CodeForbidden, "token expired"}
 		}
-		return nil
-	case "presence":
-		return &ProtoError{CodeNotFound, "presence is not available"}
+		return nil, nil
 	}
 	if policy.ValidateChannel(r.Channel) != nil {
-		return &ProtoError{CodeBadRequest, "invalid channel name"}
+		return nil, &ProtoError{CodeBadRequest, "invalid channel name"}
 	}
 	switch r.Op {
 	case "subscribe":
-		if r.Since != "" {
-			return &ProtoError{CodeNotFound, "history is not available"}
+		if perr := c.allowed("subscribe", r.Channel); perr != nil {
+			return nil, perr
 		}
-		if c.cfg.Authorize != nil && !c.cfg.Authorize("subscribe", r.Channel) {
-			return &ProtoError{CodeForbidden, "subscribe to " + r.Channel + " denied"}
+		if c.hub.Options(r.Channel).History != nil {
+			return c.subscribeHistory(ctx, r)
 		}
-		return c.Subscribe(ctx, r.Channel)
+		if r.Since != nil {
+			return nil, &ProtoError{CodeNotFound, "channel " + r.Channel + " keeps no history"}
+		}
+		return nil, c.Subscribe(ctx, r.Channel)
 	case "unsubscribe":
 		c.Unsubscribe(ctx, r.Channel)
-		return nil
+		return nil, nil
 	case "publish":
-		if c.cfg.Authorize != nil && !c.cfg.Authorize("publish", r.Channel) {
-			return &ProtoError{CodeForbidden, "publish to " + r.Channel + " denied"}
-		}
-		if c.cfg.PublishRate > 0 && c.pubLim == nil { // Handle runs on the client's reader only
-			c.pubLim = rate.NewLimiter(rate.Limit(c.cfg.PublishRate), c.cfg.PublishBurst)
-		}
-		if c.pubLim != nil && !c.pubLim.AllowN(c.cfg.Now(), 1) {
-			if c.cfg.OnRateLimited != nil {
-				c.cfg.OnRateLimited()
-			}
-			return &ProtoError{CodeRateLimited, "more than " + strconv.FormatFloat(c.cfg.PublishRate, 'g', -1, 64) +
-				" publishes/s (burst " + strconv.Itoa(c.cfg.PublishBurst) + "): not delivered"}
-		}
-		if err := c.hub.Publish(ctx, r.Channel, r.Data); err != nil {
-			if errors.Is(err, ErrInvalidData) {
-				return &ProtoError{CodeBadRequest, err.Error()}
-			}
-			if errors.Is(err, broker.ErrUnavailable) {
-				return &ProtoError{CodeUnavailable, "delivered on this node only: the broker is unavailable"}
-			}
-			return &ProtoError{CodeUnavailable, "publish failed"}
-		}
-		return nil
+		return nil, c.publish(ctx, r)
+	case "history":
+		return c.history(ctx, r)
+	case "presence", "presence_count":
+		return c.presence(ctx, r)
 	}
-	return &ProtoError{CodeNotFound, "unknown op"}
+	return nil, &ProtoError{CodeNotFound, "unknown op"}
+}
+
+// allowed asks the channel policy about action on channel.
+func (c *Conn) allowed(action, channel string) *ProtoError {
+	if c.cfg.Authorize != nil && !c.cfg.Authorize(action, channel) {
+		to := " to "
+		if action == "history" || action == "presence" {
+			to = " of "
+		}
+		return &ProtoError{CodeForbidden, action + to + channel + " denied"}
+	}
+	return nil
+}
+
+func (c *Conn) publish(ctx context.Context, r Request) *ProtoError {
+	if perr := c.allowed("publish", r.Channel); perr != nil {
+		return perr
+	}
+	if c.cfg.PublishRate > 0 && c.pubLim == nil { // Handle runs on the client's reader only
+		c.pubLim = rate.NewLimiter(rate.Limit(c.cfg.PublishRate), c.cfg.PublishBurst)
+	}
+	if c.pubLim != nil && !c.pubLim.AllowN(c.cfg.Now(), 1) {
+		if c.cfg.OnRateLimited != nil {
+			c.cfg.OnRateLimited()
+		}
+		return &ProtoError{CodeRateLimited, "more than " + strconv.FormatFloat(c.cfg.PublishRate, 'g', -1, 64) +
+			" publishes/s (burst " + strconv.Itoa(c.cfg.PublishBurst) + "): not delivered"}
+	}
+	if err := c.hub.Publish(ctx, r.Channel, r.Data); err != nil {
+		switch {
+		case errors.Is(err, ErrInvalidData):
+			return &ProtoError{CodeBadRequest, err.Error()}
+		case errors.Is(err, broker.ErrUnavailable) && c.hub.Options(r.Channel).History != nil:
+			return &ProtoError{CodeUnavailable, "not delivered: the broker is unavailable, and the channel keeps history"}
+		case errors.Is(err, broker.ErrUnavailable):
+			return &ProtoError{CodeUnavailable, "delivered on this node only: the broker is unavailable"}
+		}
+		return &ProtoError{CodeUnavailable, "publish failed"}
+	}
+	return nil
+}
+
+// subscribeHistory subscribes to a channel that keeps history. The reply
+// carries the channel's epoch and offset (and, when the client asked with
+// since, whether it recovered what it missed), and is sent here, ahead of
+// the publications recovered and of the live ones.
+func (c *Conn) subscribeHistory(ctx context.Context, r Request) ([]byte, *ProtoError) {
+	if r.Since != nil {
+		if perr := c.allowed("history", r.Channel); perr != nil {
+			return nil, perr
+		}
+	}
+	if fresh, perr := c.reserve(r.Channel); !fresh {
+		return nil, perr
+	}
+	rec, done, err := c.hub.SubscribeHistory(ctx, r.Channel, c, r.Since)
+	if err != nil {
+		c.release(r.Channel)
+		return nil, &ProtoError{CodeUnavailable, "subscribe failed: history cannot be read"}
+	}
+	extra := appendPosition(nil, rec.Top)
+	if r.Since != nil {
+		extra = append(extra, `,"recovered":`...)
+		extra = strconv.AppendBool(extra, rec.Recovered)
+	}
+	c.sess.Reply(okWith(r, extra))
+	for _, p := range rec.Pubs {
+		c.Deliver(p)
+	}
+	done()
+	c.join(ctx, r.Channel)
+	return sent, nil
+}
+
+func (c *Conn) history(ctx context.Context, r Request) ([]byte, *ProtoError) {
+	if perr := c.allowed("history", r.Channel); perr != nil {
+		return nil, perr
+	}
+	if c.hub.Options(r.Channel).History == nil {
+		return nil, &ProtoError{CodeNotFound, "channel " + r.Channel + " keeps no history"}
+	}
+	limit := r.Limit
+	if limit == 0 {
+		limit = math.MaxInt
+	}
+	top, pubs, err := c.hub.ReadHistory(ctx, r.Channel, limit)
+	if err != nil {
+		return nil, &ProtoError{CodeUnavailable, "history cannot be read"}
+	}
+	b := appendPosition(nil, top)
+	b = append(b, `,"publications":[`...)
+	for i, p := range pubs {
+		if i > 0 {
+			b = append(b, ',')
+		}
+		b = append(b, `{"offset":`...)
+		b = strconv.AppendUint(b, p.Offset, 10)
+		b = append(b, `,"data":`...)
+		b = append(b, p.Data...)
+		b = append(b, '}')
+	}
+	return okWith(r, append(b, ']')), nil
+}
+
+func (c *Conn) presence(ctx context.Context, r Request) ([]byte, *ProtoError) {
+	if perr := c.allowed("presence", r.Channel); perr != nil {
+		return nil, perr
+	}
+	if c.hub.Options(r.Channel).Presence == nil {
+		return nil, &ProtoError{CodeNotFound, "channel " + r.Channel + " keeps no presence"}
+	}
+	if r.Op == "presence_count" {
+		n, err := c.hub.PresenceCount(ctx, r.Channel)
+		if err != nil {
+			return nil, &ProtoError{CodeUnavailable, "presence cannot be read"}
+		}
+		return okWith(r, strconv.AppendInt([]byte(`,"count":`), int64(n), 10)), nil
+	}
+	list, err := c.hub.Presence(ctx, r.Channel)
+	if err != nil {
+		return nil, &ProtoError{CodeUnavailable, "presence cannot be read"}
+	}
+	ids := slices.Sorted(maps.Keys(list))
+	b := []byte(`,"presence":[`)
+	for i, id := range ids {
+		if i > 0 {
+			b = append(b, ',')
+		}
+		b = append(b, list[id]...)
+	}
+	return okWith(r, append(b, ']')), nil
+}
+
+// join records the connection in channel's presence, when the channel
+// keeps it.
+func (c *Conn) join(ctx context.Context, channel string) {
+	if c.hub.Options(channel).Presence == nil {
+		return
+	}
+	c.mu.Lock()
+	_, ok := c.subs[channel]
+	if ok {
+		c.subs[channel] = true
+	}
+	c.mu.Unlock()
+	if ok {
+		c.hub.Join(ctx, channel, c.cfg.ID, c.cfg.PresenceInfo)
+	}
 }
 
 // Subscribe subscribes the connection to channel (no policy check: the
 // caller decides).
 func (c *Conn) Subscribe(ctx context.Context, channel string) *ProtoError {
-	c.mu.Lock()
-	if c.closed {
-		c.mu.Unlock()
-		return &ProtoError{CodeUnavailable, "connection closing"}
+	if fresh, perr := c.reserve(channel); !fresh {
+		return perr
 	}
-	if _, ok := c.subs[channel]; ok {
-		c.mu.Unlock()
-		return nil
-	}
-	if len(c.subs) >= c.cfg.MaxSubscriptions {
-		c.mu.Unlock()
-		return &ProtoError{CodeForbidden, "too many subscriptions (max " + strconv.Itoa(c.cfg.MaxSubscriptions) + ")"}
-	}
-	c.subs[channel] = struct{}{}
-	c.mu.Unlock()
 	if err := c.hub.Subscribe(ctx, channel, c); err != nil {
-		c.mu.Lock()
-		delete(c.subs, channel)
-		c.mu.Unlock()
+		c.release(channel)
 		return &ProtoError{CodeUnavailable, "subscribe failed"}
 	}
+	c.join(ctx, channel)
 	return nil
+}
+
+// reserve takes a place for channel among the connection's
+// subscriptions. It reports whether the place is new: not when the
+// connection is subscribed already (nothing to do, no error) or cannot
+// subscribe (the error says why).
+func (c *Conn) reserve(channel string) (bool, *ProtoError) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	switch _, ok := c.subs[channel]; {
+	case c.closed:
+		return false, &ProtoError{CodeUnavailable, "connection closing"}
+	case ok:
+		return false, nil
+	case len(c.subs) >= c.cfg.MaxSubscriptions:
+		return false, &ProtoError{CodeForbidden, "too many subscriptions (max " + strconv.Itoa(c.cfg.MaxSubscriptions) + ")"}
+	}
+	c.subs[channel] = false
+	return true, nil
+}
+
+// release gives back a place reserve took.
+func (c *Conn) release(channel string) {
+	c.mu.Lock()
+	delete(c.subs, channel)
+	c.mu.Unlock()
 }
 
 // Unsubscribe removes the connection from channel.
 func (c *Conn) Unsubscribe(ctx context.Context, channel string) {
 	c.mu.Lock()
-	_, ok := c.subs[channel]
+	joined, ok := c.subs[channel]
 	delete(c.subs, channel)
 	c.mu.Unlock()
 	if ok {
-		c.hub.Unsubscribe(ctx, channel, c)
+		c.unsubscribe(ctx, channel, joined)
 	}
 }
 

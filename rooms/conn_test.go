@@ -241,7 +241,7 @@ func TestConnOtherOps(t *testing.T) {
 		t.Fatalf("refresh without Refresh: %+v", r)
 	}
 	c.refused(`{"id":3,"op":"presence","channel":"c"}`, rooms.CodeNotFound)
-	c.refused(`{"id":4,"op":"subscribe","channel":"c","since":"0-0"}`, rooms.CodeNotFound)
+	c.refused(`{"id":4,"op":"subscribe","channel":"c","since":{"epoch":"e","offset":0}}`, rooms.CodeNotFound)
 	c.refused(`{"id":5,"op":"dance"}`, rooms.CodeNotFound)
 	if r := c.refused(`{"id":6,"op":"publish","channel":"c","data":"0123456789abcdef"}`, rooms.CodeTooLarge); *r.ID != 6 {
 		t.Fatalf("too large: %+v", r)

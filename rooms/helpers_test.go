@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/gobwas/ws"
+
 	"github.com/wsgate/wsgate/broker"
 	"github.com/wsgate/wsgate/proxy"
 	"github.com/wsgate/wsgate/rooms"
@@ -36,6 +38,13 @@ func (s *fakeSession) Enqueue(frame []byte) bool {
 	}
 	s.frames = append(s.frames, frame)
 	return true
+}
+
+func (s *fakeSession) Reply(msg []byte) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.frames = append(s.frames, proxy.EncodeServerFrame(ws.OpText, msg))
+	return nil
 }
 
 func (s *fakeSession) Close(code uint16, reason string) {

@@ -1,11 +1,13 @@
 package rooms
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -29,30 +31,80 @@ const (
 	FormatRaw
 )
 
-// Publication is one message on a channel. Its frames are encoded once,
-// on first use, and shared by every subscriber.
+// pubKind says what a Publication carries.
+type pubKind uint8
+
+const (
+	kindMessage pubKind = iota
+	kindJoin            // Data is the presence info of who joined
+	kindLeave           // … who left
+	kindReset           // the channel's history broke at Epoch and Offset
+)
+
+// Publication is one message on a channel, or an event of the channel
+// (a presence join or leave, a break in its history). Its frames are
+// encoded once, on first use, and shared by every subscriber.
 type Publication struct {
 	Channel string
 	Data    []byte
-	frames  [2]atomic.Pointer[[]byte]
+	// Epoch and Offset place the publication in the channel's history
+	// (Offset 0: the channel keeps none, or it bypassed history).
+	Epoch  string
+	Offset uint64
+	kind   pubKind
+	frames [2]atomic.Pointer[[]byte]
 }
 
-// Frame returns the encoded server frame for f.
+// position is where p stands in its channel's history.
+func (p *Publication) position() broker.Position { return broker.Position{Epoch: p.Epoch, Offset: p.Offset} }
+
+// Frame returns the encoded server frame for f, or nil when subscribers
+// in that format get nothing (events are wsgate.v1 messages).
 func (p *Publication) Frame(f Format) []byte {
 	if b := p.frames[f].Load(); b != nil {
 		return *b
 	}
+	if f == FormatRaw && p.kind != kindMessage {
+		return nil
+	}
 	var payload []byte
-	if f == FormatRaw {
+	ch, _ := json.Marshal(p.Channel)
+	switch {
+	case f == FormatRaw:
 		payload = p.Data
-	} else {
-		ch, _ := json.Marshal(p.Channel)
-		payload = make([]byte, 0, len(p.Data)+len(ch)+40)
+	case p.kind == kindMessage:
+		payload = make([]byte, 0, len(p.Data)+len(ch)+60)
 		payload = append(payload, `{"op":"message","channel":`...)
 		payload = append(payload, ch...)
 		payload = append(payload, `,"data":`...)
 		payload = append(payload, p.Data...)
+		if p.Offset > 0 {
+			payload = append(payload, `,"offset":`...)
+			payload = strconv.AppendUint(payload, p.Offset, 10)
+		}
 		payload = append(payload, '}')
+	case p.kind == kindReset:
+		e, _ := json.Marshal(p.Epoch)
+		payload = append(payload, `{"op":"reset","channel":`...)
+		payload = append(payload, ch...)
+		payload = append(payload, `,"epoch":`...)
+		payload = append(payload, e...)
+		payload = append(payload, `,"offset":`...)
+		payload = strconv.AppendUint(payload, p.Offset, 10)
+		payload = append(payload, '}')
+	default: // join, leave: the info object's members follow op and channel
+		op := `{"op":"join","channel":`
+		if p.kind == kindLeave {
+			op = `{"op":"leave","channel":`
+		}
+		payload = append(payload, op...)
+		payload = append(payload, ch...)
+		if rest := bytes.TrimSpace(p.Data[1:]); len(rest) > 1 { // p.Data is an object (checked on receipt)
+			payload = append(payload, ',')
+			payload = append(payload, rest...)
+		} else {
+			payload = append(payload, '}')
+		}
 	}
 	b := proxy.EncodeServerFrame(ws.OpText, payload)
 	p.frames[f].Store(&b)
@@ -66,10 +118,11 @@ type Subscriber interface {
 
 // Hub holds a node's local subscriptions.
 type Hub struct {
-	b    broker.Broker
-	bmu  sync.Mutex // serializes broker (un)subscriptions
-	mu   sync.RWMutex
-	subs map[string]map[Subscriber]struct{}
+	b     broker.Broker
+	bmu   sync.Mutex // serializes broker (un)subscriptions
+	mu    sync.RWMutex
+	rooms map[string]*room
+	opts  atomic.Pointer[func(string) ChannelOptions]
 
 	// counts for Stats
 	publishedWS, publishedHTTP, received, delivered, dropped atomic.Int64
@@ -81,10 +134,54 @@ type Hub struct {
 	OnPublish func(time.Duration)
 }
 
+// room is a channel's local subscribers. Its lock orders the channel's
+// deliveries and guards what follows.
+type room struct {
+	mu   sync.Mutex
+	subs map[Subscriber]*subState // nil state: a subscriber that gets everything
+	// pos is the place in the channel's history of the last publication
+	// delivered (Epoch "": none yet), for channels that keep history.
+	pos broker.Position
+}
+
+// subState is a subscriber of a channel with history that has not yet
+// caught up: while pending it is being sent history and live publications
+// are held for it; after that it skips those it already got from history
+// (up to at).
+type subState struct {
+	pending bool
+	held    []*Publication
+	at      broker.Position
+}
+
+// fan delivers p to every subscriber of the room; the caller holds r.mu.
+func (r *room) fan(p *Publication) int {
+	n := 0
+	for s, st := range r.subs {
+		if st != nil {
+			if st.pending {
+				if p.kind != kindReset { // a subscriber catching up finds breaks itself
+					st.held = append(st.held, p)
+				}
+				continue
+			}
+			if p.Offset > 0 && p.Epoch == st.at.Epoch && p.Offset <= st.at.Offset {
+				continue // already sent from history
+			}
+			if p.Offset > 0 || p.kind == kindReset {
+				r.subs[s] = nil // past its history: from now on, everything
+			}
+		}
+		s.Deliver(p)
+		n++
+	}
+	return n
+}
+
 // NewHub makes a hub; SetBroker must be called before use (the broker
 // needs the hub's Handle as its handler).
 func NewHub() *Hub {
-	return &Hub{subs: map[string]map[Subscriber]struct{}{}, keys: keyRecord{now: time.Now}}
+	return &Hub{rooms: map[string]*room{}, keys: keyRecord{now: time.Now}}
 }
 
 // SetBroker sets the broker.
@@ -106,30 +203,51 @@ func CheckData(data []byte) error {
 	return nil
 }
 
-// Handle is the broker's handler: it fans a publication out locally. Data
-// that CheckData refuses (a stray plain PUBLISH) is dropped: framed, it
-// would break every subscriber's connection.
+// Handle is the broker's handler: it fans a message out locally. A
+// publication that CheckData refuses (a stray plain PUBLISH), or a presence
+// event whose info is not a JSON object, is dropped: framed, it would
+// break every subscriber's connection.
 func (h *Hub) Handle(channel string, m broker.Message) {
-	data := m.Data
 	h.received.Add(1)
-	if CheckData(data) != nil {
-		h.dropped.Add(1)
-		return
+	p := &Publication{Channel: channel, Data: m.Data, Epoch: m.Pos.Epoch, Offset: m.Pos.Offset}
+	switch m.Kind {
+	case broker.KindJoin, broker.KindLeave:
+		p.kind, p.Epoch, p.Offset = kindJoin, "", 0
+		if m.Kind == broker.KindLeave {
+			p.kind = kindLeave
+		}
+		if !isObject(m.Data) {
+			h.dropped.Add(1)
+			return
+		}
+	default:
+		if CheckData(m.Data) != nil {
+			h.dropped.Add(1)
+			return
+		}
 	}
-	h.deliver(channel, data)
+	h.deliver(p)
 }
 
-// deliver fans checked data out to channel's local subscribers.
-func (h *Hub) deliver(channel string, data []byte) {
-	p := &Publication{Channel: channel, Data: data}
+// isObject reports whether b is one JSON object in valid UTF-8.
+func isObject(b []byte) bool {
+	b = bytes.TrimSpace(b)
+	return len(b) > 1 && b[0] == '{' && utf8.Valid(b) && json.Valid(b)
+}
+
+// deliver fans p out to its channel's local subscribers, in the order of
+// the channel's history when it keeps one.
+func (h *Hub) deliver(p *Publication) {
 	h.mu.RLock()
-	set := h.subs[channel]
-	n := 0
-	for s := range set {
-		s.Deliver(p)
-		n++
-	}
+	r := h.rooms[p.Channel]
 	h.mu.RUnlock()
+	if r == nil {
+		return
+	}
+	n := 0
+	r.mu.Lock()
+	r.pos = h.follow(p.Channel, r.pos, p, func(q *Publication) { n += r.fan(q) })
+	r.mu.Unlock()
 	h.delivered.Add(int64(n))
 }
 
@@ -137,48 +255,58 @@ func (h *Hub) deliver(channel string, data []byte) {
 // when s is the first. A broker that is down is not an error: the
 // subscription is made when it comes back.
 func (h *Hub) Subscribe(ctx context.Context, channel string, s Subscriber) error {
+	return h.subscribe(ctx, channel, s, nil)
+}
+
+// subscribe adds s with state st (nil: a plain subscriber).
+func (h *Hub) subscribe(ctx context.Context, channel string, s Subscriber, st *subState) error {
 	h.bmu.Lock()
 	defer h.bmu.Unlock()
 	h.mu.Lock()
-	set := h.subs[channel]
-	first := set == nil
+	r := h.rooms[channel]
+	first := r == nil
 	if first {
-		set = map[Subscriber]struct{}{}
-		h.subs[channel] = set
+		r = &room{subs: map[Subscriber]*subState{}}
+		h.rooms[channel] = r
 	}
-	set[s] = struct{}{}
+	r.mu.Lock()
+	r.subs[s] = st
+	r.mu.Unlock()
 	h.mu.Unlock()
 	if first {
 		if err := h.b.Subscribe(ctx, channel); err != nil && !errors.Is(err, broker.ErrUnavailable) {
-			h.mu.Lock()
-			delete(set, s)
-			if len(set) == 0 {
-				delete(h.subs, channel)
-			}
-			h.mu.Unlock()
+			h.remove(channel, s)
 			return err
 		}
 	}
 	return nil
 }
 
+// remove takes s out of channel's room and reports whether the room is
+// now empty (and gone). The caller holds bmu.
+func (h *Hub) remove(channel string, s Subscriber) (last, found bool) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	r := h.rooms[channel]
+	if r == nil {
+		return false, false
+	}
+	r.mu.Lock()
+	_, found = r.subs[s]
+	delete(r.subs, s)
+	last = len(r.subs) == 0
+	r.mu.Unlock()
+	if last {
+		delete(h.rooms, channel)
+	}
+	return last, found
+}
+
 // Unsubscribe removes s, unsubscribing the node after the last one.
 func (h *Hub) Unsubscribe(ctx context.Context, channel string, s Subscriber) {
 	h.bmu.Lock()
 	defer h.bmu.Unlock()
-	h.mu.Lock()
-	set := h.subs[channel]
-	if set == nil {
-		h.mu.Unlock()
-		return
-	}
-	delete(set, s)
-	last := len(set) == 0
-	if last {
-		delete(h.subs, channel)
-	}
-	h.mu.Unlock()
-	if last {
+	if last, found := h.remove(channel, s); last && found {
 		h.b.Unsubscribe(ctx, channel)
 	}
 }
@@ -190,16 +318,24 @@ func (h *Hub) Unsubscribe(ctx context.Context, channel string, s Subscriber) {
 // broker that knows its backend is down answers at once, so the local
 // delivery is not delayed by the outage. Data that CheckData refuses is
 // not sent: the error wraps ErrInvalidData.
+//
+// A channel that keeps history is the exception: its publication is
+// appended to history and published in one step, or, when the broker is
+// unavailable, not at all (delivered here only, it would be a gap in every
+// other node's subscribers' history that no one could see).
 func (h *Hub) Publish(ctx context.Context, channel string, data []byte) error {
 	if err := CheckData(data); err != nil {
 		return err
 	}
 	h.publishedWS.Add(1)
+	if ho := h.Options(channel).History; ho != nil {
+		return h.publishHistory(ctx, []broker.HistoryPub{{Channel: channel, Data: data, Opt: *ho}})
+	}
 	t0 := time.Now()
 	err := h.b.Publish(ctx, channel, data)
 	h.published(t0, err)
 	if errors.Is(err, broker.ErrUnavailable) {
-		h.deliver(channel, data)
+		h.deliver(&Publication{Channel: channel, Data: data})
 	}
 	return err
 }
@@ -208,7 +344,7 @@ func (h *Hub) Publish(ctx context.Context, channel string, data []byte) error {
 func (h *Hub) Channels() int {
 	h.mu.RLock()
 	defer h.mu.RUnlock()
-	return len(h.subs)
+	return len(h.rooms)
 }
 
 // ChannelCount is a channel and its number of local subscribers.
@@ -221,9 +357,9 @@ type ChannelCount struct {
 // name.
 func (h *Hub) ChannelCounts() []ChannelCount {
 	h.mu.RLock()
-	list := make([]ChannelCount, 0, len(h.subs))
-	for ch, set := range h.subs {
-		list = append(list, ChannelCount{ch, len(set)})
+	list := make([]ChannelCount, 0, len(h.rooms))
+	for ch, r := range h.rooms {
+		list = append(list, ChannelCount{ch, r.len()})
 	}
 	h.mu.RUnlock()
 	slices.SortFunc(list, func(a, b ChannelCount) int { return strings.Compare(a.Channel, b.Channel) })
@@ -233,8 +369,18 @@ func (h *Hub) ChannelCounts() []ChannelCount {
 // Subscribers is the number of local subscribers of channel.
 func (h *Hub) Subscribers(channel string) int {
 	h.mu.RLock()
-	defer h.mu.RUnlock()
-	return len(h.subs[channel])
+	r := h.rooms[channel]
+	h.mu.RUnlock()
+	if r == nil {
+		return 0
+	}
+	return r.len()
+}
+
+func (r *room) len() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return len(r.subs)
 }
 
 // batchPublisher is a broker that can send several publications at once.
@@ -254,16 +400,55 @@ func (h *Hub) PublishBatch(ctx context.Context, channels []string, data [][]byte
 	return h.publishBatch(ctx, channels, data)
 }
 
-// publishBatch is PublishBatch for data already checked.
+// publishBatch is PublishBatch for data already checked. Publications to
+// channels that keep history go in one call, the others in another: a
+// channel is always on one side, so its order is kept.
 func (h *Hub) publishBatch(ctx context.Context, channels []string, data [][]byte) error {
 	h.publishedHTTP.Add(int64(len(channels)))
+	var hist []broker.HistoryPub
+	plainCh, plainData := channels, data
+	for i, ch := range channels {
+		if ho := h.Options(ch).History; ho != nil {
+			if hist == nil { // the first: split from here on
+				plainCh, plainData = slices.Clone(channels[:i]), slices.Clone(data[:i])
+			}
+			hist = append(hist, broker.HistoryPub{Channel: ch, Data: data[i], Opt: *ho})
+		} else if hist != nil {
+			plainCh, plainData = append(plainCh, ch), append(plainData, data[i])
+		}
+	}
+	var errs []error
+	if len(hist) > 0 {
+		errs = append(errs, h.publishHistory(ctx, hist))
+	}
+	if len(plainCh) > 0 {
+		errs = append(errs, h.publishPlain(ctx, plainCh, plainData))
+	}
+	return errors.Join(errs...)
+}
+
+// publishHistory appends to history and publishes, in one step per
+// publication.
+func (h *Hub) publishHistory(ctx context.Context, pubs []broker.HistoryPub) error {
+	hb, ok := h.b.(broker.Historian)
+	if !ok {
+		return errNoHistory
+	}
+	t0 := time.Now()
+	_, err := hb.PublishHistory(ctx, pubs)
+	h.published(t0, err)
+	return err
+}
+
+// publishPlain publishes to channels without history.
+func (h *Hub) publishPlain(ctx context.Context, channels []string, data [][]byte) error {
 	if bp, ok := h.b.(batchPublisher); ok {
 		t0 := time.Now()
 		err := bp.PublishBatch(ctx, channels, data)
 		h.published(t0, err)
 		if errors.Is(err, broker.ErrUnavailable) {
 			for i, ch := range channels {
-				h.deliver(ch, data[i])
+				h.deliver(&Publication{Channel: ch, Data: data[i]})
 			}
 		}
 		return err
@@ -275,7 +460,7 @@ func (h *Hub) publishBatch(ctx context.Context, channels []string, data [][]byte
 		h.published(t0, err)
 		if err != nil {
 			if errors.Is(err, broker.ErrUnavailable) {
-				h.deliver(ch, data[i])
+				h.deliver(&Publication{Channel: ch, Data: data[i]})
 			}
 			errs = append(errs, err)
 		}
@@ -316,9 +501,9 @@ func (h *Hub) Stats() HubStats {
 		Delivered: h.delivered.Load(), Invalid: h.dropped.Load(),
 	}
 	h.mu.RLock()
-	s.Channels = len(h.subs)
-	for _, set := range h.subs {
-		s.Subscriptions += len(set)
+	s.Channels = len(h.rooms)
+	for _, r := range h.rooms {
+		s.Subscriptions += r.len()
 	}
 	h.mu.RUnlock()
 	return s

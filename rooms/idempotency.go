@@ -144,10 +144,13 @@ func (h *Hub) PublishMessages(ctx context.Context, msgs []Message, window time.D
 	case len(chans) == 0:
 	case claimErr != nil:
 		// The broker was just found unreachable: deliver here at once
-		// rather than wait for it to fail a second time.
+		// rather than wait for it to fail a second time (not on channels
+		// that keep history: see Publish).
 		h.publishedHTTP.Add(int64(len(chans)))
 		for i, ch := range chans {
-			h.deliver(ch, data[i])
+			if h.Options(ch).History == nil {
+				h.deliver(&Publication{Channel: ch, Data: data[i]})
+			}
 		}
 		pubErr = claimErr
 	default:

@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"encoding/json"
 	"strconv"
+
+	"github.com/wsgate/wsgate/broker"
 )
 
 // Subprotocol is the WebSocket subprotocol of the rooms protocol.
@@ -38,8 +40,12 @@ type Request struct {
 	Data json.RawMessage
 	// Token of a refresh.
 	Token string
-	// Since is a history offset (subscribe).
-	Since string
+	// Since is the last history position the client saw (subscribe);
+	// nil when none was given.
+	Since *broker.Position
+	// Limit is how many publications a history request asks for (0: the
+	// recovery bound).
+	Limit int
 }
 
 // ProtoError is an error reply.
@@ -64,7 +70,8 @@ func ParseRequest(msg []byte, maxData int) (Request, *ProtoError) {
 		Channel *string         `json:"channel"`
 		Data    json.RawMessage `json:"data"`
 		Token   string          `json:"token"`
-		Since   string          `json:"since"`
+		Since   json.RawMessage `json:"since"`
+		Limit   json.RawMessage `json:"limit"`
 	}
 	if err := json.Unmarshal(msg, &raw); err != nil {
 		// A field of the wrong type still lets the id be echoed.
@@ -92,9 +99,23 @@ func ParseRequest(msg []byte, maxData int) (Request, *ProtoError) {
 	if raw.Channel != nil {
 		r.Channel = *raw.Channel
 	}
-	r.Data, r.Token, r.Since = raw.Data, raw.Token, raw.Since
+	r.Data, r.Token = raw.Data, raw.Token
+	if len(raw.Since) > 0 && string(raw.Since) != "null" {
+		since, ok := parseSince(raw.Since)
+		if !ok {
+			return r, &ProtoError{CodeBadRequest, `since must be {"epoch":"<epoch>","offset":<integer from 0 to 2^53-1>}`}
+		}
+		r.Since = &since
+	}
+	if len(raw.Limit) > 0 && string(raw.Limit) != "null" {
+		n, ok := parseID(raw.Limit)
+		if !ok {
+			return r, &ProtoError{CodeBadRequest, "limit must be an integer from 0 to 2^53-1"}
+		}
+		r.Limit = int(n)
+	}
 	switch r.Op {
-	case "subscribe", "unsubscribe", "presence":
+	case "subscribe", "unsubscribe", "presence", "presence_count", "history":
 		if raw.Channel == nil {
 			return r, &ProtoError{CodeBadRequest, r.Op + " needs a channel"}
 		}
@@ -118,6 +139,29 @@ func ParseRequest(msg []byte, maxData int) (Request, *ProtoError) {
 	}
 	return r, nil
 }
+
+// parseSince reads a history position: {"epoch":"…","offset":N}, with
+// nothing else in it.
+func parseSince(b []byte) (broker.Position, bool) {
+	var raw struct {
+		Epoch  *string         `json:"epoch"`
+		Offset json.RawMessage `json:"offset"`
+	}
+	d := json.NewDecoder(bytes.NewReader(b))
+	d.DisallowUnknownFields()
+	if d.Decode(&raw) != nil || raw.Epoch == nil || *raw.Epoch == "" || len(*raw.Epoch) > maxEpoch {
+		return broker.Position{}, false
+	}
+	off, ok := parseID(raw.Offset)
+	if !ok {
+		return broker.Position{}, false
+	}
+	return broker.Position{Epoch: *raw.Epoch, Offset: uint64(off)}, true
+}
+
+// maxEpoch bounds the epoch a client may send back (the gateway's are 10
+// characters).
+const maxEpoch = 64
 
 func truncate(s string, n int) string {
 	if len(s) > n {
@@ -182,6 +226,30 @@ func OK(r Request) []byte {
 		return []byte(`{"op":"ok"}`)
 	}
 	return []byte(`{"id":` + strconv.FormatInt(r.ID, 10) + `,"op":"ok"}`)
+}
+
+// okWith encodes an ok reply with more members: extra is written after
+// "op":"ok", and must start with a comma.
+func okWith(r Request, extra []byte) []byte {
+	b := make([]byte, 0, len(extra)+40)
+	b = append(b, '{')
+	if r.HasID {
+		b = append(b, `"id":`...)
+		b = strconv.AppendInt(b, r.ID, 10)
+		b = append(b, ',')
+	}
+	b = append(b, `"op":"ok"`...)
+	b = append(b, extra...)
+	return append(b, '}')
+}
+
+// appendPosition appends ,"epoch":…,"offset":… to b.
+func appendPosition(b []byte, pos broker.Position) []byte {
+	e, _ := json.Marshal(pos.Epoch)
+	b = append(b, `,"epoch":`...)
+	b = append(b, e...)
+	b = append(b, `,"offset":`...)
+	return strconv.AppendUint(b, pos.Offset, 10)
 }
 
 // ErrorReply encodes an error reply.

@@ -33,7 +33,24 @@ func TestParseRequest(t *testing.T) {
 	}{
 		// Every op.
 		{name: "subscribe", msg: `{"id":1,"op":"subscribe","channel":"chat:acme:42"}`, id: 1, hasID: true, op: "subscribe", channel: "chat:acme:42", reply: `{"id":1,"op":"ok"}`},
-		{name: "subscribe since", msg: `{"id":1,"op":"subscribe","channel":"c","since":"1732291200000-0"}`, id: 1, hasID: true, op: "subscribe", channel: "c", since: "1732291200000-0"},
+		{name: "subscribe since", msg: `{"id":1,"op":"subscribe","channel":"c","since":{"epoch":"abc","offset":17}}`, id: 1, hasID: true, op: "subscribe", channel: "c", since: "abc/17"},
+		{name: "subscribe since offset 0", msg: `{"op":"subscribe","channel":"c","since":{"offset":0,"epoch":"e"}}`, op: "subscribe", channel: "c", since: "e/0"},
+		{name: "subscribe since null", msg: `{"op":"subscribe","channel":"c","since":null}`, op: "subscribe", channel: "c"},
+		{name: "since a string", msg: `{"id":2,"op":"subscribe","channel":"c","since":"17"}`, code: rooms.CodeBadRequest, id: 2, hasID: true, op: "subscribe", channel: "c"},
+		{name: "since without epoch", msg: `{"op":"subscribe","channel":"c","since":{"offset":3}}`, code: rooms.CodeBadRequest, op: "subscribe", channel: "c"},
+		{name: "since empty epoch", msg: `{"op":"subscribe","channel":"c","since":{"epoch":"","offset":3}}`, code: rooms.CodeBadRequest, op: "subscribe", channel: "c"},
+		{name: "since without offset", msg: `{"op":"subscribe","channel":"c","since":{"epoch":"e"}}`, code: rooms.CodeBadRequest, op: "subscribe", channel: "c"},
+		{name: "since negative offset", msg: `{"op":"subscribe","channel":"c","since":{"epoch":"e","offset":-1}}`, code: rooms.CodeBadRequest, op: "subscribe", channel: "c"},
+		{name: "since fractional offset", msg: `{"op":"subscribe","channel":"c","since":{"epoch":"e","offset":1.5}}`, code: rooms.CodeBadRequest, op: "subscribe", channel: "c"},
+		{name: "since offset past 2^53", msg: `{"op":"subscribe","channel":"c","since":{"epoch":"e","offset":9007199254740992}}`, code: rooms.CodeBadRequest, op: "subscribe", channel: "c"},
+		{name: "since offset a string", msg: `{"op":"subscribe","channel":"c","since":{"epoch":"e","offset":"3"}}`, code: rooms.CodeBadRequest, op: "subscribe", channel: "c"},
+		{name: "since unknown member", msg: `{"op":"subscribe","channel":"c","since":{"epoch":"e","offset":3,"x":1}}`, code: rooms.CodeBadRequest, op: "subscribe", channel: "c"},
+		{name: "since epoch too long", msg: `{"op":"subscribe","channel":"c","since":{"epoch":"` + strings.Repeat("e", 65) + `","offset":3}}`, code: rooms.CodeBadRequest, op: "subscribe", channel: "c"},
+		{name: "history", msg: `{"id":3,"op":"history","channel":"c","limit":20}`, id: 3, hasID: true, op: "history", channel: "c"},
+		{name: "history bad limit", msg: `{"op":"history","channel":"c","limit":-2}`, code: rooms.CodeBadRequest, op: "history", channel: "c"},
+		{name: "history without channel", msg: `{"op":"history"}`, code: rooms.CodeBadRequest, op: "history"},
+		{name: "presence_count", msg: `{"op":"presence_count","channel":"c"}`, op: "presence_count", channel: "c"},
+		{name: "presence_count without channel", msg: `{"op":"presence_count"}`, code: rooms.CodeBadRequest, op: "presence_count"},
 		{name: "unsubscribe", msg: `{"id":2,"op":"unsubscribe","channel":"chat:acme:42"}`, id: 2, hasID: true, op: "unsubscribe", channel: "chat:acme:42"},
 		{name: "publish", msg: `{"id":3,"op":"publish","channel":"chat:acme:42","data":{"text":"hi"}}`, id: 3, hasID: true, op: "publish", channel: "chat:acme:42", data: `{"text":"hi"}`},
 		{name: "presence", msg: `{"id":4,"op":"presence","channel":"chat:acme:42"}`, id: 4, hasID: true, op: "presence", channel: "chat:acme:42"},
@@ -121,9 +138,13 @@ func TestParseRequest(t *testing.T) {
 			if r.HasID != tc.hasID || r.ID != tc.id {
 				t.Errorf("id %d (HasID %v), want %d (HasID %v)", r.ID, r.HasID, tc.id, tc.hasID)
 			}
-			if r.Op != tc.op || r.Channel != tc.channel || string(r.Data) != tc.data || r.Token != tc.token || r.Since != tc.since {
+			since := ""
+			if r.Since != nil {
+				since = r.Since.Epoch + "/" + strconv.FormatUint(r.Since.Offset, 10)
+			}
+			if r.Op != tc.op || r.Channel != tc.channel || string(r.Data) != tc.data || r.Token != tc.token || since != tc.since {
 				t.Errorf("got op=%q channel=%q data=%q token=%q since=%q\nwant op=%q channel=%q data=%q token=%q since=%q",
-					r.Op, r.Channel, r.Data, r.Token, r.Since, tc.op, tc.channel, tc.data, tc.token, tc.since)
+					r.Op, r.Channel, r.Data, r.Token, since, tc.op, tc.channel, tc.data, tc.token, tc.since)
 			}
 			var reply []byte
 			if perr == nil {
