@@ -37,8 +37,17 @@ type App struct {
 	// process. Default: true.
 	ReleaseMemory *bool `json:"release_memory,omitempty"`
 
-	hub *sharedHub
-	key string
+	// History keeps the latest publications of matching channels, for
+	// recovery after a reconnect; the first pattern that matches a channel
+	// decides. Default: none.
+	History []HistoryConfig `json:"history,omitempty"`
+	// Presence keeps who is subscribed to matching channels; the first
+	// pattern that matches decides. Default: none.
+	Presence []PresenceConfig `json:"presence,omitempty"`
+
+	hub  *sharedHub
+	key  string
+	keep *keeper
 }
 
 // defaultPrefix is the broker's Prefix when none is configured.
@@ -120,6 +129,10 @@ var hubs = caddy.NewUsagePool()
 
 // Provision connects the broker (or takes the one a previous config made).
 func (a *App) Provision(ctx caddy.Context) error {
+	var err error
+	if a.keep, err = newKeeper(a.History, a.Presence); err != nil {
+		return fmt.Errorf("wsgate: %w", err)
+	}
 	bc := a.Broker
 	if bc == nil {
 		bc = &BrokerConfig{Type: "memory"}
@@ -169,9 +182,10 @@ func newSharedHub(ctx caddy.Context, bc BrokerConfig) (*sharedHub, error) {
 	return &sharedHub{hub: h, broker: b}, nil
 }
 
-// Start makes this app's hub the one the admin API asks. The broker
-// connects lazily.
+// Start makes this app's hub the one the admin API asks, and its history
+// and presence config the hub's. The broker connects lazily.
 func (a *App) Start() error {
+	a.hub.hub.SetChannelOptions(a.keep.options)
 	running.started(a.hub)
 	return nil
 }
@@ -228,6 +242,8 @@ func hubFor(ctx caddy.Context) (*rooms.Hub, broker.Broker, error) {
 //	    broker redis_cluster <addrs...> { prefix …; username …; password … }
 //	    broker redis_sentinel <master> <addrs...> { … }
 //	    release_memory on|off
+//	    history <pattern> { size <n>; ttl <d>; meta_ttl <d>; recover_max <n> }
+//	    presence <pattern> { ttl <d>; events }
 //	}
 func parseApp(d *caddyfile.Dispenser, _ any) (any, error) {
 	d.Next() // option name
@@ -235,6 +251,20 @@ func parseApp(d *caddyfile.Dispenser, _ any) (any, error) {
 	for d.NextBlock(0) {
 		switch d.Val() {
 		case "broker":
+		case "history":
+			hc, err := parseHistory(d)
+			if err != nil {
+				return nil, err
+			}
+			app.History = append(app.History, hc)
+			continue
+		case "presence":
+			pc, err := parsePresence(d)
+			if err != nil {
+				return nil, err
+			}
+			app.Presence = append(app.Presence, pc)
+			continue
 		case "release_memory":
 			if app.ReleaseMemory != nil {
 				return nil, d.Err("duplicate release_memory")
@@ -247,7 +277,7 @@ func parseApp(d *caddyfile.Dispenser, _ any) (any, error) {
 			app.ReleaseMemory = &on
 			continue
 		default:
-			return nil, unknownName(d, "wsgate option", []string{"broker", "release_memory"})
+			return nil, unknownName(d, "wsgate option", []string{"broker", "history", "presence", "release_memory"})
 		}
 		if app.Broker != nil {
 			return nil, d.Err("duplicate broker")

@@ -261,7 +261,7 @@ var (
 		"claims_header", "limit_connections", "channels", "relay_channels", "rooms", "upstream_control",
 		"send_queue", "slow_consumer", "log_connections",
 	}
-	roomsSubdirectives     = []string{"max_subscriptions", "max_data", "publish_rate"}
+	roomsSubdirectives     = []string{"max_subscriptions", "max_data", "publish_rate", "presence_claims"}
 	tlsSubdirectives       = []string{"ca_file", "server_name", "insecure_skip_verify", "client_certificate"}
 	rateLimitSubdirectives = []string{"messages", "bytes", "on_exceed"}
 )
@@ -397,6 +397,7 @@ func editDistance(a, b string) int {
 //	    max_subscriptions <n>
 //	    max_data          <size>
 //	    publish_rate      <count>/<duration> [burst <count>] | off
+//	    presence_claims   <claim...>
 //	}
 func parseRooms(d *caddyfile.Dispenser) (*RoomsConfig, error) {
 	if d.CountRemainingArgs() > 0 {
@@ -434,6 +435,11 @@ func parseRooms(d *caddyfile.Dispenser) (*RoomsConfig, error) {
 			var err error
 			if rc.PublishRate, rc.PublishBurst, err = parseRate(d, false); err != nil {
 				return nil, err
+			}
+		case "presence_claims":
+			rc.PresenceClaims = d.RemainingArgs()
+			if len(rc.PresenceClaims) == 0 {
+				return nil, d.ArgErr()
 			}
 		default:
 			return nil, unknownName(d, "rooms subdirective", roomsSubdirectives)

@@ -107,6 +107,15 @@ func TestCaddyfileErrorsNameTheLine(t *testing.T) {
 		// global options
 		{"redis URL with a bad database", global("\twsgate {\n\t\tbroker redis redis://127.0.0.1:6379/wsgate " + mark + "\n\t}"), `redis url: redis: invalid database number: "wsgate"`},
 		{"redis URL with a bad scheme", global("\twsgate {\n\t\tbroker redis http://127.0.0.1:6379 " + mark + "\n\t}"), "invalid URL scheme"},
+		{"history pattern with a claim", global("\twsgate {\n\t\thistory chat:{claims.org}:* " + mark + "\n\t}"), "cannot name claims"},
+		{"history pattern malformed", global("\twsgate {\n\t\thistory chat:**:x " + mark + "\n\t}"), `history pattern "chat:**:x"`},
+		{"history without pattern", global("\twsgate {\n\t\thistory { " + mark + "\n\t\t\tsize 10\n\t\t}\n\t}"), "history needs one channel pattern"},
+		{"history size zero", global("\twsgate {\n\t\thistory chat:** {\n\t\t\tsize 0 " + mark + "\n\t\t}\n\t}"), "positive"},
+		{"history size too large", global("\twsgate {\n\t\thistory chat:** {\n\t\t\tsize 5000000 " + mark + "\n\t\t}\n\t}"), "size must be at most 1000000"},
+		{"history option unknown", global("\twsgate {\n\t\thistory chat:** {\n\t\t\tsizes 10 " + mark + "\n\t\t}\n\t}"), `did you mean "size"`},
+		{"history option twice", global("\twsgate {\n\t\thistory chat:** {\n\t\t\tttl 1m\n\t\t\tttl 2m " + mark + "\n\t\t}\n\t}"), `duplicate history option "ttl"`},
+		{"presence ttl too short", global("\twsgate {\n\t\tpresence chat:** {\n\t\t\tttl 100ms " + mark + "\n\t\t}\n\t}"), "presence ttl must be at least 1s"},
+		{"presence events with an argument", global("\twsgate {\n\t\tpresence chat:** {\n\t\t\tevents on " + mark + "\n\t\t}\n\t}"), "wrong argument count"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

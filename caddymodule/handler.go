@@ -193,6 +193,10 @@ type RoomsConfig struct {
 	// Default: twice the per-second rate, rounded up (100 with the default
 	// rate).
 	PublishBurst int `json:"publish_burst,omitempty"`
+	// PresenceClaims names the claims a connection shows in presence
+	// lists and join and leave events, next to its connection id and
+	// subject (the sub claim). Default: none.
+	PresenceClaims []string `json:"presence_claims,omitempty"`
 }
 
 // RateLimit limits the messages and bytes one side of a connection sends.

@@ -12,7 +12,11 @@ import (
 
 // serveRooms serves one wsgate.v1 client.
 func (h *Handler) serveRooms(w http.ResponseWriter, r *http.Request, info proxy.RequestInfo, claims policy.Claims) proxy.Outcome {
+	id := proxy.NewConnID()
+	info.Meta.ID = id
 	cfg := rooms.ConnConfig{
+		ID:               id,
+		PresenceInfo:     presenceInfo(id, claims, h.Rooms.PresenceClaims),
 		OnRateLimited:    h.metrics.onPublishLimited,
 		MaxSubscriptions: h.Rooms.MaxSubscriptions,
 		MaxData:          h.Rooms.MaxData,

@@ -2,6 +2,7 @@ package caddymodule
 
 import (
 	"encoding/json"
+	"reflect"
 	"strings"
 	"testing"
 
@@ -25,6 +26,7 @@ func TestParseRooms(t *testing.T) {
 		{"publish rate", roomsInput("publish_rate 20/s"), RoomsConfig{PublishRate: 20}, `{"publish_rate":20}`},
 		{"publish rate with burst", roomsInput("publish_rate 600/1m burst 30"), RoomsConfig{PublishRate: 10, PublishBurst: 30}, `{"publish_rate":10,"publish_burst":30}`},
 		{"publish rate off", roomsInput("publish_rate off"), RoomsConfig{PublishRate: -1}, `{"publish_rate":-1}`},
+		{"presence claims", roomsInput("presence_claims name org"), RoomsConfig{PresenceClaims: []string{"name", "org"}}, `{"presence_claims":["name","org"]}`},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -32,7 +34,7 @@ func TestParseRooms(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if h.Rooms == nil || *h.Rooms != tc.want {
+			if h.Rooms == nil || !reflect.DeepEqual(*h.Rooms, tc.want) {
 				t.Fatalf("Rooms = %+v, want %+v", h.Rooms, tc.want)
 			}
 			if err := h.Rooms.validate(); err != nil {

@@ -31,12 +31,20 @@ type ConnInfo struct {
 	Channels func() []string
 }
 
-// newConnInfo completes m for a connection on client: its ID, start time
-// and, when the caller gave none, its remote address.
-func newConnInfo(m ConnInfo, client net.Conn) *ConnInfo {
+// NewConnID makes a connection id: 128 random bits, in hex.
+func NewConnID() string {
 	var id [16]byte
 	rand.Read(id[:]) // never fails (crypto/rand panics rather)
-	m.ID = hex.EncodeToString(id[:])
+	return hex.EncodeToString(id[:])
+}
+
+// newConnInfo completes m for a connection on client: its ID (unless the
+// caller chose one with NewConnID), start time and, when the caller gave
+// none, its remote address.
+func newConnInfo(m ConnInfo, client net.Conn) *ConnInfo {
+	if m.ID == "" {
+		m.ID = NewConnID()
+	}
 	m.Started = time.Now()
 	if m.Remote == "" && client != nil {
 		m.Remote = client.RemoteAddr().String()
