@@ -56,7 +56,9 @@ type Publication struct {
 }
 
 // position is where p stands in its channel's history.
-func (p *Publication) position() broker.Position { return broker.Position{Epoch: p.Epoch, Offset: p.Offset} }
+func (p *Publication) position() broker.Position {
+	return broker.Position{Epoch: p.Epoch, Offset: p.Offset}
+}
 
 // Frame returns the encoded server frame for f, or nil when subscribers
 // in that format get nothing (events are wsgate.v1 messages).
