@@ -456,3 +456,73 @@ func TestHistoryPublishDuringOutage(t *testing.T) {
 		t.Fatalf("delivered during the outage: %+v", fs)
 	}
 }
+
+// delayingHandler holds the broker's deliveries while told to, as the
+// pub/sub stream does with publications in flight.
+type delayingHandler struct {
+	h    *rooms.Hub
+	mu   sync.Mutex
+	hold bool
+	held []func()
+}
+
+func (d *delayingHandler) handle(ch string, m broker.Message) {
+	d.mu.Lock()
+	if d.hold {
+		d.held = append(d.held, func() { d.h.Handle(ch, m) })
+		d.mu.Unlock()
+		return
+	}
+	d.mu.Unlock()
+	d.h.Handle(ch, m)
+}
+
+func (d *delayingHandler) release() {
+	d.mu.Lock()
+	held := d.held
+	d.held, d.hold = nil, false
+	d.mu.Unlock()
+	for _, f := range held {
+		f()
+	}
+}
+
+// TestRecoveryAheadOfLiveStream: a subscriber that read history further
+// than the live stream has reached on this node does not get those
+// publications again when they arrive.
+func TestRecoveryAheadOfLiveStream(t *testing.T) {
+	h := rooms.NewHub()
+	d := &delayingHandler{h: h}
+	b := broker.NewMemory(d.handle)
+	h.SetBroker(b)
+	h.SetChannelOptions(func(string) rooms.ChannelOptions { return rooms.ChannelOptions{History: hist(100)} })
+	watcher := newClient(t, h, rooms.ConnConfig{})
+	first, _ := watcher.request(`{"op":"subscribe","channel":"ahead"}`)
+	pub := newClient(t, h, rooms.ConnConfig{PublishRate: -1})
+	publish := func(from, to int) {
+		for i := from; i <= to; i++ {
+			pub.ok(`{"op":"publish","channel":"ahead","data":` + strconv.Itoa(i) + `}`)
+		}
+	}
+	publish(1, 3)
+	d.mu.Lock()
+	d.hold = true
+	d.mu.Unlock()
+	publish(4, 5) // in history, not yet delivered here
+	c := newClient(t, h, rooms.ConnConfig{})
+	r, after := c.request(sinceMsg("ahead", first.Epoch, 1))
+	if !*r.Recovered || *r.Offset != 5 {
+		t.Fatalf("reply %+v", r)
+	}
+	d.release()
+	publish(6, 6)
+	seen := 1 + len(after)
+	all := append(after, c.frames(&seen)...)
+	if got := offsets(t, all); fmt.Sprint(got) != fmt.Sprint(seq(2, 6)) {
+		t.Fatalf("offsets %v, want 2..6 once each", got)
+	}
+	seen = 1
+	if got := offsets(t, watcher.frames(&seen)); fmt.Sprint(got) != fmt.Sprint(seq(1, 6)) {
+		t.Fatalf("watcher offsets %v, want 1..6", got)
+	}
+}
