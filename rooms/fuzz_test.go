@@ -48,8 +48,9 @@ func FuzzParseRequest(f *testing.F) {
 		if d := jsonDepth(t, msg); d > 32 {
 			t.Fatalf("accepted nesting %d", d)
 		}
+		checkSince(t, msg, r)
 		switch r.Op {
-		case "subscribe", "unsubscribe", "presence", "ping":
+		case "subscribe", "unsubscribe", "presence", "presence_count", "history", "ping":
 		case "publish":
 			if len(r.Data) == 0 || len(r.Data) > maxData || !json.Valid(r.Data) {
 				t.Fatalf("publish accepted with data %q", r.Data)
@@ -69,6 +70,32 @@ func FuzzParseRequest(f *testing.F) {
 		checkReply(t, rooms.ErrorReply(r, &rooms.ProtoError{Code: rooms.CodeForbidden, Message: r.Op + " to " + r.Channel + " denied"}),
 			r, &rooms.ProtoError{Code: rooms.CodeForbidden, Message: r.Op + " to " + r.Channel + " denied"})
 	})
+}
+
+// checkSince compares what the codec took from since and limit with what
+// encoding/json reads from the same message.
+func checkSince(t *testing.T, msg []byte, r rooms.Request) {
+	t.Helper()
+	var ref struct {
+		Since *struct {
+			Epoch  string  `json:"epoch"`
+			Offset float64 `json:"offset"`
+		} `json:"since"`
+		Limit *float64 `json:"limit"`
+	}
+	if err := json.Unmarshal(msg, &ref); err != nil {
+		t.Fatalf("accepted %q, which encoding/json refuses: %v", msg, err)
+	}
+	switch {
+	case (ref.Since == nil) != (r.Since == nil):
+		t.Fatalf("since %+v, encoding/json reads %+v", r.Since, ref.Since)
+	case r.Since != nil && (r.Since.Epoch != ref.Since.Epoch || float64(r.Since.Offset) != ref.Since.Offset):
+		t.Fatalf("since %+v, encoding/json reads %+v", *r.Since, *ref.Since)
+	case r.Since != nil && (r.Since.Epoch == "" || len(r.Since.Epoch) > 64 || r.Since.Offset > 1<<53-1):
+		t.Fatalf("since %+v accepted", *r.Since)
+	case r.Limit < 0 || (ref.Limit != nil && float64(r.Limit) != *ref.Limit):
+		t.Fatalf("limit %d, encoding/json reads %v", r.Limit, ref.Limit)
+	}
 }
 
 // jsonDepth is the deepest nesting of valid JSON, read with the standard
