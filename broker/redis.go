@@ -88,6 +88,9 @@ type Redis struct {
 
 	reconnects, failures atomic.Uint64 // for Stats
 
+	nowMu sync.RWMutex
+	now   func() time.Time // nil: time.Now; see SetClock
+
 	mu     sync.Mutex
 	ps     *redis.PubSub   // standalone and Sentinel: one stream
 	shards map[int]*shard  // cluster: one stream per hash slot in use
