@@ -335,4 +335,7 @@ func isReply(err error) bool {
 }
 
 // Interface guards
-var _ Historian = (*Redis)(nil)
+var (
+	_ Historian = (*Redis)(nil)
+	_ Presencer = (*Redis)(nil)
+)
