@@ -2,6 +2,7 @@ package broker_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"maps"
 	"os"
@@ -282,6 +283,13 @@ func runHistoryConformance(t *testing.T, im impl) {
 				t.Errorf("History(%+v) = %v %s, want %v %s", tc.q, res.Top, storedString(res.Pubs), top, tc.want)
 			}
 		}
+
+		// Size 0 keeps positions and nothing else.
+		none := broker.HistoryOptions{TTL: time.Minute}
+		pos = publishH(t, h, none, "h:none", "1", "2")
+		if res := history(t, h, "h:none", broker.HistoryQuery{Limit: 10, Opt: none}); res.Top != pos[1] || len(res.Pubs) != 0 {
+			t.Errorf("History of size 0 = %v %s, want %v and nothing", res.Top, storedString(res.Pubs), pos[1])
+		}
 	})
 
 	t.Run("HistoryTTL", func(t *testing.T) {
@@ -509,6 +517,24 @@ func runHistoryConformance(t *testing.T, im impl) {
 			}
 			if d := im.pttl(t, s); d <= 0 || d > time.Minute {
 				t.Fatalf("%s: PTTL of the stream %s is %v, want up to a minute", ch, s, d)
+			}
+		}
+	})
+
+	t.Run("HistoryAndPresenceAfterClose", func(t *testing.T) {
+		n := im.node(t, newPrefix())
+		h, p := historian(t, n), presencer(t, n)
+		if err := n.b.Close(); err != nil {
+			t.Fatal(err)
+		}
+		_, perr := h.PublishHistory(ctxT(t), []broker.HistoryPub{{Channel: "c", Data: []byte(`1`), Opt: histOpt}})
+		_, herr := h.History(ctxT(t), "c", broker.HistoryQuery{Opt: histOpt})
+		jerr := p.Join(ctxT(t), "c", "id", []byte(`{}`), broker.PresenceOptions{TTL: time.Minute})
+		_, lerr := p.Presence(ctxT(t), "c")
+		_, cerr := p.PresenceCount(ctxT(t), "c")
+		for name, err := range map[string]error{"PublishHistory": perr, "History": herr, "Join": jerr, "Presence": lerr, "PresenceCount": cerr} {
+			if !errors.Is(err, broker.ErrClosed) {
+				t.Errorf("%s after Close = %v, want ErrClosed", name, err)
 			}
 		}
 	})

@@ -338,7 +338,7 @@ func (r *Redis) refresh() {
 	if r.usable() != nil {
 		return
 	}
-	ctx, cancel := context.WithTimeout(r.ctx, 10*ioTimeout)
+	ctx, cancel := context.WithTimeout(r.ctx, 3*ioTimeout)
 	defer cancel()
 	ps := &r.pres
 	ps.gate.Lock()
