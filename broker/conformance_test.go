@@ -37,6 +37,22 @@ type impl struct {
 	// pttl, if set, is the time to live the backend reports for a key
 	// (PTTL), or a negative value when the key does not exist.
 	pttl func(t testing.TB, key string) time.Duration
+	// advanceHistory moves the clock that history and presence entries
+	// age by: the brokers', not Redis's, which expires keys by its own.
+	advanceHistory func(d time.Duration)
+	// loseHistory makes the backend forget every channel's history and
+	// presence, as a Redis restarted without persistence does (the memory
+	// broker: its history only, by letting the epochs expire).
+	loseHistory func(t testing.TB)
+	// servers, if set, lists the backend's servers (every master), and
+	// owner names the one that holds a key.
+	servers func() []string
+	owner   func(key string) string
+	// shardedPubSub says the backend publishes with SPUBLISH.
+	shardedPubSub bool
+	// crash, if set, stops a broker from open as a node killed with -9
+	// stops: without cleaning up.
+	crash func(b broker.Broker) error
 }
 
 // batchPublisher is the optional capability the hub looks for.
@@ -548,6 +564,8 @@ func runConformance(t *testing.T, im impl) {
 			t.Errorf("Publish after Close = %v, want ErrClosed", perr)
 		}
 	})
+
+	runHistoryConformance(t, im)
 }
 
 func assertMessages(t testing.TB, who string, got [][]byte, want []string) {
@@ -587,9 +605,31 @@ func TestMemoryConformance(t *testing.T) {
 			t.Cleanup(func() { m.Close() })
 			return m
 		},
-		advance: clock.Advance,
+		advance:        clock.Advance,
+		advanceHistory: clock.Advance,
+		loseHistory:    func(testing.TB) { clock.Advance(2 * broker.DefaultMetaTTL) },
 	})
 }
+
+// offsetClock is real time moved on by Advance: Redis brokers age history
+// and presence entries by it, while the refresher and Redis run on real
+// time.
+type offsetClock struct{ off atomic.Int64 }
+
+func (c *offsetClock) Now() time.Time          { return time.Now().Add(time.Duration(c.off.Load())) }
+func (c *offsetClock) Advance(d time.Duration) { c.off.Add(int64(d)) }
+
+// flushAll empties every server.
+func flushAll(t testing.TB, addrs ...string) {
+	t.Helper()
+	for _, a := range addrs {
+		if v := dialRESP(t, a).do(t, "FLUSHALL"); v != "OK" {
+			t.Fatalf("FLUSHALL on %s: %v", a, v)
+		}
+	}
+}
+
+func crashRedis(b broker.Broker) error { return broker.Crash(b.(*broker.Redis)) }
 
 // pttl asks the server at addr for a key's PTTL.
 func pttl(t testing.TB, addr, key string) time.Duration {
@@ -615,11 +655,19 @@ func openRedis(t *testing.T, opt broker.RedisOptions, h broker.Handler) *broker.
 
 func TestRedisConformance(t *testing.T) {
 	srv := startRedis(t)
+	clock := &offsetClock{}
 	runConformance(t, impl{
 		open: func(t *testing.T, prefix string, h broker.Handler) broker.Broker {
-			return openRedis(t, broker.RedisOptions{URL: srv.url(), Prefix: prefix}, h)
+			r := openRedis(t, broker.RedisOptions{URL: srv.url(), Prefix: prefix}, h)
+			r.SetClock(clock.Now)
+			return r
 		},
-		shared: true,
+		advanceHistory: clock.Advance,
+		loseHistory:    func(t testing.TB) { flushAll(t, srv.addr()) },
+		servers:        func() []string { return []string{srv.addr()} },
+		owner:          func(string) string { return srv.addr() },
+		crash:          crashRedis,
+		shared:         true,
 		publishRaw: func(t *testing.T, name string, payload []byte) int64 {
 			return rawPublish(t, srv.addr(), "PUBLISH", name, payload)
 		},
@@ -631,11 +679,20 @@ func TestRedisCluster(t *testing.T) {
 	start := time.Now()
 	c := startCluster(t)
 	t.Logf("cluster of 3 masters up in %v", time.Since(start).Round(time.Millisecond))
+	clock := &offsetClock{}
 	runConformance(t, impl{
 		open: func(t *testing.T, prefix string, h broker.Handler) broker.Broker {
-			return openRedis(t, broker.RedisOptions{Cluster: true, Addrs: c.addrs(), Prefix: prefix}, h)
+			r := openRedis(t, broker.RedisOptions{Cluster: true, Addrs: c.addrs(), Prefix: prefix}, h)
+			r.SetClock(clock.Now)
+			return r
 		},
-		shared: true,
+		advanceHistory: clock.Advance,
+		loseHistory:    func(t testing.TB) { flushAll(t, c.addrs()...) },
+		servers:        c.addrs,
+		owner:          func(key string) string { return c.owner[broker.Slot(key)] },
+		shardedPubSub:  true,
+		crash:          crashRedis,
+		shared:         true,
 		publishRaw: func(t *testing.T, name string, payload []byte) int64 {
 			// Sharded subscribers only hear SPUBLISH, sent to the slot's master.
 			return rawPublish(t, c.owner[broker.Slot(name)], "SPUBLISH", name, payload)

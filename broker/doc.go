@@ -14,6 +14,13 @@
 // node that shares it, and their answers come back (the admin API lists
 // and closes connections across nodes so).
 //
+// A broker may also be a Historian, keeping the latest publications of a
+// channel with their positions (epoch and offset) so that a subscriber can
+// recover what it missed, and a Presencer, knowing who is subscribed to a
+// channel across nodes. The Redis broker keeps both in keys next to the
+// channel's pub/sub name (see channelKey), written by Lua scripts that also
+// publish, so positions and join/leave events reach nodes in order.
+//
 // broker imports the standard library, go-redis and internal/ttlmap;
 // never Caddy.
 package broker

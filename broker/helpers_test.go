@@ -16,6 +16,8 @@ import (
 type delivery struct {
 	channel string
 	data    []byte
+	kind    broker.Kind
+	pos     broker.Position
 }
 
 // recorder is a broker.Handler that keeps what it is given. Probes (data
@@ -45,7 +47,7 @@ func (r *recorder) handle(channel string, m broker.Message) {
 	case bytes.HasPrefix(d, []byte(`"fence:`)):
 		r.fences[string(d)] = true
 	default:
-		r.got = append(r.got, delivery{channel, d})
+		r.got = append(r.got, delivery{channel, d, m.Kind, m.Pos})
 	}
 	r.mu.Unlock()
 	select {
@@ -62,6 +64,20 @@ func (r *recorder) on(channel string) [][]byte {
 	for _, d := range r.got {
 		if d.channel == channel {
 			out = append(out, d.data)
+		}
+	}
+	return out
+}
+
+// msgs is what arrived on channel, in order (probes excluded), as the
+// broker handed it over.
+func (r *recorder) msgs(channel string) []broker.Message {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var out []broker.Message
+	for _, d := range r.got {
+		if d.channel == channel {
+			out = append(out, broker.Message{Kind: d.kind, Data: d.data, Pos: d.pos})
 		}
 	}
 	return out

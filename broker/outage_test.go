@@ -13,10 +13,29 @@ import (
 	"github.com/wsgate/wsgate/broker"
 )
 
-// publishOps are the two ways to publish, each returning the broker's
-// error.
+// publishOps are the ways to publish, and the history and presence calls
+// that need Redis, each returning the broker's error.
 func publishOps(r *broker.Redis) map[string]func(ctx context.Context) error {
+	hist := broker.HistoryOptions{Size: 10, TTL: time.Minute}
+	pres := broker.PresenceOptions{TTL: time.Minute, Events: true}
 	return map[string]func(ctx context.Context) error{
+		"PublishHistory": func(ctx context.Context) error {
+			_, err := r.PublishHistory(ctx, []broker.HistoryPub{{Channel: "room", Data: []byte(`1`), Opt: hist}, {Channel: "other", Data: []byte(`2`), Opt: hist}})
+			return err
+		},
+		"History": func(ctx context.Context) error {
+			_, err := r.History(ctx, "room", broker.HistoryQuery{Limit: 10, Opt: hist})
+			return err
+		},
+		"Join": func(ctx context.Context) error { return r.Join(ctx, "room", "c", []byte(`{}`), pres) },
+		"Presence": func(ctx context.Context) error {
+			_, err := r.Presence(ctx, "room")
+			return err
+		},
+		"PresenceCount": func(ctx context.Context) error {
+			_, err := r.PresenceCount(ctx, "room")
+			return err
+		},
 		"Publish": func(ctx context.Context) error { return r.Publish(ctx, "room", []byte(`"x"`)) },
 		"PublishBatch": func(ctx context.Context) error {
 			return r.PublishBatch(ctx, []string{"room", "other"}, [][]byte{[]byte(`1`), []byte(`2`)})
@@ -157,5 +176,47 @@ func TestRedisCallerGivingUpIsNotAnOutage(t *testing.T) {
 				t.Fatalf("publish after a cancelled one: %v", err)
 			}
 		})
+	}
+}
+
+// TestRedisLeaveDuringOutage: a Leave while Redis is down answers at once,
+// and the broker removes the entry (publishing its leave event) when Redis
+// is back with its data; the node's other entries are still there.
+func TestRedisLeaveDuringOutage(t *testing.T) {
+	srv := startRedis(t, "--appendonly", "yes", "--appendfsync", "always")
+	prefix := newPrefix()
+	rec := newRecorder()
+	r := openRedis(t, broker.RedisOptions{URL: srv.url(), Prefix: prefix}, rec.handle)
+	n := &node{b: r, rec: rec, prefix: prefix}
+	ch := "room"
+	n.subscribe(t, ch)
+	n.settle(t, ch)
+	opt := broker.PresenceOptions{TTL: time.Minute, Events: true}
+	for _, id := range []string{"leaving", "staying"} {
+		if err := r.Join(ctxT(t), ch, id, []byte(`{"id":"`+id+`"}`), opt); err != nil {
+			t.Fatal(err)
+		}
+	}
+	rec.waitN(t, ch, 2)
+
+	srv.kill()
+	eventually(t, 2*time.Second, "the broker to notice that Redis is gone", func() bool { return !r.Reachable() })
+	start := time.Now()
+	if err := r.Leave(ctxT(t), ch, "leaving", opt); err != nil {
+		t.Fatalf("Leave while Redis is down = %v, want nil (done when it is back)", err)
+	}
+	if d := time.Since(start); d > 50*time.Millisecond {
+		t.Fatalf("Leave while Redis is down took %v", d)
+	}
+
+	srv.start()
+	eventually(t, waitLong, "the leave to be done", func() bool {
+		m, err := r.Presence(ctxT(t), ch)
+		return err == nil && samePresence(m, map[string]string{"staying": `{"id":"staying"}`})
+	})
+	rec.waitN(t, ch, 3)
+	n.fence(t, ch)
+	if got, want := msgString(rec.msgs(ch)), `join={"id":"leaving"} join={"id":"staying"} leave={"id":"leaving"}`; got != want {
+		t.Fatalf("got %s, want %s", got, want)
 	}
 }

@@ -88,6 +88,13 @@ type Redis struct {
 
 	reconnects, failures atomic.Uint64 // for Stats
 
+	nowMu sync.RWMutex
+	now   func() time.Time // nil: time.Now; see SetClock
+
+	pres    presence    // the entries this node made
+	closing atomic.Bool // set when Close starts
+	crashed atomic.Bool // Close leaves the entries to expire (tests)
+
 	mu     sync.Mutex
 	ps     *redis.PubSub   // standalone and Sentinel: one stream
 	shards map[int]*shard  // cluster: one stream per hash slot in use
@@ -166,6 +173,8 @@ func NewRedis(opt RedisOptions, h Handler) (*Redis, error) {
 		return nil, errors.New("redis broker needs a URL, Sentinel addresses with a master name, or cluster addresses")
 	}
 	r.ctx, r.cancel = context.WithCancel(context.Background())
+	r.pres.init()
+	go r.refresher()
 	if r.cluster == nil {
 		r.ps = r.client.Subscribe(r.ctx)
 		r.receive(r.ps)
@@ -270,6 +279,7 @@ func (r *Redis) probe() {
 		}
 		r.down.Store(false)
 		r.reconnects.Add(1)
+		signal(r.pres.back)
 		r.log.Info("redis reachable again: publishing through it", "down_for", time.Since(since).Round(time.Millisecond).String())
 	}
 }
@@ -450,8 +460,17 @@ func (r *Redis) Unsubscribe(ctx context.Context, channel string) error {
 // Ping checks the connection to Redis.
 func (r *Redis) Ping(ctx context.Context) error { return r.client.Ping(ctx).Err() }
 
-// Close closes the subscriptions and the client.
+// Close removes the presence entries the node made, publishing their
+// leave events, then closes the subscriptions and the client. (A node that
+// dies without Close leaves its entries to expire after their TTL.)
 func (r *Redis) Close() error {
+	if r.closing.CompareAndSwap(false, true) {
+		close(r.pres.stop)
+		<-r.pres.done
+		if !r.crashed.Load() {
+			r.leaveAll()
+		}
+	}
 	r.mu.Lock()
 	if r.closed.Load() {
 		r.mu.Unlock()

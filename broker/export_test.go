@@ -1,0 +1,12 @@
+package broker
+
+// Crash closes r as a node killed with -9 stops: its presence entries are
+// neither refreshed nor removed.
+func Crash(r *Redis) error {
+	r.crashed.Store(true)
+	return r.Close()
+}
+
+// ChannelKey is the key of a channel's history or presence (suffix :s,
+// :m, :p or :z) for a Redis pub/sub name.
+func ChannelKey(name, suffix string) string { return keyOf(name, suffix) }
