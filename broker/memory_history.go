@@ -210,6 +210,14 @@ func (m *Memory) Leave(_ context.Context, channel, id string, opt PresenceOption
 	defer c.order.Unlock()
 	info, ok := c.members[id]
 	delete(c.members, id)
+	if len(c.members) == 0 && c.epoch == "" {
+		// A record of presence only: gone with its last member, so
+		// channels joined once do not pile up.
+		m.cmu.Lock()
+		c.dead = true
+		delete(m.chans, channel)
+		m.cmu.Unlock()
+	}
 	c.mu.Unlock()
 	if ok && opt.Events {
 		m.deliverLocked(channel, Message{Kind: KindLeave, Data: info})
