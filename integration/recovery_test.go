@@ -201,7 +201,9 @@ func (tr *tracker) take(m frameMsg, since bool, raw []byte) bool {
 
 // chaosPublisher publishes a numbered stream through POST /publish, every
 // 4 ms, on the gateways it is given (the first that answers), counting
-// what was accepted.
+// what was accepted. Each publication carries an idempotency key: one
+// that reached Redis through a gateway killed before it answered is
+// retried on the next without being published twice.
 type chaosPublisher struct {
 	name     string
 	gateways func() []*gateway
@@ -220,7 +222,7 @@ func (p *chaosPublisher) run(ctx context.Context, total int) {
 		case <-tick.C:
 		}
 		p.seq++
-		body := fmt.Sprintf(`{"channel":%q,"data":{"p":%q,"seq":%d}}`, chaosChannel, p.name, p.seq)
+		body := fmt.Sprintf(`{"channel":%q,"data":{"p":%q,"seq":%d},"idempotency_key":"%s-%d"}`, chaosChannel, p.name, p.seq, p.name, p.seq)
 		sent := false
 		for _, g := range p.gateways() {
 			if status, _, err := httpPost(g, body); err == nil {
