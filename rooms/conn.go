@@ -58,7 +58,7 @@ type ConnConfig struct {
 	// publish rate.
 	OnRateLimited func()
 	// ID names the connection in channels' presence (the admin API's
-	// connection id).
+	// connection id); without one the connection is not listed.
 	ID string
 	// PresenceInfo is what the connection shows in presence lists and
 	// join and leave events: a JSON object. Default: {"conn":<ID>}.
@@ -355,9 +355,10 @@ func (c *Conn) presence(ctx context.Context, r Request) ([]byte, *ProtoError) {
 }
 
 // join records the connection in channel's presence, when the channel
-// keeps it.
+// keeps it and the connection has an id (relayed apps' connections,
+// subscribed by their upstream, have none and are not listed).
 func (c *Conn) join(ctx context.Context, channel string) {
-	if c.hub.Options(channel).Presence == nil {
+	if c.cfg.ID == "" || c.hub.Options(channel).Presence == nil {
 		return
 	}
 	c.mu.Lock()

@@ -403,11 +403,16 @@ func TestPresence(t *testing.T) {
 	if r, _ := a.request(`{"op":"presence","channel":"h:p"}`); r.Code != rooms.CodeForbidden {
 		t.Fatalf("presence denied by policy: %+v", r)
 	}
-	// A raw-format subscriber (a relayed app) gets no presence events.
-	raw := newClient(t, h, rooms.ConnConfig{ID: "r", Format: rooms.FormatRaw})
+	// A raw-format subscriber (a relayed app's connection, which has no
+	// id) gets no presence events and is not listed.
+	raw := newClient(t, h, rooms.ConnConfig{Format: rooms.FormatRaw})
 	raw.conn.Subscribe(context.Background(), "h:p")
 	newClient(t, h, rooms.ConnConfig{ID: "c"}).ok(`{"op":"subscribe","channel":"h:p"}`)
 	raw.wantMessages()
+	deny["presence"] = false
+	if r, _ := a.request(`{"op":"presence_count","channel":"h:p"}`); *r.Count != 2 {
+		t.Fatalf("presence_count with a relayed connection subscribed: %+v, want a and c", r)
+	}
 }
 
 // TestRecoveryNeedsHistoryAction: since reveals what was published before
