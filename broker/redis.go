@@ -43,6 +43,11 @@ type RedisOptions struct {
 	// called from several goroutines at once. Nil: the node neither
 	// answers nor gathers.
 	Answer func(req []byte) []byte
+	// Reconnected, if not nil, is called (on a goroutine of its own) each
+	// time Redis is reachable again after an outage, once the
+	// subscriptions are back: what was published meanwhile never reached
+	// this node through pub/sub. Standalone and Sentinel only.
+	Reconnected func()
 }
 
 // How the broker meets a Redis that is down. Every dial, read, write and
@@ -280,6 +285,9 @@ func (r *Redis) probe() {
 		r.down.Store(false)
 		r.reconnects.Add(1)
 		signal(r.pres.back)
+		if f := r.opt.Reconnected; f != nil {
+			r.wg.Go(f)
+		}
 		r.log.Info("redis reachable again: publishing through it", "down_for", time.Since(since).Round(time.Millisecond).String())
 	}
 }

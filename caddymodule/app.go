@@ -169,7 +169,7 @@ func newSharedHub(ctx caddy.Context, bc BrokerConfig) (*sharedHub, error) {
 		r, err := broker.NewRedis(broker.RedisOptions{
 			URL: bc.URL, Addrs: bc.Addrs, MasterName: bc.MasterName, Cluster: bc.Cluster,
 			Username: bc.Username, Password: bc.Password, Prefix: bc.Prefix, Logger: ctx.Slogger(),
-			Answer: answerer(h),
+			Answer: answerer(h), Reconnected: h.Resync,
 		}, h.Handle)
 		if err != nil {
 			return nil, err

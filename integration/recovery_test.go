@@ -453,3 +453,42 @@ func TestRecoveryRedisRestarted(t *testing.T) {
 		t.Fatalf("%d of 100 subscribers were told history was lost", told)
 	}
 }
+
+// TestResetWithoutNextPublication: a channel that falls silent across a
+// Redis restart without persistence still tells its subscribers their
+// history is gone, as soon as each node is back on Redis.
+func TestResetWithoutNextPublication(t *testing.T) {
+	rs := startRedis(t)
+	global := historyGlobal("\t\tbroker redis " + rs.url())
+	a := startGatewayWith(t, global, nil, roomsSite(""))
+	b := startGatewayWith(t, global, nil, roomsSite(""))
+	var clients []*presenceClient
+	for _, g := range []*gateway{a, b} {
+		pc := dialPresence(t, g)
+		r := pc.call(map[string]any{"op": "subscribe", "channel": "chaos:quiet"})
+		if r["epoch"] == nil {
+			t.Fatalf("subscribe reply %v", r)
+		}
+		clients = append(clients, pc)
+	}
+	for i := range 3 {
+		if status, body := httpPublish(t, a, fmt.Sprintf(`{"channel":"chaos:quiet","data":%d}`, i)); status != http.StatusOK {
+			t.Fatalf("publish: %d %s", status, body)
+		}
+	}
+	epoch := clients[0].call(map[string]any{"op": "history", "channel": "chaos:quiet", "limit": 0})["epoch"]
+	restarted := time.Now()
+	rs.kill()
+	rs.start()
+	for i, pc := range clients {
+		select {
+		case r := <-pc.replies:
+			if r["op"] != "reset" || r["epoch"] == epoch {
+				t.Fatalf("node %d: %v, want a reset to a new epoch", i, r)
+			}
+			t.Logf("node %d: reset to epoch %v %v after the restart", i, r["epoch"], time.Since(restarted).Round(time.Millisecond))
+		case <-time.After(10 * time.Second):
+			t.Fatalf("node %d: no reset within 10s of the restart", i)
+		}
+	}
+}

@@ -275,3 +275,59 @@ func (h *Hub) PresenceCount(ctx context.Context, channel string) (int, error) {
 	}
 	return p.PresenceCount(ctx, channel)
 }
+
+// Resync catches up the channels with history that have local
+// subscribers, after the broker's stream was lost for a while: what was
+// published meanwhile (which pub/sub did not keep) is read from history
+// and delivered, or, when it cannot be, a reset is sent. Without it a
+// channel that fell silent during the outage would show its gap only with
+// its next publication.
+func (h *Hub) Resync() {
+	hb, ok := h.b.(broker.Historian)
+	if !ok {
+		return
+	}
+	h.mu.RLock()
+	names := make([]string, 0, len(h.rooms))
+	for name := range h.rooms {
+		names = append(names, name)
+	}
+	h.mu.RUnlock()
+	for _, name := range names {
+		opt := h.Options(name)
+		h.mu.RLock()
+		r := h.rooms[name]
+		h.mu.RUnlock()
+		if opt.History == nil || r == nil {
+			continue
+		}
+		h.resync(hb, name, r, opt)
+	}
+}
+
+// resync catches one room up.
+func (h *Hub) resync(hb broker.Historian, name string, r *room, opt ChannelOptions) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.pos.Epoch == "" {
+		return // nothing delivered yet: its subscribers know no position to miss from
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), historyTimeout)
+	defer cancel()
+	max := opt.recoverMax()
+	res, err := hb.History(ctx, name, broker.HistoryQuery{After: r.pos.Offset, Limit: max + 1, Opt: *opt.History})
+	if err != nil || (res.Top.Epoch == r.pos.Epoch && res.Top.Offset <= r.pos.Offset) {
+		return
+	}
+	n := 0
+	if pubs, whole := publications(name, res.Top.Epoch, r.pos.Offset, res.Pubs); res.Top.Epoch == r.pos.Epoch && whole &&
+		len(pubs) <= max && r.pos.Offset+uint64(len(pubs)) == res.Top.Offset {
+		for _, p := range pubs {
+			n += r.fan(p)
+		}
+	} else {
+		n += r.fan(resetAt(name, res.Top))
+	}
+	r.pos = res.Top
+	h.delivered.Add(int64(n))
+}

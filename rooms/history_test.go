@@ -531,3 +531,45 @@ func TestRecoveryAheadOfLiveStream(t *testing.T) {
 		t.Fatalf("watcher offsets %v, want 1..6", got)
 	}
 }
+
+// TestResyncAfterOutage: publications the stream lost at its end (the
+// channel fell silent) reach subscribers when the broker says it is back,
+// or, when history no longer has them, a reset does.
+func TestResyncAfterOutage(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		size int
+		want string
+	}{
+		{"in history", 10, "m1 m2 m3 m4"},
+		{"trimmed", 1, "m1 m2 reset@4"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := rooms.NewHub()
+			d := &droppingHandler{h: h, drop: map[uint64]bool{3: true, 4: true}}
+			b := broker.NewMemory(d.handle)
+			h.SetBroker(b)
+			h.SetChannelOptions(func(string) rooms.ChannelOptions { return rooms.ChannelOptions{History: hist(tc.size)} })
+			c := newClient(t, h, rooms.ConnConfig{})
+			c.request(`{"op":"subscribe","channel":"quiet"}`)
+			pub := newClient(t, h, rooms.ConnConfig{PublishRate: -1})
+			for i := 1; i <= 4; i++ {
+				pub.ok(`{"op":"publish","channel":"quiet","data":` + strconv.Itoa(i) + `}`)
+			}
+			h.Resync()
+			h.Resync() // nothing more to do
+			seen := 1
+			var got []string
+			for _, f := range c.frames(&seen) {
+				if f.Op == "reset" {
+					got = append(got, fmt.Sprintf("reset@%d", *f.Offset))
+				} else {
+					got = append(got, fmt.Sprintf("m%d", *f.Offset))
+				}
+			}
+			if strings.Join(got, " ") != tc.want {
+				t.Fatalf("got %v, want %s", got, tc.want)
+			}
+		})
+	}
+}
