@@ -68,6 +68,16 @@ type LBPolicy struct {
 	Fallback *LBPolicy
 }
 
+// Check reports what Config.Prepare would refuse in p, leaving p as it is.
+func (p LBPolicy) Check() error {
+	if p.Fallback != nil {
+		fb := *p.Fallback
+		p.Fallback = &fb
+	}
+	_, err := p.prepare(func(int) int { return 0 }, false)
+	return err
+}
+
 // query is what a policy sees of a request.
 type query struct {
 	r    *http.Request

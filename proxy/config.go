@@ -307,6 +307,15 @@ func (c *Config) Prepare() error {
 	return nil
 }
 
+// Check reports what Config.Prepare would refuse in h, leaving h as it is.
+func (h Health) Check() error {
+	if h.Active != nil {
+		a := *h.Active
+		h.Active = &a
+	}
+	return h.prepare()
+}
+
 // prepare checks h and fills in its defaults.
 func (h *Health) prepare() error {
 	if h.FailDuration < 0 || h.MaxFails < 0 {

@@ -72,7 +72,11 @@ func (g *Gateway) Close() {
 	}
 	for _, u := range g.ups {
 		if g.pool.release(u) {
-			g.log.Info("upstream removed", "upstream", u.name, "live", u.live.Load())
+			level := slog.LevelDebug
+			if u.live.Load() > 0 {
+				level = slog.LevelInfo
+			}
+			g.log.Log(context.Background(), level, "upstream removed", "upstream", u.name, "live", u.live.Load())
 			if g.cfg.DrainTimeout > 0 {
 				g.scheduleDrain(u)
 			}
