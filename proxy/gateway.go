@@ -162,15 +162,16 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, info Request
 	q := query{r: r, info: &info}
 	up, hs, err := g.dial(r.Context(), &q)
 	if err != nil {
-		var open errCircuitOpen
-		if errors.As(err, &open) {
-			// No dial was made: nothing worth a warning per request.
-			WriteError(w, http.StatusBadGateway, "upstream unavailable",
-				http.Header{"Retry-After": {strconv.Itoa(open.retryAfter)}})
-			return UpstreamFailed
+		var hdr http.Header
+		if _, open := err.(errCircuitOpen); !open {
+			// (a refusal without a dial is not worth a line per request)
+			g.log.Warn("upstream unavailable", "error", err.Error(), "remote", r.RemoteAddr)
 		}
-		g.log.Warn("upstream unavailable", "error", err.Error(), "remote", r.RemoteAddr)
-		WriteError(w, http.StatusBadGateway, "upstream unavailable", nil)
+		if after, ok := g.retryAfter(); ok {
+			// every upstream is set aside: say when one may be tried
+			hdr = http.Header{"Retry-After": {strconv.Itoa(after)}}
+		}
+		WriteError(w, http.StatusBadGateway, "upstream unavailable", hdr)
 		return UpstreamFailed
 	}
 	u := g.ups[up.idx]
@@ -293,11 +294,9 @@ func (e errUpstreamStatus) Error() string { return fmt.Sprintf("upstream answere
 
 // errCircuitOpen is the refusal of a request when every upstream is set
 // aside: no dial is made.
-type errCircuitOpen struct{ retryAfter int }
+type errCircuitOpen struct{}
 
-func (e errCircuitOpen) Error() string {
-	return fmt.Sprintf("every upstream is set aside; retry in %d s", e.retryAfter)
-}
+func (errCircuitOpen) Error() string { return "every upstream is set aside" }
 
 // dial connects to an upstream the policy chooses among the usable ones;
 // when the dial fails it chooses again among the others, trying each at
@@ -375,23 +374,26 @@ func (g *Gateway) dial(ctx context.Context, q *query) (*dialed, handshake, error
 		errs = append(errs, fmt.Errorf("%s: %w", u.name, err))
 	}
 	if len(errs) == 0 {
-		return nil, handshake{}, errCircuitOpen{retryAfter: g.retryAfter()}
+		return nil, handshake{}, errCircuitOpen{}
 	}
 	return nil, handshake{}, errors.Join(errs...)
 }
 
-// retryAfter is the Retry-After, in whole seconds (at least 1), of a
-// refusal when every upstream is set aside: until the first may be tried.
-func (g *Gateway) retryAfter() int {
+// retryAfter is, when every upstream is set aside, the Retry-After of a
+// refusal in whole seconds (at least 1): until the first may be tried.
+func (g *Gateway) retryAfter() (int, bool) {
 	now := g.cfg.Health.Now()
 	d := time.Duration(math.MaxInt64)
 	for _, u := range g.ups {
+		if u.usable(now) {
+			return 0, false
+		}
 		d = min(d, u.retryIn(now, &g.cfg.Health))
 	}
 	if d == math.MaxInt64 {
 		d = time.Second
 	}
-	return max(1, int((d+time.Second-1)/time.Second))
+	return max(1, int((d+time.Second-1)/time.Second)), true
 }
 
 // connEnded accounts for the end of a relayed connection to the upstream

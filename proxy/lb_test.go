@@ -91,8 +91,8 @@ func TestCircuitOpen(t *testing.T) {
 	tg := startLBGateway(t, []string{a.url, b.url}, func(c *Config) {
 		c.Health = Health{FailDuration: time.Minute, Now: clock.Now}
 	})
-	if status, retry := upgradeStatus(t, tg); status != http.StatusBadGateway || retry != "" {
-		t.Fatalf("first refusal: %d, Retry-After %q; want 502 after dialling both", status, retry)
+	if status, retry := upgradeStatus(t, tg); status != http.StatusBadGateway || retry != "60" {
+		t.Fatalf("first refusal: %d, Retry-After %q; want 502, 60 after dialling both", status, retry)
 	}
 	if a.dials.Load() != 1 || b.dials.Load() != 1 {
 		t.Fatalf("dials: %d and %d, want 1 each", a.dials.Load(), b.dials.Load())
