@@ -41,8 +41,9 @@ type SelectionPolicy struct {
 	Field string `json:"field,omitempty"`
 	// Name is the cookie policy's cookie. Default: lb.
 	Name string `json:"name,omitempty"`
-	// Secret keys the HMAC of the upstream that is the cookie's value.
-	// Default: empty.
+	// Secret keys the HMAC of the upstream that is the cookie's value;
+	// placeholders such as {env.LB_SECRET} are replaced when the config
+	// is loaded. Default: empty.
 	Secret string `json:"secret,omitempty"`
 	// MaxAge is the cookie's Max-Age. Default: none (a session cookie).
 	MaxAge caddy.Duration `json:"max_age,omitempty"`
@@ -213,6 +214,8 @@ func (h *Handler) proxyUpstreams(cfg *proxy.Config) error {
 		if err != nil {
 			return err
 		}
+		// a secret may come from the environment ({env.LB_SECRET})
+		p.Secret = caddy.NewReplacer().ReplaceKnown(p.Secret, "")
 		cfg.LB = p
 		if lb.SelectionPolicy.Policy == "claim" {
 			h.balanceClaim = lb.SelectionPolicy.Claim
