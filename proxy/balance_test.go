@@ -267,6 +267,15 @@ func TestPassiveHealth(t *testing.T) {
 	if u.usable(clock.Now()) {
 		t.Fatal("usable after two 1006/1011 closes")
 	}
+	// a trial answered with 403 found the upstream up
+	clock.Advance(10 * time.Second)
+	if !u.acquire(clock.Now()) {
+		t.Fatal("no trial")
+	}
+	u.dialed(clock.Now(), &h, errUpstreamStatus(403))
+	if !u.usable(clock.Now()) {
+		t.Fatal("set aside again by a trial answered with 403")
+	}
 }
 
 func TestActiveHealthTransitions(t *testing.T) {

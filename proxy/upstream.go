@@ -261,7 +261,8 @@ func (u *Upstream) dialed(now time.Time, h *Health, err error) {
 	}
 	if u.trial {
 		u.trial = false
-		if err == nil {
+		if err == nil || !countsAsFailure(err) {
+			// it answered: it is up
 			u.downUntil, u.fails = time.Time{}, u.fails[:0]
 		} else {
 			u.downUntil = now.Add(h.FailDuration)
