@@ -1,6 +1,7 @@
 package caddymodule
 
 import (
+	"cmp"
 	"context"
 	"encoding/base64"
 	"encoding/json"
@@ -33,6 +34,7 @@ func init() {
 //
 //	GET  /wsgate/connections   live connections (filters, cursor, count)
 //	GET  /wsgate/channels      channels with their subscriber counts
+//	GET  /wsgate/upstreams     each handler's upstreams: live connections, health
 //	POST /wsgate/disconnect    close connections by id or by subject
 //
 // With a Redis broker every route covers every node that shares the Redis
@@ -51,6 +53,7 @@ func (AdminAPI) Routes() []caddy.AdminRoute {
 	return []caddy.AdminRoute{
 		{Pattern: "/wsgate/connections", Handler: caddy.AdminHandlerFunc(a.handleConnections)},
 		{Pattern: "/wsgate/channels", Handler: caddy.AdminHandlerFunc(a.handleChannels)},
+		{Pattern: "/wsgate/upstreams", Handler: caddy.AdminHandlerFunc(a.handleUpstreams)},
 		{Pattern: "/wsgate/disconnect", Handler: caddy.AdminHandlerFunc(a.handleDisconnect)},
 	}
 }
@@ -84,7 +87,7 @@ const (
 // adminRequest is what one node asks every node (JSON on the control
 // channel).
 type adminRequest struct {
-	Op     string     `json:"op"` // connections, count, channels, disconnect
+	Op     string     `json:"op"` // connections, count, channels, upstreams, disconnect
 	Filter connFilter `json:"filter,omitzero"`
 	Prefix string     `json:"prefix,omitempty"` // channels
 	After  string     `json:"after,omitempty"`  // cursor: list what sorts after it
@@ -105,11 +108,12 @@ type connFilter struct {
 
 // adminAnswer is one node's answer.
 type adminAnswer struct {
-	Node        string         `json:"node"`
-	Connections []connEntry    `json:"connections,omitempty"`
-	Channels    []channelEntry `json:"channels,omitempty"`
-	Count       int            `json:"count,omitempty"` // count: matching; disconnect: closed
-	More        bool           `json:"more,omitempty"`  // the node has more than Limit after After
+	Node        string          `json:"node"`
+	Connections []connEntry     `json:"connections,omitempty"`
+	Channels    []channelEntry  `json:"channels,omitempty"`
+	Upstreams   []upstreamEntry `json:"upstreams,omitempty"`
+	Count       int             `json:"count,omitempty"` // count: matching; disconnect: closed
+	More        bool            `json:"more,omitempty"`  // the node has more than Limit after After
 }
 
 // connEntry is a connection as the API lists it.
@@ -120,8 +124,29 @@ type connEntry struct {
 	Remote   string    `json:"remote"`
 	Handler  string    `json:"handler"`
 	Mode     string    `json:"mode"`
+	Upstream string    `json:"upstream,omitempty"`
 	Started  time.Time `json:"started"`
 	Channels []string  `json:"channels,omitempty"`
+}
+
+// upstreamEntry is an upstream of a handler, as one node sees it.
+type upstreamEntry struct {
+	Node    string `json:"node"`
+	Handler string `json:"handler"`
+	URL     string `json:"url"`
+	// Connections counts its relayed connections (and those being dialled).
+	Connections int64 `json:"connections"`
+	// Healthy: it takes new connections.
+	Healthy bool `json:"healthy"`
+	// PassiveDown: passive checks set it aside, until DownUntil (then one
+	// dial at a time tries it).
+	PassiveDown bool       `json:"passive_down,omitzero"`
+	DownUntil   *time.Time `json:"down_until,omitempty"`
+	// ActiveDown: its last probes failed.
+	ActiveDown bool `json:"active_down,omitzero"`
+	// Removed: a reload removed it; its connections live on or drain.
+	Removed   bool   `json:"removed,omitzero"`
+	LastError string `json:"last_error,omitempty"`
 }
 
 // channelEntry is a channel and its subscribers (on one node, or summed).
@@ -194,7 +219,8 @@ func answerLocal(reg connSource, hub *rooms.Hub, req adminRequest) adminAnswer {
 		}
 		ans.Connections = make([]connEntry, len(list))
 		for i, m := range list {
-			e := connEntry{ID: m.ID, Node: nodeName, Subject: m.Subject, Remote: m.Remote, Handler: m.Handler, Mode: m.Mode, Started: m.Started}
+			e := connEntry{ID: m.ID, Node: nodeName, Subject: m.Subject, Remote: m.Remote, Handler: m.Handler, Mode: m.Mode,
+				Upstream: m.Upstream, Started: m.Started}
 			if m.Channels != nil {
 				e.Channels = m.Channels()
 			}
@@ -211,6 +237,8 @@ func answerLocal(reg connSource, hub *rooms.Hub, req adminRequest) adminAnswer {
 			}
 			ans.Channels = append(ans.Channels, channelEntry{c.Channel, c.Subscribers})
 		}
+	case "upstreams":
+		ans.Upstreams = localUpstreams(req.Filter.Handler)
 	case "disconnect":
 		ans.Count = reg.Disconnect(req.Filter.match, req.Code, req.Reason)
 	}
@@ -234,7 +262,7 @@ func answerer(hub *rooms.Hub) func([]byte) []byte {
 // version, or altered on the way).
 func (req adminRequest) check() error {
 	switch req.Op {
-	case "count":
+	case "count", "upstreams":
 	case "connections", "channels":
 		if req.Limit < 1 || req.Limit > maxLimit {
 			return errors.New("bad limit")
@@ -483,6 +511,64 @@ func (s *adminServer) handleChannels(w http.ResponseWriter, r *http.Request) err
 	}{status: g.status()}
 	resp.Channels, resp.NextCursor = page(list, limit, more, func(c channelEntry) string { return c.Channel })
 	return writeJSON(w, http.StatusOK, resp)
+}
+
+// localUpstreams lists the upstreams of this node's handlers (of the name
+// handler, or all), sorted by handler and URL.
+func localUpstreams(handler string) []upstreamEntry {
+	var out []upstreamEntry
+	now := time.Now()
+	for _, m := range allHandlerMetrics() {
+		if handler != "" && m.name != handler {
+			continue
+		}
+		for _, u := range m.pool.Status(now) {
+			e := upstreamEntry{Node: nodeName, Handler: m.name, URL: u.URL, Connections: u.Live,
+				Healthy: u.Healthy && !u.Removed, PassiveDown: u.PassiveDown, ActiveDown: u.ActiveDown,
+				Removed: u.Removed, LastError: u.LastError}
+			if u.PassiveDown {
+				until := u.DownUntil
+				e.DownUntil = &until
+			}
+			out = append(out, e)
+		}
+	}
+	slices.SortFunc(out, func(a, b upstreamEntry) int {
+		return cmp.Or(strings.Compare(a.Handler, b.Handler), strings.Compare(a.URL, b.URL))
+	})
+	return out
+}
+
+// handleUpstreams lists the upstreams of every node's handlers, with their
+// live connections and health:
+//
+//	GET /wsgate/upstreams?handler=&timeout=
+func (s *adminServer) handleUpstreams(w http.ResponseWriter, r *http.Request) error {
+	if err := allow(r, w, http.MethodGet); err != nil {
+		return err
+	}
+	q := r.URL.Query()
+	for k := range q {
+		if k != "handler" && k != "timeout" {
+			return badRequest("unknown parameter %q: known are handler, timeout", k)
+		}
+	}
+	wait, err := parseWait(q)
+	if err != nil {
+		return err
+	}
+	g := s.ask(r.Context(), adminRequest{Op: "upstreams", Filter: connFilter{Handler: q.Get("handler")}}, wait)
+	list := []upstreamEntry{}
+	for _, a := range g.answers {
+		list = append(list, a.Upstreams...)
+	}
+	slices.SortFunc(list, func(a, b upstreamEntry) int {
+		return cmp.Or(strings.Compare(a.Handler, b.Handler), strings.Compare(a.URL, b.URL), strings.Compare(a.Node, b.Node))
+	})
+	return writeJSON(w, http.StatusOK, struct {
+		Upstreams []upstreamEntry `json:"upstreams"`
+		status
+	}{list, g.status()})
 }
 
 // disconnectBody is the body of POST /wsgate/disconnect.

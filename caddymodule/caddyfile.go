@@ -68,6 +68,18 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	        max_subscriptions <n>
 //	        max_data          <size>
 //	    }
+//	    lb_policy            <policy> [<args...>] [{ … }]   (see parseLBPolicy)
+//	    health_uri           <uri>
+//	    health_websocket     [<uri>]
+//	    health_interval      <duration>
+//	    health_timeout       <duration>
+//	    health_status        <status>|<N>xx
+//	    health_passes        <n>
+//	    health_fails         <n>
+//	    fail_duration        <duration>
+//	    max_fails            <n>
+//	    unhealthy_close      [<close_codes...>]
+//	    drain_timeout        <duration>
 //	    upstream_control     <prefix>
 //	    send_queue           <n>
 //	    slow_consumer        close|drop
@@ -211,6 +223,9 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if h.SlowConsumer != "close" && h.SlowConsumer != "drop" {
 				return d.Errf("slow_consumer must be close or drop, not %q", h.SlowConsumer)
 			}
+		case "lb_policy", "health_uri", "health_websocket", "health_interval", "health_timeout", "health_status",
+			"health_passes", "health_fails", "fail_duration", "max_fails", "unhealthy_close", "drain_timeout":
+			_, err = h.parseUpstreamOption(d, name)
 		case "log_connections":
 			if !d.AllArgs(&h.LogConnections) {
 				return d.ArgErr()
@@ -259,7 +274,9 @@ var (
 		"rate_limit", "idle_timeout", "ping_interval", "pong_timeout", "write_timeout", "close_timeout",
 		"park_after", "origins", "allow_missing_origin", "jwt", "forward_auth", "refresh_field",
 		"claims_header", "limit_connections", "channels", "relay_channels", "rooms", "upstream_control",
-		"send_queue", "slow_consumer", "log_connections",
+		"send_queue", "slow_consumer", "log_connections", "lb_policy", "health_uri", "health_websocket",
+		"health_interval", "health_timeout", "health_status", "health_passes", "health_fails", "fail_duration",
+		"max_fails", "unhealthy_close", "drain_timeout",
 	}
 	roomsSubdirectives     = []string{"max_subscriptions", "max_data", "publish_rate", "presence_claims"}
 	tlsSubdirectives       = []string{"ca_file", "server_name", "insecure_skip_verify", "client_certificate"}
@@ -294,7 +311,9 @@ func (h *Handler) ineffective() []warning {
 		add(h.MaxMessageUpstream != 0, "max_message_upstream", rooms)
 		add(h.RefreshField != "", "refresh_field", "has no effect in rooms mode (clients refresh with the protocol's refresh op)")
 		add(h.RateLimitUpstream != nil, "rate_limit upstream", rooms)
-	} else {
+	}
+	ws = append(ws, h.upstreamIneffective()...)
+	if h.Rooms == nil {
 		add(h.TLS != nil && !slices.ContainsFunc(h.Upstreams, func(u string) bool { return strings.HasPrefix(u, "wss://") }),
 			"tls", "has no effect: no upstream is wss://")
 		const fanout = "has no effect without rooms or upstream_control (nothing is fanned out)"
@@ -305,7 +324,8 @@ func (h *Handler) ineffective() []warning {
 }
 
 // warning is an option that can never take effect, and why. option is a
-// subdirective name, maybe followed by its first argument.
+// subdirective name, maybe followed by its first argument (or several
+// such, separated by |: the first in the block is pointed at).
 type warning struct{ option, msg string }
 
 // adapterLog receives the Caddyfile warnings; tests replace it.
@@ -326,17 +346,26 @@ func warnAt(d *caddyfile.Dispenser, option, msg string) {
 }
 
 // seek moves d to the block's first subdirective named option (a name,
-// or a name and its first argument), or to the directive.
+// or a name and its first argument; or several such, separated by |), or
+// to the directive.
 func seek(d *caddyfile.Dispenser, option string) {
 	d.Reset()
 	d.Next()
 	if option == "" {
 		return
 	}
-	name, arg, _ := strings.Cut(option, " ")
+	alts := strings.Split(option, "|")
 	d.RemainingArgs()
 	for d.NextBlock(0) {
-		if d.Val() == name && (arg == "" || d.NextArg() && d.Val() == arg) {
+		found := false
+		for _, alt := range alts {
+			name, arg, _ := strings.Cut(alt, " ")
+			if d.Val() == name && (arg == "" || d.NextArg() && d.Val() == arg) {
+				found = true
+				break
+			}
+		}
+		if found {
 			return
 		}
 		// skip the subdirective's arguments and block

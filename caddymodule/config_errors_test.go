@@ -63,6 +63,24 @@ func TestCaddyfileErrorsNameTheLine(t *testing.T) {
 		{"upstream without host", site("\twsgate {\n\t\tupstream ws:///socket " + mark + "\n\t}"), "missing host"},
 		{"managed header forwarded", site("\twsgate ws://a:1 {\n\t\tforward_headers Cookie Sec-WebSocket-Key " + mark + "\n\t}"), `header "Sec-WebSocket-Key" cannot be forwarded`},
 
+		// load balancing and health checks
+		{"unknown lb_policy", site("\twsgate ws://a:1 ws://b:2 {\n\t\tlb_policy leastconn " + mark + "\n\t}"), `unrecognized lb_policy "leastconn", did you mean "least_conn"?`},
+		{"lb_policy header without a name", site("\twsgate ws://a:1 ws://b:2 {\n\t\tlb_policy header " + mark + "\n\t}"), "wrong argument count"},
+		{"random_choose 1", site("\twsgate ws://a:1 ws://b:2 {\n\t\tlb_policy random_choose 1 " + mark + "\n\t}"), "at least 2"},
+		{"fallback of a policy without key", site("\twsgate ws://a:1 ws://b:2 {\n\t\tlb_policy least_conn {\n\t\t\tfallback random " + mark + "\n\t\t}\n\t}"), "lb_policy least_conn takes no fallback"},
+		{"sticky fallback", site("\twsgate ws://a:1 ws://b:2 {\n\t\tlb_policy header X-T {\n\t\t\tfallback cookie " + mark + "\n\t\t}\n\t}"), "cookie cannot be a fallback"},
+		{"max_age outside cookie", site("\twsgate ws://a:1 ws://b:2 {\n\t\tlb_policy claim sub {\n\t\t\tmax_age 1h " + mark + "\n\t\t}\n\t}"), "lb_policy claim takes no max_age"},
+		{"unknown lb_policy option", site("\twsgate ws://a:1 ws://b:2 {\n\t\tlb_policy cookie {\n\t\t\tfalback random " + mark + "\n\t\t}\n\t}"), `did you mean "fallback"?`},
+		{"health options without a probe", site("\twsgate ws://a:1 ws://b:2 {\n\t\tdial_timeout 1s\n\t\thealth_timeout 1s " + mark + "\n\t\thealth_interval 5s\n\t}"), "active health checks need health_uri or health_websocket"},
+		{"health_uri and health_websocket", site("\twsgate ws://a:1 ws://b:2 {\n\t\thealth_uri /h\n\t\thealth_websocket " + mark + "\n\t}"), "exclude each other"},
+		{"health_status with health_websocket", site("\twsgate ws://a:1 ws://b:2 {\n\t\thealth_websocket\n\t\thealth_status 200 " + mark + "\n\t}"), "a WebSocket probe expects 101"},
+		{"health_status malformed", site("\twsgate ws://a:1 ws://b:2 {\n\t\thealth_uri /h\n\t\thealth_status 2x " + mark + "\n\t}"), `not "2x"`},
+		{"health_uri without a slash", site("\twsgate ws://a:1 ws://b:2 {\n\t\thealth_uri healthz " + mark + "\n\t}"), "must start with /"},
+		{"unhealthy_close without fail_duration", site("\twsgate ws://a:1 ws://b:2 {\n\t\tdial_timeout 1s\n\t\tunhealthy_close " + mark + "\n\t}"), "passive health checks need fail_duration"},
+		{"unhealthy_close with a bad code", site("\twsgate ws://a:1 ws://b:2 {\n\t\tfail_duration 10s\n\t\tunhealthy_close 1006 999 " + mark + "\n\t}"), `not "999"`},
+		{"max_fails zero", site("\twsgate ws://a:1 ws://b:2 {\n\t\tfail_duration 10s\n\t\tmax_fails 0 " + mark + "\n\t}"), "max_fails must be a positive number"},
+		{"lb_policy twice", site("\twsgate ws://a:1 ws://b:2 {\n\t\tlb_policy first\n\t\tlb_policy random " + mark + "\n\t}"), `duplicate subdirective "lb_policy"`},
+
 		// origins
 		{"origin without scheme", site("\twsgate ws://a:1 {\n\t\torigins https://a.test\n\t\torigins app.example.com " + mark + "\n\t}"), `origin "app.example.com": want scheme://host[:port]`},
 		{"origin in upper case", site("\twsgate ws://a:1 {\n\t\torigins https://App.test " + mark + "\n\t}"), "lower case"},
@@ -266,6 +284,10 @@ func TestCaddyfileWarnings(t *testing.T) {
 		{"rate_limit upstream in rooms mode", site("\twsgate {\n\t\trooms\n\t\trate_limit {\n\t\t\tmessages 10/s\n\t\t}\n\t\trate_limit upstream { " + mark + "\n\t\t\tmessages 10/s\n\t\t}\n\t}"), "rate_limit upstream has no effect in rooms mode"},
 		{"refresh_field in rooms mode", site("\twsgate {\n\t\trooms\n\t\tjwt {\n\t\t\tsecret " + testSecret + "\n\t\t}\n\t\trefresh_field token " + mark + "\n\t}"), "refresh_field has no effect in rooms mode"},
 		{"send_queue without fan-out", site("\twsgate ws://a:1 {\n\t\tsend_queue 10 " + mark + "\n\t}"), "send_queue has no effect without rooms or upstream_control"},
+		{"lb_policy claim without a token source", site("\twsgate ws://a:1 ws://b:2 {\n\t\tlb_policy claim sub " + mark + "\n\t}"), "lb_policy claim has no effect"},
+		{"lb_policy claim with jwt", site("\twsgate ws://a:1 ws://b:2 {\n\t\tjwt {\n\t\t\tsecret " + testSecret + "\n\t\t}\n\t\tlb_policy claim sub\n\t}"), ""},
+		{"lb_policy in rooms mode", site("\twsgate {\n\t\trooms\n\t\tlb_policy least_conn " + mark + "\n\t}"), "lb_policy has no effect in rooms mode"},
+		{"health checks in rooms mode", site("\twsgate {\n\t\trooms\n\t\thealth_interval 1s " + mark + "\n\t\thealth_uri /h\n\t}"), "active health checking has no effect in rooms mode"},
 		{"send_queue with upstream_control", site("\twsgate ws://a:1 {\n\t\tupstream_control x:\n\t\tsend_queue 10\n\t}"), ""},
 	}
 	for _, tt := range tests {
@@ -324,6 +346,14 @@ func TestProvisionRefusesJSON(t *testing.T) {
 		{"negative dial_timeout", `{"upstreams":["ws://a:1"],"dial_timeout":-1}`, "dial timeout must not be negative"},
 		{"negative send_queue", `{"upstreams":["ws://a:1"],"send_queue":-1}`, "send queue must not be negative"},
 		{"unknown log_connections level", `{"upstreams":["ws://a:1"],"log_connections":"warn"}`, `log_connections must be info, debug or off, not "warn"`},
+		{"unknown lb policy", `{"upstreams":["ws://a:1"],"load_balancing":{"selection_policy":{"policy":"weighted"}}}`, `unknown lb_policy "weighted"`},
+		{"the engine's key policy", `{"upstreams":["ws://a:1"],"load_balancing":{"selection_policy":{"policy":"key"}}}`, `unknown lb_policy "key"`},
+		{"claim policy without a claim", `{"upstreams":["ws://a:1"],"load_balancing":{"selection_policy":{"policy":"claim"}}}`, "needs a claim path"},
+		{"header policy without a field", `{"upstreams":["ws://a:1"],"load_balancing":{"selection_policy":{"policy":"header"}}}`, "needs a header name"},
+		{"active checks without a probe", `{"upstreams":["ws://a:1"],"health_checks":{"active":{"interval":1000000000}}}`, "need health_uri or health_websocket"},
+		{"passive checks without fail_duration", `{"upstreams":["ws://a:1"],"health_checks":{"passive":{"max_fails":2}}}`, "need fail_duration"},
+		{"unhealthy close code out of range", `{"upstreams":["ws://a:1"],"health_checks":{"passive":{"fail_duration":1000000000,"unhealthy_close":[70000]}}}`, "want 1000-4999"},
+		{"negative drain_timeout", `{"upstreams":["ws://a:1"],"drain_timeout":-1}`, "drain_timeout must not be negative"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

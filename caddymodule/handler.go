@@ -42,11 +42,26 @@ type Handler struct {
 	// lines. Default: "wsgate".
 	Name string `json:"name,omitempty"`
 
-	// Upstreams are the ws:// or wss:// URLs of the app. Connections are
-	// spread round-robin; when one cannot be dialled the next is tried. An
-	// upstream URL with a path is dialled at that path; without one, at the
-	// client's request path. The client's query string is appended.
+	// Upstreams are the ws:// or wss:// URLs of the app. LoadBalancing
+	// chooses the upstream of each connection; when its dial fails another
+	// is tried, each at most once. An upstream URL with a path is dialled
+	// at that path; without one, at the client's request path. The
+	// client's query string is appended.
 	Upstreams []string `json:"upstreams,omitempty"`
+
+	// LoadBalancing chooses among the healthy upstreams. Default:
+	// round_robin.
+	LoadBalancing *LoadBalancing `json:"load_balancing,omitempty"`
+
+	// HealthChecks set unhealthy upstreams aside. Default: none (every
+	// upstream is always tried).
+	HealthChecks *HealthChecks `json:"health_checks,omitempty"`
+
+	// DrainTimeout closes the live connections of an upstream that a
+	// reload removed, this long after the reload, with 1001 "upstream
+	// removed" (clients reconnect, and reach the upstreams configured
+	// now). Default: none (they live on until they end).
+	DrainTimeout caddy.Duration `json:"drain_timeout,omitempty"`
 
 	// DialTimeout bounds connecting to an upstream and its handshake.
 	// Default: 5s. Negative is an error.
@@ -169,13 +184,14 @@ type Handler struct {
 	// ends: "info", "debug" or "off". Default: info.
 	LogConnections string `json:"log_connections,omitempty"`
 
-	gw       *proxy.Gateway
-	metrics  *handlerMetrics
-	connLog  zapcore.Level // when logConns
-	logConns bool
-	auth     authState
-	channels *channelState
-	hub      *rooms.Hub
+	gw           *proxy.Gateway
+	metrics      *handlerMetrics
+	balanceClaim string        // the claim the claim policy hashes
+	connLog      zapcore.Level // when logConns
+	logConns     bool
+	auth         authState
+	channels     *channelState
+	hub          *rooms.Hub
 }
 
 // RoomsConfig configures rooms mode.
@@ -261,6 +277,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return err
 	}
 	cfg.Stats = h.metrics.stats
+	cfg.Pool = h.metrics.pool
 	h.gw = proxy.New(cfg, registry, ctx.Slogger())
 	registry.SetReleaseMemory(releaseMemory(ctx))
 	if h.Rooms != nil || h.UpstreamControl != "" {
@@ -288,6 +305,9 @@ func (h *Handler) conflict() (option string, err error) {
 	case h.RefreshField != "" && h.JWT == nil:
 		return "refresh_field", errors.New("refresh_field needs jwt")
 	}
+	if option, err := h.upstreamConflict(); err != nil {
+		return option, err
+	}
 	return h.channelConflict()
 }
 
@@ -309,6 +329,9 @@ func (h *Handler) proxyConfig() (proxy.Config, error) {
 		WriteTimeout:   time.Duration(h.WriteTimeout),
 		CloseTimeout:   time.Duration(h.CloseTimeout),
 		ParkAfter:      time.Duration(h.ParkAfter),
+	}
+	if err := h.proxyUpstreams(&cfg); err != nil {
+		return cfg, err
 	}
 	if h.TLS != nil {
 		tc, err := h.TLS.config()
@@ -377,6 +400,12 @@ func (h *Handler) Cleanup() error {
 	h.cleanupAuth()
 	if caddy.Exiting() {
 		registry.Shutdown(shutdownLimit)
+		return nil
+	}
+	if h.gw != nil {
+		// stops its health checks, and drains the upstreams that the
+		// config replacing this one dropped
+		h.gw.Close()
 	}
 	return nil
 }
@@ -416,6 +445,7 @@ func (h *Handler) serveUpgrade(w http.ResponseWriter, r *http.Request, start tim
 	if h.UpstreamControl != "" {
 		h.addUpstreamControl(&info)
 	}
+	info.BalanceKey = h.balanceKey(claims)
 	return string(h.gw.ServeHTTP(w, r, info))
 }
 

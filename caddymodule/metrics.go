@@ -99,6 +99,7 @@ func init() {
 type handlerMetrics struct {
 	name           string
 	stats          *proxy.Stats
+	pool           *proxy.Pool   // the upstreams of the handlers of this name
 	publishLimited atomic.Uint64 // rooms publishes over publish_rate
 	// onPublishLimited counts one; made once, so that connections share it
 	onPublishLimited func()
@@ -115,7 +116,7 @@ func metricsFor(name string) *handlerMetrics {
 	defer handlerMetricsMu.Unlock()
 	m := handlerMetricsOf[name]
 	if m == nil {
-		m = &handlerMetrics{name: name, stats: proxy.NewStats()}
+		m = &handlerMetrics{name: name, stats: proxy.NewStats(), pool: proxy.NewPool()}
 		ok, failed := dialDuration.WithLabelValues(name, "ok"), dialDuration.WithLabelValues(name, "error")
 		m.stats.OnDial = func(d time.Duration, success bool) {
 			if success {
@@ -199,11 +200,17 @@ var (
 	descReconnects = desc("wsgate_broker_reconnects_total", "Returns of the broker after an outage.")
 	descErrors     = desc("wsgate_broker_errors_total",
 		"Broker failures: commands that failed, and lost connections that revealed an outage.")
-	descCacheHits = desc("wsgate_token_cache_hits_total", "Token verifications answered from the cache of recent ones.")
+	descCacheHits     = desc("wsgate_token_cache_hits_total", "Token verifications answered from the cache of recent ones.")
+	descUpstreamConns = desc("wsgate_upstream_connections",
+		"Relayed connections open (or being dialled) to each upstream.", "handler", "upstream")
+	descUpstreamHealthy = desc("wsgate_upstream_healthy",
+		"1 when the upstream takes new connections, 0 while health checks set it aside or after a reload removed it.",
+		"handler", "upstream")
 
 	collectorDescs = []*prometheus.Desc{descOpen, descParked, descChannels, descSubscriptions, descBrokerUp,
 		descCloses, descMessages, descBytes, descLimited, descWriteTimeouts, descSlow, descPublications,
-		descDeliveries, descInvalid, descReconnects, descErrors, descCacheHits}
+		descDeliveries, descInvalid, descReconnects, descErrors, descCacheHits,
+		descUpstreamConns, descUpstreamHealthy}
 )
 
 // Describe implements prometheus.Collector.
@@ -250,6 +257,14 @@ func (*collector) Collect(ch chan<- prometheus.Metric) {
 		counter(descWriteTimeouts, s.WriteTimeoutsUpstream, m.name, "upstream")
 		counter(descSlow, s.SlowClosed, m.name, "close")
 		counter(descSlow, s.SlowDropped, m.name, "drop")
+		for _, u := range m.pool.Status(time.Now()) {
+			gauge(descUpstreamConns, float64(u.Live), m.name, u.URL)
+			healthy := 0.0
+			if u.Healthy && !u.Removed {
+				healthy = 1
+			}
+			gauge(descUpstreamHealthy, healthy, m.name, u.URL)
+		}
 	}
 
 	var pubWS, pubHTTP, received, delivered, invalid int64

@@ -5,8 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"math/rand/v2"
 	"net/http"
 	"net/url"
+	"strings"
 	"time"
 )
 
@@ -86,9 +88,26 @@ const (
 // Config configures relayed connections. The zero value plus Upstreams is
 // usable; setDefaults fills in the documented defaults.
 type Config struct {
-	// Upstreams are ws:// or wss:// URLs. Connections are spread round-robin;
-	// when a dial fails the next upstream is tried.
+	// Upstreams are ws:// or wss:// URLs. LB chooses the upstream of each
+	// connection; when a dial fails, another is tried, each at most once.
 	Upstreams []string
+	// LB is the load-balancing policy. Default: round robin.
+	LB LBPolicy
+	// Health says when an upstream is set aside. Default: never. When
+	// every upstream is set aside, clients are refused at once with 502
+	// and a Retry-After.
+	Health Health
+	// Pool holds the upstreams' state (live connections, health); Gateways
+	// of successive configurations share one. nil: the Gateway's own.
+	Pool *Pool
+	// DrainTimeout, when positive, closes the live connections of an
+	// upstream that the Pool's configurations no longer hold, this long
+	// after the Gateway that held it last is closed, with 1001
+	// "upstream removed". 0: they live on.
+	DrainTimeout time.Duration
+	// Rand returns a number in [0,n) for the policies that choose at
+	// random; nil means math/rand/v2.
+	Rand func(n int) int
 	// DialTimeout bounds connecting to an upstream and its handshake.
 	// Default 5s; negative is an error.
 	DialTimeout time.Duration
@@ -143,6 +162,7 @@ type Config struct {
 	Now func() time.Time
 
 	upstreamURLs []*url.URL
+	selector     selector
 	monoClock    bool // Now is time.Now: read the cheaper monotonic clock instead
 }
 
@@ -196,6 +216,20 @@ func (c *Config) Prepare() error {
 	}
 	if c.DialTimeout == 0 {
 		c.DialTimeout = DefaultDialTimeout
+	}
+	if c.Rand == nil {
+		c.Rand = rand.IntN
+	}
+	sel, err := c.LB.prepare(c.Rand, false)
+	if err != nil {
+		return err
+	}
+	c.selector = sel
+	if err := c.Health.prepare(); err != nil {
+		return err
+	}
+	if c.DrainTimeout < 0 {
+		return errors.New("drain timeout must not be negative")
 	}
 	if c.ForwardHeaders == nil {
 		c.ForwardHeaders = DefaultForwardHeaders
@@ -269,6 +303,70 @@ func (c *Config) Prepare() error {
 	if c.Now == nil {
 		c.Now = time.Now
 		c.monoClock = true
+	}
+	return nil
+}
+
+// Check reports what Config.Prepare would refuse in h, leaving h as it is.
+func (h Health) Check() error {
+	if h.Active != nil {
+		a := *h.Active
+		h.Active = &a
+	}
+	return h.prepare()
+}
+
+// prepare checks h and fills in its defaults.
+func (h *Health) prepare() error {
+	if h.FailDuration < 0 || h.MaxFails < 0 {
+		return errors.New("fail duration and max fails must not be negative")
+	}
+	if h.MaxFails == 0 {
+		h.MaxFails = 1
+	}
+	if h.Now == nil {
+		h.Now = time.Now
+	}
+	for _, c := range h.UnhealthyCloses {
+		if c < 1000 || c > 4999 {
+			return fmt.Errorf("unhealthy close code %d: want 1000-4999", c)
+		}
+	}
+	a := h.Active
+	if a == nil {
+		return nil
+	}
+	switch {
+	case a.WebSocket && a.URI != "":
+		return errors.New("active health checks: an HTTP uri or a WebSocket handshake, not both")
+	case !a.WebSocket && a.URI == "":
+		return errors.New("active health checks need an HTTP uri or a WebSocket handshake")
+	case a.WebSocket && a.ExpectStatus != 0:
+		return errors.New("active health checks: a WebSocket probe expects 101; no other status can be set")
+	case a.Interval < 0 || a.Timeout < 0 || a.Passes < 0 || a.Fails < 0:
+		return errors.New("active health checks: interval, timeout, passes and fails must not be negative")
+	case a.ExpectStatus != 0 && (a.ExpectStatus > 5 && a.ExpectStatus < 100 || a.ExpectStatus > 599):
+		return fmt.Errorf("active health checks: bad expected status %d", a.ExpectStatus)
+	}
+	for _, uri := range []string{a.URI, a.WebSocketURI} {
+		if uri != "" && !strings.HasPrefix(uri, "/") {
+			return fmt.Errorf("active health checks: uri %q must start with /", uri)
+		}
+	}
+	if a.Interval == 0 {
+		a.Interval = DefaultHealthInterval
+	}
+	if a.Timeout == 0 {
+		a.Timeout = DefaultHealthTimeout
+	}
+	if a.Passes == 0 {
+		a.Passes = 1
+	}
+	if a.Fails == 0 {
+		a.Fails = 1
+	}
+	if a.NewTicker == nil {
+		a.NewTicker = func(d time.Duration) Ticker { return realTicker{time.NewTicker(d)} }
 	}
 	return nil
 }

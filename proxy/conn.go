@@ -309,6 +309,9 @@ func (c *relay) finish() {
 		c.upstream.rd.conn.Close()
 	}
 	c.g.reg.remove(c)
+	if !c.solo {
+		c.g.connEnded(c)
+	}
 	if s, f := c.stats(), c.onEnd; s != nil || f != nil {
 		e := c.summary()
 		if s != nil {

@@ -24,6 +24,9 @@ type ConnInfo struct {
 	Handler string
 	// Mode is how it is served ("relay", "rooms").
 	Mode string
+	// Upstream is the URL of the upstream it is relayed to (password
+	// redacted), set by the gateway; "" in rooms mode.
+	Upstream string
 	// Started is when the connection was upgraded.
 	Started time.Time
 	// Channels, if not nil, returns the channels the connection is
@@ -73,17 +76,23 @@ func (r *Registry) Conns() []*ConnInfo {
 // frame's reason is at most 123 bytes). It does not wait for the closing
 // handshakes.
 func (r *Registry) Disconnect(match func(*ConnInfo) bool, code uint16, reason string) int {
+	return r.disconnectWhere(func(c *relay) bool { return match(c.meta) }, ws.StatusCode(code), reason)
+}
+
+// disconnectWhere closes the live connections match selects, as
+// Disconnect.
+func (r *Registry) disconnectWhere(match func(*relay) bool, code ws.StatusCode, reason string) int {
 	r.mu.Lock()
 	var list []*relay
 	for c := range r.conns {
-		if !c.closing.Load() && match(c.meta) {
+		if !c.closing.Load() && match(c) {
 			list = append(list, c)
 		}
 	}
 	r.mu.Unlock()
 	for _, c := range list {
 		c.beginClosing()
-		go c.shutdown(ws.StatusCode(code), reason)
+		go c.shutdown(code, reason)
 	}
 	return len(list)
 }

@@ -7,6 +7,10 @@
 // of a connection:
 //
 //   - gateway.go, handshake.go: the upgrade and the upstream dial;
+//   - balance.go, upstream.go, healthcheck.go: which upstream a connection
+//     is dialled to (load-balancing policies), what is known of each
+//     upstream across configurations (Pool: live connections, passive
+//     health, drain), and the active probes;
 //   - conn.go: a connection's two sides, its start and its end;
 //   - reader.go, frame.go: reading frames into pooled buffers, the header
 //     codec;

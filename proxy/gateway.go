@@ -8,9 +8,12 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net"
 	"net/http"
 	"net/url"
+	"strconv"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -24,12 +27,18 @@ type Gateway struct {
 	cfg  Config
 	reg  *Registry
 	log  *slog.Logger
-	next atomic.Uint32
+	pool *Pool
+	ups  []*Upstream // the state of each of cfg.Upstreams, in order
+
+	stopChecks context.CancelFunc // ends the active health checks
+	checks     sync.WaitGroup
+	closed     atomic.Bool
 }
 
 // New makes a Gateway. cfg must have been prepared (Config.Prepare). reg
 // tracks live connections (for shutdown); it may be shared by several
-// Gateways. log may be nil.
+// Gateways. log may be nil. With active health checks configured, they
+// start now: Close ends them.
 func New(cfg Config, reg *Registry, log *slog.Logger) *Gateway {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -37,7 +46,70 @@ func New(cfg Config, reg *Registry, log *slog.Logger) *Gateway {
 	if reg == nil {
 		reg = NewRegistry()
 	}
-	return &Gateway{cfg: cfg, reg: reg, log: log}
+	g := &Gateway{cfg: cfg, reg: reg, log: log, pool: cfg.Pool}
+	if g.pool == nil {
+		g.pool = NewPool()
+	}
+	g.ups = make([]*Upstream, len(cfg.upstreamURLs))
+	for i, u := range cfg.upstreamURLs {
+		g.ups[i] = g.pool.retain(u)
+	}
+	g.startChecks()
+	return g
+}
+
+// Close ends the gateway's active health checks and lets go of its
+// upstreams: those no Gateway of the Pool holds any more are drained after
+// DrainTimeout, when set. Its live connections go on. Later calls do
+// nothing.
+func (g *Gateway) Close() {
+	if !g.closed.CompareAndSwap(false, true) {
+		return
+	}
+	if g.stopChecks != nil {
+		g.stopChecks()
+		g.checks.Wait()
+	}
+	for _, u := range g.ups {
+		if g.pool.release(u) {
+			level := slog.LevelDebug
+			if u.live.Load() > 0 {
+				level = slog.LevelInfo
+			}
+			g.log.Log(context.Background(), level, "upstream removed", "upstream", u.name, "live", u.live.Load())
+			if g.cfg.DrainTimeout > 0 {
+				g.scheduleDrain(u)
+			}
+		}
+	}
+}
+
+// UpstreamReason is the close reason sent (with 1001) to the clients of an
+// upstream that was removed from the configuration, when they are drained.
+const UpstreamReason = "upstream removed"
+
+// scheduleDrain closes u's connections after DrainTimeout, unless a
+// configuration holds it again by then.
+func (g *Gateway) scheduleDrain(u *Upstream) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.refs > 0 || u.drain != nil {
+		return
+	}
+	u.drain = time.AfterFunc(g.cfg.DrainTimeout, func() {
+		u.mu.Lock()
+		held := u.refs > 0
+		u.drain = nil
+		u.mu.Unlock()
+		if held {
+			return
+		}
+		n := g.reg.disconnectWhere(func(c *relay) bool { return !c.solo && c.g.ups[c.upstream.upIdx] == u },
+			ws.StatusGoingAway, UpstreamReason)
+		if n > 0 {
+			g.log.Info("upstream drained", "upstream", u.name, "closed", n)
+		}
+	})
 }
 
 // Registry returns the registry the gateway's connections are tracked in.
@@ -87,11 +159,26 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, info Request
 		WriteError(w, http.StatusInternalServerError, "no upstream configured", nil)
 		return NotConfigured
 	}
-	up, hs, err := g.dial(r.Context(), r, &info)
+	q := query{r: r, info: &info}
+	up, hs, err := g.dial(r.Context(), &q)
 	if err != nil {
-		g.log.Warn("upstream unavailable", "error", err.Error(), "remote", r.RemoteAddr)
-		WriteError(w, http.StatusBadGateway, "upstream unavailable", nil)
+		var hdr http.Header
+		if _, open := err.(errCircuitOpen); !open {
+			// (a refusal without a dial is not worth a line per request)
+			g.log.Warn("upstream unavailable", "error", err.Error(), "remote", r.RemoteAddr)
+		}
+		if after, ok := g.retryAfter(); ok {
+			// every upstream is set aside: say when one may be tried
+			hdr = http.Header{"Retry-After": {strconv.Itoa(after)}}
+		}
+		WriteError(w, http.StatusBadGateway, "upstream unavailable", hdr)
 		return UpstreamFailed
+	}
+	u := g.ups[up.idx]
+	if cp, ok := g.cfg.selector.(*cookiePick); ok {
+		if ck := cp.cookieFor(u, &q); ck != nil {
+			http.SetCookie(w, ck)
+		}
 	}
 	accept := hs.protocol
 	if accept == "" {
@@ -102,12 +189,15 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, info Request
 	if err != nil {
 		up.conn.Close()
 		up.putReader()
+		u.live.Add(-1)
+		g.pool.connEnded(u)
 		if conn != nil {
 			conn.Close()
 		}
 		g.log.Debug("client upgrade failed", "error", err.Error(), "remote", r.RemoteAddr)
 		return BadHandshake
 	}
+	info.Meta.Upstream = u.name
 	c := newRelay(g, conn, up.conn, &info)
 	c.upstream.upIdx = up.idx
 	if rw != nil && rw.Reader.Buffered() > 0 {
@@ -202,20 +292,51 @@ type errUpstreamStatus int
 
 func (e errUpstreamStatus) Error() string { return fmt.Sprintf("upstream answered HTTP %d", int(e)) }
 
-// dial connects to the next upstream, trying each once.
-func (g *Gateway) dial(ctx context.Context, r *http.Request, info *RequestInfo) (*dialed, handshake, error) {
+// errCircuitOpen is the refusal of a request when every upstream is set
+// aside: no dial is made.
+type errCircuitOpen struct{}
+
+func (errCircuitOpen) Error() string { return "every upstream is set aside" }
+
+// dial connects to an upstream the policy chooses among the usable ones;
+// when the dial fails it chooses again among the others, trying each at
+// most once.
+func (g *Gateway) dial(ctx context.Context, q *query) (*dialed, handshake, error) {
+	r, info := q.r, q.info
 	hdr := g.upstreamHeader(r, info)
 	protocols := offeredProtocols(r)
 	if info.Protocols != nil {
 		protocols = info.Protocols
 	}
-	n := len(g.cfg.upstreamURLs)
-	first := int(g.next.Add(1)-1) % n
+	n := len(g.ups)
+	var triedBuf [8]bool
+	var candBuf [8]*Upstream
+	var idxBuf [8]uint16
+	tried, cands, idxs := triedBuf[:0], candBuf[:0], idxBuf[:0]
+	if n > len(triedBuf) {
+		tried, cands, idxs = make([]bool, 0, n), make([]*Upstream, 0, n), make([]uint16, 0, n)
+	}
+	tried = tried[:n]
 	var errs []error
-	for i := 0; i < n; i++ {
-		u := g.cfg.upstreamURLs[(first+i)%n]
-		target := *u
-		target.Path, target.RawPath = joinPath(u, r)
+	for range n {
+		now := g.cfg.Health.Now()
+		cands, idxs = cands[:0], idxs[:0]
+		for i, u := range g.ups {
+			if !tried[i] && u.usable(now) {
+				cands, idxs = append(cands, u), append(idxs, uint16(i))
+			}
+		}
+		if len(cands) == 0 {
+			break
+		}
+		k := g.cfg.selector.pick(cands, q)
+		u, idx := cands[k], idxs[k]
+		tried[idx] = true
+		if !u.acquire(now) {
+			continue // set aside, or its one trial dial taken, meanwhile
+		}
+		target := *u.url
+		target.Path, target.RawPath = joinPath(u.url, r)
 		if target.RawQuery == "" {
 			target.RawQuery = r.URL.RawQuery
 		} else if r.URL.RawQuery != "" {
@@ -235,15 +356,61 @@ func (g *Gateway) dial(ctx context.Context, r *http.Request, info *RequestInfo) 
 		if s := g.cfg.Stats; s != nil && s.OnDial != nil {
 			s.OnDial(time.Since(t0), err == nil)
 		}
-		if err == nil {
-			return &dialed{conn: conn, br: br, idx: uint16((first + i) % n)}, handshake{protocol: hs.Protocol}, nil
-		}
-		if status != 0 {
+		if err != nil && status != 0 {
 			err = errUpstreamStatus(status)
 		}
-		errs = append(errs, fmt.Errorf("%s: %w", u.Redacted(), err))
+		if err != nil && ctx.Err() != nil {
+			// the client went away: that says nothing of the upstream
+			u.abandoned()
+			return nil, handshake{}, errors.Join(append(errs, fmt.Errorf("%s: %w", u.name, err))...)
+		}
+		u.dialed(g.cfg.Health.Now(), &g.cfg.Health, err)
+		if err == nil {
+			return &dialed{conn: conn, br: br, idx: idx}, handshake{protocol: hs.Protocol}, nil
+		}
+		if down := !u.usable(g.cfg.Health.Now()); down {
+			g.log.Debug("upstream set aside", "upstream", u.name, "error", err.Error())
+		}
+		errs = append(errs, fmt.Errorf("%s: %w", u.name, err))
+	}
+	if len(errs) == 0 {
+		return nil, handshake{}, errCircuitOpen{}
 	}
 	return nil, handshake{}, errors.Join(errs...)
+}
+
+// retryAfter is, when every upstream is set aside, the Retry-After of a
+// refusal in whole seconds (at least 1): until the first may be tried.
+func (g *Gateway) retryAfter() (int, bool) {
+	now := g.cfg.Health.Now()
+	d := time.Duration(math.MaxInt64)
+	for _, u := range g.ups {
+		if u.usable(now) {
+			return 0, false
+		}
+		d = min(d, u.retryIn(now, &g.cfg.Health))
+	}
+	if d == math.MaxInt64 {
+		d = time.Second
+	}
+	return max(1, int((d+time.Second-1)/time.Second)), true
+}
+
+// connEnded accounts for the end of a relayed connection to the upstream
+// of c.
+func (g *Gateway) connEnded(c *relay) {
+	u := g.ups[c.upstream.upIdx]
+	var code ws.StatusCode
+	c.cmu.Lock()
+	if r := c.rec; r != nil && r.first == upstreamSide {
+		code = r.firstCode
+		if code == 0 {
+			code = ws.StatusAbnormalClosure
+		}
+	}
+	c.cmu.Unlock()
+	u.ended(g.cfg.Health.Now(), &g.cfg.Health, code)
+	g.pool.connEnded(u)
 }
 
 // joinPath picks the upstream request path: the upstream URL's own path

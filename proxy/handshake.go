@@ -172,6 +172,10 @@ type RequestInfo struct {
 	// its X-Forwarded-* headers are kept and extended rather than replaced.
 	TrustedProxy bool
 
+	// BalanceKey is what the key LB policy hashes (a claim, for
+	// instance); "" lets its fallback choose.
+	BalanceKey string
+
 	// Header is set on the upstream handshake after the forwarded headers
 	// (claims, for instance).
 	Header http.Header
