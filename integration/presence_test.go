@@ -108,10 +108,7 @@ func (pc *presenceClient) nextEvent() presenceEvent {
 // changes, and the entries of a node killed with -9 are gone within the
 // presence TTL (2s).
 func TestPresenceAcrossNodes(t *testing.T) {
-	rs := startRedis(t)
-	global := historyGlobal("\t\tbroker redis " + rs.url())
-	a := startGatewayWith(t, global, nil, roomsSite(""))
-	b := startGatewayWith(t, global, nil, roomsSite(""))
+	_, a, b := historyNodes(t)
 	obs := dialPresence(t, a)
 	readerA, readerB := dialPresence(t, a), dialPresence(t, b)
 	obs.call(map[string]any{"op": "subscribe", "channel": presenceChannel})

@@ -371,21 +371,33 @@ func topOf(t *testing.T, g *gateway) func() (string, uint64) {
 	}
 }
 
+// historyNodes starts Redis and two gateways on it with historyGlobal.
+func historyNodes(t *testing.T) (*redisServer, *gateway, *gateway) {
+	t.Helper()
+	rs := startRedis(t)
+	global := historyGlobal("\t\tbroker redis " + rs.url())
+	return rs, startGatewayWith(t, global, nil, roomsSite("")), startGatewayWith(t, global, nil, roomsSite(""))
+}
+
+// wantAllRecovered insists that no recovery was incomplete and no reset
+// was sent.
+func (c *chaos) wantAllRecovered() {
+	c.t.Helper()
+	for _, tr := range c.trackers {
+		if tr.notRecovered > 0 || tr.resets > 0 {
+			c.t.Fatalf("subscriber %d: %d recoveries incomplete, %d resets; want none", tr.id, tr.notRecovered, tr.resets)
+		}
+	}
+}
+
 // TestRecoveryDroppedConnections: subscribers drop their TCP connections
 // every 20–80 messages and resubscribe with since, on either node: no
 // gap, no duplicate, order kept, every recovery complete.
 func TestRecoveryDroppedConnections(t *testing.T) {
-	rs := startRedis(t)
-	global := historyGlobal("\t\tbroker redis " + rs.url())
-	a := startGatewayWith(t, global, nil, roomsSite(""))
-	b := startGatewayWith(t, global, nil, roomsSite(""))
+	_, a, b := historyNodes(t)
 	c := startChaos(t, []*gateway{a, b}, true, 600)
 	c.finish(topOf(t, a))
-	for _, tr := range c.trackers {
-		if tr.notRecovered > 0 || tr.resets > 0 {
-			t.Fatalf("subscriber %d: %d recoveries incomplete, %d resets; want none", tr.id, tr.notRecovered, tr.resets)
-		}
-	}
+	c.wantAllRecovered()
 }
 
 // TestRecoveryMemoryBroker is the same on one node with the memory broker.
@@ -393,29 +405,20 @@ func TestRecoveryMemoryBroker(t *testing.T) {
 	a := startGatewayWith(t, historyGlobal("\t\tbroker memory"), nil, roomsSite(""))
 	c := startChaos(t, []*gateway{a}, true, 1200)
 	c.finish(topOf(t, a))
-	for _, tr := range c.trackers {
-		if tr.notRecovered > 0 || tr.resets > 0 {
-			t.Fatalf("subscriber %d: %d recoveries incomplete, %d resets; want none", tr.id, tr.notRecovered, tr.resets)
-		}
-	}
+	c.wantAllRecovered()
 }
 
 // TestRecoveryGatewayKilled: one gateway is killed with -9 mid-stream; its
 // subscribers reconnect to the other with since and miss nothing.
 func TestRecoveryGatewayKilled(t *testing.T) {
-	rs := startRedis(t)
-	global := historyGlobal("\t\tbroker redis " + rs.url())
-	a := startGatewayWith(t, global, nil, roomsSite(""))
-	b := startGatewayWith(t, global, nil, roomsSite(""))
+	_, a, b := historyNodes(t)
 	c := startChaos(t, []*gateway{a, b}, false, 600)
 	eventually(t, 30*time.Second, "half the stream published", func() bool { return c.published() >= 600 })
 	c.kill(b)
 	c.finish(topOf(t, a))
+	c.wantAllRecovered()
 	moved := 0
 	for _, tr := range c.trackers {
-		if tr.notRecovered > 0 || tr.resets > 0 {
-			t.Fatalf("subscriber %d: %d recoveries incomplete, %d resets; want none", tr.id, tr.notRecovered, tr.resets)
-		}
 		if tr.conns > 1 {
 			moved++
 		}
@@ -429,10 +432,7 @@ func TestRecoveryGatewayKilled(t *testing.T) {
 // mid-stream: its history is gone, and every subscriber is told (a reset,
 // or recovered false with the new epoch), never left with a silent gap.
 func TestRecoveryRedisRestarted(t *testing.T) {
-	rs := startRedis(t)
-	global := historyGlobal("\t\tbroker redis " + rs.url())
-	a := startGatewayWith(t, global, nil, roomsSite(""))
-	b := startGatewayWith(t, global, nil, roomsSite(""))
+	rs, a, b := historyNodes(t)
 	c := startChaos(t, []*gateway{a, b}, true, 900)
 	epoch0, _ := c.trackers[0].position()
 	eventually(t, 30*time.Second, "a third of the stream published", func() bool { return c.published() >= 600 })
@@ -458,10 +458,7 @@ func TestRecoveryRedisRestarted(t *testing.T) {
 // Redis restart without persistence still tells its subscribers their
 // history is gone, as soon as each node is back on Redis.
 func TestResetWithoutNextPublication(t *testing.T) {
-	rs := startRedis(t)
-	global := historyGlobal("\t\tbroker redis " + rs.url())
-	a := startGatewayWith(t, global, nil, roomsSite(""))
-	b := startGatewayWith(t, global, nil, roomsSite(""))
+	rs, a, b := historyNodes(t)
 	var clients []*presenceClient
 	for _, g := range []*gateway{a, b} {
 		pc := dialPresence(t, g)
