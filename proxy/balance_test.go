@@ -196,10 +196,11 @@ func TestPassiveHealth(t *testing.T) {
 	dialFail := errors.New("connection refused")
 	fail := func() {
 		t.Helper()
-		if !u.acquire(clock.Now()) {
+		tok, ok := u.acquire(clock.Now())
+		if !ok {
 			t.Fatal("not usable")
 		}
-		u.dialed(clock.Now(), &h, dialFail)
+		u.dialed(clock.Now(), &h, tok, dialFail)
 	}
 
 	fail()
@@ -225,16 +226,17 @@ func TestPassiveHealth(t *testing.T) {
 	}
 	clock.Advance(time.Second)
 	// back: one trial dial at a time
-	if !u.acquire(clock.Now()) {
+	trial, ok := u.acquire(clock.Now())
+	if !ok || trial == 0 {
 		t.Fatal("no trial after fail_duration")
 	}
-	if u.usable(clock.Now()) || u.acquire(clock.Now()) {
+	if _, ok := u.acquire(clock.Now()); ok || u.usable(clock.Now()) {
 		t.Fatal("a second dial while the trial is in flight")
 	}
 	if d := u.retryIn(clock.Now(), &h); d != time.Second {
 		t.Fatalf("retry in %v during a trial", d)
 	}
-	u.dialed(clock.Now(), &h, dialFail) // the trial fails: aside again
+	u.dialed(clock.Now(), &h, trial, dialFail) // the trial fails: aside again
 	if u.usable(clock.Now()) {
 		t.Fatal("usable after a failed trial")
 	}
@@ -242,18 +244,18 @@ func TestPassiveHealth(t *testing.T) {
 		t.Fatalf("retry in %v after a failed trial", d)
 	}
 	clock.Advance(10 * time.Second)
-	if !u.acquire(clock.Now()) {
+	if trial, ok = u.acquire(clock.Now()); !ok {
 		t.Fatal("no second trial")
 	}
-	u.dialed(clock.Now(), &h, nil) // the trial succeeds: back for all
+	u.dialed(clock.Now(), &h, trial, nil) // the trial succeeds: back for all
 	if !u.usable(clock.Now()) || u.Live() != 1 {
 		t.Fatalf("after a good trial: usable %v, live %d", u.usable(clock.Now()), u.Live())
 	}
 
 	// a 4xx answer judges the client, not the upstream
 	for range 3 {
-		u.acquire(clock.Now())
-		u.dialed(clock.Now(), &h, errUpstreamStatus(403))
+		tok, _ := u.acquire(clock.Now())
+		u.dialed(clock.Now(), &h, tok, errUpstreamStatus(403))
 	}
 	if !u.usable(clock.Now()) {
 		t.Fatal("set aside by 403 answers")
@@ -269,13 +271,73 @@ func TestPassiveHealth(t *testing.T) {
 	}
 	// a trial answered with 403 found the upstream up
 	clock.Advance(10 * time.Second)
-	if !u.acquire(clock.Now()) {
+	if trial, ok = u.acquire(clock.Now()); !ok {
 		t.Fatal("no trial")
 	}
-	u.dialed(clock.Now(), &h, errUpstreamStatus(403))
+	u.dialed(clock.Now(), &h, trial, errUpstreamStatus(403))
 	if !u.usable(clock.Now()) {
 		t.Fatal("set aside again by a trial answered with 403")
 	}
+}
+
+// TestTrialBelongsToItsDial: a dial that started before the upstream was
+// set aside, and ends during the trial, neither ends the trial (which
+// would let a second one in) nor decides it (which would leave the
+// upstream aside after a good trial).
+func TestTrialBelongsToItsDial(t *testing.T) {
+	clock := newFakeClock()
+	h := Health{FailDuration: time.Minute}
+	if err := h.prepare(); err != nil {
+		t.Fatal(err)
+	}
+	dialFail := errors.New("connection refused")
+	// setAside returns u, set aside by a failure, with an older dial
+	// still in flight, fail_duration later: its trial may start.
+	setAside := func() (u *Upstream, older trialToken) {
+		u = testUpstreams(0)[0]
+		older, _ = u.acquire(clock.Now())
+		tok, _ := u.acquire(clock.Now())
+		u.dialed(clock.Now(), &h, tok, dialFail)
+		if u.usable(clock.Now()) {
+			t.Fatal("usable after a failure")
+		}
+		clock.Advance(time.Minute)
+		return u, older
+	}
+
+	t.Run("an older dial abandoned", func(t *testing.T) {
+		u, older := setAside()
+		trial, ok := u.acquire(clock.Now())
+		if !ok || trial == 0 {
+			t.Fatal("no trial")
+		}
+		u.abandoned(older)
+		if _, ok := u.acquire(clock.Now()); ok {
+			t.Fatal("a second trial while the first is in flight")
+		}
+		u.abandoned(trial)
+		if _, ok := u.acquire(clock.Now()); !ok {
+			t.Fatal("no new trial after the trial was abandoned")
+		}
+	})
+	t.Run("an older dial fails, then the trial succeeds", func(t *testing.T) {
+		u, older := setAside()
+		trial, ok := u.acquire(clock.Now())
+		if !ok || trial == 0 {
+			t.Fatal("no trial")
+		}
+		u.dialed(clock.Now(), &h, older, dialFail)
+		if _, ok := u.acquire(clock.Now()); ok {
+			t.Fatal("a second trial while the first is in flight")
+		}
+		u.dialed(clock.Now(), &h, trial, nil)
+		if !u.usable(clock.Now()) {
+			t.Fatal("still set aside after a good trial")
+		}
+		if u.Live() != 1 {
+			t.Fatalf("live %d, want 1 (the trial)", u.Live())
+		}
+	})
 }
 
 func TestActiveHealthTransitions(t *testing.T) {

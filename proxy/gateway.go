@@ -332,7 +332,8 @@ func (g *Gateway) dial(ctx context.Context, q *query) (*dialed, handshake, error
 		k := g.cfg.selector.pick(cands, q)
 		u, idx := cands[k], idxs[k]
 		tried[idx] = true
-		if !u.acquire(now) {
+		tok, ok := u.acquire(now)
+		if !ok {
 			continue // set aside, or its one trial dial taken, meanwhile
 		}
 		target := *u.url
@@ -361,10 +362,10 @@ func (g *Gateway) dial(ctx context.Context, q *query) (*dialed, handshake, error
 		}
 		if err != nil && ctx.Err() != nil {
 			// the client went away: that says nothing of the upstream
-			u.abandoned()
+			u.abandoned(tok)
 			return nil, handshake{}, errors.Join(append(errs, fmt.Errorf("%s: %w", u.name, err))...)
 		}
-		u.dialed(g.cfg.Health.Now(), &g.cfg.Health, err)
+		u.dialed(g.cfg.Health.Now(), &g.cfg.Health, tok, err)
 		if err == nil {
 			return &dialed{conn: conn, br: br, idx: idx}, handshake{protocol: hs.Protocol}, nil
 		}

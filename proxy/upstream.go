@@ -195,7 +195,8 @@ type Upstream struct {
 	drain      *time.Timer // closes its connections once removed (DrainTimeout)
 	fails      []time.Time // passive failures within FailDuration
 	downUntil  time.Time   // passive: skipped until then; zero: up
-	trial      bool        // after downUntil, the one dial that tries it is in flight
+	trial      trialToken  // after downUntil, the one dial that tries it (0: none in flight)
+	trials     trialToken  // the last token handed out
 	activeDown bool
 	passes     int // probes in a row that passed (active)
 	failures   int // probes in a row that failed (active)
@@ -213,7 +214,7 @@ func (u *Upstream) status(now time.Time) UpstreamStatus {
 	defer u.mu.Unlock()
 	s := UpstreamStatus{URL: u.name, Live: u.live.Load(), ActiveDown: u.activeDown, Removed: u.refs == 0, LastError: u.lastErr}
 	if !u.downUntil.IsZero() {
-		s.PassiveDown, s.DownUntil = now.Before(u.downUntil) || u.trial, u.downUntil
+		s.PassiveDown, s.DownUntil = now.Before(u.downUntil) || u.trial != 0, u.downUntil
 	}
 	s.Healthy = !s.ActiveDown && !s.PassiveDown
 	return s
@@ -230,37 +231,45 @@ func (u *Upstream) usableLocked(now time.Time) bool {
 	if u.activeDown {
 		return false
 	}
-	return u.downUntil.IsZero() || !now.Before(u.downUntil) && !u.trial
+	return u.downUntil.IsZero() || !now.Before(u.downUntil) && u.trial == 0
 }
+
+// trialToken names the one dial that tries an upstream back from being
+// set aside; 0 is any other dial. Only that dial's outcome ends the
+// trial: a dial started before the upstream was set aside may end
+// meanwhile, and says nothing of its return.
+type trialToken uint64
 
 // acquire takes u for a dial, or reports that it stopped being usable
 // since it was chosen. An upstream back from being set aside lets one
 // dial through at a time, so that its return is tried by one client, not
-// by every client waiting.
-func (u *Upstream) acquire(now time.Time) bool {
+// by every client waiting: that dial gets a token, which it hands back to
+// dialed or abandoned.
+func (u *Upstream) acquire(now time.Time) (tok trialToken, ok bool) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	if !u.usableLocked(now) {
-		return false
+		return 0, false
 	}
 	if !u.downUntil.IsZero() {
-		u.trial = true
+		u.trials++
+		u.trial, tok = u.trials, u.trials
 	}
 	u.live.Add(1)
-	return true
+	return tok, true
 }
 
-// dialed records how a dial acquired from u went. A failed dial no
-// longer counts as a connection.
-func (u *Upstream) dialed(now time.Time, h *Health, err error) {
+// dialed records how a dial acquired from u (with tok) went. A failed
+// dial no longer counts as a connection.
+func (u *Upstream) dialed(now time.Time, h *Health, tok trialToken, err error) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	if err != nil {
 		u.live.Add(-1)
 		u.lastErr = err.Error()
 	}
-	if u.trial {
-		u.trial = false
+	if tok != 0 && tok == u.trial {
+		u.trial = 0
 		if err == nil || !countsAsFailure(err) {
 			// it answered: it is up
 			u.downUntil, u.fails = time.Time{}, u.fails[:0]
@@ -274,11 +283,14 @@ func (u *Upstream) dialed(now time.Time, h *Health, err error) {
 	}
 }
 
-// abandoned records a dial given up because the client went away, which
-// says nothing of the upstream.
-func (u *Upstream) abandoned() {
+// abandoned records a dial (acquired with tok) given up because the
+// client went away, which says nothing of the upstream: if it was the
+// trial, the next dial tries instead.
+func (u *Upstream) abandoned(tok trialToken) {
 	u.mu.Lock()
-	u.trial = false
+	if tok != 0 && tok == u.trial {
+		u.trial = 0
+	}
 	u.mu.Unlock()
 	u.live.Add(-1)
 }
@@ -344,7 +356,7 @@ func (u *Upstream) probed(a *ActiveHealth, err error) (changed, down bool) {
 		u.activeDown = false
 		// The probe has just reached it: no need to wait out a passive
 		// penalty too.
-		u.downUntil, u.fails, u.trial = time.Time{}, u.fails[:0], false
+		u.downUntil, u.fails, u.trial = time.Time{}, u.fails[:0], 0
 		return true, false
 	}
 	return false, u.activeDown
@@ -362,7 +374,7 @@ func (u *Upstream) retryIn(now time.Time, h *Health) time.Duration {
 		switch {
 		case now.Before(u.downUntil):
 			d = min(d, u.downUntil.Sub(now))
-		case u.trial:
+		case u.trial != 0:
 			d = min(d, time.Second)
 		}
 	}
