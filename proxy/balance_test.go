@@ -196,7 +196,7 @@ func TestPassiveHealth(t *testing.T) {
 	dialFail := errors.New("connection refused")
 	fail := func() {
 		t.Helper()
-		tok, ok := u.acquire(clock.Now())
+		tok, ok := u.acquire(clock.Now(), &h, nil)
 		if !ok {
 			t.Fatal("not usable")
 		}
@@ -204,60 +204,60 @@ func TestPassiveHealth(t *testing.T) {
 	}
 
 	fail()
-	if !u.usable(clock.Now()) {
+	if !u.usable(clock.Now(), &h, nil) {
 		t.Fatal("set aside after 1 of 2 failures")
 	}
 	clock.Advance(11 * time.Second) // the first failure leaves the window
 	fail()
-	if !u.usable(clock.Now()) {
+	if !u.usable(clock.Now(), &h, nil) {
 		t.Fatal("failures in different windows add up")
 	}
 	clock.Advance(time.Second)
 	fail()
-	if u.usable(clock.Now()) {
+	if u.usable(clock.Now(), &h, nil) {
 		t.Fatal("usable after 2 failures within fail_duration")
 	}
 	if st := u.status(clock.Now()); st.Healthy || !st.PassiveDown || st.Live != 0 {
 		t.Fatalf("status %+v", st)
 	}
 	clock.Advance(9 * time.Second)
-	if u.usable(clock.Now()) {
+	if u.usable(clock.Now(), &h, nil) {
 		t.Fatal("usable before fail_duration passed")
 	}
 	clock.Advance(time.Second)
 	// back: one trial dial at a time
-	trial, ok := u.acquire(clock.Now())
+	trial, ok := u.acquire(clock.Now(), &h, nil)
 	if !ok || trial == 0 {
 		t.Fatal("no trial after fail_duration")
 	}
-	if _, ok := u.acquire(clock.Now()); ok || u.usable(clock.Now()) {
+	if _, ok := u.acquire(clock.Now(), &h, nil); ok || u.usable(clock.Now(), &h, nil) {
 		t.Fatal("a second dial while the trial is in flight")
 	}
-	if d := u.retryIn(clock.Now(), &h); d != time.Second {
+	if d := u.retryIn(clock.Now(), &h, nil); d != time.Second {
 		t.Fatalf("retry in %v during a trial", d)
 	}
 	u.dialed(clock.Now(), &h, trial, dialFail) // the trial fails: aside again
-	if u.usable(clock.Now()) {
+	if u.usable(clock.Now(), &h, nil) {
 		t.Fatal("usable after a failed trial")
 	}
-	if d := u.retryIn(clock.Now(), &h); d != 10*time.Second {
+	if d := u.retryIn(clock.Now(), &h, nil); d != 10*time.Second {
 		t.Fatalf("retry in %v after a failed trial", d)
 	}
 	clock.Advance(10 * time.Second)
-	if trial, ok = u.acquire(clock.Now()); !ok {
+	if trial, ok = u.acquire(clock.Now(), &h, nil); !ok {
 		t.Fatal("no second trial")
 	}
 	u.dialed(clock.Now(), &h, trial, nil) // the trial succeeds: back for all
-	if !u.usable(clock.Now()) || u.Live() != 1 {
-		t.Fatalf("after a good trial: usable %v, live %d", u.usable(clock.Now()), u.Live())
+	if !u.usable(clock.Now(), &h, nil) || u.Live() != 1 {
+		t.Fatalf("after a good trial: usable %v, live %d", u.usable(clock.Now(), &h, nil), u.Live())
 	}
 
 	// a 4xx answer judges the client, not the upstream
 	for range 3 {
-		tok, _ := u.acquire(clock.Now())
+		tok, _ := u.acquire(clock.Now(), &h, nil)
 		u.dialed(clock.Now(), &h, tok, errUpstreamStatus(403))
 	}
-	if !u.usable(clock.Now()) {
+	if !u.usable(clock.Now(), &h, nil) {
 		t.Fatal("set aside by 403 answers")
 	}
 	// unexpected closes of live connections count, others not
@@ -266,16 +266,16 @@ func TestPassiveHealth(t *testing.T) {
 	u.live.Store(2)
 	u.ended(clock.Now(), &h, ws.StatusAbnormalClosure)
 	u.ended(clock.Now(), &h, ws.StatusInternalServerError)
-	if u.usable(clock.Now()) {
+	if u.usable(clock.Now(), &h, nil) {
 		t.Fatal("usable after two 1006/1011 closes")
 	}
 	// a trial answered with 403 found the upstream up
 	clock.Advance(10 * time.Second)
-	if trial, ok = u.acquire(clock.Now()); !ok {
+	if trial, ok = u.acquire(clock.Now(), &h, nil); !ok {
 		t.Fatal("no trial")
 	}
 	u.dialed(clock.Now(), &h, trial, errUpstreamStatus(403))
-	if !u.usable(clock.Now()) {
+	if !u.usable(clock.Now(), &h, nil) {
 		t.Fatal("set aside again by a trial answered with 403")
 	}
 }
@@ -295,10 +295,10 @@ func TestTrialBelongsToItsDial(t *testing.T) {
 	// still in flight, fail_duration later: its trial may start.
 	setAside := func() (u *Upstream, older trialToken) {
 		u = testUpstreams(0)[0]
-		older, _ = u.acquire(clock.Now())
-		tok, _ := u.acquire(clock.Now())
+		older, _ = u.acquire(clock.Now(), &h, nil)
+		tok, _ := u.acquire(clock.Now(), &h, nil)
 		u.dialed(clock.Now(), &h, tok, dialFail)
-		if u.usable(clock.Now()) {
+		if u.usable(clock.Now(), &h, nil) {
 			t.Fatal("usable after a failure")
 		}
 		clock.Advance(time.Minute)
@@ -307,31 +307,31 @@ func TestTrialBelongsToItsDial(t *testing.T) {
 
 	t.Run("an older dial abandoned", func(t *testing.T) {
 		u, older := setAside()
-		trial, ok := u.acquire(clock.Now())
+		trial, ok := u.acquire(clock.Now(), &h, nil)
 		if !ok || trial == 0 {
 			t.Fatal("no trial")
 		}
 		u.abandoned(older)
-		if _, ok := u.acquire(clock.Now()); ok {
+		if _, ok := u.acquire(clock.Now(), &h, nil); ok {
 			t.Fatal("a second trial while the first is in flight")
 		}
 		u.abandoned(trial)
-		if _, ok := u.acquire(clock.Now()); !ok {
+		if _, ok := u.acquire(clock.Now(), &h, nil); !ok {
 			t.Fatal("no new trial after the trial was abandoned")
 		}
 	})
 	t.Run("an older dial fails, then the trial succeeds", func(t *testing.T) {
 		u, older := setAside()
-		trial, ok := u.acquire(clock.Now())
+		trial, ok := u.acquire(clock.Now(), &h, nil)
 		if !ok || trial == 0 {
 			t.Fatal("no trial")
 		}
 		u.dialed(clock.Now(), &h, older, dialFail)
-		if _, ok := u.acquire(clock.Now()); ok {
+		if _, ok := u.acquire(clock.Now(), &h, nil); ok {
 			t.Fatal("a second trial while the first is in flight")
 		}
 		u.dialed(clock.Now(), &h, trial, nil)
-		if !u.usable(clock.Now()) {
+		if !u.usable(clock.Now(), &h, nil) {
 			t.Fatal("still set aside after a good trial")
 		}
 		if u.Live() != 1 {
@@ -347,6 +347,7 @@ func TestActiveHealthTransitions(t *testing.T) {
 		t.Fatal(err)
 	}
 	u := testUpstreams(0)[0]
+	p := &prober{a: a}
 	bad := errors.New("status 500")
 	steps := []struct {
 		err           error
@@ -356,11 +357,11 @@ func TestActiveHealthTransitions(t *testing.T) {
 		{bad, false, true}, {nil, false, true}, {bad, false, true}, {nil, false, true}, {nil, true, false},
 	}
 	for i, s := range steps {
-		changed, down := u.probed(a, s.err)
+		changed, down := u.probed(p, s.err)
 		if changed != s.changed || down != s.down {
 			t.Fatalf("probe %d: changed %v down %v, want %v %v", i, changed, down, s.changed, s.down)
 		}
-		if u.usable(time.Now()) == down {
+		if u.usable(time.Now(), &h, p) == down {
 			t.Fatalf("probe %d: usable disagrees with down", i)
 		}
 	}

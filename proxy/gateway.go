@@ -13,7 +13,6 @@ import (
 	"net/http"
 	"net/url"
 	"strconv"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -29,16 +28,18 @@ type Gateway struct {
 	log  *slog.Logger
 	pool *Pool
 	ups  []*Upstream // the state of each of cfg.Upstreams, in order
+	// probers are the active checks of ups, in the same order (nil
+	// without active checks)
+	probers []*prober
 
-	stopChecks context.CancelFunc // ends the active health checks
-	checks     sync.WaitGroup
-	closed     atomic.Bool
+	closed atomic.Bool
 }
 
 // New makes a Gateway. cfg must have been prepared (Config.Prepare). reg
 // tracks live connections (for shutdown); it may be shared by several
 // Gateways. log may be nil. With active health checks configured, they
-// start now: Close ends them.
+// start now, unless a Gateway of the same Pool runs the same checks
+// already: then the two share them.
 func New(cfg Config, reg *Registry, log *slog.Logger) *Gateway {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -51,24 +52,28 @@ func New(cfg Config, reg *Registry, log *slog.Logger) *Gateway {
 		g.pool = NewPool()
 	}
 	g.ups = make([]*Upstream, len(cfg.upstreamURLs))
+	g.probers = make([]*prober, len(cfg.upstreamURLs))
 	for i, u := range cfg.upstreamURLs {
 		g.ups[i] = g.pool.retain(u)
+		if a := cfg.Health.Active; a != nil {
+			g.probers[i] = g.retainProber(g.ups[i], a)
+		}
 	}
-	g.startChecks()
 	return g
 }
 
-// Close ends the gateway's active health checks and lets go of its
-// upstreams: those no Gateway of the Pool holds any more are drained after
-// DrainTimeout, when set. Its live connections go on. Later calls do
+// Close lets go of the gateway's upstreams and their active health checks
+// (which stop with the last Gateway that holds them): upstreams no Gateway
+// of the Pool holds any more are drained after DrainTimeout, when set. Its live connections go on. Later calls do
 // nothing.
 func (g *Gateway) Close() {
 	if !g.closed.CompareAndSwap(false, true) {
 		return
 	}
-	if g.stopChecks != nil {
-		g.stopChecks()
-		g.checks.Wait()
+	for i, p := range g.probers {
+		if p != nil {
+			releaseProber(g.ups[i], p)
+		}
 	}
 	for _, u := range g.ups {
 		if g.pool.release(u) {
@@ -322,7 +327,7 @@ func (g *Gateway) dial(ctx context.Context, q *query) (*dialed, handshake, error
 		now := g.cfg.Health.Now()
 		cands, idxs = cands[:0], idxs[:0]
 		for i, u := range g.ups {
-			if !tried[i] && u.usable(now) {
+			if !tried[i] && u.usable(now, &g.cfg.Health, g.probers[i]) {
 				cands, idxs = append(cands, u), append(idxs, uint16(i))
 			}
 		}
@@ -332,7 +337,7 @@ func (g *Gateway) dial(ctx context.Context, q *query) (*dialed, handshake, error
 		k := g.cfg.selector.pick(cands, q)
 		u, idx := cands[k], idxs[k]
 		tried[idx] = true
-		tok, ok := u.acquire(now)
+		tok, ok := u.acquire(now, &g.cfg.Health, g.probers[idx])
 		if !ok {
 			continue // set aside, or its one trial dial taken, meanwhile
 		}
@@ -369,7 +374,7 @@ func (g *Gateway) dial(ctx context.Context, q *query) (*dialed, handshake, error
 		if err == nil {
 			return &dialed{conn: conn, br: br, idx: idx}, handshake{protocol: hs.Protocol}, nil
 		}
-		if down := !u.usable(g.cfg.Health.Now()); down {
+		if down := !u.usable(g.cfg.Health.Now(), &g.cfg.Health, g.probers[idx]); down {
 			g.log.Debug("upstream set aside", "upstream", u.name, "error", err.Error())
 		}
 		errs = append(errs, fmt.Errorf("%s: %w", u.name, err))
@@ -385,11 +390,11 @@ func (g *Gateway) dial(ctx context.Context, q *query) (*dialed, handshake, error
 func (g *Gateway) retryAfter() (int, bool) {
 	now := g.cfg.Health.Now()
 	d := time.Duration(math.MaxInt64)
-	for _, u := range g.ups {
-		if u.usable(now) {
+	for i, u := range g.ups {
+		if u.usable(now, &g.cfg.Health, g.probers[i]) {
 			return 0, false
 		}
-		d = min(d, u.retryIn(now, &g.cfg.Health))
+		d = min(d, u.retryIn(now, &g.cfg.Health, g.probers[i]))
 	}
 	if d == math.MaxInt64 {
 		d = time.Second

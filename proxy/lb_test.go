@@ -334,3 +334,91 @@ func TestCookieSetIn101(t *testing.T) {
 		t.Fatalf("cookie %q", rc.resp.Header.Get("Set-Cookie"))
 	}
 }
+
+// TestSharedPoolHealthPerGateway: gateways sharing a Pool (handlers of one
+// name, or successive configurations) heed only the health checks they
+// have, and those with the same active checks share one prober.
+func TestSharedPoolHealthPerGateway(t *testing.T) {
+	clock := newFakeClock()
+	a := startSwitchable(t)
+	pool := NewPool()
+	ts := &tickers{}
+	serve := func(h Health) (*Gateway, *testGateway) {
+		cfg := Config{Upstreams: []string{a.url}, Pool: pool, Health: h}
+		if err := prepareTestConfig(&cfg); err != nil {
+			t.Fatal(err)
+		}
+		g := New(cfg, nil, nil)
+		return g, serveGateway(t, g, func(w http.ResponseWriter, r *http.Request) { g.ServeHTTP(w, r, RequestInfo{}) }, false)
+	}
+	checked := func() Health {
+		return Health{FailDuration: time.Minute, Now: clock.Now,
+			Active: &ActiveHealth{URI: "/health", Interval: 7 * time.Second, NewTicker: ts.new}}
+	}
+	g1, tg1 := serve(checked())
+	g1b, _ := serve(checked()) // the same checks: a reload, or a second handler
+	g2, tg2 := serve(Health{Now: clock.Now})
+	defer g2.Close()
+	if len(ts.list) != 1 {
+		t.Fatalf("%d probers for one upstream with the same checks, want 1", len(ts.list))
+	}
+	poll(t, "the first probe", func() bool { return a.probes.Load() == 1 })
+	status := func() UpstreamStatus { return pool.Status(clock.Now())[0] }
+	upgrade := func(tg *testGateway, want int) {
+		t.Helper()
+		before := a.dials.Load()
+		if s, _ := upgradeStatus(t, tg); s != want {
+			t.Fatalf("status %d, want %d", s, want)
+		}
+		if a.dials.Load() != before+1 {
+			t.Fatal("the upstream was not dialled")
+		}
+	}
+
+	// a failure seen by the gateway without checks counts for no one
+	a.down.Store(true)
+	upgrade(tg2, http.StatusBadGateway)
+	if st := status(); !st.Healthy {
+		t.Fatalf("set aside by a gateway without health checks: %+v", st)
+	}
+	// one seen by the gateway with passive checks sets it aside for that
+	// gateway only
+	upgrade(tg1, http.StatusBadGateway)
+	if st := status(); !st.PassiveDown {
+		t.Fatalf("not set aside after a passive failure: %+v", st)
+	}
+	a.down.Store(false)
+	if s, retry := upgradeStatus(t, tg1); s != http.StatusBadGateway || retry != "60" {
+		t.Fatalf("gateway with checks, upstream set aside: %d, Retry-After %q; want 502, 60", s, retry)
+	}
+	upgrade(tg2, http.StatusSwitchingProtocols)
+
+	// so do the active checks
+	a.healthBad.Store(true)
+	ts.tick()
+	poll(t, "the probe to set it aside", func() bool { return status().ActiveDown })
+	upgrade(tg2, http.StatusSwitchingProtocols)
+	a.healthBad.Store(false)
+	ts.tick()
+	poll(t, "the probe to bring it back", func() bool { return status().Healthy })
+	upgrade(tg1, http.StatusSwitchingProtocols)
+
+	// the prober stops with the last gateway that has its checks
+	g1.Close()
+	u := g2.ups[0]
+	u.mu.Lock()
+	n := len(u.probers)
+	u.mu.Unlock()
+	if n != 1 {
+		t.Fatalf("%d probers after one of two gateways with checks closed, want 1", n)
+	}
+	ts.tick()
+	poll(t, "the prober to go on", func() bool { return a.probes.Load() == 4 })
+	g1b.Close()
+	u.mu.Lock()
+	n = len(u.probers)
+	u.mu.Unlock()
+	if n != 0 {
+		t.Fatalf("%d probers after both gateways with checks closed", n)
+	}
+}

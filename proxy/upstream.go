@@ -190,17 +190,15 @@ type Upstream struct {
 	url  *url.URL
 	live atomic.Int64
 
-	mu         sync.Mutex
-	refs       int         // Gateways holding it
-	drain      *time.Timer // closes its connections once removed (DrainTimeout)
-	fails      []time.Time // passive failures within FailDuration
-	downUntil  time.Time   // passive: skipped until then; zero: up
-	trial      trialToken  // after downUntil, the one dial that tries it (0: none in flight)
-	trials     trialToken  // the last token handed out
-	activeDown bool
-	passes     int // probes in a row that passed (active)
-	failures   int // probes in a row that failed (active)
-	lastErr    string
+	mu        sync.Mutex
+	refs      int         // Gateways holding it
+	drain     *time.Timer // closes its connections once removed (DrainTimeout)
+	fails     []time.Time // passive failures within FailDuration
+	downUntil time.Time   // passive: skipped until then; zero: up
+	trial     trialToken  // after downUntil, the one dial that tries it (0: none in flight)
+	trials    trialToken  // the last token handed out
+	probers   []*prober   // one per distinct active check configured for it
+	lastErr   string
 }
 
 // URL is the upstream's URL, password redacted.
@@ -212,7 +210,10 @@ func (u *Upstream) Live() int64 { return u.live.Load() }
 func (u *Upstream) status(now time.Time) UpstreamStatus {
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	s := UpstreamStatus{URL: u.name, Live: u.live.Load(), ActiveDown: u.activeDown, Removed: u.refs == 0, LastError: u.lastErr}
+	s := UpstreamStatus{URL: u.name, Live: u.live.Load(), Removed: u.refs == 0, LastError: u.lastErr}
+	for _, p := range u.probers {
+		s.ActiveDown = s.ActiveDown || p.down
+	}
 	if !u.downUntil.IsZero() {
 		s.PassiveDown, s.DownUntil = now.Before(u.downUntil) || u.trial != 0, u.downUntil
 	}
@@ -220,16 +221,23 @@ func (u *Upstream) status(now time.Time) UpstreamStatus {
 	return s
 }
 
-// usable reports whether a dial may be sent to u now.
-func (u *Upstream) usable(now time.Time) bool {
+// usable reports whether a Gateway with health checks h, and p its
+// active check of u (nil: none), may send a dial to u now. Each Gateway
+// heeds only the checks it has: one without passive checks ignores the
+// penalties that others' failures set, and one without active checks
+// ignores the probes of others.
+func (u *Upstream) usable(now time.Time, h *Health, p *prober) bool {
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	return u.usableLocked(now)
+	return u.usableLocked(now, h, p)
 }
 
-func (u *Upstream) usableLocked(now time.Time) bool {
-	if u.activeDown {
+func (u *Upstream) usableLocked(now time.Time, h *Health, p *prober) bool {
+	if p != nil && p.down {
 		return false
+	}
+	if h.FailDuration <= 0 {
+		return true
 	}
 	return u.downUntil.IsZero() || !now.Before(u.downUntil) && u.trial == 0
 }
@@ -245,13 +253,13 @@ type trialToken uint64
 // dial through at a time, so that its return is tried by one client, not
 // by every client waiting: that dial gets a token, which it hands back to
 // dialed or abandoned.
-func (u *Upstream) acquire(now time.Time) (tok trialToken, ok bool) {
+func (u *Upstream) acquire(now time.Time, h *Health, p *prober) (tok trialToken, ok bool) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	if !u.usableLocked(now) {
+	if !u.usableLocked(now, h, p) {
 		return 0, false
 	}
-	if !u.downUntil.IsZero() {
+	if h.FailDuration > 0 && !u.downUntil.IsZero() {
 		u.trials++
 		u.trial, tok = u.trials, u.trials
 	}
@@ -337,40 +345,39 @@ func (u *Upstream) ended(now time.Time, h *Health, code ws.StatusCode) {
 	u.mu.Unlock()
 }
 
-// probed records an active probe's result, and reports whether it changed
-// the upstream's health (to down when down).
-func (u *Upstream) probed(a *ActiveHealth, err error) (changed, down bool) {
+// probed records a probe's result from p, and reports whether it changed
+// the upstream's health in p's eyes (to down when down).
+func (u *Upstream) probed(p *prober, err error) (changed, down bool) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	if err != nil {
 		u.lastErr = "health check: " + err.Error()
-		u.passes, u.failures = 0, u.failures+1
-		if !u.activeDown && u.failures >= a.Fails {
-			u.activeDown = true
+		p.passes, p.failures = 0, p.failures+1
+		if !p.down && p.failures >= p.a.Fails {
+			p.down = true
 			return true, true
 		}
-		return false, u.activeDown
+		return false, p.down
 	}
-	u.failures, u.passes = 0, u.passes+1
-	if u.activeDown && u.passes >= a.Passes {
-		u.activeDown = false
+	p.failures, p.passes = 0, p.passes+1
+	if p.down && p.passes >= p.a.Passes {
+		p.down, changed = false, true
 		// The probe has just reached it: no need to wait out a passive
 		// penalty too.
 		u.downUntil, u.fails, u.trial = time.Time{}, u.fails[:0], 0
-		return true, false
 	}
-	return false, u.activeDown
+	return changed, p.down
 }
 
 // retryIn is how long, at the least, until u may be tried again.
-func (u *Upstream) retryIn(now time.Time, h *Health) time.Duration {
+func (u *Upstream) retryIn(now time.Time, h *Health, p *prober) time.Duration {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	d := time.Duration(math.MaxInt64)
-	if u.activeDown && h.Active != nil {
-		d = h.Active.Interval
+	if p != nil && p.down {
+		d = p.a.Interval
 	}
-	if !u.downUntil.IsZero() {
+	if h.FailDuration > 0 && !u.downUntil.IsZero() {
 		switch {
 		case now.Before(u.downUntil):
 			d = min(d, u.downUntil.Sub(now))
