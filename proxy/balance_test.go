@@ -367,6 +367,53 @@ func TestActiveHealthTransitions(t *testing.T) {
 	}
 }
 
+// TestGoodProbeClearsPassivePenalty: an upstream set aside by a passive
+// failure takes clients again after a good probe, without waiting out
+// fail_duration; a trial dial in flight then decides nothing.
+func TestGoodProbeClearsPassivePenalty(t *testing.T) {
+	clock := newFakeClock()
+	h := Health{FailDuration: time.Minute, Active: &ActiveHealth{URI: "/health"}}
+	if err := h.prepare(); err != nil {
+		t.Fatal(err)
+	}
+	u := testUpstreams(0)[0]
+	p := &prober{a: h.Active}
+	dialFail := errors.New("connection refused")
+	tok, _ := u.acquire(clock.Now(), &h, p)
+	u.dialed(clock.Now(), &h, tok, dialFail)
+	if u.usable(clock.Now(), &h, p) {
+		t.Fatal("usable after a passive failure")
+	}
+	if changed, down := u.probed(p, nil); changed || down {
+		t.Fatalf("good probe: changed %v down %v", changed, down)
+	}
+	if !u.usable(clock.Now(), &h, p) {
+		t.Fatal("still set aside after a good probe")
+	}
+
+	// set aside again, and its trial in flight when a probe passes
+	tok, _ = u.acquire(clock.Now(), &h, p)
+	u.dialed(clock.Now(), &h, tok, dialFail)
+	clock.Advance(time.Minute)
+	trial, ok := u.acquire(clock.Now(), &h, p)
+	if !ok || trial == 0 {
+		t.Fatal("no trial")
+	}
+	u.probed(p, nil)
+	if !u.usable(clock.Now(), &h, p) {
+		t.Fatal("still set aside after a good probe during the trial")
+	}
+	other, ok := u.acquire(clock.Now(), &h, p)
+	if !ok || other != 0 {
+		t.Fatalf("after the good probe: acquired %v, trial %d; want a plain dial", ok, other)
+	}
+	// the old trial's failure counts as any failure would
+	u.dialed(clock.Now(), &h, trial, dialFail)
+	if u.usable(clock.Now(), &h, p) {
+		t.Fatal("a failed dial after the probe did not count")
+	}
+}
+
 func TestHealthConfigErrors(t *testing.T) {
 	for _, tt := range []struct {
 		h    Health

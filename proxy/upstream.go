@@ -362,8 +362,10 @@ func (u *Upstream) probed(p *prober, err error) (changed, down bool) {
 	p.failures, p.passes = 0, p.passes+1
 	if p.down && p.passes >= p.a.Passes {
 		p.down, changed = false, true
+	}
+	if !p.down {
 		// The probe has just reached it: no need to wait out a passive
-		// penalty too.
+		// penalty too. A trial in flight no longer decides anything.
 		u.downUntil, u.fails, u.trial = time.Time{}, u.fails[:0], 0
 	}
 	return changed, p.down
