@@ -103,8 +103,12 @@ type Config struct {
 	// DrainTimeout, when positive, closes the live connections of an
 	// upstream that the Pool's configurations no longer hold, this long
 	// after the Gateway that held it last is closed, with 1001
-	// "upstream removed". 0: they live on.
+	// "upstream removed". 0: they live on. The newest Gateway's value
+	// applies: the configuration that removed the upstream decides.
 	DrainTimeout time.Duration
+	// AfterFunc runs f after d, for DrainTimeout; stop cancels it. nil
+	// means time.AfterFunc.
+	AfterFunc func(d time.Duration, f func()) (stop func() bool)
 	// Rand returns a number in [0,n) for the policies that choose at
 	// random; nil means math/rand/v2.
 	Rand func(n int) int
@@ -230,6 +234,9 @@ func (c *Config) Prepare() error {
 	}
 	if c.DrainTimeout < 0 {
 		return errors.New("drain timeout must not be negative")
+	}
+	if c.AfterFunc == nil {
+		c.AfterFunc = func(d time.Duration, f func()) func() bool { return time.AfterFunc(d, f).Stop }
 	}
 	if c.ForwardHeaders == nil {
 		c.ForwardHeaders = DefaultForwardHeaders

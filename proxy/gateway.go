@@ -51,6 +51,7 @@ func New(cfg Config, reg *Registry, log *slog.Logger) *Gateway {
 	if g.pool == nil {
 		g.pool = NewPool()
 	}
+	g.pool.configured(&g.cfg)
 	g.ups = make([]*Upstream, len(cfg.upstreamURLs))
 	g.probers = make([]*prober, len(cfg.upstreamURLs))
 	for i, u := range cfg.upstreamURLs {
@@ -82,8 +83,10 @@ func (g *Gateway) Close() {
 				level = slog.LevelInfo
 			}
 			g.log.Log(context.Background(), level, "upstream removed", "upstream", u.name, "live", u.live.Load())
-			if g.cfg.DrainTimeout > 0 {
-				g.scheduleDrain(u)
+			// the newest configuration's drain_timeout: the one that
+			// removed the upstream (this one's has been replaced)
+			if d, after := g.pool.drainSettings(); d > 0 {
+				g.scheduleDrain(u, d, after)
 			}
 		}
 	}
@@ -93,18 +96,18 @@ func (g *Gateway) Close() {
 // upstream that was removed from the configuration, when they are drained.
 const UpstreamReason = "upstream removed"
 
-// scheduleDrain closes u's connections after DrainTimeout, unless a
-// configuration holds it again by then.
-func (g *Gateway) scheduleDrain(u *Upstream) {
+// scheduleDrain closes u's connections after d, unless a configuration
+// holds it again by then.
+func (g *Gateway) scheduleDrain(u *Upstream, d time.Duration, after func(time.Duration, func()) func() bool) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	if u.refs > 0 || u.drain != nil {
+	if u.refs > 0 || u.stopDrain != nil {
 		return
 	}
-	u.drain = time.AfterFunc(g.cfg.DrainTimeout, func() {
+	u.stopDrain = after(d, func() {
 		u.mu.Lock()
 		held := u.refs > 0
-		u.drain = nil
+		u.stopDrain = nil
 		u.mu.Unlock()
 		if held {
 			return

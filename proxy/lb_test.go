@@ -250,26 +250,80 @@ func TestActiveHealthChecks(t *testing.T) {
 	}
 }
 
+// fakeTimers runs the functions given to AfterFunc when a fake clock
+// passes their time.
+type fakeTimers struct {
+	clock *fakeClock
+	mu    sync.Mutex
+	next  int
+	due   map[int]fakeTimer
+}
+
+type fakeTimer struct {
+	at time.Time
+	f  func()
+}
+
+func newFakeTimers(clock *fakeClock) *fakeTimers {
+	return &fakeTimers{clock: clock, due: map[int]fakeTimer{}}
+}
+
+func (ft *fakeTimers) AfterFunc(d time.Duration, f func()) func() bool {
+	ft.mu.Lock()
+	defer ft.mu.Unlock()
+	id := ft.next
+	ft.next++
+	ft.due[id] = fakeTimer{ft.clock.Now().Add(d), f}
+	return func() bool {
+		ft.mu.Lock()
+		defer ft.mu.Unlock()
+		_, pending := ft.due[id]
+		delete(ft.due, id)
+		return pending
+	}
+}
+
+// advance moves the clock and runs what is due.
+func (ft *fakeTimers) advance(d time.Duration) {
+	ft.clock.Advance(d)
+	now := ft.clock.Now()
+	ft.mu.Lock()
+	var run []func()
+	for id, t := range ft.due {
+		if !now.Before(t.at) {
+			run = append(run, t.f)
+			delete(ft.due, id)
+		}
+	}
+	ft.mu.Unlock()
+	for _, f := range run {
+		f()
+	}
+}
+
 // TestDrainRemovedUpstream: the connections of an upstream no
-// configuration holds any more close with 1001 "upstream removed" after
-// DrainTimeout; those of an upstream still held stay.
+// configuration holds any more close with 1001 "upstream removed"
+// DrainTimeout after the reload, the DrainTimeout of the configuration
+// that removed it; those of an upstream still held stay.
 func TestDrainRemovedUpstream(t *testing.T) {
 	a, b := startSwitchable(t), startSwitchable(t)
 	pool := NewPool()
 	reg := NewRegistry()
-	mk := func(ups ...string) *Gateway {
-		cfg := Config{Upstreams: ups, Pool: pool, DrainTimeout: 50 * time.Millisecond, LB: LBPolicy{Policy: First}}
+	timers := newFakeTimers(newFakeClock())
+	mk := func(drain time.Duration, ups ...string) *Gateway {
+		cfg := Config{Upstreams: ups, Pool: pool, DrainTimeout: drain, AfterFunc: timers.AfterFunc, LB: LBPolicy{Policy: First}}
 		if err := prepareTestConfig(&cfg); err != nil {
 			t.Fatal(err)
 		}
 		return New(cfg, reg, nil)
 	}
-	g1 := mk(a.url, b.url)
+	// the first config has no drain_timeout; the next one sets it
+	g1 := mk(0, a.url, b.url)
 	tg := serveGateway(t, g1, func(w http.ResponseWriter, r *http.Request) { g1.ServeHTTP(w, r, RequestInfo{}) }, false)
 	onA := dialRaw(t, tg.addr(), nil)
 	a.next(t)
 	// the next config keeps b only
-	g2 := mk(b.url)
+	g2 := mk(time.Minute, b.url)
 	defer g2.Close()
 	tg2 := serveGateway(t, g2, func(w http.ResponseWriter, r *http.Request) { g2.ServeHTTP(w, r, RequestInfo{}) }, false)
 	onB := dialRaw(t, tg2.addr(), nil)
@@ -278,6 +332,12 @@ func TestDrainRemovedUpstream(t *testing.T) {
 	if st := pool.Status(time.Now()); len(st) != 2 || !st[indexOf(st, a.url)].Removed || st[indexOf(st, b.url)].Removed {
 		t.Fatalf("status after the reload: %+v", st)
 	}
+	timers.advance(time.Minute - time.Millisecond)
+	onA.write(cf(opText, []byte("not yet")))
+	if f := onA.readData(); string(f.payload) != "not yet" {
+		t.Fatalf("a's connection just before the drain: %q", f.payload)
+	}
+	timers.advance(time.Millisecond)
 	code, reason, _ := onA.readClose()
 	if code != 1001 || reason != UpstreamReason {
 		t.Fatalf("connection to the removed upstream: %d %q", code, reason)

@@ -87,6 +87,24 @@ const (
 type Pool struct {
 	mu  sync.Mutex
 	ups map[string]*Upstream
+	// of the newest Gateway: a reload that removes an upstream drains
+	// it as the new configuration says
+	drainTimeout time.Duration
+	afterFunc    func(time.Duration, func()) (stop func() bool)
+}
+
+// configured takes the drain settings of the newest Gateway.
+func (p *Pool) configured(cfg *Config) {
+	p.mu.Lock()
+	p.drainTimeout, p.afterFunc = cfg.DrainTimeout, cfg.AfterFunc
+	p.mu.Unlock()
+}
+
+// drainSettings are the drain settings of the newest Gateway.
+func (p *Pool) drainSettings() (time.Duration, func(time.Duration, func()) func() bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.drainTimeout, p.afterFunc
 }
 
 // NewPool makes an empty Pool.
@@ -105,10 +123,10 @@ func (p *Pool) retain(u *url.URL) *Upstream {
 	}
 	up.mu.Lock()
 	up.refs++
-	if up.drain != nil {
+	if up.stopDrain != nil {
 		// configured again before its connections were drained
-		up.drain.Stop()
-		up.drain = nil
+		up.stopDrain()
+		up.stopDrain = nil
 	}
 	up.mu.Unlock()
 	return up
@@ -192,7 +210,7 @@ type Upstream struct {
 
 	mu        sync.Mutex
 	refs      int         // Gateways holding it
-	drain     *time.Timer // closes its connections once removed (DrainTimeout)
+	stopDrain func() bool // cancels the drain of its connections, once removed
 	fails     []time.Time // passive failures within FailDuration
 	downUntil time.Time   // passive: skipped until then; zero: up
 	trial     trialToken  // after downUntil, the one dial that tries it (0: none in flight)
