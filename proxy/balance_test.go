@@ -20,7 +20,7 @@ func testUpstreams(live ...int64) []*Upstream {
 	out := make([]*Upstream, len(live))
 	for i, n := range live {
 		u, _ := url.Parse(fmt.Sprintf("ws://up%d:80", i))
-		out[i] = &Upstream{name: u.String(), url: u}
+		out[i] = &Upstream{name: u.String(), url: u, refs: 1}
 		out[i].live.Store(n)
 	}
 	return out

@@ -169,6 +169,12 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, info Request
 	}
 	q := query{r: r, info: &info}
 	up, hs, err := g.dial(r.Context(), &q)
+	if _, closed := err.(errGatewayClosed); closed {
+		// a request that reached this configuration just as a reload
+		// replaced it: its client retries on the new one
+		WriteError(w, http.StatusBadGateway, "upstream unavailable", nil)
+		return UpstreamFailed
+	}
 	if err != nil {
 		var hdr http.Header
 		if _, open := err.(errCircuitOpen); !open {
@@ -306,6 +312,11 @@ type errCircuitOpen struct{}
 
 func (errCircuitOpen) Error() string { return "every upstream is set aside" }
 
+// errGatewayClosed refuses a request that reaches a Gateway after Close.
+type errGatewayClosed struct{}
+
+func (errGatewayClosed) Error() string { return "the configuration was replaced" }
+
 // dial connects to an upstream the policy chooses among the usable ones;
 // when the dial fails it chooses again among the others, trying each at
 // most once.
@@ -327,6 +338,9 @@ func (g *Gateway) dial(ctx context.Context, q *query) (*dialed, handshake, error
 	tried = tried[:n]
 	var errs []error
 	for range n {
+		if g.closed.Load() {
+			return nil, handshake{}, errGatewayClosed{}
+		}
 		now := g.cfg.Health.Now()
 		cands, idxs = cands[:0], idxs[:0]
 		for i, u := range g.ups {

@@ -482,3 +482,28 @@ func TestSharedPoolHealthPerGateway(t *testing.T) {
 		t.Fatalf("%d probers after both gateways with checks closed", n)
 	}
 }
+
+// TestClosedGatewayRefuses: a request that reaches a Gateway after Close
+// (a reload replaced it meanwhile) gets 502 and dials nothing: its
+// connection would escape the metrics, the admin API and the drain.
+func TestClosedGatewayRefuses(t *testing.T) {
+	a := startSwitchable(t)
+	pool := NewPool()
+	tg := startLBGateway(t, []string{a.url}, func(c *Config) { c.Pool = pool })
+	if s, _ := upgradeStatus(t, tg); s != http.StatusSwitchingProtocols {
+		t.Fatalf("before Close: %d", s)
+	}
+	tg.g.Close()
+	if s, _ := upgradeStatus(t, tg); s != http.StatusBadGateway {
+		t.Fatalf("after Close: %d, want 502", s)
+	}
+	if n := a.dials.Load(); n != 1 {
+		t.Fatalf("the upstream saw %d dials, want 1 (before Close)", n)
+	}
+	// and an Upstream no Gateway holds is never acquired
+	u := testUpstreams(0)[0]
+	u.refs = 0
+	if _, ok := u.acquire(time.Now(), &Health{}, nil); ok {
+		t.Fatal("acquired an upstream no configuration holds")
+	}
+}

@@ -267,14 +267,16 @@ func (u *Upstream) usableLocked(now time.Time, h *Health, p *prober) bool {
 type trialToken uint64
 
 // acquire takes u for a dial, or reports that it stopped being usable
-// since it was chosen. An upstream back from being set aside lets one
+// since it was chosen, or that no configuration holds it any more. An upstream back from being set aside lets one
 // dial through at a time, so that its return is tried by one client, not
 // by every client waiting: that dial gets a token, which it hands back to
 // dialed or abandoned.
 func (u *Upstream) acquire(now time.Time, h *Health, p *prober) (tok trialToken, ok bool) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	if !u.usableLocked(now, h, p) {
+	if u.refs == 0 || !u.usableLocked(now, h, p) {
+		// (no refs: the Gateway that chose it is closed, and a connection
+		// now would escape the metrics, the admin API and the drain)
 		return 0, false
 	}
 	if h.FailDuration > 0 && !u.downUntil.IsZero() {
