@@ -286,6 +286,8 @@ func TestCaddyfileWarnings(t *testing.T) {
 		{"send_queue without fan-out", site("\twsgate ws://a:1 {\n\t\tsend_queue 10 " + mark + "\n\t}"), "send_queue has no effect without rooms or upstream_control"},
 		{"lb_policy claim without a token source", site("\twsgate ws://a:1 ws://b:2 {\n\t\tlb_policy claim sub " + mark + "\n\t}"), "lb_policy claim has no effect"},
 		{"lb_policy claim with jwt", site("\twsgate ws://a:1 ws://b:2 {\n\t\tjwt {\n\t\t\tsecret " + testSecret + "\n\t\t}\n\t\tlb_policy claim sub\n\t}"), ""},
+		{"lb_policy cookie without a secret", site("\twsgate ws://a:1 ws://b:2 {\n\t\tlb_policy cookie sticky " + mark + "\n\t}"), "lb_policy cookie without a secret"},
+		{"lb_policy cookie with a secret", site("\twsgate ws://a:1 ws://b:2 {\n\t\tlb_policy cookie sticky {env.LB_SECRET}\n\t}"), ""},
 		{"lb_policy in rooms mode", site("\twsgate {\n\t\trooms\n\t\tlb_policy least_conn " + mark + "\n\t}"), "lb_policy has no effect in rooms mode"},
 		{"health checks in rooms mode", site("\twsgate {\n\t\trooms\n\t\thealth_interval 1s " + mark + "\n\t\thealth_uri /h\n\t}"), "active health checking has no effect in rooms mode"},
 		{"send_queue with upstream_control", site("\twsgate ws://a:1 {\n\t\tupstream_control x:\n\t\tsend_queue 10\n\t}"), ""},

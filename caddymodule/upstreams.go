@@ -453,7 +453,8 @@ func (h *Handler) parseUpstreamOption(d *caddyfile.Dispenser, name string) (bool
 var upstreamSubdirectives = []string{"lb_policy", "health_uri", "health_websocket", "health_interval", "health_timeout",
 	"health_status", "health_passes", "health_fails", "fail_duration", "max_fails", "unhealthy_close", "drain_timeout"}
 
-// upstreamIneffective lists the upstream options that cannot take effect.
+// upstreamIneffective lists the upstream options that cannot take effect,
+// or are unsafe as written.
 func (h *Handler) upstreamIneffective() []warning {
 	var ws []warning
 	add := func(set bool, option, msg string) {
@@ -471,8 +472,12 @@ func (h *Handler) upstreamIneffective() []warning {
 		add(h.DrainTimeout != 0, "drain_timeout", "drain_timeout"+rooms)
 		return ws
 	}
-	if lb := h.LoadBalancing; lb != nil && lb.SelectionPolicy != nil && lb.SelectionPolicy.Policy == "claim" && h.JWT == nil && h.ForwardAuth == nil {
-		add(true, "lb_policy", "lb_policy claim has no effect: without jwt or forward_auth there are no claims (the fallback chooses)")
+	if lb := h.LoadBalancing; lb != nil && lb.SelectionPolicy != nil {
+		p := lb.SelectionPolicy
+		add(p.Policy == "claim" && h.JWT == nil && h.ForwardAuth == nil,
+			"lb_policy", "lb_policy claim has no effect: without jwt or forward_auth there are no claims (the fallback chooses)")
+		add(p.Policy == "cookie" && p.Secret == "", "lb_policy",
+			"lb_policy cookie without a secret: whoever knows the upstream URLs can tell which one a cookie names; give it a secret such as {env.LB_COOKIE_SECRET}")
 	}
 	return ws
 }

@@ -58,8 +58,9 @@ type LBPolicy struct {
 	// Field is header's header name, or cookie's cookie name.
 	Field string
 	// Secret keys the HMAC that the cookie's value is (of the upstream's
-	// URL), so that clients cannot tell upstreams apart by it. Default
-	// empty (an HMAC with an empty key).
+	// URL, password redacted), so that clients cannot tell which address
+	// a value names. Default empty (an HMAC with an empty key: anyone who
+	// knows the upstream URLs can compute the values).
 	Secret string
 	// MaxAge is the cookie's Max-Age. Default: none (a session cookie).
 	MaxAge time.Duration
@@ -276,18 +277,37 @@ func weight(upstream, key string) uint64 {
 }
 
 // cookiePick follows the cookie that names an upstream (by an HMAC of its
-// URL), or lets the fallback choose.
+// URL, password redacted), or lets the fallback choose.
 type cookiePick struct {
 	name     string
 	secret   []byte
 	maxAge   time.Duration
 	fallback selector
+	values   map[string]string // by upstream name: computed once per configuration
+}
+
+// prepareValues computes the cookie value of each upstream (by name,
+// password redacted).
+func (c *cookiePick) prepareValues(names []string) {
+	c.values = make(map[string]string, len(names))
+	for _, n := range names {
+		c.values[n] = c.hmac(n)
+	}
+}
+
+// hmac of the redacted URL: the password is no input, so the value
+// cannot be used to guess it.
+func (c *cookiePick) hmac(name string) string {
+	m := hmac.New(sha256.New, c.secret)
+	m.Write([]byte(name))
+	return hex.EncodeToString(m.Sum(nil))
 }
 
 func (c *cookiePick) value(u *Upstream) string {
-	m := hmac.New(sha256.New, c.secret)
-	m.Write([]byte(u.url.String()))
-	return hex.EncodeToString(m.Sum(nil))
+	if v, ok := c.values[u.name]; ok {
+		return v
+	}
+	return c.hmac(u.name)
 }
 
 func (c *cookiePick) pick(cands []*Upstream, q *query) int {

@@ -173,6 +173,23 @@ func TestCookiePolicy(t *testing.T) {
 	if ck := cp.cookieFor(ups[0], q); ck == nil || ck.Value != cp.value(ups[0]) {
 		t.Fatalf("moved: cookie %+v", ck)
 	}
+	// the value shows neither the URL nor its password
+	for _, raw := range []string{"ws://app:hunter2@10.0.0.5:9000/ws", "ws://10.0.0.5:9000"} {
+		cfg := Config{Upstreams: []string{raw}, LB: LBPolicy{Policy: CookieHash}}
+		if err := cfg.Prepare(); err != nil {
+			t.Fatal(err)
+		}
+		u, _ := url.Parse(raw)
+		v := cfg.selector.(*cookiePick).value(&Upstream{name: u.Redacted(), url: u})
+		for _, part := range []string{raw, u.Redacted(), u.Host, "hunter2"} {
+			if v == part || strings.Contains(v, part) {
+				t.Fatalf("cookie value %q shows %q", v, part)
+			}
+		}
+		if v != (&cookiePick{}).hmac(u.Redacted()) {
+			t.Fatalf("cookie value %q is not the HMAC of the redacted URL", v)
+		}
+	}
 	// another secret makes other values
 	other := &cookiePick{name: "lb", secret: []byte("x")}
 	if other.value(ups[0]) == cp.value(ups[0]) {

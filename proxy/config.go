@@ -229,6 +229,13 @@ func (c *Config) Prepare() error {
 		return err
 	}
 	c.selector = sel
+	if cp, ok := sel.(*cookiePick); ok {
+		names := make([]string, len(c.upstreamURLs))
+		for i, u := range c.upstreamURLs {
+			names[i] = u.Redacted()
+		}
+		cp.prepareValues(names)
+	}
 	if err := c.Health.prepare(); err != nil {
 		return err
 	}
