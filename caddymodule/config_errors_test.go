@@ -70,6 +70,8 @@ func TestCaddyfileErrorsNameTheLine(t *testing.T) {
 		{"fallback of a policy without key", site("\twsgate ws://a:1 ws://b:2 {\n\t\tlb_policy least_conn {\n\t\t\tfallback random " + mark + "\n\t\t}\n\t}"), "lb_policy least_conn takes no fallback"},
 		{"sticky fallback", site("\twsgate ws://a:1 ws://b:2 {\n\t\tlb_policy header X-T {\n\t\t\tfallback cookie " + mark + "\n\t\t}\n\t}"), "cookie cannot be a fallback"},
 		{"max_age outside cookie", site("\twsgate ws://a:1 ws://b:2 {\n\t\tlb_policy claim sub {\n\t\t\tmax_age 1h " + mark + "\n\t\t}\n\t}"), "lb_policy claim takes no max_age"},
+		{"fallback twice", site("\twsgate ws://a:1 ws://b:2 {\n\t\tlb_policy header X-T {\n\t\t\tfallback first\n\t\t\tfallback random " + mark + "\n\t\t}\n\t}"), `duplicate lb_policy subdirective "fallback"`},
+		{"max_age twice", site("\twsgate ws://a:1 ws://b:2 {\n\t\tlb_policy cookie lb s {\n\t\t\tmax_age 1h\n\t\t\tfallback first\n\t\t\tmax_age 2h " + mark + "\n\t\t}\n\t}"), `duplicate lb_policy subdirective "max_age"`},
 		{"unknown lb_policy option", site("\twsgate ws://a:1 ws://b:2 {\n\t\tlb_policy cookie {\n\t\t\tfalback random " + mark + "\n\t\t}\n\t}"), `did you mean "fallback"?`},
 		{"health options without a probe", site("\twsgate ws://a:1 ws://b:2 {\n\t\tdial_timeout 1s\n\t\thealth_timeout 1s " + mark + "\n\t\thealth_interval 5s\n\t}"), "active health checks need health_uri or health_websocket"},
 		{"health_uri and health_websocket", site("\twsgate ws://a:1 ws://b:2 {\n\t\thealth_uri /h\n\t\thealth_websocket " + mark + "\n\t}"), "exclude each other"},

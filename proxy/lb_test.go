@@ -1,7 +1,9 @@
 package proxy
 
 import (
+	"context"
 	"net/http"
+	"net/http/httptest"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -506,4 +508,68 @@ func TestClosedGatewayRefuses(t *testing.T) {
 	if _, ok := u.acquire(time.Now(), &Health{}, nil); ok {
 		t.Fatal("acquired an upstream no configuration holds")
 	}
+}
+
+// TestLiveCountsOnFailedPaths: a dial that does not become a relayed
+// connection (the client's upgrade fails after the upstream accepted, or
+// the client goes away during the dial) no longer counts for least_conn.
+func TestLiveCountsOnFailedPaths(t *testing.T) {
+	a, b := startSwitchable(t), startSwitchable(t)
+	cfg := Config{Upstreams: []string{a.url, b.url}, LB: LBPolicy{Policy: LeastConn}}
+	if err := prepareTestConfig(&cfg); err != nil {
+		t.Fatal(err)
+	}
+	g := New(cfg, nil, nil)
+	defer g.Close()
+	upgradeReq := func(ctx context.Context) *http.Request {
+		r := httptest.NewRequest(http.MethodGet, "http://gw/ws", nil).WithContext(ctx)
+		r.Header.Set("Connection", "Upgrade")
+		r.Header.Set("Upgrade", "websocket")
+		r.Header.Set("Sec-WebSocket-Version", "13")
+		r.Header.Set("Sec-WebSocket-Key", newKey())
+		return r
+	}
+	live := func() (n int64) {
+		for _, u := range g.ups {
+			n += u.Live()
+		}
+		return n
+	}
+
+	t.Run("client upgrade fails", func(t *testing.T) {
+		// a ResponseRecorder cannot be hijacked: the upgrade fails after
+		// the upstream accepted
+		if o := g.ServeHTTP(httptest.NewRecorder(), upgradeReq(context.Background()), RequestInfo{}); o != BadHandshake {
+			t.Fatalf("outcome %q, want %q", o, BadHandshake)
+		}
+		if a.dials.Load()+b.dials.Load() != 1 {
+			t.Fatal("no upstream was dialled")
+		}
+		if n := live(); n != 0 {
+			t.Fatalf("%d live after a failed upgrade, want 0", n)
+		}
+	})
+	t.Run("client goes away during the dial", func(t *testing.T) {
+		release := make(chan struct{})
+		a.hold, b.hold = release, release
+		defer close(release)
+		before := a.dials.Load() + b.dials.Load()
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan Outcome, 1)
+		go func() { done <- g.ServeHTTP(httptest.NewRecorder(), upgradeReq(ctx), RequestInfo{}) }()
+		poll(t, "the dial to reach the upstream", func() bool { return a.dials.Load()+b.dials.Load() == before+1 })
+		if n := live(); n != 1 {
+			t.Fatalf("%d live during the dial, want 1", n)
+		}
+		cancel()
+		if o := <-done; o != UpstreamFailed {
+			t.Fatalf("outcome %q, want %q", o, UpstreamFailed)
+		}
+		if n := live(); n != 0 {
+			t.Fatalf("%d live after an abandoned dial, want 0", n)
+		}
+		if a.dials.Load()+b.dials.Load() != before+1 {
+			t.Fatal("the abandoned dial was retried on the other upstream")
+		}
+	})
 }
