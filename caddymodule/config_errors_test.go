@@ -77,9 +77,11 @@ func TestCaddyfileErrorsNameTheLine(t *testing.T) {
 		{"health_uri and health_websocket", site("\twsgate ws://a:1 ws://b:2 {\n\t\thealth_uri /h\n\t\thealth_websocket " + mark + "\n\t}"), "exclude each other"},
 		{"health_status with health_websocket", site("\twsgate ws://a:1 ws://b:2 {\n\t\thealth_websocket\n\t\thealth_status 200 " + mark + "\n\t}"), "a WebSocket probe expects 101"},
 		{"health_status malformed", site("\twsgate ws://a:1 ws://b:2 {\n\t\thealth_uri /h\n\t\thealth_status 2x " + mark + "\n\t}"), `not "2x"`},
+		{"health_websocket without a slash", site("\twsgate ws://a:1 ws://b:2 {\n\t\thealth_interval 5s\n\t\thealth_websocket ws " + mark + "\n\t}"), `health_websocket "ws" must start with /`},
+		{"random_choose 0", site("\twsgate ws://a:1 ws://b:2 {\n\t\tlb_policy random_choose 0 " + mark + "\n\t}"), "takes a positive number"},
 		{"health_uri without a slash", site("\twsgate ws://a:1 ws://b:2 {\n\t\thealth_uri healthz " + mark + "\n\t}"), "must start with /"},
 		{"unhealthy_close without fail_duration", site("\twsgate ws://a:1 ws://b:2 {\n\t\tdial_timeout 1s\n\t\tunhealthy_close " + mark + "\n\t}"), "passive health checks need fail_duration"},
-		{"unhealthy_close with a bad code", site("\twsgate ws://a:1 ws://b:2 {\n\t\tfail_duration 10s\n\t\tunhealthy_close 1006 999 " + mark + "\n\t}"), `not "999"`},
+		{"unhealthy_close with a bad code", site("\twsgate ws://a:1 ws://b:2 {\n\t\tfail_duration 10s\n\t\tunhealthy_close 1006 999 " + mark + "\n\t}"), "unhealthy_close code 999: want 1000-4999"},
 		{"max_fails zero", site("\twsgate ws://a:1 ws://b:2 {\n\t\tfail_duration 10s\n\t\tmax_fails 0 " + mark + "\n\t}"), "max_fails must be a positive number"},
 		{"lb_policy twice", site("\twsgate ws://a:1 ws://b:2 {\n\t\tlb_policy first\n\t\tlb_policy random " + mark + "\n\t}"), `duplicate subdirective "lb_policy"`},
 

@@ -4,6 +4,7 @@ import (
 	"crypto/hmac"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"hash/fnv"
 	"net"
@@ -107,7 +108,7 @@ func (p *LBPolicy) prepare(rnd func(int) int, nested bool) (selector, error) {
 			p.Choose = 2
 		}
 		if p.Choose < 2 {
-			return nil, fmt.Errorf("random_choose needs at least 2, not %d", p.Choose)
+			return nil, fmt.Errorf("lb_policy random_choose needs at least 2, not %d", p.Choose)
 		}
 		s = randomChoose{rnd, p.Choose}
 	case First:
@@ -123,7 +124,7 @@ func (p *LBPolicy) prepare(rnd func(int) int, nested bool) (selector, error) {
 		}}
 	case HeaderHash:
 		if p.Field == "" {
-			return nil, fmt.Errorf("lb policy header needs a header name")
+			return nil, errors.New("lb_policy header needs a header name")
 		}
 		field := http.CanonicalHeaderKey(p.Field)
 		s = hashPick{key: func(q *query) string {
@@ -141,21 +142,21 @@ func (p *LBPolicy) prepare(rnd func(int) int, nested bool) (selector, error) {
 			p.Field = DefaultLBCookie
 		}
 		if p.MaxAge < 0 {
-			return nil, fmt.Errorf("lb cookie max age must not be negative")
+			return nil, errors.New("lb_policy cookie max_age must not be negative")
 		}
 		s = &cookiePick{name: p.Field, secret: []byte(p.Secret), maxAge: p.MaxAge}
 		needsFallback = true
 	default:
-		return nil, fmt.Errorf("unknown lb policy %q", p.Policy)
+		return nil, fmt.Errorf("unknown lb_policy %q", p.Policy)
 	}
 	if !needsFallback {
 		if p.Fallback != nil {
-			return nil, fmt.Errorf("lb policy %s takes no fallback", p.Policy)
+			return nil, fmt.Errorf("lb_policy %s takes no fallback", p.Policy)
 		}
 		return s, nil
 	}
 	if nested {
-		return nil, fmt.Errorf("lb policy %s cannot be a fallback: it needs a fallback of its own", p.Policy)
+		return nil, fmt.Errorf("%s cannot be a fallback: it needs a fallback of its own", p.Policy)
 	}
 	if p.Fallback == nil {
 		p.Fallback = &LBPolicy{Policy: Random}

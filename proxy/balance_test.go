@@ -105,7 +105,7 @@ func TestPolicyErrors(t *testing.T) {
 		p    LBPolicy
 		want string
 	}{
-		{LBPolicy{Policy: "weighted"}, `unknown lb policy "weighted"`},
+		{LBPolicy{Policy: "weighted"}, `unknown lb_policy "weighted"`},
 		{LBPolicy{Policy: RandomChoose, Choose: 1}, "at least 2"},
 		{LBPolicy{Policy: HeaderHash}, "needs a header name"},
 		{LBPolicy{Policy: LeastConn, Fallback: &LBPolicy{Policy: Random}}, "takes no fallback"},
@@ -436,11 +436,11 @@ func TestHealthConfigErrors(t *testing.T) {
 		h    Health
 		want string
 	}{
-		{Health{Active: &ActiveHealth{}}, "need an HTTP uri or a WebSocket"},
-		{Health{Active: &ActiveHealth{URI: "/h", WebSocket: true}}, "not both"},
+		{Health{Active: &ActiveHealth{}}, "need health_uri or health_websocket"},
+		{Health{Active: &ActiveHealth{URI: "/h", WebSocket: true}}, "exclude each other"},
 		{Health{Active: &ActiveHealth{WebSocket: true, ExpectStatus: 200}}, "expects 101"},
 		{Health{Active: &ActiveHealth{URI: "health"}}, "must start with /"},
-		{Health{Active: &ActiveHealth{URI: "/h", ExpectStatus: 42}}, "bad expected status"},
+		{Health{Active: &ActiveHealth{URI: "/h", ExpectStatus: 42}}, "want a status (100-599) or a class"},
 		{Health{UnhealthyCloses: []uint16{999}}, "want 1000-4999"},
 		{Health{FailDuration: -1}, "must not be negative"},
 	} {
