@@ -352,9 +352,9 @@ func parseLBPolicy(d *caddyfile.Dispenser, nested bool) (*SelectionPolicy, error
 	return p, nil
 }
 
-// parseUpstreamOption reads the load-balancing and health subdirectives
-// (name is d's current token) and reports whether name is one.
-func (h *Handler) parseUpstreamOption(d *caddyfile.Dispenser, name string) (bool, error) {
+// parseUpstreamOption reads one of upstreamSubdirectives (name, d's
+// current token).
+func (h *Handler) parseUpstreamOption(d *caddyfile.Dispenser, name string) error {
 	active := func() *ActiveHealthChecks {
 		if h.HealthChecks == nil {
 			h.HealthChecks = new(HealthChecks)
@@ -383,15 +383,15 @@ func (h *Handler) parseUpstreamOption(d *caddyfile.Dispenser, name string) (bool
 	case "health_uri":
 		a := active()
 		if !d.AllArgs(&a.URI) {
-			return true, d.ArgErr()
+			return d.ArgErr()
 		}
 		if a.WebSocket {
-			return true, d.Err("health_uri and health_websocket exclude each other")
+			return d.Err("health_uri and health_websocket exclude each other")
 		}
 	case "health_websocket":
 		a := active()
 		if a.URI != "" {
-			return true, d.Err("health_uri and health_websocket exclude each other")
+			return d.Err("health_uri and health_websocket exclude each other")
 		}
 		a.WebSocket = true
 		switch args := d.RemainingArgs(); len(args) {
@@ -399,7 +399,7 @@ func (h *Handler) parseUpstreamOption(d *caddyfile.Dispenser, name string) (bool
 		case 1:
 			a.URI = args[0]
 		default:
-			return true, d.ArgErr()
+			return d.ArgErr()
 		}
 	case "health_interval":
 		active().Interval, err = parseDuration(d)
@@ -408,13 +408,13 @@ func (h *Handler) parseUpstreamOption(d *caddyfile.Dispenser, name string) (bool
 	case "health_status":
 		var v string
 		if !d.AllArgs(&v) {
-			return true, d.ArgErr()
+			return d.ArgErr()
 		}
 		n := 0
 		if len(v) == 3 && strings.HasSuffix(v, "xx") && v[0] >= '1' && v[0] <= '5' {
 			n = int(v[0] - '0')
 		} else if n, err = strconv.Atoi(v); err != nil || n < 100 || n > 599 {
-			return true, d.Errf("health_status takes a status such as 200 or 2xx, not %q", v)
+			return d.Errf("health_status takes a status such as 200 or 2xx, not %q", v)
 		}
 		active().ExpectStatus = n
 	case "health_passes":
@@ -434,19 +434,17 @@ func (h *Handler) parseUpstreamOption(d *caddyfile.Dispenser, name string) (bool
 		for _, a := range args {
 			c, err := strconv.Atoi(a)
 			if err != nil {
-				return true, d.Errf("unhealthy_close takes close codes (1000-4999), not %q", a)
+				return d.Errf("unhealthy_close takes close codes (1000-4999), not %q", a)
 			}
 			p.UnhealthyClose = append(p.UnhealthyClose, c)
 		}
 	case "drain_timeout":
 		h.DrainTimeout, err = parseDuration(d)
-	default:
-		return false, nil
 	}
-	return true, err
+	return err
 }
 
-// upstreamSubdirectives are the names parseUpstreamOption knows.
+// upstreamSubdirectives are the names parseUpstreamOption reads.
 var upstreamSubdirectives = []string{"lb_policy", "health_uri", "health_websocket", "health_interval", "health_timeout",
 	"health_status", "health_passes", "health_fails", "fail_duration", "max_fails", "unhealthy_close", "drain_timeout"}
 
