@@ -185,6 +185,10 @@ type UpstreamStatus struct {
 	LastError string
 }
 
+// TakesConnections reports whether the upstream is sent new connections:
+// configured, and not set aside.
+func (s UpstreamStatus) TakesConnections() bool { return s.Healthy && !s.Removed }
+
 // Status lists the upstreams the pool knows, sorted by URL.
 func (p *Pool) Status(now time.Time) []UpstreamStatus {
 	p.mu.Lock()
