@@ -203,7 +203,8 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, info Request
 	if err != nil {
 		up.conn.Close()
 		up.putReader()
-		u.live.Add(-1)
+		// as a connection that ended at once, its upstream not to blame
+		u.ended(g.cfg.Health.Now(), &g.cfg.Health, 0)
 		g.pool.connEnded(u)
 		if conn != nil {
 			conn.Close()
