@@ -524,7 +524,7 @@ func localUpstreams(handler string) []upstreamEntry {
 		}
 		for _, u := range m.pool.Status(now) {
 			e := upstreamEntry{Node: nodeName, Handler: m.name, URL: u.URL, Connections: u.Live,
-				Healthy: u.Healthy && !u.Removed, PassiveDown: u.PassiveDown, ActiveDown: u.ActiveDown,
+				Healthy: u.TakesConnections(), PassiveDown: u.PassiveDown, ActiveDown: u.ActiveDown,
 				Removed: u.Removed, LastError: u.LastError}
 			if u.PassiveDown {
 				until := u.DownUntil

@@ -223,9 +223,6 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if h.SlowConsumer != "close" && h.SlowConsumer != "drop" {
 				return d.Errf("slow_consumer must be close or drop, not %q", h.SlowConsumer)
 			}
-		case "lb_policy", "health_uri", "health_websocket", "health_interval", "health_timeout", "health_status",
-			"health_passes", "health_fails", "fail_duration", "max_fails", "unhealthy_close", "drain_timeout":
-			_, err = h.parseUpstreamOption(d, name)
 		case "log_connections":
 			if !d.AllArgs(&h.LogConnections) {
 				return d.ArgErr()
@@ -236,7 +233,10 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Errf("log_connections must be info, debug or off, not %q", h.LogConnections)
 			}
 		default:
-			return unknownName(d, "subdirective", handlerSubdirectives)
+			if !slices.Contains(upstreamSubdirectives, name) {
+				return unknownName(d, "subdirective", handlerSubdirectives)
+			}
+			err = h.parseUpstreamOption(d, name)
 		}
 		if err != nil {
 			return err
@@ -269,15 +269,13 @@ func hasPlaceholder(s string) bool { return strings.Contains(s, "{") }
 
 // The names each block knows, for suggestions on a typo.
 var (
-	handlerSubdirectives = []string{
+	handlerSubdirectives = slices.Concat([]string{
 		"name", "upstream", "dial_timeout", "tls", "forward_headers", "max_message", "max_message_upstream",
 		"rate_limit", "idle_timeout", "ping_interval", "pong_timeout", "write_timeout", "close_timeout",
 		"park_after", "origins", "allow_missing_origin", "jwt", "forward_auth", "refresh_field",
 		"claims_header", "limit_connections", "channels", "relay_channels", "rooms", "upstream_control",
-		"send_queue", "slow_consumer", "log_connections", "lb_policy", "health_uri", "health_websocket",
-		"health_interval", "health_timeout", "health_status", "health_passes", "health_fails", "fail_duration",
-		"max_fails", "unhealthy_close", "drain_timeout",
-	}
+		"send_queue", "slow_consumer", "log_connections",
+	}, upstreamSubdirectives)
 	roomsSubdirectives     = []string{"max_subscriptions", "max_data", "publish_rate", "presence_claims"}
 	tlsSubdirectives       = []string{"ca_file", "server_name", "insecure_skip_verify", "client_certificate"}
 	rateLimitSubdirectives = []string{"messages", "bytes", "on_exceed"}

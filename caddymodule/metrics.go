@@ -260,7 +260,7 @@ func (*collector) Collect(ch chan<- prometheus.Metric) {
 		for _, u := range m.pool.Status(time.Now()) {
 			gauge(descUpstreamConns, float64(u.Live), m.name, u.URL)
 			healthy := 0.0
-			if u.Healthy && !u.Removed {
+			if u.TakesConnections() {
 				healthy = 1
 			}
 			gauge(descUpstreamHealthy, healthy, m.name, u.URL)

@@ -3,6 +3,7 @@ package caddymodule
 import (
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -110,7 +111,8 @@ type PassiveHealthChecks struct {
 var defaultUnhealthyClose = []int{1006, 1011}
 
 // upstreamConflict finds the upstream options that are incomplete or
-// exclude each other, and names the option to blame.
+// exclude each other, and names the option to blame. The engine checks
+// them (in Caddyfile words); this adds what only the Caddyfile knows.
 func (h *Handler) upstreamConflict() (option string, err error) {
 	if lb := h.LoadBalancing; lb != nil && lb.SelectionPolicy != nil {
 		if _, err := lb.SelectionPolicy.proxy(); err != nil {
@@ -118,31 +120,28 @@ func (h *Handler) upstreamConflict() (option string, err error) {
 		}
 	}
 	if hc := h.HealthChecks; hc != nil {
-		if a := hc.Active; a != nil {
-			switch {
-			case a.URI == "" && !a.WebSocket:
-				return firstSet(h.activeOptions()), errors.New("active health checks need health_uri or health_websocket")
-			case a.WebSocket && a.ExpectStatus != 0:
-				return "health_status", errors.New("health_status has no place with health_websocket: a WebSocket probe expects 101")
-			}
-			if err := (&proxy.Health{Active: a.proxy()}).Check(); err != nil {
-				return firstSet(h.activeOptions()), err
-			}
+		if p := hc.Passive; p != nil && p.FailDuration <= 0 {
+			return "max_fails|unhealthy_close", errors.New("passive health checks need fail_duration")
 		}
-		if p := hc.Passive; p != nil {
-			if p.FailDuration <= 0 {
-				return "max_fails|unhealthy_close", errors.New("passive health checks need fail_duration")
-			}
-			if err := (&proxy.Health{FailDuration: time.Duration(p.FailDuration), MaxFails: p.MaxFails,
-				UnhealthyCloses: closeCodes(p.UnhealthyClose)}).Check(); err != nil {
-				return "unhealthy_close", err
-			}
+		if err := h.proxyHealth().Check(); err != nil {
+			return optionOf(err, firstSet(h.activeOptions())), err
 		}
 	}
 	if h.DrainTimeout < 0 {
 		return "drain_timeout", errors.New("drain_timeout must not be negative")
 	}
 	return "", nil
+}
+
+// optionOf is the option an engine error starts with (it names options
+// as the Caddyfile does), or otherwise.
+func optionOf(err error, otherwise string) string {
+	msg := err.Error()
+	n := strings.IndexFunc(msg, func(r rune) bool { return r != '_' && (r < 'a' || r > 'z') })
+	if n > 0 && slices.Contains(upstreamSubdirectives, msg[:n]) {
+		return msg[:n]
+	}
+	return otherwise
 }
 
 // activeOptions are the names of the active health options, in the order
@@ -158,9 +157,8 @@ func firstSet(options []string) string { return strings.Join(options, "|") }
 func closeCodes(codes []int) []uint16 {
 	out := make([]uint16, len(codes))
 	for i, c := range codes {
-		if c < 0 || c > 0xffff {
-			c = 0
-		}
+		// (out of range either way: the engine refuses it)
+		c = min(max(c, 0), 0xffff)
 		out[i] = uint16(c)
 	}
 	return out
@@ -188,10 +186,7 @@ func (p *SelectionPolicy) proxy() (proxy.LBPolicy, error) {
 		}
 		out.Fallback = &fb
 	}
-	if err := out.Check(); err != nil {
-		return out, errors.New(strings.Replace(err.Error(), "lb policy", "lb_policy", 1))
-	}
-	return out, nil
+	return out, out.Check()
 }
 
 func (a *ActiveHealthChecks) proxy() *proxy.ActiveHealth {
@@ -221,18 +216,25 @@ func (h *Handler) proxyUpstreams(cfg *proxy.Config) error {
 			h.balanceClaim = lb.SelectionPolicy.Claim
 		}
 	}
-	if hc := h.HealthChecks; hc != nil {
-		if hc.Active != nil {
-			cfg.Health.Active = hc.Active.proxy()
-		}
-		if p := hc.Passive; p != nil {
-			cfg.Health.FailDuration = time.Duration(p.FailDuration)
-			cfg.Health.MaxFails = p.MaxFails
-			cfg.Health.UnhealthyCloses = closeCodes(p.UnhealthyClose)
-		}
-	}
+	cfg.Health = h.proxyHealth()
 	cfg.DrainTimeout = time.Duration(h.DrainTimeout)
 	return nil
+}
+
+// proxyHealth converts the health checks for the engine.
+func (h *Handler) proxyHealth() proxy.Health {
+	var out proxy.Health
+	if hc := h.HealthChecks; hc != nil {
+		if hc.Active != nil {
+			out.Active = hc.Active.proxy()
+		}
+		if p := hc.Passive; p != nil {
+			out.FailDuration = time.Duration(p.FailDuration)
+			out.MaxFails = p.MaxFails
+			out.UnhealthyCloses = closeCodes(p.UnhealthyClose)
+		}
+	}
+	return out
 }
 
 // balanceKey is the value of the claim the claim policy hashes, or "".
@@ -279,8 +281,9 @@ func parseLBPolicy(d *caddyfile.Dispenser, nested bool) (*SelectionPolicy, error
 		case 0:
 		case 1:
 			n, err := strconv.Atoi(args[0])
-			if err != nil || n < 2 {
-				return nil, d.Errf("random_choose takes a number of at least 2, not %q", args[0])
+			if err != nil || n <= 0 {
+				// (0 would read as the default; the engine checks the rest)
+				return nil, d.Errf("random_choose takes a positive number, not %q", args[0])
 			}
 			p.Choose = n
 		default:
@@ -349,9 +352,9 @@ func parseLBPolicy(d *caddyfile.Dispenser, nested bool) (*SelectionPolicy, error
 	return p, nil
 }
 
-// parseUpstreamOption reads the load-balancing and health subdirectives
-// (name is d's current token) and reports whether name is one.
-func (h *Handler) parseUpstreamOption(d *caddyfile.Dispenser, name string) (bool, error) {
+// parseUpstreamOption reads one of upstreamSubdirectives (name, d's
+// current token).
+func (h *Handler) parseUpstreamOption(d *caddyfile.Dispenser, name string) error {
 	active := func() *ActiveHealthChecks {
 		if h.HealthChecks == nil {
 			h.HealthChecks = new(HealthChecks)
@@ -380,29 +383,23 @@ func (h *Handler) parseUpstreamOption(d *caddyfile.Dispenser, name string) (bool
 	case "health_uri":
 		a := active()
 		if !d.AllArgs(&a.URI) {
-			return true, d.ArgErr()
-		}
-		if !strings.HasPrefix(a.URI, "/") {
-			return true, d.Errf("health_uri %q must start with /", a.URI)
+			return d.ArgErr()
 		}
 		if a.WebSocket {
-			return true, d.Err("health_uri and health_websocket exclude each other")
+			return d.Err("health_uri and health_websocket exclude each other")
 		}
 	case "health_websocket":
 		a := active()
 		if a.URI != "" {
-			return true, d.Err("health_uri and health_websocket exclude each other")
+			return d.Err("health_uri and health_websocket exclude each other")
 		}
 		a.WebSocket = true
 		switch args := d.RemainingArgs(); len(args) {
 		case 0:
 		case 1:
-			if !strings.HasPrefix(args[0], "/") {
-				return true, d.Errf("health_websocket %q must start with /", args[0])
-			}
 			a.URI = args[0]
 		default:
-			return true, d.ArgErr()
+			return d.ArgErr()
 		}
 	case "health_interval":
 		active().Interval, err = parseDuration(d)
@@ -411,13 +408,13 @@ func (h *Handler) parseUpstreamOption(d *caddyfile.Dispenser, name string) (bool
 	case "health_status":
 		var v string
 		if !d.AllArgs(&v) {
-			return true, d.ArgErr()
+			return d.ArgErr()
 		}
 		n := 0
 		if len(v) == 3 && strings.HasSuffix(v, "xx") && v[0] >= '1' && v[0] <= '5' {
 			n = int(v[0] - '0')
 		} else if n, err = strconv.Atoi(v); err != nil || n < 100 || n > 599 {
-			return true, d.Errf("health_status takes a status such as 200 or 2xx, not %q", v)
+			return d.Errf("health_status takes a status such as 200 or 2xx, not %q", v)
 		}
 		active().ExpectStatus = n
 	case "health_passes":
@@ -436,24 +433,23 @@ func (h *Handler) parseUpstreamOption(d *caddyfile.Dispenser, name string) (bool
 		}
 		for _, a := range args {
 			c, err := strconv.Atoi(a)
-			if err != nil || c < 1000 || c > 4999 {
-				return true, d.Errf("unhealthy_close takes close codes (1000-4999), not %q", a)
+			if err != nil {
+				return d.Errf("unhealthy_close takes close codes (1000-4999), not %q", a)
 			}
 			p.UnhealthyClose = append(p.UnhealthyClose, c)
 		}
 	case "drain_timeout":
 		h.DrainTimeout, err = parseDuration(d)
-	default:
-		return false, nil
 	}
-	return true, err
+	return err
 }
 
-// upstreamSubdirectives are the names parseUpstreamOption knows.
+// upstreamSubdirectives are the names parseUpstreamOption reads.
 var upstreamSubdirectives = []string{"lb_policy", "health_uri", "health_websocket", "health_interval", "health_timeout",
 	"health_status", "health_passes", "health_fails", "fail_duration", "max_fails", "unhealthy_close", "drain_timeout"}
 
-// upstreamIneffective lists the upstream options that cannot take effect.
+// upstreamIneffective lists the upstream options that cannot take effect,
+// or are unsafe as written.
 func (h *Handler) upstreamIneffective() []warning {
 	var ws []warning
 	add := func(set bool, option, msg string) {
@@ -471,8 +467,12 @@ func (h *Handler) upstreamIneffective() []warning {
 		add(h.DrainTimeout != 0, "drain_timeout", "drain_timeout"+rooms)
 		return ws
 	}
-	if lb := h.LoadBalancing; lb != nil && lb.SelectionPolicy != nil && lb.SelectionPolicy.Policy == "claim" && h.JWT == nil && h.ForwardAuth == nil {
-		add(true, "lb_policy", "lb_policy claim has no effect: without jwt or forward_auth there are no claims (the fallback chooses)")
+	if lb := h.LoadBalancing; lb != nil && lb.SelectionPolicy != nil {
+		p := lb.SelectionPolicy
+		add(p.Policy == "claim" && h.JWT == nil && h.ForwardAuth == nil,
+			"lb_policy", "lb_policy claim has no effect: without jwt or forward_auth there are no claims (the fallback chooses)")
+		add(p.Policy == "cookie" && p.Secret == "", "lb_policy",
+			"lb_policy cookie without a secret: whoever knows the upstream URLs can tell which one a cookie names; give it a secret such as {env.LB_COOKIE_SECRET}")
 	}
 	return ws
 }

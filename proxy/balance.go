@@ -4,6 +4,7 @@ import (
 	"crypto/hmac"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"hash/fnv"
 	"net"
@@ -58,8 +59,9 @@ type LBPolicy struct {
 	// Field is header's header name, or cookie's cookie name.
 	Field string
 	// Secret keys the HMAC that the cookie's value is (of the upstream's
-	// URL), so that clients cannot tell upstreams apart by it. Default
-	// empty (an HMAC with an empty key).
+	// URL, password redacted), so that clients cannot tell which address
+	// a value names. Default empty (an HMAC with an empty key: anyone who
+	// knows the upstream URLs can compute the values).
 	Secret string
 	// MaxAge is the cookie's Max-Age. Default: none (a session cookie).
 	MaxAge time.Duration
@@ -106,7 +108,7 @@ func (p *LBPolicy) prepare(rnd func(int) int, nested bool) (selector, error) {
 			p.Choose = 2
 		}
 		if p.Choose < 2 {
-			return nil, fmt.Errorf("random_choose needs at least 2, not %d", p.Choose)
+			return nil, fmt.Errorf("lb_policy random_choose needs at least 2, not %d", p.Choose)
 		}
 		s = randomChoose{rnd, p.Choose}
 	case First:
@@ -122,7 +124,7 @@ func (p *LBPolicy) prepare(rnd func(int) int, nested bool) (selector, error) {
 		}}
 	case HeaderHash:
 		if p.Field == "" {
-			return nil, fmt.Errorf("lb policy header needs a header name")
+			return nil, errors.New("lb_policy header needs a header name")
 		}
 		field := http.CanonicalHeaderKey(p.Field)
 		s = hashPick{key: func(q *query) string {
@@ -140,21 +142,21 @@ func (p *LBPolicy) prepare(rnd func(int) int, nested bool) (selector, error) {
 			p.Field = DefaultLBCookie
 		}
 		if p.MaxAge < 0 {
-			return nil, fmt.Errorf("lb cookie max age must not be negative")
+			return nil, errors.New("lb_policy cookie max_age must not be negative")
 		}
 		s = &cookiePick{name: p.Field, secret: []byte(p.Secret), maxAge: p.MaxAge}
 		needsFallback = true
 	default:
-		return nil, fmt.Errorf("unknown lb policy %q", p.Policy)
+		return nil, fmt.Errorf("unknown lb_policy %q", p.Policy)
 	}
 	if !needsFallback {
 		if p.Fallback != nil {
-			return nil, fmt.Errorf("lb policy %s takes no fallback", p.Policy)
+			return nil, fmt.Errorf("lb_policy %s takes no fallback", p.Policy)
 		}
 		return s, nil
 	}
 	if nested {
-		return nil, fmt.Errorf("lb policy %s cannot be a fallback: it needs a fallback of its own", p.Policy)
+		return nil, fmt.Errorf("%s cannot be a fallback: it needs a fallback of its own", p.Policy)
 	}
 	if p.Fallback == nil {
 		p.Fallback = &LBPolicy{Policy: Random}
@@ -276,18 +278,37 @@ func weight(upstream, key string) uint64 {
 }
 
 // cookiePick follows the cookie that names an upstream (by an HMAC of its
-// URL), or lets the fallback choose.
+// URL, password redacted), or lets the fallback choose.
 type cookiePick struct {
 	name     string
 	secret   []byte
 	maxAge   time.Duration
 	fallback selector
+	values   map[string]string // by upstream name: computed once per configuration
+}
+
+// prepareValues computes the cookie value of each upstream (by name,
+// password redacted).
+func (c *cookiePick) prepareValues(names []string) {
+	c.values = make(map[string]string, len(names))
+	for _, n := range names {
+		c.values[n] = c.hmac(n)
+	}
+}
+
+// hmac of the redacted URL: the password is no input, so the value
+// cannot be used to guess it.
+func (c *cookiePick) hmac(name string) string {
+	m := hmac.New(sha256.New, c.secret)
+	m.Write([]byte(name))
+	return hex.EncodeToString(m.Sum(nil))
 }
 
 func (c *cookiePick) value(u *Upstream) string {
-	m := hmac.New(sha256.New, c.secret)
-	m.Write([]byte(u.url.String()))
-	return hex.EncodeToString(m.Sum(nil))
+	if v, ok := c.values[u.name]; ok {
+		return v
+	}
+	return c.hmac(u.name)
 }
 
 func (c *cookiePick) pick(cands []*Upstream, q *query) int {

@@ -20,7 +20,7 @@ func testUpstreams(live ...int64) []*Upstream {
 	out := make([]*Upstream, len(live))
 	for i, n := range live {
 		u, _ := url.Parse(fmt.Sprintf("ws://up%d:80", i))
-		out[i] = &Upstream{name: u.String(), url: u}
+		out[i] = &Upstream{name: u.String(), url: u, refs: 1}
 		out[i].live.Store(n)
 	}
 	return out
@@ -105,7 +105,7 @@ func TestPolicyErrors(t *testing.T) {
 		p    LBPolicy
 		want string
 	}{
-		{LBPolicy{Policy: "weighted"}, `unknown lb policy "weighted"`},
+		{LBPolicy{Policy: "weighted"}, `unknown lb_policy "weighted"`},
 		{LBPolicy{Policy: RandomChoose, Choose: 1}, "at least 2"},
 		{LBPolicy{Policy: HeaderHash}, "needs a header name"},
 		{LBPolicy{Policy: LeastConn, Fallback: &LBPolicy{Policy: Random}}, "takes no fallback"},
@@ -173,6 +173,23 @@ func TestCookiePolicy(t *testing.T) {
 	if ck := cp.cookieFor(ups[0], q); ck == nil || ck.Value != cp.value(ups[0]) {
 		t.Fatalf("moved: cookie %+v", ck)
 	}
+	// the value shows neither the URL nor its password
+	for _, raw := range []string{"ws://app:hunter2@10.0.0.5:9000/ws", "ws://10.0.0.5:9000"} {
+		cfg := Config{Upstreams: []string{raw}, LB: LBPolicy{Policy: CookieHash}}
+		if err := cfg.Prepare(); err != nil {
+			t.Fatal(err)
+		}
+		u, _ := url.Parse(raw)
+		v := cfg.selector.(*cookiePick).value(&Upstream{name: u.Redacted(), url: u})
+		for _, part := range []string{raw, u.Redacted(), u.Host, "hunter2"} {
+			if v == part || strings.Contains(v, part) {
+				t.Fatalf("cookie value %q shows %q", v, part)
+			}
+		}
+		if v != (&cookiePick{}).hmac(u.Redacted()) {
+			t.Fatalf("cookie value %q is not the HMAC of the redacted URL", v)
+		}
+	}
 	// another secret makes other values
 	other := &cookiePick{name: "lb", secret: []byte("x")}
 	if other.value(ups[0]) == cp.value(ups[0]) {
@@ -196,66 +213,68 @@ func TestPassiveHealth(t *testing.T) {
 	dialFail := errors.New("connection refused")
 	fail := func() {
 		t.Helper()
-		if !u.acquire(clock.Now()) {
+		tok, ok := u.acquire(clock.Now(), &h, nil)
+		if !ok {
 			t.Fatal("not usable")
 		}
-		u.dialed(clock.Now(), &h, dialFail)
+		u.dialed(clock.Now(), &h, tok, dialFail)
 	}
 
 	fail()
-	if !u.usable(clock.Now()) {
+	if !u.usable(clock.Now(), &h, nil) {
 		t.Fatal("set aside after 1 of 2 failures")
 	}
 	clock.Advance(11 * time.Second) // the first failure leaves the window
 	fail()
-	if !u.usable(clock.Now()) {
+	if !u.usable(clock.Now(), &h, nil) {
 		t.Fatal("failures in different windows add up")
 	}
 	clock.Advance(time.Second)
 	fail()
-	if u.usable(clock.Now()) {
+	if u.usable(clock.Now(), &h, nil) {
 		t.Fatal("usable after 2 failures within fail_duration")
 	}
 	if st := u.status(clock.Now()); st.Healthy || !st.PassiveDown || st.Live != 0 {
 		t.Fatalf("status %+v", st)
 	}
 	clock.Advance(9 * time.Second)
-	if u.usable(clock.Now()) {
+	if u.usable(clock.Now(), &h, nil) {
 		t.Fatal("usable before fail_duration passed")
 	}
 	clock.Advance(time.Second)
 	// back: one trial dial at a time
-	if !u.acquire(clock.Now()) {
+	trial, ok := u.acquire(clock.Now(), &h, nil)
+	if !ok || trial == 0 {
 		t.Fatal("no trial after fail_duration")
 	}
-	if u.usable(clock.Now()) || u.acquire(clock.Now()) {
+	if _, ok := u.acquire(clock.Now(), &h, nil); ok || u.usable(clock.Now(), &h, nil) {
 		t.Fatal("a second dial while the trial is in flight")
 	}
-	if d := u.retryIn(clock.Now(), &h); d != time.Second {
+	if d := u.retryIn(clock.Now(), &h, nil); d != time.Second {
 		t.Fatalf("retry in %v during a trial", d)
 	}
-	u.dialed(clock.Now(), &h, dialFail) // the trial fails: aside again
-	if u.usable(clock.Now()) {
+	u.dialed(clock.Now(), &h, trial, dialFail) // the trial fails: aside again
+	if u.usable(clock.Now(), &h, nil) {
 		t.Fatal("usable after a failed trial")
 	}
-	if d := u.retryIn(clock.Now(), &h); d != 10*time.Second {
+	if d := u.retryIn(clock.Now(), &h, nil); d != 10*time.Second {
 		t.Fatalf("retry in %v after a failed trial", d)
 	}
 	clock.Advance(10 * time.Second)
-	if !u.acquire(clock.Now()) {
+	if trial, ok = u.acquire(clock.Now(), &h, nil); !ok {
 		t.Fatal("no second trial")
 	}
-	u.dialed(clock.Now(), &h, nil) // the trial succeeds: back for all
-	if !u.usable(clock.Now()) || u.Live() != 1 {
-		t.Fatalf("after a good trial: usable %v, live %d", u.usable(clock.Now()), u.Live())
+	u.dialed(clock.Now(), &h, trial, nil) // the trial succeeds: back for all
+	if !u.usable(clock.Now(), &h, nil) || u.Live() != 1 {
+		t.Fatalf("after a good trial: usable %v, live %d", u.usable(clock.Now(), &h, nil), u.Live())
 	}
 
 	// a 4xx answer judges the client, not the upstream
 	for range 3 {
-		u.acquire(clock.Now())
-		u.dialed(clock.Now(), &h, errUpstreamStatus(403))
+		tok, _ := u.acquire(clock.Now(), &h, nil)
+		u.dialed(clock.Now(), &h, tok, errUpstreamStatus(403))
 	}
-	if !u.usable(clock.Now()) {
+	if !u.usable(clock.Now(), &h, nil) {
 		t.Fatal("set aside by 403 answers")
 	}
 	// unexpected closes of live connections count, others not
@@ -264,18 +283,78 @@ func TestPassiveHealth(t *testing.T) {
 	u.live.Store(2)
 	u.ended(clock.Now(), &h, ws.StatusAbnormalClosure)
 	u.ended(clock.Now(), &h, ws.StatusInternalServerError)
-	if u.usable(clock.Now()) {
+	if u.usable(clock.Now(), &h, nil) {
 		t.Fatal("usable after two 1006/1011 closes")
 	}
 	// a trial answered with 403 found the upstream up
 	clock.Advance(10 * time.Second)
-	if !u.acquire(clock.Now()) {
+	if trial, ok = u.acquire(clock.Now(), &h, nil); !ok {
 		t.Fatal("no trial")
 	}
-	u.dialed(clock.Now(), &h, errUpstreamStatus(403))
-	if !u.usable(clock.Now()) {
+	u.dialed(clock.Now(), &h, trial, errUpstreamStatus(403))
+	if !u.usable(clock.Now(), &h, nil) {
 		t.Fatal("set aside again by a trial answered with 403")
 	}
+}
+
+// TestTrialBelongsToItsDial: a dial that started before the upstream was
+// set aside, and ends during the trial, neither ends the trial (which
+// would let a second one in) nor decides it (which would leave the
+// upstream aside after a good trial).
+func TestTrialBelongsToItsDial(t *testing.T) {
+	clock := newFakeClock()
+	h := Health{FailDuration: time.Minute}
+	if err := h.prepare(); err != nil {
+		t.Fatal(err)
+	}
+	dialFail := errors.New("connection refused")
+	// setAside returns u, set aside by a failure, with an older dial
+	// still in flight, fail_duration later: its trial may start.
+	setAside := func() (u *Upstream, older trialToken) {
+		u = testUpstreams(0)[0]
+		older, _ = u.acquire(clock.Now(), &h, nil)
+		tok, _ := u.acquire(clock.Now(), &h, nil)
+		u.dialed(clock.Now(), &h, tok, dialFail)
+		if u.usable(clock.Now(), &h, nil) {
+			t.Fatal("usable after a failure")
+		}
+		clock.Advance(time.Minute)
+		return u, older
+	}
+
+	t.Run("an older dial abandoned", func(t *testing.T) {
+		u, older := setAside()
+		trial, ok := u.acquire(clock.Now(), &h, nil)
+		if !ok || trial == 0 {
+			t.Fatal("no trial")
+		}
+		u.abandoned(older)
+		if _, ok := u.acquire(clock.Now(), &h, nil); ok {
+			t.Fatal("a second trial while the first is in flight")
+		}
+		u.abandoned(trial)
+		if _, ok := u.acquire(clock.Now(), &h, nil); !ok {
+			t.Fatal("no new trial after the trial was abandoned")
+		}
+	})
+	t.Run("an older dial fails, then the trial succeeds", func(t *testing.T) {
+		u, older := setAside()
+		trial, ok := u.acquire(clock.Now(), &h, nil)
+		if !ok || trial == 0 {
+			t.Fatal("no trial")
+		}
+		u.dialed(clock.Now(), &h, older, dialFail)
+		if _, ok := u.acquire(clock.Now(), &h, nil); ok {
+			t.Fatal("a second trial while the first is in flight")
+		}
+		u.dialed(clock.Now(), &h, trial, nil)
+		if !u.usable(clock.Now(), &h, nil) {
+			t.Fatal("still set aside after a good trial")
+		}
+		if u.Live() != 1 {
+			t.Fatalf("live %d, want 1 (the trial)", u.Live())
+		}
+	})
 }
 
 func TestActiveHealthTransitions(t *testing.T) {
@@ -285,6 +364,7 @@ func TestActiveHealthTransitions(t *testing.T) {
 		t.Fatal(err)
 	}
 	u := testUpstreams(0)[0]
+	p := &prober{a: a}
 	bad := errors.New("status 500")
 	steps := []struct {
 		err           error
@@ -294,13 +374,60 @@ func TestActiveHealthTransitions(t *testing.T) {
 		{bad, false, true}, {nil, false, true}, {bad, false, true}, {nil, false, true}, {nil, true, false},
 	}
 	for i, s := range steps {
-		changed, down := u.probed(a, s.err)
+		changed, down := u.probed(p, s.err)
 		if changed != s.changed || down != s.down {
 			t.Fatalf("probe %d: changed %v down %v, want %v %v", i, changed, down, s.changed, s.down)
 		}
-		if u.usable(time.Now()) == down {
+		if u.usable(time.Now(), &h, p) == down {
 			t.Fatalf("probe %d: usable disagrees with down", i)
 		}
+	}
+}
+
+// TestGoodProbeClearsPassivePenalty: an upstream set aside by a passive
+// failure takes clients again after a good probe, without waiting out
+// fail_duration; a trial dial in flight then decides nothing.
+func TestGoodProbeClearsPassivePenalty(t *testing.T) {
+	clock := newFakeClock()
+	h := Health{FailDuration: time.Minute, Active: &ActiveHealth{URI: "/health"}}
+	if err := h.prepare(); err != nil {
+		t.Fatal(err)
+	}
+	u := testUpstreams(0)[0]
+	p := &prober{a: h.Active}
+	dialFail := errors.New("connection refused")
+	tok, _ := u.acquire(clock.Now(), &h, p)
+	u.dialed(clock.Now(), &h, tok, dialFail)
+	if u.usable(clock.Now(), &h, p) {
+		t.Fatal("usable after a passive failure")
+	}
+	if changed, down := u.probed(p, nil); changed || down {
+		t.Fatalf("good probe: changed %v down %v", changed, down)
+	}
+	if !u.usable(clock.Now(), &h, p) {
+		t.Fatal("still set aside after a good probe")
+	}
+
+	// set aside again, and its trial in flight when a probe passes
+	tok, _ = u.acquire(clock.Now(), &h, p)
+	u.dialed(clock.Now(), &h, tok, dialFail)
+	clock.Advance(time.Minute)
+	trial, ok := u.acquire(clock.Now(), &h, p)
+	if !ok || trial == 0 {
+		t.Fatal("no trial")
+	}
+	u.probed(p, nil)
+	if !u.usable(clock.Now(), &h, p) {
+		t.Fatal("still set aside after a good probe during the trial")
+	}
+	other, ok := u.acquire(clock.Now(), &h, p)
+	if !ok || other != 0 {
+		t.Fatalf("after the good probe: acquired %v, trial %d; want a plain dial", ok, other)
+	}
+	// the old trial's failure counts as any failure would
+	u.dialed(clock.Now(), &h, trial, dialFail)
+	if u.usable(clock.Now(), &h, p) {
+		t.Fatal("a failed dial after the probe did not count")
 	}
 }
 
@@ -309,11 +436,11 @@ func TestHealthConfigErrors(t *testing.T) {
 		h    Health
 		want string
 	}{
-		{Health{Active: &ActiveHealth{}}, "need an HTTP uri or a WebSocket"},
-		{Health{Active: &ActiveHealth{URI: "/h", WebSocket: true}}, "not both"},
+		{Health{Active: &ActiveHealth{}}, "need health_uri or health_websocket"},
+		{Health{Active: &ActiveHealth{URI: "/h", WebSocket: true}}, "exclude each other"},
 		{Health{Active: &ActiveHealth{WebSocket: true, ExpectStatus: 200}}, "expects 101"},
 		{Health{Active: &ActiveHealth{URI: "health"}}, "must start with /"},
-		{Health{Active: &ActiveHealth{URI: "/h", ExpectStatus: 42}}, "bad expected status"},
+		{Health{Active: &ActiveHealth{URI: "/h", ExpectStatus: 42}}, "want a status (100-599) or a class"},
 		{Health{UnhealthyCloses: []uint16{999}}, "want 1000-4999"},
 		{Health{FailDuration: -1}, "must not be negative"},
 	} {

@@ -103,8 +103,12 @@ type Config struct {
 	// DrainTimeout, when positive, closes the live connections of an
 	// upstream that the Pool's configurations no longer hold, this long
 	// after the Gateway that held it last is closed, with 1001
-	// "upstream removed". 0: they live on.
+	// "upstream removed". 0: they live on. The newest Gateway's value
+	// applies: the configuration that removed the upstream decides.
 	DrainTimeout time.Duration
+	// AfterFunc runs f after d, for DrainTimeout; stop cancels it. nil
+	// means time.AfterFunc.
+	AfterFunc func(d time.Duration, f func()) (stop func() bool)
 	// Rand returns a number in [0,n) for the policies that choose at
 	// random; nil means math/rand/v2.
 	Rand func(n int) int
@@ -200,7 +204,9 @@ func CheckForwardHeader(name string) error {
 }
 
 // Prepare validates c and fills in defaults. It must be called once before
-// the config is used. A config without upstreams serves sessions only
+// the config is used. Its errors about load balancing and health name the
+// options as the Caddyfile spells them (lb_policy, health_uri, …), the one
+// place they are checked. A config without upstreams serves sessions only
 // (rooms).
 func (c *Config) Prepare() error {
 	c.upstreamURLs = c.upstreamURLs[:0]
@@ -225,11 +231,21 @@ func (c *Config) Prepare() error {
 		return err
 	}
 	c.selector = sel
+	if cp, ok := sel.(*cookiePick); ok {
+		names := make([]string, len(c.upstreamURLs))
+		for i, u := range c.upstreamURLs {
+			names[i] = u.Redacted()
+		}
+		cp.prepareValues(names)
+	}
 	if err := c.Health.prepare(); err != nil {
 		return err
 	}
 	if c.DrainTimeout < 0 {
 		return errors.New("drain timeout must not be negative")
+	}
+	if c.AfterFunc == nil {
+		c.AfterFunc = func(d time.Duration, f func()) func() bool { return time.AfterFunc(d, f).Stop }
 	}
 	if c.ForwardHeaders == nil {
 		c.ForwardHeaders = DefaultForwardHeaders
@@ -319,7 +335,7 @@ func (h Health) Check() error {
 // prepare checks h and fills in its defaults.
 func (h *Health) prepare() error {
 	if h.FailDuration < 0 || h.MaxFails < 0 {
-		return errors.New("fail duration and max fails must not be negative")
+		return errors.New("fail_duration and max_fails must not be negative")
 	}
 	if h.MaxFails == 0 {
 		h.MaxFails = 1
@@ -329,7 +345,7 @@ func (h *Health) prepare() error {
 	}
 	for _, c := range h.UnhealthyCloses {
 		if c < 1000 || c > 4999 {
-			return fmt.Errorf("unhealthy close code %d: want 1000-4999", c)
+			return fmt.Errorf("unhealthy_close code %d: want 1000-4999", c)
 		}
 	}
 	a := h.Active
@@ -338,19 +354,19 @@ func (h *Health) prepare() error {
 	}
 	switch {
 	case a.WebSocket && a.URI != "":
-		return errors.New("active health checks: an HTTP uri or a WebSocket handshake, not both")
+		return errors.New("health_uri and health_websocket exclude each other")
 	case !a.WebSocket && a.URI == "":
-		return errors.New("active health checks need an HTTP uri or a WebSocket handshake")
+		return errors.New("active health checks need health_uri or health_websocket")
 	case a.WebSocket && a.ExpectStatus != 0:
-		return errors.New("active health checks: a WebSocket probe expects 101; no other status can be set")
+		return errors.New("health_status has no place with health_websocket: a WebSocket probe expects 101")
 	case a.Interval < 0 || a.Timeout < 0 || a.Passes < 0 || a.Fails < 0:
-		return errors.New("active health checks: interval, timeout, passes and fails must not be negative")
+		return errors.New("health_interval, health_timeout, health_passes and health_fails must not be negative")
 	case a.ExpectStatus != 0 && (a.ExpectStatus > 5 && a.ExpectStatus < 100 || a.ExpectStatus > 599):
-		return fmt.Errorf("active health checks: bad expected status %d", a.ExpectStatus)
+		return fmt.Errorf("health_status %d: want a status (100-599) or a class (1-5)", a.ExpectStatus)
 	}
-	for _, uri := range []string{a.URI, a.WebSocketURI} {
-		if uri != "" && !strings.HasPrefix(uri, "/") {
-			return fmt.Errorf("active health checks: uri %q must start with /", uri)
+	for _, o := range []struct{ name, uri string }{{"health_uri", a.URI}, {"health_websocket", a.WebSocketURI}} {
+		if o.uri != "" && !strings.HasPrefix(o.uri, "/") {
+			return fmt.Errorf("%s %q must start with /", o.name, o.uri)
 		}
 	}
 	if a.Interval == 0 {

@@ -13,7 +13,6 @@ import (
 	"net/http"
 	"net/url"
 	"strconv"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -29,16 +28,18 @@ type Gateway struct {
 	log  *slog.Logger
 	pool *Pool
 	ups  []*Upstream // the state of each of cfg.Upstreams, in order
+	// probers are the active checks of ups, in the same order (nil
+	// without active checks)
+	probers []*prober
 
-	stopChecks context.CancelFunc // ends the active health checks
-	checks     sync.WaitGroup
-	closed     atomic.Bool
+	closed atomic.Bool
 }
 
 // New makes a Gateway. cfg must have been prepared (Config.Prepare). reg
 // tracks live connections (for shutdown); it may be shared by several
 // Gateways. log may be nil. With active health checks configured, they
-// start now: Close ends them.
+// start now, unless a Gateway of the same Pool runs the same checks
+// already: then the two share them.
 func New(cfg Config, reg *Registry, log *slog.Logger) *Gateway {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -50,25 +51,30 @@ func New(cfg Config, reg *Registry, log *slog.Logger) *Gateway {
 	if g.pool == nil {
 		g.pool = NewPool()
 	}
+	g.pool.configured(&g.cfg)
 	g.ups = make([]*Upstream, len(cfg.upstreamURLs))
+	g.probers = make([]*prober, len(cfg.upstreamURLs))
 	for i, u := range cfg.upstreamURLs {
 		g.ups[i] = g.pool.retain(u)
+		if a := cfg.Health.Active; a != nil {
+			g.probers[i] = g.retainProber(g.ups[i], a)
+		}
 	}
-	g.startChecks()
 	return g
 }
 
-// Close ends the gateway's active health checks and lets go of its
-// upstreams: those no Gateway of the Pool holds any more are drained after
-// DrainTimeout, when set. Its live connections go on. Later calls do
+// Close lets go of the gateway's upstreams and their active health checks
+// (which stop with the last Gateway that holds them): upstreams no Gateway
+// of the Pool holds any more are drained after DrainTimeout, when set. Its live connections go on. Later calls do
 // nothing.
 func (g *Gateway) Close() {
 	if !g.closed.CompareAndSwap(false, true) {
 		return
 	}
-	if g.stopChecks != nil {
-		g.stopChecks()
-		g.checks.Wait()
+	for i, p := range g.probers {
+		if p != nil {
+			releaseProber(g.ups[i], p)
+		}
 	}
 	for _, u := range g.ups {
 		if g.pool.release(u) {
@@ -77,8 +83,10 @@ func (g *Gateway) Close() {
 				level = slog.LevelInfo
 			}
 			g.log.Log(context.Background(), level, "upstream removed", "upstream", u.name, "live", u.live.Load())
-			if g.cfg.DrainTimeout > 0 {
-				g.scheduleDrain(u)
+			// the newest configuration's drain_timeout: the one that
+			// removed the upstream (this one's has been replaced)
+			if d, after := g.pool.drainSettings(); d > 0 {
+				g.scheduleDrain(u, d, after)
 			}
 		}
 	}
@@ -88,18 +96,18 @@ func (g *Gateway) Close() {
 // upstream that was removed from the configuration, when they are drained.
 const UpstreamReason = "upstream removed"
 
-// scheduleDrain closes u's connections after DrainTimeout, unless a
-// configuration holds it again by then.
-func (g *Gateway) scheduleDrain(u *Upstream) {
+// scheduleDrain closes u's connections after d, unless a configuration
+// holds it again by then.
+func (g *Gateway) scheduleDrain(u *Upstream, d time.Duration, after func(time.Duration, func()) func() bool) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	if u.refs > 0 || u.drain != nil {
+	if u.refs > 0 || u.stopDrain != nil {
 		return
 	}
-	u.drain = time.AfterFunc(g.cfg.DrainTimeout, func() {
+	u.stopDrain = after(d, func() {
 		u.mu.Lock()
 		held := u.refs > 0
-		u.drain = nil
+		u.stopDrain = nil
 		u.mu.Unlock()
 		if held {
 			return
@@ -161,6 +169,12 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, info Request
 	}
 	q := query{r: r, info: &info}
 	up, hs, err := g.dial(r.Context(), &q)
+	if _, closed := err.(errGatewayClosed); closed {
+		// a request that reached this configuration just as a reload
+		// replaced it: its client retries on the new one
+		WriteError(w, http.StatusBadGateway, "upstream unavailable", nil)
+		return UpstreamFailed
+	}
 	if err != nil {
 		var hdr http.Header
 		if _, open := err.(errCircuitOpen); !open {
@@ -189,7 +203,8 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, info Request
 	if err != nil {
 		up.conn.Close()
 		up.putReader()
-		u.live.Add(-1)
+		// as a connection that ended at once, its upstream not to blame
+		u.ended(g.cfg.Health.Now(), &g.cfg.Health, 0)
 		g.pool.connEnded(u)
 		if conn != nil {
 			conn.Close()
@@ -298,6 +313,11 @@ type errCircuitOpen struct{}
 
 func (errCircuitOpen) Error() string { return "every upstream is set aside" }
 
+// errGatewayClosed refuses a request that reaches a Gateway after Close.
+type errGatewayClosed struct{}
+
+func (errGatewayClosed) Error() string { return "the configuration was replaced" }
+
 // dial connects to an upstream the policy chooses among the usable ones;
 // when the dial fails it chooses again among the others, trying each at
 // most once.
@@ -319,10 +339,13 @@ func (g *Gateway) dial(ctx context.Context, q *query) (*dialed, handshake, error
 	tried = tried[:n]
 	var errs []error
 	for range n {
+		if g.closed.Load() {
+			return nil, handshake{}, errGatewayClosed{}
+		}
 		now := g.cfg.Health.Now()
 		cands, idxs = cands[:0], idxs[:0]
 		for i, u := range g.ups {
-			if !tried[i] && u.usable(now) {
+			if !tried[i] && u.usable(now, &g.cfg.Health, g.probers[i]) {
 				cands, idxs = append(cands, u), append(idxs, uint16(i))
 			}
 		}
@@ -332,7 +355,8 @@ func (g *Gateway) dial(ctx context.Context, q *query) (*dialed, handshake, error
 		k := g.cfg.selector.pick(cands, q)
 		u, idx := cands[k], idxs[k]
 		tried[idx] = true
-		if !u.acquire(now) {
+		tok, ok := u.acquire(now, &g.cfg.Health, g.probers[idx])
+		if !ok {
 			continue // set aside, or its one trial dial taken, meanwhile
 		}
 		target := *u.url
@@ -361,14 +385,14 @@ func (g *Gateway) dial(ctx context.Context, q *query) (*dialed, handshake, error
 		}
 		if err != nil && ctx.Err() != nil {
 			// the client went away: that says nothing of the upstream
-			u.abandoned()
+			u.abandoned(tok)
 			return nil, handshake{}, errors.Join(append(errs, fmt.Errorf("%s: %w", u.name, err))...)
 		}
-		u.dialed(g.cfg.Health.Now(), &g.cfg.Health, err)
+		u.dialed(g.cfg.Health.Now(), &g.cfg.Health, tok, err)
 		if err == nil {
 			return &dialed{conn: conn, br: br, idx: idx}, handshake{protocol: hs.Protocol}, nil
 		}
-		if down := !u.usable(g.cfg.Health.Now()); down {
+		if down := !u.usable(g.cfg.Health.Now(), &g.cfg.Health, g.probers[idx]); down {
 			g.log.Debug("upstream set aside", "upstream", u.name, "error", err.Error())
 		}
 		errs = append(errs, fmt.Errorf("%s: %w", u.name, err))
@@ -384,11 +408,11 @@ func (g *Gateway) dial(ctx context.Context, q *query) (*dialed, handshake, error
 func (g *Gateway) retryAfter() (int, bool) {
 	now := g.cfg.Health.Now()
 	d := time.Duration(math.MaxInt64)
-	for _, u := range g.ups {
-		if u.usable(now) {
+	for i, u := range g.ups {
+		if u.usable(now, &g.cfg.Health, g.probers[i]) {
 			return 0, false
 		}
-		d = min(d, u.retryIn(now, &g.cfg.Health))
+		d = min(d, u.retryIn(now, &g.cfg.Health, g.probers[i]))
 	}
 	if d == math.MaxInt64 {
 		d = time.Second

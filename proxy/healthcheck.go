@@ -2,64 +2,108 @@ package proxy
 
 import (
 	"context"
+	"crypto/tls"
 	"fmt"
 	"io"
+	"log/slog"
 	"net/http"
 	"net/url"
+	"slices"
+	"sync/atomic"
 	"time"
 
 	"github.com/gobwas/ws"
 )
 
-// Active health checks: one goroutine per upstream of a Gateway probes it
-// every Interval, from the moment the Gateway is made until it is closed.
-// A probe is an HTTP GET or a WebSocket handshake (closed at once), never
-// a client's dial: an upstream set aside comes back by a probe alone.
+// Active health checks: one goroutine per upstream and distinct check
+// settings probes it every Interval, from the moment the first Gateway
+// of the Pool with those checks holds the upstream until the last lets
+// go of it. Gateways of successive configurations (and handlers sharing a
+// Pool) with the same checks thus share one prober, and its counts: a
+// reload neither doubles the probes nor forgets what they found. A probe
+// is an HTTP GET or a WebSocket handshake (closed at once), never a
+// client's dial: an upstream set aside comes back by a probe alone.
 
-// startChecks starts the active health checks, if configured.
-func (g *Gateway) startChecks() {
-	a := g.cfg.Health.Active
-	if a == nil || len(g.ups) == 0 {
-		return
+// prober probes one upstream with one ActiveHealth. Its counts are
+// guarded by the upstream's mu.
+type prober struct {
+	a                *ActiveHealth
+	key              string // a's settings
+	refs             int    // Gateways holding it
+	stop             context.CancelFunc
+	done             chan struct{}
+	env              atomic.Pointer[probeEnv]
+	down             bool
+	passes, failures int // probes in a row that passed, failed
+}
+
+// probeEnv is what a prober takes from the newest Gateway holding it.
+type probeEnv struct {
+	tls *tls.Config
+	log *slog.Logger
+}
+
+func activeKey(a *ActiveHealth) string {
+	return fmt.Sprintf("%q %v %q %v %v %d %d %d", a.URI, a.WebSocket, a.WebSocketURI, a.Interval, a.Timeout,
+		a.ExpectStatus, a.Passes, a.Fails)
+}
+
+// retainProber finds or starts u's prober with the settings of a.
+func (g *Gateway) retainProber(u *Upstream, a *ActiveHealth) *prober {
+	key := activeKey(a)
+	env := &probeEnv{tls: g.cfg.TLS, log: g.log}
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	for _, p := range u.probers {
+		if p.key == key {
+			p.refs++
+			p.env.Store(env)
+			return p
+		}
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	g.stopChecks = cancel
-	var client *http.Client
-	if !a.WebSocket {
-		client = &http.Client{
-			Transport: &http.Transport{TLSClientConfig: g.cfg.TLS, DisableKeepAlives: true},
-			Timeout:   a.Timeout,
-			// a redirect is an answer: its status is what is checked
-			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
-		}
+	p := &prober{a: a, key: key, refs: 1, stop: cancel, done: make(chan struct{})}
+	p.env.Store(env)
+	u.probers = append(u.probers, p)
+	go p.run(ctx, u, a.NewTicker(a.Interval))
+	return p
+}
+
+// releaseProber lets go of p, and stops it if no Gateway holds it any
+// more.
+func releaseProber(u *Upstream, p *prober) {
+	u.mu.Lock()
+	p.refs--
+	last := p.refs == 0
+	if last {
+		u.probers = slices.DeleteFunc(u.probers, func(q *prober) bool { return q == p })
 	}
-	seen := map[*Upstream]bool{}
-	for _, u := range g.ups {
-		if seen[u] {
-			continue
-		}
-		seen[u] = true
-		g.checks.Go(func() { g.checkLoop(ctx, u, a, client) })
+	u.mu.Unlock()
+	if last {
+		p.stop()
+		<-p.done
 	}
 }
 
-func (g *Gateway) checkLoop(ctx context.Context, u *Upstream, a *ActiveHealth, client *http.Client) {
-	t := a.NewTicker(a.Interval)
+func (p *prober) run(ctx context.Context, u *Upstream, t Ticker) {
+	defer close(p.done)
 	defer t.Stop()
+	a := p.a
 	for {
+		env := p.env.Load()
 		var err error
 		if a.WebSocket {
-			err = g.probeWebSocket(ctx, u, a)
+			err = probeWebSocket(ctx, u, a, env.tls)
 		} else {
-			err = probeHTTP(ctx, client, u, a)
+			err = probeHTTP(ctx, u, a, env.tls)
 		}
 		if ctx.Err() != nil {
 			return
 		}
-		if changed, down := u.probed(a, err); changed && down {
-			g.log.Warn("upstream unhealthy", "upstream", u.name, "error", err.Error())
+		if changed, down := u.probed(p, err); changed && down {
+			env.log.Warn("upstream unhealthy", "upstream", u.name, "error", err.Error())
 		} else if changed {
-			g.log.Info("upstream healthy", "upstream", u.name)
+			env.log.Info("upstream healthy", "upstream", u.name)
 		}
 		select {
 		case <-ctx.Done():
@@ -78,7 +122,15 @@ func httpURL(u *url.URL, uri string) string {
 	return scheme + "://" + u.Host + uri
 }
 
-func probeHTTP(ctx context.Context, client *http.Client, u *Upstream, a *ActiveHealth) error {
+func probeHTTP(ctx context.Context, u *Upstream, a *ActiveHealth, tc *tls.Config) error {
+	// A client per probe: the TLS settings may change with a reload, and
+	// there is no connection to keep between probes.
+	client := &http.Client{
+		Transport: &http.Transport{TLSClientConfig: tc, DisableKeepAlives: true},
+		Timeout:   a.Timeout,
+		// a redirect is an answer: its status is what is checked
+		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, httpURL(u.url, a.URI), nil)
 	if err != nil {
 		return err
@@ -111,7 +163,7 @@ func statusMatches(got, want int) bool {
 	return got == want
 }
 
-func (g *Gateway) probeWebSocket(ctx context.Context, u *Upstream, a *ActiveHealth) error {
+func probeWebSocket(ctx context.Context, u *Upstream, a *ActiveHealth, tc *tls.Config) error {
 	target := *u.url
 	switch {
 	case a.WebSocketURI != "":
@@ -126,7 +178,7 @@ func (g *Gateway) probeWebSocket(ctx context.Context, u *Upstream, a *ActiveHeal
 	var status int
 	d := ws.Dialer{
 		Timeout:       a.Timeout,
-		TLSConfig:     g.cfg.TLS,
+		TLSConfig:     tc,
 		OnStatusError: func(s int, _ []byte, _ io.Reader) { status = s },
 	}
 	ctx, cancel := context.WithTimeout(ctx, a.Timeout)

@@ -87,6 +87,24 @@ const (
 type Pool struct {
 	mu  sync.Mutex
 	ups map[string]*Upstream
+	// of the newest Gateway: a reload that removes an upstream drains
+	// it as the new configuration says
+	drainTimeout time.Duration
+	afterFunc    func(time.Duration, func()) (stop func() bool)
+}
+
+// configured takes the drain settings of the newest Gateway.
+func (p *Pool) configured(cfg *Config) {
+	p.mu.Lock()
+	p.drainTimeout, p.afterFunc = cfg.DrainTimeout, cfg.AfterFunc
+	p.mu.Unlock()
+}
+
+// drainSettings are the drain settings of the newest Gateway.
+func (p *Pool) drainSettings() (time.Duration, func(time.Duration, func()) func() bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.drainTimeout, p.afterFunc
 }
 
 // NewPool makes an empty Pool.
@@ -105,10 +123,10 @@ func (p *Pool) retain(u *url.URL) *Upstream {
 	}
 	up.mu.Lock()
 	up.refs++
-	if up.drain != nil {
+	if up.stopDrain != nil {
 		// configured again before its connections were drained
-		up.drain.Stop()
-		up.drain = nil
+		up.stopDrain()
+		up.stopDrain = nil
 	}
 	up.mu.Unlock()
 	return up
@@ -167,6 +185,10 @@ type UpstreamStatus struct {
 	LastError string
 }
 
+// TakesConnections reports whether the upstream is sent new connections:
+// configured, and not set aside.
+func (s UpstreamStatus) TakesConnections() bool { return s.Healthy && !s.Removed }
+
 // Status lists the upstreams the pool knows, sorted by URL.
 func (p *Pool) Status(now time.Time) []UpstreamStatus {
 	p.mu.Lock()
@@ -190,16 +212,15 @@ type Upstream struct {
 	url  *url.URL
 	live atomic.Int64
 
-	mu         sync.Mutex
-	refs       int         // Gateways holding it
-	drain      *time.Timer // closes its connections once removed (DrainTimeout)
-	fails      []time.Time // passive failures within FailDuration
-	downUntil  time.Time   // passive: skipped until then; zero: up
-	trial      bool        // after downUntil, the one dial that tries it is in flight
-	activeDown bool
-	passes     int // probes in a row that passed (active)
-	failures   int // probes in a row that failed (active)
-	lastErr    string
+	mu        sync.Mutex
+	refs      int         // Gateways holding it
+	stopDrain func() bool // cancels the drain of its connections, once removed
+	fails     []time.Time // passive failures within FailDuration
+	downUntil time.Time   // passive: skipped until then; zero: up
+	trial     trialToken  // after downUntil, the one dial that tries it (0: none in flight)
+	trials    trialToken  // the last token handed out
+	probers   []*prober   // one per distinct active check configured for it
+	lastErr   string
 }
 
 // URL is the upstream's URL, password redacted.
@@ -211,56 +232,76 @@ func (u *Upstream) Live() int64 { return u.live.Load() }
 func (u *Upstream) status(now time.Time) UpstreamStatus {
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	s := UpstreamStatus{URL: u.name, Live: u.live.Load(), ActiveDown: u.activeDown, Removed: u.refs == 0, LastError: u.lastErr}
+	s := UpstreamStatus{URL: u.name, Live: u.live.Load(), Removed: u.refs == 0, LastError: u.lastErr}
+	for _, p := range u.probers {
+		s.ActiveDown = s.ActiveDown || p.down
+	}
 	if !u.downUntil.IsZero() {
-		s.PassiveDown, s.DownUntil = now.Before(u.downUntil) || u.trial, u.downUntil
+		s.PassiveDown, s.DownUntil = now.Before(u.downUntil) || u.trial != 0, u.downUntil
 	}
 	s.Healthy = !s.ActiveDown && !s.PassiveDown
 	return s
 }
 
-// usable reports whether a dial may be sent to u now.
-func (u *Upstream) usable(now time.Time) bool {
+// usable reports whether a Gateway with health checks h, and p its
+// active check of u (nil: none), may send a dial to u now. Each Gateway
+// heeds only the checks it has: one without passive checks ignores the
+// penalties that others' failures set, and one without active checks
+// ignores the probes of others.
+func (u *Upstream) usable(now time.Time, h *Health, p *prober) bool {
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	return u.usableLocked(now)
+	return u.usableLocked(now, h, p)
 }
 
-func (u *Upstream) usableLocked(now time.Time) bool {
-	if u.activeDown {
+func (u *Upstream) usableLocked(now time.Time, h *Health, p *prober) bool {
+	if p != nil && p.down {
 		return false
 	}
-	return u.downUntil.IsZero() || !now.Before(u.downUntil) && !u.trial
+	if h.FailDuration <= 0 {
+		return true
+	}
+	return u.downUntil.IsZero() || !now.Before(u.downUntil) && u.trial == 0
 }
+
+// trialToken names the one dial that tries an upstream back from being
+// set aside; 0 is any other dial. Only that dial's outcome ends the
+// trial: a dial started before the upstream was set aside may end
+// meanwhile, and says nothing of its return.
+type trialToken uint64
 
 // acquire takes u for a dial, or reports that it stopped being usable
-// since it was chosen. An upstream back from being set aside lets one
+// since it was chosen, or that no configuration holds it any more. An upstream back from being set aside lets one
 // dial through at a time, so that its return is tried by one client, not
-// by every client waiting.
-func (u *Upstream) acquire(now time.Time) bool {
+// by every client waiting: that dial gets a token, which it hands back to
+// dialed or abandoned.
+func (u *Upstream) acquire(now time.Time, h *Health, p *prober) (tok trialToken, ok bool) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	if !u.usableLocked(now) {
-		return false
+	if u.refs == 0 || !u.usableLocked(now, h, p) {
+		// (no refs: the Gateway that chose it is closed, and a connection
+		// now would escape the metrics, the admin API and the drain)
+		return 0, false
 	}
-	if !u.downUntil.IsZero() {
-		u.trial = true
+	if h.FailDuration > 0 && !u.downUntil.IsZero() {
+		u.trials++
+		u.trial, tok = u.trials, u.trials
 	}
 	u.live.Add(1)
-	return true
+	return tok, true
 }
 
-// dialed records how a dial acquired from u went. A failed dial no
-// longer counts as a connection.
-func (u *Upstream) dialed(now time.Time, h *Health, err error) {
+// dialed records how a dial acquired from u (with tok) went. A failed
+// dial no longer counts as a connection.
+func (u *Upstream) dialed(now time.Time, h *Health, tok trialToken, err error) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	if err != nil {
 		u.live.Add(-1)
 		u.lastErr = err.Error()
 	}
-	if u.trial {
-		u.trial = false
+	if tok != 0 && tok == u.trial {
+		u.trial = 0
 		if err == nil || !countsAsFailure(err) {
 			// it answered: it is up
 			u.downUntil, u.fails = time.Time{}, u.fails[:0]
@@ -274,11 +315,14 @@ func (u *Upstream) dialed(now time.Time, h *Health, err error) {
 	}
 }
 
-// abandoned records a dial given up because the client went away, which
-// says nothing of the upstream.
-func (u *Upstream) abandoned() {
+// abandoned records a dial (acquired with tok) given up because the
+// client went away, which says nothing of the upstream: if it was the
+// trial, the next dial tries instead.
+func (u *Upstream) abandoned(tok trialToken) {
 	u.mu.Lock()
-	u.trial = false
+	if tok != 0 && tok == u.trial {
+		u.trial = 0
+	}
 	u.mu.Unlock()
 	u.live.Add(-1)
 }
@@ -325,44 +369,45 @@ func (u *Upstream) ended(now time.Time, h *Health, code ws.StatusCode) {
 	u.mu.Unlock()
 }
 
-// probed records an active probe's result, and reports whether it changed
-// the upstream's health (to down when down).
-func (u *Upstream) probed(a *ActiveHealth, err error) (changed, down bool) {
+// probed records a probe's result from p, and reports whether it changed
+// the upstream's health in p's eyes (to down when down).
+func (u *Upstream) probed(p *prober, err error) (changed, down bool) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	if err != nil {
 		u.lastErr = "health check: " + err.Error()
-		u.passes, u.failures = 0, u.failures+1
-		if !u.activeDown && u.failures >= a.Fails {
-			u.activeDown = true
+		p.passes, p.failures = 0, p.failures+1
+		if !p.down && p.failures >= p.a.Fails {
+			p.down = true
 			return true, true
 		}
-		return false, u.activeDown
+		return false, p.down
 	}
-	u.failures, u.passes = 0, u.passes+1
-	if u.activeDown && u.passes >= a.Passes {
-		u.activeDown = false
+	p.failures, p.passes = 0, p.passes+1
+	if p.down && p.passes >= p.a.Passes {
+		p.down, changed = false, true
+	}
+	if !p.down {
 		// The probe has just reached it: no need to wait out a passive
-		// penalty too.
-		u.downUntil, u.fails, u.trial = time.Time{}, u.fails[:0], false
-		return true, false
+		// penalty too. A trial in flight no longer decides anything.
+		u.downUntil, u.fails, u.trial = time.Time{}, u.fails[:0], 0
 	}
-	return false, u.activeDown
+	return changed, p.down
 }
 
 // retryIn is how long, at the least, until u may be tried again.
-func (u *Upstream) retryIn(now time.Time, h *Health) time.Duration {
+func (u *Upstream) retryIn(now time.Time, h *Health, p *prober) time.Duration {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	d := time.Duration(math.MaxInt64)
-	if u.activeDown && h.Active != nil {
-		d = h.Active.Interval
+	if p != nil && p.down {
+		d = p.a.Interval
 	}
-	if !u.downUntil.IsZero() {
+	if h.FailDuration > 0 && !u.downUntil.IsZero() {
 		switch {
 		case now.Before(u.downUntil):
 			d = min(d, u.downUntil.Sub(now))
-		case u.trial:
+		case u.trial != 0:
 			d = min(d, time.Second)
 		}
 	}
