@@ -544,7 +544,12 @@ export class Client {
       this.lost(ev.code, ev.reason ?? "", isTerminalClose(ev.code, ev.reason ?? ""));
     };
     ws.onerror = () => {
-      // The close event that follows carries what there is to know.
+      // A failed connection: browsers follow with a close event of code 1006,
+      // but Node 20's WebSocket fires none after a refused handshake, so the
+      // error itself ends the attempt.
+      if (gen !== this.gen) return;
+      this.detach(ws, 1000, "");
+      this.lost(1006, "", false);
     };
   }
 

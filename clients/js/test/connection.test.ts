@@ -120,6 +120,23 @@ test("a failed handshake and a failing token() both retry with backoff", async (
   client.close();
 });
 
+test("an error event followed by a close counts as one disconnection", async () => {
+  const { gw, clock, client, events } = harness();
+  client.connect();
+  await clock.advance(0);
+  gw.last.fail();
+  await clock.advance(0);
+  assert.deepEqual(
+    events.filter((e) => e.type === "disconnected").map((e) => e.ev),
+    [{ code: 1006, reason: "", willReconnect: true }],
+  );
+  assert.equal(clock.armed, 1, "one reconnect timer");
+  await clock.advance(500);
+  assert.equal(client.state, "connected");
+  assert.equal(gw.sockets.length, 2);
+  client.close();
+});
+
 test("a server that does not answer wsgate.v1 is reported and retried", async () => {
   const { gw, clock, client, events } = harness();
   gw.handshake = () => "hold";

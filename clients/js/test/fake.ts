@@ -117,6 +117,12 @@ export class FakeSocket implements WebSocketLike {
     queueMicrotask(() => this.onclose?.({ code, reason }));
   }
 
+  /** The connection fails as browsers report it: an error event, then a 1006 close. */
+  fail(): void {
+    queueMicrotask(() => this.onerror?.({}));
+    this.serverClose(1006);
+  }
+
   send(data: string): void {
     if (this.readyState !== 1) throw new Error("not open");
     const req = JSON.parse(data);
