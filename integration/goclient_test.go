@@ -356,8 +356,8 @@ func TestGoClientLivenessFrozenPath(t *testing.T) {
 	d := ev.waitFor(t, wsgate.EventDisconnected, 1, 10*time.Second)
 	took := d.at.Sub(frozen)
 	t.Logf("frozen path noticed after %v (livenessInterval %v + livenessTimeout %v); close %d %q", took.Round(time.Millisecond), interval, timeout, d.Code, d.Reason)
-	if d.Code != 1006 || d.Reason != "liveness timeout" || !d.WillReconnect {
-		t.Fatalf("disconnected %+v, want 1006 liveness timeout", d.Event)
+	if d.Code != wsgate.CloseLivenessTimeout || d.Reason != "liveness timeout" || !d.WillReconnect {
+		t.Fatalf("disconnected %+v, want 4000 liveness timeout", d.Event)
 	}
 	if slack := 300 * time.Millisecond; took > interval+timeout+slack {
 		t.Fatalf("noticed after %v, want within %v", took, interval+timeout+slack)

@@ -25,7 +25,8 @@ type Options struct {
 	// attempt doubles it, up to MaxReconnectDelay; the delay is drawn
 	// uniformly below the cap (full jitter). Default: 500 ms.
 	MinReconnectDelay time.Duration
-	// MaxReconnectDelay bounds the cap of reconnect delays. Default: 20 s.
+	// MaxReconnectDelay bounds the cap of reconnect delays; a connection
+	// that stayed up this long starts the doubling again. Default: 20 s.
 	MaxReconnectDelay time.Duration
 	// LivenessInterval is how long the connection may stay silent before the
 	// client sends a ping op. Default: 10 s.
@@ -88,6 +89,18 @@ func (o *Options) setDefaults() {
 	}
 }
 
+// Close codes of the client's own, shared with the JavaScript client;
+// both are followed by a reconnect.
+const (
+	// CloseLivenessTimeout ends a connection on which nothing arrived
+	// within LivenessTimeout of a ping: the path is dead, and the socket is
+	// dropped without a close frame.
+	CloseLivenessTimeout = 4000
+	// CloseRefreshFailed ends a connection whose token could not be
+	// refreshed; the next one is made with a fresh token.
+	CloseRefreshFailed = 4002
+)
+
 // State is where the client's connection stands.
 type State int
 
@@ -125,7 +138,8 @@ type Event struct {
 	Type EventType
 	// Code and Reason of the close (disconnected): the gateway's close frame,
 	// 1006 when the connection ended without one (including a failed
-	// handshake or a liveness timeout), 1000 after Close.
+	// handshake), CloseLivenessTimeout or CloseRefreshFailed when the
+	// client ended it for those reasons, 1000 after Close.
 	Code   int
 	Reason string
 	// WillReconnect is false when the client is now closed.
@@ -323,9 +337,9 @@ func (c *Client) run() {
 		}
 		began := c.clock.Now()
 		end := c.serve(cn)
-		if c.clock.Now().Sub(began) >= c.opts.MinReconnectDelay {
+		if c.clock.Now().Sub(began) >= c.opts.MaxReconnectDelay {
 			// A connection that lasted counts as a success; one that the
-			// gateway ends at once keeps backing off.
+			// gateway ends soon keeps backing off.
 			attempt = 0
 		}
 		if c.ctx.Err() != nil {

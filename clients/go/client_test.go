@@ -260,7 +260,7 @@ func TestTokenRefreshTiming(t *testing.T) {
 		t.Fatalf("error event %+v", e)
 	}
 	d := ev.until(t, EventDisconnected)
-	if !d.WillReconnect || d.Reason != "token refresh failed" {
+	if !d.WillReconnect || d.Code != CloseRefreshFailed || d.Reason != "token refresh failed" {
 		t.Fatalf("disconnected %+v", d)
 	}
 	clk.waitTimerWithin(t, time.Second)
@@ -301,7 +301,7 @@ func TestLiveness(t *testing.T) {
 	clk.waitTimer(t, t0.Add(25*time.Second))
 	clk.Advance(5 * time.Second)
 	d := ev.until(t, EventDisconnected)
-	if d.Code != 1006 || d.Reason != "liveness timeout" || !d.WillReconnect {
+	if d.Code != CloseLivenessTimeout || d.Reason != "liveness timeout" || !d.WillReconnect {
 		t.Fatalf("disconnected %+v", d)
 	}
 	if c.State() == Connected {

@@ -343,7 +343,7 @@ loop:
 				// close frame would not get through either.
 				cn.nc.Close()
 				<-cn.rdone
-				end = connEnd{code: 1006, reason: "liveness timeout"}
+				end = connEnd{code: CloseLivenessTimeout, reason: "liveness timeout"}
 				break loop
 			case now.Sub(last) >= c.opts.LivenessInterval:
 				pinged, framesAtPing = true, cn.frames.Load()
@@ -362,9 +362,9 @@ loop:
 		case err := <-refreshRes:
 			if err != nil {
 				c.emit(Event{Type: EventError, Err: err})
-				cn.enqueue(outFrame{op: ws.OpClose, text: ws.NewCloseFrameBody(1000, "token refresh failed")})
+				cn.enqueue(outFrame{op: ws.OpClose, text: ws.NewCloseFrameBody(ws.StatusCode(CloseRefreshFailed), "token refresh failed")})
 				c.awaitClose(cn)
-				end = connEnd{code: 1000, reason: "token refresh failed", err: err}
+				end = connEnd{code: CloseRefreshFailed, reason: "token refresh failed", err: err}
 				break loop
 			}
 			refresh, refreshC = c.armRefresh(cn.tok)
