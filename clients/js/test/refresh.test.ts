@@ -5,7 +5,7 @@ import { harness, jwt } from "./fake.js";
 
 test("tokenExpiry reads exp without verifying, and tolerates what is not a JWT", () => {
   assert.equal(tokenExpiry(jwt(1_700_000_120)), 1_700_000_120_000);
-  assert.equal(tokenExpiry("opaque-session-token"), undefined);
+  assert.equal(tokenExpiry("opaque-token"), undefined);
   assert.equal(tokenExpiry("a.!!!.c"), undefined);
   assert.equal(tokenExpiry(`x.${Buffer.from('{"sub":"u"}').toString("base64url")}.y`), undefined);
 });
