@@ -220,6 +220,10 @@ func TestCommandStats(t *testing.T) {
 	if got, want := ph.callsPerMessage(), "PUBLISH 1.00, EVALSHA 1.00, XADD 1.00, HINCRBY 1.00, PEXPIRE 2.00"; got != want {
 		t.Errorf("calls per message %q, want %q", got, want)
 	}
+	ph = &fanPhase{sent: 1000, calls: map[string]int64{"publish": 1000, "hello": 2}}
+	if got, want := ph.callsPerMessage(), "PUBLISH 1.00, HELLO 2 in all"; got != want {
+		t.Errorf("calls per message %q, want %q", got, want)
+	}
 	ph = &fanPhase{sent: 2, calls: map[string]int64{"publish": 2}}
 	if got, want := ph.callsPerMessage(), "PUBLISH 1.00"; got != want {
 		t.Errorf("calls per message %q, want %q", got, want)
