@@ -385,7 +385,8 @@ func (r *report) histSection(w writer) {
 	w("%v at %.0f publishes/s, then steps of %v, ×√2 a step, until p99 has reached %v with history off\n", r.p.fanDur, r.p.fanRate, r.p.fanStepDur, fanP99Limit)
 	w("and on (or a run loses messages or subscribers, or the load generator cannot send the rate). The\n")
 	w("table shows each variant's run with the median p99; the ratios are history on ÷ history off within\n")
-	w("each round, and their median. Redis commands per message are the change in `INFO commandstats`\n")
+	w("each round, and their median; the gateways' CPU per delivery is both gateways' cores ÷ deliveries/s,\n")
+	w("less sensitive than latency to other work on the machine. Redis commands per message are the change in `INFO commandstats`\n")
 	w("across the run (`INFO` itself left out) ÷ the messages acknowledged. Redis counts a command that a\n")
 	w("script runs as a call of that command (checked with Redis 7.0: a `PUBLISH` inside `EVALSHA` adds one\n")
 	w("to `cmdstat_publish` and one to `cmdstat_evalsha`), so with history on `PUBLISH 1.00, EVALSHA 1.00,\n")
@@ -414,7 +415,7 @@ func (r *report) histSection(w writer) {
 		}
 	}
 	w("\nHistory on ÷ history off, within each round:\n\n")
-	w("| phase | deliveries/s | p50 | p99 | p99, each round |\n|---|---|---|---|---|\n")
+	w("| phase | deliveries/s | p50 | p99 | p99, each round | gateways' CPU per delivery |\n|---|---|---|---|---|---|\n")
 	for i, pr := range pairs {
 		if pr == nil {
 			continue
@@ -429,7 +430,13 @@ func (r *report) histSection(w writer) {
 		for _, x := range each {
 			rounds = append(rounds, fmt.Sprintf("%.2f×", x))
 		}
-		w("| %s | %.3f× | %.2f× | %.2f× | %s |\n", name(i, pr), d, p50, p99, strings.Join(rounds, ", "))
+		cpu, _ := pr.roundRatios(func(ph *fanPhase) float64 {
+			if ph.perSec <= 0 {
+				return 0
+			}
+			return (ph.cpuA + ph.cpuB) / ph.perSec
+		})
+		w("| %s | %.3f× | %.2f× | %.2f× | %s | %.2f× |\n", name(i, pr), d, p50, p99, strings.Join(rounds, ", "), cpu)
 	}
 	w("\n")
 	ratio, rel, says := f.capacityRatio()
