@@ -3,6 +3,7 @@ package bench
 import (
 	"context"
 	"fmt"
+	"math"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -28,13 +29,13 @@ func TestQuickSmoke(t *testing.T) {
 	out := filepath.Join(dir, "RESULTS.md")
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	scenarios, fanout := "a,b,c,d,e,m", true
+	scenarios, fanout := defaultScenarios, true
 	if _, err := exec.LookPath("redis-server"); err != nil {
 		if os.Getenv("CI") != "" {
 			t.Fatal("redis-server is not installed (.ci/run installs it); scenario d needs it")
 		}
 		t.Log("redis-server is not installed: scenario d (fan-out) skipped; apt-get install -y redis-server")
-		scenarios, fanout = "a,b,c,e,m", false
+		scenarios, fanout = "a,b,c,e,m", false // d and h need it
 	}
 	start := time.Now()
 	_, err := Run(ctx, Options{Caddy: bin, Out: out, Quick: true, Scenarios: scenarios, CmdLine: "TestQuickSmoke", Log: testLog{t}})
@@ -70,7 +71,13 @@ func TestQuickSmoke(t *testing.T) {
 			"| d. fan-out 50k deliveries/s | p99 ≤ 10 ms, 0 lost, 1 PUBLISH per message | ",
 			"| d. deliveries/s at p99 = 50 ms | ≥ 100,000 | ",
 			"| baseline, 1s | 50 | ", "| step 1, 500ms | 100 | ", "— (no fan-out in stock)",
-			"Gateway logs: ")
+			"Gateway logs: ",
+			"## h. Fan-out with history off and on",
+			"| baseline, 1s | off | 50 | ", "| baseline, 1s | on | 50 | ", "| step 1, 500ms | on | 100 | ",
+			"| h. fan-out deliveries/s at p99 = 50 ms, history on | ≥ 0.8× history off | ",
+			"| h. Redis calls per message, history on | 1 PUBLISH, in 1 EVALSHA with 1 XADD; history off: 1 PUBLISH, no EVALSHA | ",
+			"PUBLISH 1.00, EVALSHA 1.00, XADD 1.00",
+			"| h. baseline p99, every run | history on | ")
 	}
 	for _, want := range want {
 		if !strings.Contains(md, want) {
@@ -160,25 +167,128 @@ func TestPayloadTimestamp(t *testing.T) {
 }
 
 func TestFanMessage(t *testing.T) {
-	fs := &fanState{}
-	p := fs.message(3, 12345, 987654321012)
+	p := fanMessage(fanRoom, 3, 12345, 987654321012, 0)
 	if want := `{"op":"message","channel":"bench:fanout","data":{"ph":3,"seq":12345,"ts":987654321012}}`; string(p) != want {
 		t.Fatalf("message %s, want %s", p, want)
 	}
-	ph, seq, ts, ok := parseFan(p)
-	if !ok || ph != 3 || seq != 12345 || ts != 987654321012 {
-		t.Errorf("parsed %d %d %d %v", ph, seq, ts, ok)
+	ph, seq, ts, hist, ok := parseFan(p)
+	if !ok || ph != 3 || seq != 12345 || ts != 987654321012 || hist {
+		t.Errorf("parsed %d %d %d %v %v", ph, seq, ts, hist, ok)
+	}
+	p = fanMessage(fanHistRoom, 4, 7, 99, 42)
+	if want := `{"op":"message","channel":"bench:history:fanout","data":{"ph":4,"seq":7,"ts":99},"offset":42}`; string(p) != want {
+		t.Fatalf("message %s, want %s", p, want)
+	}
+	ph, seq, ts, hist, ok = parseFan(p)
+	if !ok || ph != 4 || seq != 7 || ts != 99 || !hist {
+		t.Errorf("parsed %d %d %d %v %v", ph, seq, ts, hist, ok)
 	}
 	for _, bad := range []string{
 		`{"op":"message","channel":"bench:other","data":{"ph":3,"seq":1,"ts":2}}`,
 		`{"op":"message","channel":"bench:fanout","data":{"ph":3,"seq":1,"ts":2},"x":1}`,
-		`{"op":"message","channel":"bench:fanout","data":{"ph":99,"seq":1,"ts":2}}`,
 		`{"op":"message","channel":"bench:fanout","data":{"ph":3,"seq":,"ts":2}}`,
+		// An offset where history is off, none where it is on.
+		`{"op":"message","channel":"bench:fanout","data":{"ph":3,"seq":1,"ts":2},"offset":5}`,
+		`{"op":"message","channel":"bench:history:fanout","data":{"ph":3,"seq":1,"ts":2}}`,
+		`{"op":"message","channel":"bench:history:fanout","data":{"ph":3,"seq":1,"ts":2},"offset":0}`,
+		`{"op":"message","channel":"bench:history:fanout","data":{"ph":3,"seq":1,"ts":2},"offset":5,"x":1}`,
 		`{"id":1,"op":"ok"}`,
 	} {
-		if _, _, _, ok := parseFan([]byte(bad)); ok {
+		if _, _, _, _, ok := parseFan([]byte(bad)); ok {
 			t.Errorf("%s parsed", bad)
 		}
+	}
+}
+
+func TestCommandStats(t *testing.T) {
+	info := "# Commandstats\r\n" +
+		"cmdstat_evalsha:calls=3,usec=293,usec_per_call=97.67,rejected_calls=0,failed_calls=0\r\n" +
+		"cmdstat_publish:calls=4,usec=11,usec_per_call=2.75,rejected_calls=0,failed_calls=0\r\n" +
+		"cmdstat_script|load:calls=1,usec=46,usec_per_call=46.00,rejected_calls=0,failed_calls=0\r\n"
+	got, err := parseCommandStats(info)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]int64{"evalsha": 3, "publish": 4, "script|load": 1}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("parsed %v, want %v", got, want)
+	}
+	if _, err := parseCommandStats("cmdstat_publish:usec=11\r\n"); err == nil {
+		t.Error("a line without calls parsed")
+	}
+	ph := &fanPhase{sent: 4, calls: map[string]int64{"publish": 4, "evalsha": 4, "xadd": 4, "pexpire": 8, "hincrby": 4}}
+	if got, want := ph.callsPerMessage(), "PUBLISH 1.00, EVALSHA 1.00, XADD 1.00, HINCRBY 1.00, PEXPIRE 2.00"; got != want {
+		t.Errorf("calls per message %q, want %q", got, want)
+	}
+	ph = &fanPhase{sent: 1000, calls: map[string]int64{"publish": 1000, "hello": 2}}
+	if got, want := ph.callsPerMessage(), "PUBLISH 1.00, HELLO 2 in all"; got != want {
+		t.Errorf("calls per message %q, want %q", got, want)
+	}
+	ph = &fanPhase{sent: 2, calls: map[string]int64{"publish": 2}}
+	if got, want := ph.callsPerMessage(), "PUBLISH 1.00"; got != want {
+		t.Errorf("calls per message %q, want %q", got, want)
+	}
+}
+
+func TestFanHistoryCapacity(t *testing.T) {
+	ph := func(perSec float64, p99 time.Duration) *fanPhase {
+		return &fanPhase{rate: 1, achieved: 1, perSec: perSec, p99: p99}
+	}
+	pair := func(off, on *fanPhase) *fanPair { return &fanPair{med: [2]*fanPhase{off, on}} }
+	// Off crosses 50 ms halfway from 400k (30 ms) to 600k (70 ms): 500k;
+	// on crosses a quarter of the way from 200k (40 ms) to 400k (80 ms):
+	// 250k. On ÷ off = 0.5.
+	f := &fanHistResult{baseline: pair(ph(50e3, 5*time.Millisecond), ph(50e3, 6*time.Millisecond)), steps: []*fanPair{
+		pair(ph(200e3, 20*time.Millisecond), ph(200e3, 40*time.Millisecond)),
+		pair(ph(400e3, 30*time.Millisecond), ph(400e3, 80*time.Millisecond)),
+		pair(ph(600e3, 70*time.Millisecond), ph(600e3, 90*time.Millisecond)),
+	}}
+	ratio, rel, says := f.capacityRatio()
+	if rel != "=" || math.Abs(ratio-0.5) > 1e-9 {
+		t.Errorf("ratio %s %v (%q)", rel, ratio, says)
+	}
+	if !strings.HasPrefix(says[0], "500,000 deliveries/s") || !strings.HasPrefix(says[1], "250,000 deliveries/s") {
+		t.Errorf("says %q", says)
+	}
+	// Off never reaches the limit: on's crossing over off's best is an
+	// upper bound.
+	f.steps[2].med[0] = ph(600e3, 45*time.Millisecond)
+	if ratio, rel, _ := f.capacityRatio(); rel != "≤" || math.Abs(ratio-250e3/600e3) > 1e-9 {
+		t.Errorf("ratio %s %v", rel, ratio)
+	}
+	// Neither does: both held it to the same rate.
+	f.steps = f.steps[:1]
+	if ratio, rel, _ := f.capacityRatio(); rel != "≥" || ratio != 1 {
+		t.Errorf("ratio %s %v", rel, ratio)
+	}
+}
+
+func TestFanPairRounds(t *testing.T) {
+	ph := func(perSec float64, p99 time.Duration) *fanPhase {
+		return &fanPhase{rate: 1, achieved: 1, perSec: perSec, p99: p99}
+	}
+	pr := &fanPair{runs: [2][]*fanPhase{
+		{ph(100, 10*time.Millisecond), ph(100, 30*time.Millisecond), ph(100, 20*time.Millisecond)},
+		{ph(90, 20*time.Millisecond), ph(100, 30*time.Millisecond), ph(80, 10*time.Millisecond)},
+	}}
+	pr.pickMedians()
+	if pr.med[0].p99 != 20*time.Millisecond || pr.med[1].p99 != 20*time.Millisecond {
+		t.Errorf("medians %v %v", pr.med[0].p99, pr.med[1].p99)
+	}
+	if med, each := pr.roundRatios(func(ph *fanPhase) float64 { return float64(ph.p99) }); med != 1 || fmt.Sprint(each) != "[2 1 0.5]" {
+		t.Errorf("p99 ratios %v %v", med, each)
+	}
+	if med, _ := pr.roundRatios(func(ph *fanPhase) float64 { return ph.perSec }); med != 0.9 {
+		t.Errorf("deliveries/s ratio %v", med)
+	}
+	if pr.problem() != "" {
+		t.Errorf("problem %q", pr.problem())
+	}
+	pr.runs[1] = pr.runs[1][:0]
+	pr.med[1] = nil
+	pr.pickMedians()
+	if !strings.Contains(pr.problem(), "history on did not run") {
+		t.Errorf("problem %q", pr.problem())
 	}
 }
 
@@ -211,6 +321,9 @@ func TestCountAndCommandLine(t *testing.T) {
 	}
 	if _, err := parseScenarios("a,x"); err == nil {
 		t.Error("scenario x accepted")
+	}
+	if m, err := parseScenarios(defaultScenarios); err != nil || len(m) != 7 || !m['h'] {
+		t.Errorf("default scenarios %v, %v", m, err)
 	}
 }
 

@@ -56,6 +56,7 @@ type caddyProc struct {
 	stockTLSPort int  // stock reverse_proxy over HTTPS
 	wssPort      int  // the wsgate (ES256) route on plain HTTP, to the wss:// upstream
 	metrics      bool // Caddy's `metrics` option is on
+	history      bool // the fan-out gateway keeps fanHistPattern's history
 	// clientTLS trusts this Caddy's own CA (tlsCaddy only), once it is
 	// ready.
 	clientTLS *tls.Config
@@ -74,6 +75,9 @@ const (
 	// fanoutCaddy is one of the two fan-out gateways: the Redis broker, a
 	// rooms route and wsgate_publish on one port.
 	fanoutCaddy
+	// fanoutHistCaddy is a fan-out gateway of scenario h: fanoutCaddy with
+	// history kept for the channels of fanHistPattern.
+	fanoutHistCaddy
 	// tlsCaddy serves the TLS variants of the idle scenario: the wsgate
 	// route and stock reverse_proxy over HTTPS, and the wsgate route to
 	// the wss:// upstream.
@@ -106,8 +110,12 @@ func roomsSite(port int, publish bool) string {
 
 // fanoutCaddyfile is the configuration of a fan-out gateway.
 func (e *env) fanoutCaddyfile(c *caddyProc) string {
-	return fmt.Sprintf("{\n\tadmin %s\n\tpersist_config off\n\tauto_https off\n\twsgate {\n\t\tbroker redis %s\n\t}\n}\n\n%s",
-		c.admin, e.redis.url(), roomsSite(c.roomsPort, true))
+	history := ""
+	if c.history {
+		history = fmt.Sprintf("\t\thistory %s {\n\t\t\tsize %d\n\t\t\tttl %s\n\t\t}\n", fanHistPattern, fanHistSize, fanHistTTL)
+	}
+	return fmt.Sprintf("{\n\tadmin %s\n\tpersist_config off\n\tauto_https off\n\twsgate {\n\t\tbroker redis %s\n%s\t}\n}\n\n%s",
+		c.admin, e.redis.url(), history, roomsSite(c.roomsPort, true))
 }
 
 // relayRoute is the wsgate handler with every check on, relaying to
@@ -233,8 +241,9 @@ func (e *env) tryStartCaddy(ctx context.Context, kind caddyKind) (*caddyProc, er
 		c.roomsPort, c.esPort, c.hsPort, c.stockPort = ports[1], ports[2], ports[3], ports[4]
 		c.metrics = kind == metricsCaddy
 		cfg = e.caddyfile
-	case fanoutCaddy:
+	case fanoutCaddy, fanoutHistCaddy:
 		c.roomsPort = ports[1]
+		c.history = kind == fanoutHistCaddy
 		cfg = e.fanoutCaddyfile
 	case tlsCaddy:
 		c.esTLSPort, c.stockTLSPort, c.wssPort = ports[1], ports[2], ports[3]

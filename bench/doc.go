@@ -10,8 +10,9 @@
 // TLS: Caddy serving HTTPS with `tls internal` (its CA kept in the run's
 // temporary directory, never in the system trust store) and the echo
 // upstream served over TLS with a certificate made at start. The fan-out
-// scenario (d) also starts a redis-server (from PATH) and two rooms-mode
-// gateways sharing it, and reads Redis's INFO commandstats. It imports no
+// scenarios (d, and h: the same with history on and off in turns) also
+// start a redis-server (from PATH) and two rooms-mode gateways sharing it,
+// and read Redis's INFO commandstats. It imports no
 // Caddy or wsgate package, so it can never share a bug with the code it
 // measures.
 //

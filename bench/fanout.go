@@ -22,8 +22,18 @@ import (
 	"github.com/gobwas/ws"
 )
 
-// fanRoom is the one room of scenario d.
+// fanRoom is the one room of scenario d, and scenario h's room without
+// history.
 const fanRoom = "bench:fanout"
+
+// fanHistRoom is scenario h's room with history: its gateways keep the
+// history of the channels that match fanHistPattern, with these settings.
+const (
+	fanHistRoom    = "bench:history:fanout"
+	fanHistPattern = "bench:history:**"
+	fanHistSize    = 100
+	fanHistTTL     = "10m"
+)
 
 // fanP99Limit is the delivery p99 the step-up looks for.
 const fanP99Limit = 50 * time.Millisecond
@@ -32,6 +42,7 @@ const fanP99Limit = 50 * time.Millisecond
 // step of the step-up.
 type fanPhase struct {
 	rate  float64       // publishes per second asked for
+	hist  bool          // published on fanHistRoom (history on), not fanRoom
 	dur   time.Duration // of the publishing schedule
 	subs  int           // subscribers at the start
 	sched int64         // publishes scheduled
@@ -52,7 +63,8 @@ type fanPhase struct {
 	bySrc               [2][2]time.Duration // p50 and p99 of the HTTP (A) and the wsgate.v1 (B) publications
 	perSec              float64             // deliveries per second (delivered ÷ the sending window)
 
-	publishes int64 // Redis PUBLISH calls during the phase (INFO commandstats)
+	publishes int64            // Redis PUBLISH calls during the phase (INFO commandstats)
+	calls     map[string]int64 // every Redis command during the phase but INFO, by name
 
 	cpuA, cpuB, cpuRedis, cpuGen float64 // cores used during the sending window
 
@@ -93,6 +105,7 @@ type fanState struct {
 	gws    [2]*caddyProc
 	redis  *redisProc
 	base   time.Time
+	hist   bool // scenario h: history on for fanHistRoom, every subscriber in both rooms
 	subs   []*fanSub
 	nextSq int64
 	phases []*fanPhase
@@ -110,9 +123,12 @@ type fanState struct {
 	nack1 atomic.Pointer[string]
 }
 
-// maxFanPhases bounds the phases of one scenario d run (baseline, steps,
-// the profiling step).
-const maxFanPhases = 32
+// maxPhases bounds the phases of one scenario d or h run: warm-ups,
+// the baseline's and every step's runs (of each variant), the profiling
+// step.
+func (p params) maxFanPhases() int {
+	return 4 + 2*max(1, p.runs)*(1+len(p.fanSteps))
+}
 
 func (e *env) runFanout(ctx context.Context) (res *fanResult, err error) {
 	res = &fanResult{subs: e.p.fanSubs}
@@ -125,7 +141,7 @@ func (e *env) runFanout(ctx context.Context) (res *fanResult, err error) {
 		rp.stop()
 		e.redis = nil
 	}()
-	fs := &fanState{e: e, redis: rp, base: time.Now(), delivered: make([]atomic.Int64, maxFanPhases)}
+	fs := &fanState{e: e, redis: rp, base: time.Now(), delivered: make([]atomic.Int64, e.p.maxFanPhases())}
 	for i := range fs.gws {
 		c, err := e.startCaddyKind(ctx, fanoutCaddy)
 		if err != nil {
@@ -145,12 +161,12 @@ func (e *env) runFanout(ctx context.Context) (res *fanResult, err error) {
 		return res, err
 	}
 	res.perGW = [2]int{(len(fs.subs) + 1) / 2, len(fs.subs) / 2}
-	res.payload = len(fs.message(0, 0, 0))
+	res.payload = len(fanMessage(fanRoom, 0, 0, 0, 0))
 
 	e.logf("  d %d subscribers (%d on each gateway) on %s; baseline %.0f publishes/s for %v", len(fs.subs), len(fs.subs)/2, fanRoom, e.p.fanRate, e.p.fanDur)
 	// Warm-up, not reported: the first publications pay for what the
 	// gateways and Redis build lazily.
-	warm, err := fs.phase(ctx, e.p.fanRate, e.p.fanWarm)
+	warm, err := fs.phase(ctx, e.p.fanRate, e.p.fanWarm, false)
 	if err != nil {
 		return res, fmt.Errorf("warm-up: %w", err)
 	}
@@ -206,7 +222,7 @@ func (e *env) runFanout(ctx context.Context) (res *fanResult, err error) {
 func (fs *fanState) medianPhase(ctx context.Context, rate float64, dur time.Duration) (*fanPhase, error) {
 	var runs []*fanPhase
 	for range max(1, fs.e.p.runs) {
-		ph, err := fs.phase(ctx, rate, dur)
+		ph, err := fs.phase(ctx, rate, dur, false)
 		if err != nil {
 			return nil, err
 		}
@@ -240,13 +256,18 @@ func (ph *fanPhase) problem() string {
 }
 
 func (ph *fanPhase) String() string {
-	return fmt.Sprintf("%.0f/s asked, %.0f/s sent (%d), %.0f deliveries/s, p50 %v p99 %v p99.9 %v max %v (HTTP p50 %v p99 %v, wsgate.v1 p50 %v p99 %v), lost %d, dups %d, closed %d, PUBLISH %d, publisher at most %v late, cores A %.2f B %.2f redis %.2f load generator %.2f",
-		ph.rate, ph.achieved, ph.sent, ph.perSec, ph.p50, ph.p99, ph.p999, ph.max, ph.bySrc[0][0], ph.bySrc[0][1], ph.bySrc[1][0], ph.bySrc[1][1],
-		ph.lost, ph.dups, ph.closed, ph.publishes, ph.lag.Round(time.Microsecond), ph.cpuA, ph.cpuB, ph.cpuRedis, ph.cpuGen)
+	hist := ""
+	if ph.hist {
+		hist = "history on: "
+	}
+	return fmt.Sprintf("%s%.0f/s asked, %.0f/s sent (%d), %.0f deliveries/s, p50 %v p99 %v p99.9 %v max %v (HTTP p50 %v p99 %v, wsgate.v1 p50 %v p99 %v), lost %d, dups %d, closed %d, Redis %s, publisher at most %v late, cores A %.2f B %.2f redis %.2f load generator %.2f",
+		hist, ph.rate, ph.achieved, ph.sent, ph.perSec, ph.p50, ph.p99, ph.p999, ph.max, ph.bySrc[0][0], ph.bySrc[0][1], ph.bySrc[1][0], ph.bySrc[1][1],
+		ph.lost, ph.dups, ph.closed, ph.callsPerMessage(), ph.lag.Round(time.Microsecond), ph.cpuA, ph.cpuB, ph.cpuRedis, ph.cpuGen)
 }
 
 // connect opens the subscribers, alternately on gateway A and B, each
-// subscribed to fanRoom, and the wsgate.v1 publisher on B.
+// subscribed to fanRoom (and, for scenario h, to fanHistRoom), and the
+// wsgate.v1 publisher on B.
 func (fs *fanState) connect(ctx context.Context) error {
 	n := fs.e.p.fanSubs
 	fs.subs = make([]*fanSub, n)
@@ -266,7 +287,11 @@ func (fs *fanState) connect(ctx context.Context) error {
 				gw := i % 2
 				cl, err := dialRooms(ctx, fs.roomsURL(gw), 4096)
 				if err == nil {
-					if err = cl.subscribe(fanRoom); err != nil {
+					err = cl.subscribe(fanRoom)
+					if err == nil && fs.hist {
+						err = cl.subscribeWith(2, fanHistRoom, true)
+					}
+					if err != nil {
 						cl.conn.Close()
 					}
 				}
@@ -277,8 +302,9 @@ func (fs *fanState) connect(ctx context.Context) error {
 					next.Store(int64(n))
 					return
 				}
-				s := &fanSub{cl: cl, gw: gw, got: make([]int64, maxFanPhases), dup: make([]int64, maxFanPhases),
-					lat: make([][2][]time.Duration, maxFanPhases), done: make(chan struct{})}
+				nph := len(fs.delivered)
+				s := &fanSub{cl: cl, gw: gw, got: make([]int64, nph), dup: make([]int64, nph),
+					lat: make([][2][]time.Duration, nph), done: make(chan struct{})}
 				fs.subs[i] = s
 				go fs.read(s)
 			}
@@ -324,13 +350,21 @@ func (fs *fanState) close() {
 	}
 }
 
-// message is the data of one publication: phase, global sequence number
-// and send time (nanoseconds since the scenario's base), in a fixed order
-// that the subscribers parse without a JSON decoder.
-func (fs *fanState) message(ph int, seq, ts int64) []byte {
-	return []byte(`{"op":"message","channel":"` + fanRoom + `","data":` + string(fanData(ph, seq, ts)) + `}`)
+// fanMessage is a delivery as the subscribers get it: the data of one
+// publication (see fanData) on channel, with its history offset when the
+// channel keeps history (offset > 0).
+func fanMessage(channel string, ph int, seq, ts int64, offset uint64) []byte {
+	b := []byte(`{"op":"message","channel":"` + channel + `","data":` + string(fanData(ph, seq, ts)))
+	if offset > 0 {
+		b = append(b, `,"offset":`...)
+		b = strconv.AppendUint(b, offset, 10)
+	}
+	return append(b, '}')
 }
 
+// fanData is the data of one publication: phase, global sequence number
+// and send time (nanoseconds since the scenario's base), in a fixed order
+// that the subscribers parse without a JSON decoder.
 func fanData(ph int, seq, ts int64) []byte {
 	b := make([]byte, 0, 64)
 	b = append(b, `{"ph":`...)
@@ -343,17 +377,23 @@ func fanData(ph int, seq, ts int64) []byte {
 }
 
 var (
-	fanMsgPrefix = []byte(`{"op":"message","channel":"` + fanRoom + `","data":{"ph":`)
-	fanSeqKey    = []byte(`,"seq":`)
-	fanTSKey     = []byte(`,"ts":`)
+	fanMsgPrefix     = []byte(`{"op":"message","channel":"` + fanRoom + `","data":{"ph":`)
+	fanHistMsgPrefix = []byte(`{"op":"message","channel":"` + fanHistRoom + `","data":{"ph":`)
+	fanSeqKey        = []byte(`,"seq":`)
+	fanTSKey         = []byte(`,"ts":`)
+	fanOffsetKey     = []byte(`},"offset":`)
 )
 
 // parseFan reads phase, sequence number and send time from a delivered
-// message.
-func parseFan(p []byte) (ph int, seq, ts int64, ok bool) {
+// message, and whether it came on fanHistRoom: then it must carry a
+// history offset, and fanRoom's must not.
+func parseFan(p []byte) (ph int, seq, ts int64, hist, ok bool) {
 	rest, ok := bytes.CutPrefix(p, fanMsgPrefix)
 	if !ok {
-		return
+		if rest, ok = bytes.CutPrefix(p, fanHistMsgPrefix); !ok {
+			return
+		}
+		hist = true
 	}
 	var v int64
 	if v, rest, ok = leadingInt(rest); !ok {
@@ -372,7 +412,19 @@ func parseFan(p []byte) (ph int, seq, ts int64, ok bool) {
 	if ts, rest, ok = leadingInt(rest); !ok {
 		return
 	}
-	ok = string(rest) == "}}" && ph >= 0 && ph < maxFanPhases && seq >= 0
+	if hist {
+		var off int64
+		if rest, ok = bytes.CutPrefix(rest, fanOffsetKey); !ok {
+			return
+		}
+		if off, rest, ok = leadingInt(rest); !ok {
+			return
+		}
+		ok = off > 0 && string(rest) == "}"
+	} else {
+		ok = string(rest) == "}}"
+	}
+	ok = ok && seq >= 0
 	return
 }
 
@@ -435,8 +487,8 @@ func (fs *fanState) read(s *fanSub) {
 			fail(errors.New("unexpected fragmented message"))
 			return
 		}
-		ph, seq, ts, ok := parseFan(p)
-		if !ok {
+		ph, seq, ts, _, ok := parseFan(p)
+		if !ok || ph >= len(s.got) {
 			fail(fmt.Errorf("unexpected message %q", p))
 			return
 		}
@@ -516,13 +568,18 @@ type fanJob struct {
 
 // phase publishes rate messages per second for dur, alternately with an
 // HTTP POST on gateway A and a wsgate.v1 publish on gateway B, each
-// carrying its send time; then waits for the deliveries and sums up.
-func (fs *fanState) phase(ctx context.Context, rate float64, dur time.Duration) (*fanPhase, error) {
+// carrying its send time, on fanRoom (or on fanHistRoom when hist is set);
+// then waits for the deliveries and sums up.
+func (fs *fanState) phase(ctx context.Context, rate float64, dur time.Duration, hist bool) (*fanPhase, error) {
 	phIdx := len(fs.phases)
-	if phIdx >= maxFanPhases {
+	if phIdx >= len(fs.delivered) {
 		return nil, errors.New("too many phases")
 	}
-	ph := &fanPhase{rate: rate, dur: dur}
+	room := fanRoom
+	if hist {
+		room = fanHistRoom
+	}
+	ph := &fanPhase{rate: rate, dur: dur, hist: hist}
 	fs.phases = append(fs.phases, ph)
 	closedBefore := fs.closedSubs()
 	ph.subs = len(fs.subs) - closedBefore
@@ -530,7 +587,7 @@ func (fs *fanState) phase(ctx context.Context, rate float64, dur time.Duration) 
 	ph.sched = n
 	period := time.Duration(float64(time.Second) / rate)
 
-	pub0, err := fs.redis.publishCalls()
+	calls0, err := fs.redis.commandCalls()
 	if err != nil {
 		return nil, err
 	}
@@ -571,7 +628,7 @@ func (fs *fanState) phase(ctx context.Context, rate float64, dur time.Duration) 
 			for j := range httpJobs {
 				now := time.Now()
 				noteSent(j, now)
-				body := `{"channel":"` + fanRoom + `","data":` + string(fanData(phIdx, j.seq, int64(now.Sub(fs.base)))) + `}`
+				body := `{"channel":"` + room + `","data":` + string(fanData(phIdx, j.seq, int64(now.Sub(fs.base)))) + `}`
 				if err := fs.httpPublish(ctx, url, body); err != nil {
 					httpErr.Add(1)
 					setErr(err)
@@ -590,7 +647,7 @@ func (fs *fanState) phase(ctx context.Context, rate float64, dur time.Duration) 
 			now := time.Now()
 			noteSent(j, now)
 			id++
-			req := `{"id":` + strconv.FormatInt(id, 10) + `,"op":"publish","channel":"` + fanRoom + `","data":` +
+			req := `{"id":` + strconv.FormatInt(id, 10) + `,"op":"publish","channel":"` + room + `","data":` +
 				string(fanData(phIdx, j.seq, int64(now.Sub(fs.base)))) + `}`
 			fs.pmu.Lock()
 			err := fs.pub.write(ws.OpText, []byte(req))
@@ -705,11 +762,17 @@ func (fs *fanState) phase(ctx context.Context, rate float64, dur time.Duration) 
 			return nil, err
 		}
 	}
-	pub1, err := fs.redis.publishCalls()
+	calls1, err := fs.redis.commandCalls()
 	if err != nil {
 		return nil, err
 	}
-	ph.publishes = pub1 - pub0
+	ph.calls = map[string]int64{}
+	for name, n := range calls1 {
+		if d := n - calls0[name]; d > 0 && name != "info" {
+			ph.calls[name] = d
+		}
+	}
+	ph.publishes = ph.calls["publish"]
 
 	var bySrc [2][]time.Duration
 	for _, s := range fs.subs {
@@ -815,7 +878,7 @@ func (fs *fanState) profile(ctx context.Context, rate float64) ([]string, error)
 			errs <- err
 		}()
 	}
-	ph, err := fs.phase(ctx, rate, dur)
+	ph, err := fs.phase(ctx, rate, dur, false)
 	err = errors.Join(err, <-errs, <-errs)
 	if err != nil {
 		return paths, err

@@ -35,8 +35,9 @@ type Options struct {
 	Quick bool
 	// Runs per variant; the report gives medians. Default 3 (1 with Quick).
 	Runs int
-	// Scenarios to run, from "abcdem". Default all six. Scenario d
-	// (fan-out) starts redis-server, which must be on PATH.
+	// Scenarios to run, from "abcdehm". Default all seven. Scenarios d
+	// (fan-out) and h (fan-out with history off and on) start
+	// redis-server, which must be on PATH.
 	Scenarios string
 	// Baseline, when set, is another cmd/caddy binary (a build without
 	// wsgate's metrics) that scenario m also measures, with the same
@@ -136,7 +137,7 @@ func Main(ctx context.Context, name string, args []string, stdout, stderr io.Wri
 	fs.StringVar(&opt.Out, "out", "bench/RESULTS.md", "results `file` (Markdown)")
 	fs.BoolVar(&opt.Quick, "quick", false, "smoke run: tiny counts and durations, under a minute, figures meaningless")
 	fs.IntVar(&opt.Runs, "runs", 0, "runs per variant, medians reported (default 3, 1 with -quick)")
-	fs.StringVar(&opt.Scenarios, "scenarios", "a,b,c,d,e,m", "scenarios to run: a idle (relayed, rooms, relayed over TLS), b latency, c throughput, d fan-out (needs redis-server), e handshakes, m throughput with metrics on and off")
+	fs.StringVar(&opt.Scenarios, "scenarios", defaultScenarios, "scenarios to run: a idle (relayed, rooms, relayed over TLS), b latency, c throughput, d fan-out (needs redis-server), e handshakes, h fan-out with history off and on (needs redis-server), m throughput with metrics on and off")
 	fs.StringVar(&opt.Baseline, "baseline", "", "another cmd/caddy `binary` (a build without wsgate's metrics) that scenario m measures too")
 	fs.StringVar(&opt.Profile, "profile", "", "`directory` for gateway CPU profiles from extra, unmeasured throughput and handshake runs")
 	if err := fs.Parse(args); err != nil {
@@ -208,7 +209,7 @@ func Run(ctx context.Context, opt Options) (*Result, error) {
 		opt.Out = "bench/RESULTS.md"
 	}
 	if opt.Scenarios == "" {
-		opt.Scenarios = "a,b,c,d,e,m"
+		opt.Scenarios = defaultScenarios
 	}
 	if opt.Log == nil {
 		opt.Log = io.Discard
@@ -248,10 +249,10 @@ func Run(ctx context.Context, opt Options) (*Result, error) {
 		return nil, fmt.Errorf("open-file limit %d is below the %d that %d idle connections need here", nofile, need, p.idleConns)
 	}
 	// Fan-out subscribers hold a socket each here, and one in a gateway.
-	if need := uint64(p.fanSubs + 1000); scen['d'] && nofile < need {
+	if need := uint64(p.fanSubs + 1000); (scen['d'] || scen['h']) && nofile < need {
 		return nil, fmt.Errorf("open-file limit %d is below the %d that %d fan-out subscribers need here", nofile, need, p.fanSubs)
 	}
-	if scen['d'] {
+	if scen['d'] || scen['h'] {
 		// Fail before anything runs rather than after the other scenarios.
 		if _, err := exec.LookPath("redis-server"); err != nil {
 			return nil, errNoRedis
@@ -337,6 +338,13 @@ func Run(ctx context.Context, opt Options) (*Result, error) {
 			rep.profiles = append(rep.profiles, rep.fan.profiles...)
 		}
 	}
+	if scen['h'] && ctx.Err() == nil {
+		e.logf("h. fan-out with history off and on: 2 gateways on one Redis, %d subscribers in two rooms", p.fanSubs)
+		rep.hist, rep.histErr = e.runFanoutHistory(ctx)
+		if rep.histErr != nil {
+			fail('h', rep.histErr)
+		}
+	}
 	if err := ctx.Err(); err != nil {
 		// An interrupted run keeps the results file it would overwrite.
 		return nil, fmt.Errorf("interrupted, %s left as it was: %w", opt.Out, err)
@@ -359,12 +367,15 @@ func Run(ctx context.Context, opt Options) (*Result, error) {
 	return res, errors.Join(errs...)
 }
 
+// defaultScenarios is every scenario.
+const defaultScenarios = "a,b,c,d,e,h,m"
+
 func parseScenarios(s string) (map[byte]bool, error) {
 	m := map[byte]bool{}
 	for f := range strings.SplitSeq(s, ",") {
 		f = strings.TrimSpace(strings.ToLower(f))
-		if len(f) != 1 || (f[0] < 'a' || f[0] > 'e') && f[0] != 'm' {
-			return nil, fmt.Errorf("unknown scenario %q (want letters a to e, or m, comma-separated)", f)
+		if len(f) != 1 || (f[0] < 'a' || f[0] > 'e') && f[0] != 'h' && f[0] != 'm' {
+			return nil, fmt.Errorf("unknown scenario %q (want letters a to e, h or m, comma-separated)", f)
 		}
 		m[f[0]] = true
 	}

@@ -25,8 +25,8 @@ type redisProc struct {
 	exited  chan struct{}
 }
 
-// errNoRedis is returned when scenario d cannot run for want of Redis.
-var errNoRedis = errors.New("scenario d needs redis-server on PATH (apt-get install redis-server)")
+// errNoRedis is returned when scenario d or h cannot run for want of Redis.
+var errNoRedis = errors.New("scenarios d and h need redis-server on PATH (apt-get install redis-server)")
 
 func (e *env) startRedis(ctx context.Context) (*redisProc, error) {
 	bin, err := exec.LookPath("redis-server")
@@ -139,25 +139,43 @@ func (r *redisProc) do(args ...string) (string, error) {
 	return "", fmt.Errorf("redis: unexpected reply %q", line)
 }
 
-// publishCalls is how many PUBLISH commands Redis has executed, from
-// INFO commandstats (cmdstat_publish:calls=N,...; absent before the
-// first).
-func (r *redisProc) publishCalls() (int64, error) {
+// commandCalls is how many times Redis has executed each command so far,
+// from INFO commandstats (cmdstat_<name>:calls=N,...), lower-case names
+// as Redis spells them ("publish", "evalsha", "xadd", "script|load").
+// Commands run by a Lua script count as well as those sent by clients,
+// so a PUBLISH inside an EVALSHA shows as one of each.
+func (r *redisProc) commandCalls() (map[string]int64, error) {
 	info, err := r.do("INFO", "commandstats")
 	if err != nil {
-		return 0, err
+		return nil, err
 	}
+	return parseCommandStats(info)
+}
+
+func parseCommandStats(info string) (map[string]int64, error) {
+	out := map[string]int64{}
 	for line := range strings.SplitSeq(info, "\n") {
-		rest, ok := strings.CutPrefix(strings.TrimSpace(line), "cmdstat_publish:")
+		rest, ok := strings.CutPrefix(strings.TrimSpace(line), "cmdstat_")
 		if !ok {
 			continue
 		}
-		for f := range strings.SplitSeq(rest, ",") {
+		name, fields, ok := strings.Cut(rest, ":")
+		if !ok {
+			return nil, fmt.Errorf("redis: bad commandstats line %q", line)
+		}
+		found := false
+		for f := range strings.SplitSeq(fields, ",") {
 			if v, ok := strings.CutPrefix(f, "calls="); ok {
-				return strconv.ParseInt(v, 10, 64)
+				n, err := strconv.ParseInt(v, 10, 64)
+				if err != nil {
+					return nil, fmt.Errorf("redis: bad commandstats line %q", line)
+				}
+				out[name], found = n, true
 			}
 		}
-		return 0, fmt.Errorf("redis: no calls in %q", line)
+		if !found {
+			return nil, fmt.Errorf("redis: no calls in %q", line)
+		}
 	}
-	return 0, nil
+	return out, nil
 }

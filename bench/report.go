@@ -104,6 +104,8 @@ type report struct {
 	metricsErr error
 	fan        *fanResult
 	fanErr     error
+	hist       *fanHistResult
+	histErr    error
 	profiles   []string
 }
 
@@ -137,13 +139,15 @@ func (r *report) markdown() string {
 	w("are gobwas/ws too, in the same process, on the same cores as Caddy. Messages are JSON objects of\n")
 	w("the stated size naming the channel `org:acme:1`. \"vs stock\" is wsgate ÷ stock (for latency: of\n")
 	w("the latency added over direct). **wsgate rooms** is the `wsgate` handler in rooms mode (`rooms`,\n")
-	w("`origins`, no JWT; subprotocol `wsgate.v1`): scenario a' (idle rooms connections) and d (fan-out).\n\n")
+	w("`origins`, no JWT; subprotocol `wsgate.v1`): scenario a' (idle rooms connections), d (fan-out)\n")
+	w("and h (fan-out with history off and on).\n\n")
 
 	r.targets(w)
 	r.idleSection(w)
 	r.latSection(w)
 	r.tputSection(w)
 	r.fanSection(w)
+	r.histSection(w)
 	r.hsSection(w)
 	r.metricsSection(w)
 	if len(r.profiles) > 0 {
@@ -288,6 +292,9 @@ func (r *report) targets(w writer) {
 		row("d. fan-out 50k deliveries/s", "p99 ≤ 10 ms, 0 lost, 1 PUBLISH per message", r.missing('d', r.fanErr), "—", "p99 ≤ 5 ms", "—")
 		row("d. deliveries/s at p99 = 50 ms", "≥ 100,000", r.missing('d', r.fanErr), "—", "≥ 250,000", "—")
 	}
+
+	// h. fan-out with history
+	r.histTargets(row)
 
 	// e. handshakes
 	stock, okS := r.hsMedian(vStock)
@@ -768,6 +775,7 @@ func (r *report) appendix(w writer) {
 			w("| d. %s p99, every run | wsgate rooms | %s |\n", name, list(pluck(ph.runsP99, func(d time.Duration) float64 { return float64(d) }), micros))
 		}
 	}
+	r.histAppendix(w, list)
 	if r.hs != nil {
 		for _, v := range hsVariants {
 			w("| e. per second | %s | %s |\n", v, list(pluck(r.hs.samples[v], func(s hsSample) float64 { return s.rate }), count))
@@ -804,6 +812,8 @@ func (r *report) section(w writer, s byte, err error) bool {
 		return r.fan != nil
 	case 'e':
 		return r.hs != nil
+	case 'h':
+		return r.hist != nil
 	case 'm':
 		return r.metrics != nil
 	}

@@ -49,9 +49,18 @@ func dialRooms(ctx context.Context, url string, bufSize int) (*client, error) {
 // subscribe subscribes to room and waits for the {"id":1,"op":"ok"}
 // reply (the connection's first request).
 func (c *client) subscribe(room string) error {
+	return c.subscribeWith(1, room, false)
+}
+
+// subscribeWith subscribes to room with request id and waits for the
+// reply: {"id":<id>,"op":"ok"}, or, when the room keeps history,
+// {"id":<id>,"op":"ok","epoch":…,"offset":…}. history says which the
+// room must answer, so that a gateway that keeps no history for it (or
+// keeps one it should not) fails the run instead of skewing it.
+func (c *client) subscribeWith(id int, room string, history bool) error {
 	c.conn.SetDeadline(time.Now().Add(10 * time.Second))
 	defer c.conn.SetDeadline(time.Time{})
-	req := fmt.Sprintf(`{"id":1,"op":"subscribe","channel":%q}`, room)
+	req := fmt.Sprintf(`{"id":%d,"op":"subscribe","channel":%q}`, id, room)
 	if err := c.write(ws.OpText, []byte(req)); err != nil {
 		return err
 	}
@@ -62,7 +71,14 @@ func (c *client) subscribe(room string) error {
 	if err != nil {
 		return fmt.Errorf("subscribing to %s: %w", room, err)
 	}
-	if !bytes.Equal(got, []byte(`{"id":1,"op":"ok"}`)) {
+	ok := fmt.Sprintf(`{"id":%d,"op":"ok"`, id)
+	rest, found := bytes.CutPrefix(got, []byte(ok))
+	if history {
+		found = found && bytes.HasPrefix(rest, []byte(`,"epoch":`)) && bytes.Contains(rest, []byte(`,"offset":`))
+	} else {
+		found = found && string(rest) == "}"
+	}
+	if !found {
 		return fmt.Errorf("subscribing to %s: reply %q", room, got)
 	}
 	return nil

@@ -3,7 +3,8 @@
 // bench/RESULTS.md. It builds nothing: give it the cmd/caddy binary.
 //
 //	go build -o caddy ./cmd/caddy
-//	go run ./bench/cmd/wsbench            # full run, under 10 minutes on 2 cores
+//	go run ./bench/cmd/wsbench            # full run, about 16 minutes on 2 cores
+//	go run ./bench/cmd/wsbench -scenarios h  # fan-out with history off and on
 //	go run ./bench/cmd/wsbench -quick     # smoke run, under a minute
 //
 // See the bench package for what is measured and how.
