@@ -10,3 +10,7 @@ func Crash(r *Redis) error {
 // ChannelKey is the key of a channel's history or presence (suffix :s,
 // :m, :p or :z) for a Redis pub/sub name.
 func ChannelKey(name, suffix string) string { return keyOf(name, suffix) }
+
+// ErrDown is what calls answer, without I/O, while Redis is known to be
+// down.
+var ErrDown = errDown

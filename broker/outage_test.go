@@ -43,9 +43,13 @@ func publishOps(r *broker.Redis) map[string]func(ctx context.Context) error {
 	}
 }
 
-// requireFastFailures publishes n times with each op and fails the test
-// unless every call returned ErrUnavailable within limit.
-func requireFastFailures(t *testing.T, r *broker.Redis, n int, limit time.Duration) {
+// requireNoIO calls each op n times and fails the test unless every call
+// was answered from the broker's down mark (broker.ErrDown), without
+// trying Redis: a call that tries fails otherwise (a dial refused, a
+// timeout), and on a Redis that stops answering costs the caller the I/O
+// timeout. The slowest call is logged; time is not asserted, since a
+// loaded machine can stall any call for milliseconds.
+func requireNoIO(t *testing.T, r *broker.Redis, n int) {
 	t.Helper()
 	for name, op := range publishOps(r) {
 		t.Run(name, func(t *testing.T) {
@@ -54,14 +58,11 @@ func requireFastFailures(t *testing.T, r *broker.Redis, n int, limit time.Durati
 				start := time.Now()
 				err := op(ctxT(t))
 				slowest = max(slowest, time.Since(start))
-				if !errors.Is(err, broker.ErrUnavailable) {
-					t.Fatalf("call %d while Redis is down = %v, want ErrUnavailable", i, err)
+				if !errors.Is(err, broker.ErrDown) {
+					t.Fatalf("call %d while Redis is known to be down = %v, want the down mark's answer (no I/O)", i, err)
 				}
 			}
 			t.Logf("slowest of %d calls: %v", n, slowest)
-			if slowest > limit {
-				t.Fatalf("a call took %v while Redis was known to be down; want under %v (no I/O)", slowest, limit)
-			}
 		})
 	}
 }
@@ -98,7 +99,7 @@ func TestRedisDownUpTransitions(t *testing.T) {
 
 			srv.kill()
 			eventually(t, 2*time.Second, "the broker to notice that Redis is gone (no publish made)", func() bool { return !r.Reachable() })
-			requireFastFailures(t, r, 500, 5*time.Millisecond)
+			requireNoIO(t, r, 500)
 
 			srv.start()
 			restarted := time.Now()
@@ -154,7 +155,7 @@ func TestRedisUnresponsive(t *testing.T) {
 	if r.Reachable() {
 		t.Fatal("the broker says Redis is reachable after a publish timed out")
 	}
-	requireFastFailures(t, r, 200, 5*time.Millisecond)
+	requireNoIO(t, r, 200)
 }
 
 // TestRedisCallerGivingUpIsNotAnOutage: a publish whose context ended

@@ -184,7 +184,9 @@ func TestPresenceAcrossNodes(t *testing.T) {
 	}
 	gone := time.Since(killed)
 	t.Logf("the killed node's entry gone %v after the kill (ttl 2s)", gone.Round(time.Millisecond))
-	if gone > 2*time.Second+250*time.Millisecond {
+	// Entries expire 2s after the node's last refresh, which came before
+	// the kill; the slack is for seeing it here on a busy machine.
+	if gone > 3*time.Second {
 		t.Fatalf("gone after %v, want within the ttl of 2s", gone)
 	}
 	if got := strings.Join(readerA.members(), ","); strings.Contains(got, ids[5]) {
