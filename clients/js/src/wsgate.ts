@@ -189,6 +189,9 @@ const defaultClock: Clock = {
   clearTimeout: (h) => clearTimeout(h),
 };
 
+// The longest delay setTimeout honours in browsers and Node.
+const MAX_TIMER_DELAY = 2 ** 31 - 1;
+
 // Client-initiated closes that are followed by a reconnect (private-use range,
 // which browsers allow in close()).
 const CLOSE_LIVENESS = 4000;
@@ -670,11 +673,19 @@ export class Client {
     const now = this.opts.clock.now();
     // Tokens that live less than twice refreshBefore are refreshed halfway.
     const lead = Math.min(this.opts.refreshBefore, Math.max(0, (exp - now) / 2));
-    const gen = this.gen;
+    this.armRefresh(this.gen, exp - lead);
+  }
+
+  private armRefresh(gen: number, due: number): void {
+    // Timers take at most 2^31−1 ms (about 24.8 days) and fire at once beyond
+    // that, so a longer wait is made of several.
+    const wait = Math.min(MAX_TIMER_DELAY, Math.max(0, due - this.opts.clock.now()));
     this.refreshTimer = this.opts.clock.setTimeout(() => {
       this.refreshTimer = undefined;
-      if (gen === this.gen) void this.refresh(gen);
-    }, Math.max(0, exp - lead - now));
+      if (gen !== this.gen) return;
+      if (this.opts.clock.now() < due) this.armRefresh(gen, due);
+      else void this.refresh(gen);
+    }, wait);
   }
 
   private async refresh(gen: number): Promise<void> {

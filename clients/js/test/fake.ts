@@ -16,8 +16,15 @@ export class FakeClock implements Clock {
   now(): number {
     return this.t;
   }
+  /** Delays asked for beyond what real timers take (2^31−1 ms). */
+  overlong: number[] = [];
   setTimeout(fn: () => void, ms: number): TimerHandle {
     const id = ++this.seq;
+    // As in browsers and Node: a delay beyond 2^31−1 ms fires after 1 ms.
+    if (ms > 2 ** 31 - 1) {
+      this.overlong.push(ms);
+      ms = 1;
+    }
     this.timers.set(id, { at: this.t + Math.max(0, ms), fn });
     return id;
   }

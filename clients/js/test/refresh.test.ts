@@ -85,3 +85,32 @@ test("close 1008 token expired: reconnect with a new token; a token without exp 
   assert.equal(h.gw.last.token, "opaque2");
   h.client.close();
 });
+
+test("a token that lives longer than a timer can wait (30 days) is refreshed once, refreshBefore ahead of exp", async () => {
+  const day = 86_400_000;
+  const tokens: string[] = [];
+  const h = harness((clock) => ({
+    livenessInterval: 1e9,
+    token: () => {
+      tokens.push(jwt(Math.floor(clock.now() / 1000) + 30 * 86_400, `u${tokens.length}`));
+      return tokens[tokens.length - 1];
+    },
+  }));
+  h.client.connect();
+  await h.clock.advance(1000);
+  assert.equal(h.gw.last.ops("refresh").length, 0, "no refresh right after connecting");
+  assert.ok(Math.max(...h.clock.delays()) <= 2 ** 31 - 1);
+  await h.clock.advance(30 * day - 30_000 - 1000 - 1);
+  assert.equal(h.gw.last.ops("refresh").length, 0);
+  assert.equal(tokens.length, 1);
+  await h.clock.advance(1);
+  assert.deepEqual(
+    h.gw.last.ops("refresh").map((r) => r.token),
+    [tokens[1]],
+  );
+  await h.clock.advance(1000);
+  assert.equal(h.gw.last.ops("refresh").length, 1, "the new token's refresh is 30 days away again");
+  assert.deepEqual(h.clock.overlong, [], "no timer asked for more than 2^31−1 ms");
+  h.client.close();
+  assert.equal(h.clock.armed, 0);
+});
