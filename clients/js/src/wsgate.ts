@@ -62,6 +62,11 @@ export interface ClientOptions {
   livenessInterval?: number;
   /** The connection is taken for dead when nothing arrives this long after a ping, in ms. Default 5000. */
   livenessTimeout?: number;
+  /**
+   * A connection attempt (TCP connect and WebSocket handshake) that has not opened after this long,
+   * in ms, is abandoned and tried again with backoff. Default 10000.
+   */
+  connectTimeout?: number;
   /** How many requests may wait while not connected; beyond that they fail with "queue_full". Default 1000. */
   queueSize?: number;
   /** The token is refreshed in band this long before its `exp`, in ms. Default 30000. */
@@ -363,6 +368,7 @@ export class Client {
 
   private reconnectTimer: TimerHandle | undefined;
   private livenessTimer: TimerHandle | undefined;
+  private connectTimer: TimerHandle | undefined;
   private refreshTimer: TimerHandle | undefined;
   private lastReceived = 0;
   private pingSentAt = 0;
@@ -376,6 +382,7 @@ export class Client {
       maxReconnectDelay: options.maxReconnectDelay ?? 20000,
       livenessInterval: options.livenessInterval ?? 10000,
       livenessTimeout: options.livenessTimeout ?? 5000,
+      connectTimeout: options.connectTimeout ?? 10000,
       queueSize: options.queueSize ?? 1000,
       refreshBefore: options.refreshBefore ?? 30000,
       random: options.random ?? Math.random,
@@ -387,6 +394,7 @@ export class Client {
     if (!(this.opts.livenessInterval > 0) || !(this.opts.livenessTimeout > 0)) {
       throw new RangeError("wsgate: livenessInterval and livenessTimeout must be positive");
     }
+    if (!(this.opts.connectTimeout > 0)) throw new RangeError("wsgate: connectTimeout must be positive");
     if (!(this.opts.queueSize >= 0)) throw new RangeError("wsgate: queueSize must not be negative");
   }
 
@@ -535,6 +543,14 @@ export class Client {
       return;
     }
     this.ws = ws;
+    // A connect that gets no answer (a blackholed address) would otherwise
+    // wait for the operating system's timeout, minutes on some.
+    this.connectTimer = this.opts.clock.setTimeout(() => {
+      this.connectTimer = undefined;
+      if (gen !== this.gen) return;
+      this.detach(ws, 1000, "");
+      this.lost(1006, "handshake timeout", false);
+    }, Math.min(MAX_TIMER_DELAY, this.opts.connectTimeout));
     ws.onopen = () => {
       if (gen === this.gen) this.opened(ws);
     };
@@ -557,6 +573,10 @@ export class Client {
   }
 
   private opened(ws: WebSocketLike): void {
+    if (this.connectTimer !== undefined) {
+      this.opts.clock.clearTimeout(this.connectTimer);
+      this.connectTimer = undefined;
+    }
     if (ws.protocol !== PROTOCOL) {
       this._emitError(new Error(`wsgate: the server answered subprotocol "${ws.protocol}", not ${PROTOCOL}`));
       this.drop(ws, 1002, "subprotocol not accepted");
@@ -852,7 +872,8 @@ export class Client {
     const c = this.opts.clock;
     if (this.livenessTimer !== undefined) c.clearTimeout(this.livenessTimer);
     if (this.refreshTimer !== undefined) c.clearTimeout(this.refreshTimer);
-    this.livenessTimer = this.refreshTimer = undefined;
+    if (this.connectTimer !== undefined) c.clearTimeout(this.connectTimer);
+    this.livenessTimer = this.refreshTimer = this.connectTimer = undefined;
   }
 
   private clearTimers(): void {

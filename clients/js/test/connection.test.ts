@@ -137,6 +137,41 @@ test("an error event followed by a close counts as one disconnection", async () 
   client.close();
 });
 
+test("a handshake that gets no answer is abandoned after connectTimeout and tried again with backoff", async () => {
+  const { gw, clock, client, events } = harness({ livenessInterval: 1e9 });
+  gw.handshake = () => "hold";
+  client.connect();
+  await clock.advance(9_999);
+  assert.equal(client.state, "connecting");
+  const first = gw.last;
+  assert.equal(first.closedByClient, undefined);
+  await clock.advance(1);
+  assert.equal(client.state, "disconnected");
+  assert.deepEqual(first.closedByClient, { code: 1000, reason: "" });
+  assert.deepEqual(events.at(-1), { type: "disconnected", ev: { code: 1006, reason: "handshake timeout", willReconnect: true } });
+  assert.equal(clock.armed, 1, "only the reconnect timer");
+  // The next attempt is held too, and abandoned in turn; then the gateway answers.
+  await clock.advance(clock.delays()[0]);
+  assert.equal(gw.sockets.length, 2);
+  gw.handshake = () => "accept";
+  await clock.advance(10_000);
+  assert.equal(client.state, "disconnected");
+  await clock.advance(clock.delays()[0]);
+  assert.equal(client.state, "connected");
+  assert.equal(gw.sockets.length, 3);
+  assert.deepEqual(clock.delays(), [1e9], "no connect timer left once connected");
+  client.close();
+
+  const short = harness({ connectTimeout: 2_000 });
+  short.gw.handshake = () => "hold";
+  short.client.connect();
+  await short.clock.advance(2_000);
+  assert.equal(short.client.state, "disconnected");
+  short.client.close();
+  assert.equal(short.clock.armed, 0);
+  assert.throws(() => harness({ connectTimeout: 0 }), RangeError);
+});
+
 test("a server that does not answer wsgate.v1 is reported and retried", async () => {
   const { gw, clock, client, events } = harness();
   gw.handshake = () => "hold";
