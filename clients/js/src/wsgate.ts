@@ -579,7 +579,10 @@ export class Client {
     }
     if (ws.protocol !== PROTOCOL) {
       this._emitError(new Error(`wsgate: the server answered subprotocol "${ws.protocol}", not ${PROTOCOL}`));
-      this.drop(ws, 1002, "subprotocol not accepted");
+      // Retried like any failed handshake (perhaps a proxy in front that is
+      // being replaced), so reported as one; close() takes only 1000 and 3000–4999.
+      this.detach(ws, 1000, "");
+      this.lost(1006, "subprotocol not accepted", false);
       return;
     }
     this._state = "connected";
@@ -631,7 +634,8 @@ export class Client {
     }, delay);
   }
 
-  // drop abandons the current socket (closing it with code) and reconnects.
+  // drop abandons the current socket (closing it with code, which must be 1000
+  // or 3000–4999, the only ones close() accepts) and reconnects.
   private drop(ws: WebSocketLike, code: number, reason: string): void {
     this.detach(ws, code, reason);
     this.lost(code, reason, false);
@@ -643,7 +647,13 @@ export class Client {
     try {
       ws.close(code, reason);
     } catch {
-      // already closing
+      // Not expected (the codes and reasons are the client's own); closing
+      // without them still releases the socket whose handlers are gone.
+      try {
+        ws.close();
+      } catch {
+        // already closed
+      }
     }
   }
 

@@ -181,8 +181,17 @@ test("a server that does not answer wsgate.v1 is reported and retried", async ()
   s.readyState = 1;
   s.onopen?.({});
   assert.equal(client.state, "disconnected");
-  assert.equal(s.closedByClient?.code, 1002);
+  assert.deepEqual(s.closedByClient, { code: 1000, reason: "" });
+  assert.equal(s.readyState, 3, "the socket is closed, not left open without handlers");
   assert.ok(events.some((e) => e.type === "error" && /subprotocol/.test(e.ev.message)));
+  assert.deepEqual(events.at(-1), {
+    type: "disconnected",
+    ev: { code: 1006, reason: "subprotocol not accepted", willReconnect: true },
+  });
+  gw.handshake = () => "accept";
+  await clock.advance(clock.delays()[0]);
+  assert.equal(client.state, "connected");
+  assert.equal(gw.sockets.length, 2);
   client.close();
 });
 

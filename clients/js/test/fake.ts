@@ -138,6 +138,10 @@ export class FakeSocket implements WebSocketLike {
   }
 
   close(code?: number, reason?: string): void {
+    // As browsers and Node's WebSocket do: the other codes are the endpoints' to send, not the API's.
+    if (code !== undefined && code !== 1000 && !(code >= 3000 && code <= 4999)) {
+      throw new DOMException(`close code ${code} is not 1000 or in 3000-4999`, "InvalidAccessError");
+    }
     if (this.readyState === 3) return;
     this.closedByClient = { code, reason };
     this.readyState = 3;
