@@ -86,6 +86,10 @@ export interface DisconnectEvent {
 
 /** The client's events and their payloads. */
 export interface ClientEvents {
+  /**
+   * `attempt` is n of the reconnect backoff whose delay came before this attempt: 0 for the first
+   * connection and for the first reconnect after a connection that stayed up, then 1, 2, …
+   */
   connecting: { attempt: number };
   connected: {};
   disconnected: DisconnectEvent;
@@ -416,7 +420,7 @@ export class Client {
   connect(): void {
     if (this._state === "closed") throw new WsgateError("closed", "wsgate: client is closed");
     if (this._state !== "disconnected" || this.reconnectTimer !== undefined) return;
-    void this.open();
+    void this.open(0);
   }
 
   /** Closes the connection for good: no reconnect; waiting requests fail with "closed". */
@@ -508,10 +512,12 @@ export class Client {
 
   // ---- connection ----
 
-  private async open(): Promise<void> {
+  // attempt is the n of the backoff whose delay preceded this attempt (0 for
+  // the first connection), the number the README's reconnect section uses.
+  private async open(attempt: number): Promise<void> {
     const gen = ++this.gen;
     this._state = "connecting";
-    this.emit("connecting", { attempt: this.attempt });
+    this.emit("connecting", { attempt });
     if (gen !== this.gen) return; // a listener closed the client
     let token: string | undefined;
     if (this.tokenFn) {
@@ -624,13 +630,13 @@ export class Client {
     // A connection that stayed up resets the backoff; one that drops soon after
     // opening (a gateway that accepts and closes at once) keeps growing it.
     if (lived >= this.opts.maxReconnectDelay) this.attempt = 0;
-    const delay = backoffDelay(this.attempt, this.opts.minReconnectDelay, this.opts.maxReconnectDelay, this.opts.random);
-    this.attempt++;
+    const attempt = this.attempt++;
+    const delay = backoffDelay(attempt, this.opts.minReconnectDelay, this.opts.maxReconnectDelay, this.opts.random);
     this.emit("disconnected", { code, reason, willReconnect: true });
     if (gen !== this.gen || this._state !== "disconnected") return; // a listener closed or reconnected
     this.reconnectTimer = this.opts.clock.setTimeout(() => {
       this.reconnectTimer = undefined;
-      if (this._state === "disconnected") void this.open();
+      if (this._state === "disconnected") void this.open(attempt);
     }, delay);
   }
 

@@ -70,7 +70,7 @@ test("client: delays between failed attempts grow by doubling up to maxReconnect
 });
 
 test("client: the backoff starts again after a connection that stayed up, not after one that dropped at once", async () => {
-  const { gw, clock, client } = harness({ random: () => 0.999999, minReconnectDelay: 100, maxReconnectDelay: 1000, livenessInterval: 1e9 });
+  const { gw, clock, client, events } = harness({ random: () => 0.999999, minReconnectDelay: 100, maxReconnectDelay: 1000, livenessInterval: 1e9 });
   client.connect();
   await clock.advance(0);
   assert.equal(client.state, "connected");
@@ -89,5 +89,11 @@ test("client: the backoff starts again after a connection that stayed up, not af
   gw.last.serverClose(1001, "server shutting down");
   await clock.advance(0);
   assert.deepEqual(clock.delays(), [99]);
+  await clock.advance(99);
+  assert.deepEqual(
+    events.filter((e) => e.type === "connecting").map((e) => e.ev.attempt),
+    [0, 0, 1, 0],
+    "attempt is the n of the delay before it, as in the README",
+  );
   client.close();
 });
