@@ -417,7 +417,8 @@ type call struct {
 	// onReply, when set, handles the reply on the reader goroutine instead
 	// (subscribe: what follows the reply depends on it).
 	onReply func(m *inMsg)
-	written bool // the writer began writing it (under the client's mu)
+	onFail  func(err error) // with onReply: the reply came but could not be read
+	written bool            // the writer began writing it (under the client's mu)
 }
 
 type callResult struct {

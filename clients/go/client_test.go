@@ -8,6 +8,7 @@ import (
 	"math"
 	"math/rand/v2"
 	"net/http"
+	"strings"
 	"testing"
 	"time"
 
@@ -514,4 +515,68 @@ func TestRefreshBeforeTokenLifeHalf(t *testing.T) {
 	if _, ok := tokenExpiry("not-a-jwt"); ok {
 		t.Fatal("exp from an opaque token")
 	}
+}
+
+func TestUndecodableReplySettlesItsCall(t *testing.T) {
+	noLeaks(t)
+	fs := newFakeServer(t)
+	c, clk, ev := newTestClient(t, fs, Options{MinReconnectDelay: time.Second})
+	c.Connect(context.Background())
+	fc := fs.accept()
+	// A call whose reply has a field of the wrong type fails at once.
+	res := make(chan error, 1)
+	go func() { _, err := c.PresenceCount(context.Background(), "room"); res <- err }()
+	fc.reply(fc.expect("presence_count"), "count", "two")
+	select {
+	case err := <-res:
+		if err == nil || !strings.Contains(err.Error(), "undecodable") {
+			t.Fatalf("presence_count with an undecodable reply: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("presence_count still waits after its reply came")
+	}
+	if e := ev.until(t, EventError); e.Err == nil {
+		t.Fatal("no error event")
+	}
+	// A first subscribe answered so goes to its caller and leaves nothing.
+	go func() { fc.reply(fc.expect("subscribe"), "epoch", "e1", "offset", -1) }()
+	if _, err := c.Subscribe(context.Background(), "bad", Handlers{}, SubscribeOptions{}); err == nil {
+		t.Fatal("first subscribe with an undecodable reply succeeded")
+	}
+	// A resubscribe answered so is tried again, and then made.
+	errs := make(chan error, 10)
+	done := make(chan *Subscription)
+	go func() {
+		s, _ := c.Subscribe(context.Background(), "chat", Handlers{Error: func(err error) { errs <- err }}, SubscribeOptions{})
+		done <- s
+	}()
+	fc.reply(fc.expect("subscribe"))
+	s := <-done
+	c.mu.Lock()
+	n := len(c.byCh)
+	c.mu.Unlock()
+	if s == nil || n != 1 {
+		t.Fatalf("subscription %v, %d channels", s, n)
+	}
+	fc.c.CloseNow()
+	ev.until(t, EventDisconnected)
+	clk.waitTimerWithin(t, time.Second)
+	clk.Advance(time.Second)
+	fc = fs.accept()
+	fc.reply(fc.expect("subscribe"), "epoch", "e1", "offset", -1)
+	select {
+	case err := <-errs:
+		if !strings.Contains(err.Error(), "undecodable") {
+			t.Fatalf("Error handler got %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("no Error handler call for the undecodable resubscribe reply")
+	}
+	if s.State() != Subscribing {
+		t.Fatalf("state %v, want subscribing until the retry", s.State())
+	}
+	clk.waitTimerWithin(t, time.Second)
+	clk.Advance(time.Second)
+	fc.reply(fc.expect("subscribe"), "epoch", "e1", "offset", 3)
+	eventually(t, "subscribed after the retry", func() bool { return s.State() == Subscribed })
 }

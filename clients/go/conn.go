@@ -244,7 +244,27 @@ type inMsg struct {
 func (c *Client) handle(cn *conn, b []byte) {
 	m := &inMsg{}
 	if err := json.Unmarshal(b, m); err != nil {
-		c.emit(Event{Type: EventError, Err: errors.New("wsgate: undecodable message from the gateway: " + err.Error())})
+		derr := errors.New("wsgate: undecodable message from the gateway: " + err.Error())
+		c.emit(Event{Type: EventError, Err: derr})
+		// A reply whose id is readable still answers its call, or the
+		// caller would wait for a reply that has come.
+		var head struct {
+			ID *uint64 `json:"id"`
+		}
+		if json.Unmarshal(b, &head) != nil || head.ID == nil {
+			return
+		}
+		c.mu.Lock()
+		cl := cn.pending[*head.ID]
+		delete(cn.pending, *head.ID)
+		c.mu.Unlock()
+		switch {
+		case cl == nil:
+		case cl.onFail != nil:
+			cl.onFail(derr)
+		default:
+			cl.settle(nil, derr)
+		}
 		return
 	}
 	if m.ID != nil {

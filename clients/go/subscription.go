@@ -230,7 +230,41 @@ func (s *Subscription) sendLocked(cn *conn) {
 		req.Since = since
 	}
 	s.state = Subscribing
-	s.c.sendLocked(cn, &call{req: req, onReply: func(m *inMsg) { s.reply(cn, m, since) }})
+	s.c.sendLocked(cn, &call{req: req,
+		onReply: func(m *inMsg) { s.reply(cn, m, since) },
+		onFail:  func(err error) { s.unreadable(cn, err) }})
+}
+
+// unreadable handles a reply to a subscribe that could not be decoded: the
+// first goes to Subscribe's caller, a later one is retried like an
+// unavailable.
+func (s *Subscription) unreadable(cn *conn, err error) {
+	c := s.c
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if s.state == Unsubscribed {
+		return
+	}
+	if s.first != nil {
+		s.removeLocked()
+		s.endLocked(err)
+		return
+	}
+	s.retryLocked(cn, err)
+}
+
+// retryLocked: the subscribe failed for now; the serve loop sends it again
+// after a delay.
+func (s *Subscription) retryLocked(cn *conn, err error) {
+	s.retry = true
+	select {
+	case cn.resub <- struct{}{}:
+	default:
+	}
+	if s.h.Error != nil {
+		h := s.h.Error
+		s.dispatch(func() { h(err) })
+	}
 }
 
 // dispatch runs f on the callback goroutine unless s has ended by then.
@@ -270,15 +304,7 @@ func (s *Subscription) reply(cn *conn, m *inMsg, since *Position) {
 			return
 		}
 		// unavailable, rate_limited: the same subscribe works later.
-		s.retry = true
-		select {
-		case cn.resub <- struct{}{}:
-		default:
-		}
-		if s.h.Error != nil {
-			h := s.h.Error
-			s.dispatch(func() { h(err) })
-		}
+		s.retryLocked(cn, err)
 		return
 	}
 	info := SubscribedInfo{First: !s.made}
