@@ -580,3 +580,45 @@ func TestUndecodableReplySettlesItsCall(t *testing.T) {
 	fc.reply(fc.expect("subscribe"), "epoch", "e1", "offset", 3)
 	eventually(t, "subscribed after the retry", func() bool { return s.State() == Subscribed })
 }
+
+func TestSubscribeReturnsWhenItsContextEnds(t *testing.T) {
+	noLeaks(t)
+	fs := newFakeServer(t)
+	c, _, _ := newTestClient(t, fs, Options{})
+	// Not connected: the subscription waits for a connection, then is gone.
+	ctx, cancel := context.WithCancel(context.Background())
+	res := make(chan error, 1)
+	go func() { _, err := c.Subscribe(ctx, "offline", Handlers{}, SubscribeOptions{}); res <- err }()
+	eventually(t, "the subscription waiting", func() bool { c.mu.Lock(); defer c.mu.Unlock(); return len(c.subs) == 1 })
+	cancel()
+	if err := <-res; !errors.Is(err, context.Canceled) {
+		t.Fatalf("Subscribe whose context ended: %v", err)
+	}
+	c.Connect(context.Background())
+	fc := fs.accept()
+	// Connected to a gateway that never answers: Subscribe returns when
+	// ctx ends, and the unsubscribe follows without being waited for.
+	ctx, cancel = context.WithCancel(context.Background())
+	go func() { _, err := c.Subscribe(ctx, "chat", Handlers{}, SubscribeOptions{}); res <- err }()
+	if r := fc.expect("subscribe"); r["channel"] != "chat" {
+		t.Fatalf("sent %v, want the subscribe to chat (none to offline)", r)
+	}
+	cancel()
+	select {
+	case err := <-res:
+		if !errors.Is(err, context.Canceled) {
+			t.Fatalf("Subscribe whose context ended: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Subscribe still waits after its context ended")
+	}
+	if r := fc.expect("unsubscribe"); r["channel"] != "chat" {
+		t.Fatalf("sent %v, want the unsubscribe", r)
+	}
+	c.mu.Lock()
+	n, m := len(c.subs), len(c.byCh)
+	c.mu.Unlock()
+	if n != 0 || m != 0 {
+		t.Fatalf("%d subscriptions, %d channels left", n, m)
+	}
+}

@@ -98,7 +98,8 @@ type Subscription struct {
 
 // Subscribe subscribes to channel and waits for the gateway's answer; while
 // not connected, it waits for the connection. An error reply is returned as
-// an *Error and leaves no subscription; so does ctx ending first.
+// an *Error and leaves no subscription; so does ctx ending first, which
+// returns ctx.Err() at once (an unsubscribe is sent, not waited for).
 func (c *Client) Subscribe(ctx context.Context, channel string, h Handlers, opts SubscribeOptions) (*Subscription, error) {
 	c.mu.Lock()
 	if c.state == Closed {
@@ -128,7 +129,11 @@ func (c *Client) Subscribe(ctx context.Context, channel string, h Handlers, opts
 		}
 		return s, nil
 	case <-ctx.Done():
-		s.Unsubscribe(context.Background())
+		// The unsubscribe follows the subscribe on the connection; waiting
+		// for its reply would outlast ctx on a dead path.
+		c.mu.Lock()
+		s.leaveLocked()
+		c.mu.Unlock()
 		return nil, ctx.Err()
 	}
 }
@@ -157,17 +162,7 @@ func (s *Subscription) Position() (pos Position, ok bool) {
 func (s *Subscription) Unsubscribe(ctx context.Context) error {
 	c := s.c
 	c.mu.Lock()
-	if s.state == Unsubscribed {
-		c.mu.Unlock()
-		return nil
-	}
-	s.removeLocked()
-	s.endLocked(nil)
-	var cl *call
-	if c.cur != nil {
-		cl = &call{req: request{Op: "unsubscribe", Channel: s.channel}, res: make(chan callResult, 1)}
-		c.sendLocked(c.cur, cl)
-	}
+	cl := s.leaveLocked()
 	c.mu.Unlock()
 	if cl == nil {
 		return nil
@@ -187,6 +182,23 @@ func (s *Subscription) Unsubscribe(ctx context.Context) error {
 	case <-ctx.Done():
 		return ctx.Err()
 	}
+}
+
+// leaveLocked ends s and, when connected, sends the unsubscribe, whose call
+// it returns (nil when not connected or already over).
+func (s *Subscription) leaveLocked() *call {
+	c := s.c
+	if s.state == Unsubscribed {
+		return nil
+	}
+	s.removeLocked()
+	s.endLocked(nil)
+	if c.cur == nil {
+		return nil
+	}
+	cl := &call{req: request{Op: "unsubscribe", Channel: s.channel}, res: make(chan callResult, 1)}
+	c.sendLocked(c.cur, cl)
+	return cl
 }
 
 func (s *Subscription) removeLocked() {
