@@ -622,3 +622,44 @@ func TestSubscribeReturnsWhenItsContextEnds(t *testing.T) {
 		t.Fatalf("%d subscriptions, %d channels left", n, m)
 	}
 }
+
+func TestRefusedResubscribeBacksOff(t *testing.T) {
+	noLeaks(t)
+	fs := newFakeServer(t)
+	c, clk, ev := newTestClient(t, fs, Options{MinReconnectDelay: time.Second, MaxReconnectDelay: 3 * time.Second})
+	c.Connect(context.Background())
+	fc := fs.accept()
+	done := make(chan *Subscription)
+	go func() { s, _ := c.Subscribe(context.Background(), "chat", Handlers{}, SubscribeOptions{}); done <- s }()
+	fc.reply(fc.expect("subscribe"))
+	s := <-done
+	reconnect := func() {
+		t.Helper()
+		fc.c.CloseNow()
+		ev.until(t, EventDisconnected)
+		clk.waitTimerWithin(t, time.Second)
+		clk.Advance(time.Second)
+		fc = fs.accept()
+	}
+	// rand 0.5: the delays are half of 1, 2, 3, 3 s, as for reconnects.
+	refuse := func(codes []string, delays []time.Duration) {
+		t.Helper()
+		for i, d := range delays {
+			fc.replyError(fc.expect("subscribe"), codes[i%len(codes)])
+			clk.waitTimer(t, clk.Now().Add(d))
+			if s.State() != Subscribing {
+				t.Fatalf("state %v while refused", s.State())
+			}
+			clk.Advance(d)
+		}
+	}
+	reconnect()
+	refuse([]string{"unavailable", "rate_limited"}, []time.Duration{500 * time.Millisecond, time.Second, 1500 * time.Millisecond, 1500 * time.Millisecond})
+	fc.reply(fc.expect("subscribe"))
+	eventually(t, "subscribed", func() bool { return s.State() == Subscribed })
+	// An ok starts the count again.
+	reconnect()
+	refuse([]string{"unavailable"}, []time.Duration{500 * time.Millisecond})
+	fc.reply(fc.expect("subscribe"))
+	eventually(t, "subscribed", func() bool { return s.State() == Subscribed })
+}

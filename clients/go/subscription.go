@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"slices"
+	"time"
 )
 
 // SubState is where a subscription stands.
@@ -94,6 +95,10 @@ type Subscription struct {
 	made   bool       // an ok came once
 	first  chan error // the first answer, for Subscribe; nil after it
 	retry  bool       // refused for now: subscribe again after a delay
+	// retryAt is when (zero: not yet set by the serve loop); attempt
+	// counts the refusals since the last ok.
+	retryAt time.Time
+	attempt int
 }
 
 // Subscribe subscribes to channel and waits for the gateway's answer; while
@@ -229,7 +234,7 @@ func (s *Subscription) lostLocked() {
 	if s.state == Subscribed {
 		s.state = Subscribing
 	}
-	s.retry = false
+	s.retry, s.retryAt = false, time.Time{}
 }
 
 // sendLocked sends the subscribe request, with since once a position is known.
@@ -332,6 +337,7 @@ func (s *Subscription) reply(cn *conn, m *inMsg, since *Position) {
 	}
 	s.state = Subscribed
 	s.made = true
+	s.attempt = 0
 	if s.first != nil {
 		s.first <- nil
 		s.first = nil
