@@ -663,3 +663,52 @@ func TestRefusedResubscribeBacksOff(t *testing.T) {
 	fc.reply(fc.expect("subscribe"))
 	eventually(t, "subscribed", func() bool { return s.State() == Subscribed })
 }
+
+func TestPositionCountsOnlyHandledMessages(t *testing.T) {
+	noLeaks(t)
+	fs := newFakeServer(t)
+	c, _, _ := newTestClient(t, fs, Options{})
+	c.Connect(context.Background())
+	fc := fs.accept()
+	inHandler := make(chan uint64, 10)
+	release := make(chan struct{})
+	h := Handlers{Message: func(_ json.RawMessage, i MessageInfo) { inHandler <- i.Offset; <-release }}
+	done := make(chan *Subscription)
+	go func() { s, _ := c.Subscribe(context.Background(), "chat", h, SubscribeOptions{}); done <- s }()
+	fc.reply(fc.expect("subscribe"), "epoch", "e1", "offset", 5)
+	s := <-done
+	eventually(t, "the reply's position", func() bool { p, ok := s.Position(); return ok && p == Position{"e1", 5} })
+	for o := 6; o <= 8; o++ {
+		fc.message("chat", o, o)
+	}
+	if o := <-inHandler; o != 6 {
+		t.Fatalf("handled %d first", o)
+	}
+	// 7 and 8 are read but wait for the callback goroutine.
+	eventually(t, "8 read", func() bool { c.mu.Lock(); defer c.mu.Unlock(); return s.pos.Offset == 8 })
+	if p, _ := s.Position(); p != (Position{"e1", 6}) {
+		t.Fatalf("position %v in the handler of 6", p)
+	}
+	unsub := make(chan error, 1)
+	go func() { unsub <- s.Unsubscribe(context.Background()) }()
+	fc.reply(fc.expect("unsubscribe"))
+	if err := <-unsub; err != nil {
+		t.Fatal(err)
+	}
+	close(release)
+	// 7 and 8 are never handled: the position stays where the app was.
+	eventually(t, "the queued callbacks run", func() bool {
+		c.disp.mu.Lock()
+		defer c.disp.mu.Unlock()
+		return len(c.disp.q) == 0
+	})
+	c.Close()
+	if p, _ := s.Position(); p != (Position{"e1", 6}) {
+		t.Fatalf("position %v, want e1/6: 7 and 8 were never handled", p)
+	}
+	select {
+	case o := <-inHandler:
+		t.Fatalf("handled %d after Unsubscribe", o)
+	default:
+	}
+}

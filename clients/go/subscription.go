@@ -90,11 +90,16 @@ type Subscription struct {
 
 	// under the client's mu
 	state  SubState
-	pos    Position // last delivered message (or reply, or reset)
+	pos    Position // last message read (or reply, or reset): since for a resubscribe
 	hasPos bool
-	made   bool       // an ok came once
-	first  chan error // the first answer, for Subscribe; nil after it
-	retry  bool       // refused for now: subscribe again after a delay
+	// dpos is pos as of the last callback run: what Position reports, so
+	// that a position saved for Since never passes a message dropped when
+	// the subscription ended with callbacks still queued.
+	dpos    Position
+	hasDpos bool
+	made    bool       // an ok came once
+	first   chan error // the first answer, for Subscribe; nil after it
+	retry   bool       // refused for now: subscribe again after a delay
 	// retryAt is when (zero: not yet set by the serve loop); attempt
 	// counts the refusals since the last ok.
 	retryAt time.Time
@@ -119,6 +124,7 @@ func (c *Client) Subscribe(ctx context.Context, channel string, h Handlers, opts
 	s := &Subscription{c: c, channel: channel, h: h, first: make(chan error, 1)}
 	if opts.Since != nil {
 		s.pos, s.hasPos = *opts.Since, true
+		s.dpos, s.hasDpos = s.pos, true
 	}
 	c.subs = append(c.subs, s)
 	c.byCh[channel] = s
@@ -154,12 +160,14 @@ func (s *Subscription) State() SubState {
 }
 
 // Position is where the subscription stands in the channel's history: the
-// last message delivered (or the reply's or reset's position); ok is false
-// on channels without history.
+// last message whose handler has run or is running (or the reply's or
+// reset's position once its handler has); ok is false on channels without
+// history. A message read but never handled (the subscription ended first)
+// is not counted, so Position is safe to keep for SubscribeOptions.Since.
 func (s *Subscription) Position() (pos Position, ok bool) {
 	s.c.mu.Lock()
 	defer s.c.mu.Unlock()
-	return s.pos, s.hasPos
+	return s.dpos, s.hasDpos
 }
 
 // Unsubscribe ends the subscription: no handler of it runs after Unsubscribe
@@ -297,6 +305,23 @@ func (s *Subscription) dispatch(f func()) {
 	})
 }
 
+// dispatchAt is dispatch (f may be nil) that also moves the position
+// Position reports to pos, just before f runs.
+func (s *Subscription) dispatchAt(pos Position, ok bool, f func()) {
+	c := s.c
+	c.disp.push(func() {
+		c.mu.Lock()
+		over := s.state == Unsubscribed
+		if !over {
+			s.dpos, s.hasDpos = pos, ok
+		}
+		c.mu.Unlock()
+		if !over && f != nil {
+			f()
+		}
+	})
+}
+
 // reply handles the answer to a subscribe, on the reader goroutine, before
 // the messages that follow it.
 func (s *Subscription) reply(cn *conn, m *inMsg, since *Position) {
@@ -342,9 +367,11 @@ func (s *Subscription) reply(cn *conn, m *inMsg, since *Position) {
 		s.first <- nil
 		s.first = nil
 	}
+	var f func()
 	if h := s.h.Subscribed; h != nil {
-		s.dispatch(func() { h(info) })
+		f = func() { h(info) }
 	}
+	s.dispatchAt(s.pos, s.hasPos, f)
 }
 
 // deliver handles a message, reset, join or leave of s's channel, on the
@@ -358,6 +385,7 @@ func (s *Subscription) deliver(m *inMsg) {
 		return
 	}
 	var f func()
+	moves := true // the position after m is what Position reports once f ran
 	switch m.Op {
 	case "message":
 		info := MessageInfo{Channel: s.channel}
@@ -384,6 +412,7 @@ func (s *Subscription) deliver(m *inMsg) {
 			f = func() { h(pos) }
 		}
 	case "join", "leave":
+		moves = false
 		ev := PresenceEvent{Channel: s.channel, Conn: m.Conn, Subject: m.Subject, Claims: m.Claims}
 		h := s.h.Join
 		if m.Op == "leave" {
@@ -393,8 +422,12 @@ func (s *Subscription) deliver(m *inMsg) {
 			f = func() { h(ev) }
 		}
 	}
+	pos, ok := s.pos, s.hasPos
 	c.mu.Unlock()
-	if f != nil {
+	switch {
+	case moves:
+		s.dispatchAt(pos, ok, f)
+	case f != nil:
 		s.dispatch(f)
 	}
 }
