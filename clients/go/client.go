@@ -37,7 +37,9 @@ type Options struct {
 	LivenessTimeout time.Duration
 	// QueueSize bounds the requests (publishes, presence, history) held
 	// while not connected; beyond it a request fails at once with
-	// ErrQueueFull. Default: 1000.
+	// ErrQueueFull. Requests a lost connection never wrote go back to the
+	// front of the queue even past QueueSize (they were accepted already);
+	// new ones fail until it is below QueueSize again. Default: 1000.
 	QueueSize int
 	// RefreshBefore is how long before the token's exp the client gets a new
 	// token and sends it with the refresh op (never sooner than halfway
