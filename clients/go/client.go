@@ -538,8 +538,9 @@ type HistoryResult struct {
 	Publications []Publication
 }
 
-// History returns the last limit publications of channel (limit < 0: the
-// gateway's default, recover_max).
+// History returns the last limit publications of channel, at most the
+// channel's recover_max. A negative limit sends none, and 0 sends
+// "limit":0: the gateway reads both as its default, recover_max.
 func (c *Client) History(ctx context.Context, channel string, limit int) (*HistoryResult, error) {
 	req := request{Op: "history", Channel: channel}
 	if limit >= 0 {
