@@ -37,7 +37,9 @@ type Options struct {
 	LivenessTimeout time.Duration
 	// QueueSize bounds the requests (publishes, presence, history) held
 	// while not connected; beyond it a request fails at once with
-	// ErrQueueFull. Default: 1000.
+	// ErrQueueFull. Requests a lost connection never wrote go back to the
+	// front of the queue even past QueueSize (they were accepted already);
+	// new ones fail until it is below QueueSize again. Default: 1000.
 	QueueSize int
 	// RefreshBefore is how long before the token's exp the client gets a new
 	// token and sends it with the refresh op (never sooner than halfway
@@ -417,7 +419,8 @@ type call struct {
 	// onReply, when set, handles the reply on the reader goroutine instead
 	// (subscribe: what follows the reply depends on it).
 	onReply func(m *inMsg)
-	written bool // the writer began writing it (under the client's mu)
+	onFail  func(err error) // with onReply: the reply came but could not be read
+	written bool            // the writer began writing it (under the client's mu)
 }
 
 type callResult struct {
@@ -535,8 +538,9 @@ type HistoryResult struct {
 	Publications []Publication
 }
 
-// History returns the last limit publications of channel (limit < 0: the
-// gateway's default, recover_max).
+// History returns the last limit publications of channel, at most the
+// channel's recover_max. A negative limit sends none, and 0 sends
+// "limit":0: the gateway reads both as its default, recover_max.
 func (c *Client) History(ctx context.Context, channel string, limit int) (*HistoryResult, error) {
 	req := request{Op: "history", Channel: channel}
 	if limit >= 0 {

@@ -8,6 +8,7 @@ import (
 	"math"
 	"math/rand/v2"
 	"net/http"
+	"strings"
 	"testing"
 	"time"
 
@@ -513,5 +514,201 @@ func TestRefreshBeforeTokenLifeHalf(t *testing.T) {
 	}
 	if _, ok := tokenExpiry("not-a-jwt"); ok {
 		t.Fatal("exp from an opaque token")
+	}
+}
+
+func TestUndecodableReplySettlesItsCall(t *testing.T) {
+	noLeaks(t)
+	fs := newFakeServer(t)
+	c, clk, ev := newTestClient(t, fs, Options{MinReconnectDelay: time.Second})
+	c.Connect(context.Background())
+	fc := fs.accept()
+	// A call whose reply has a field of the wrong type fails at once.
+	res := make(chan error, 1)
+	go func() { _, err := c.PresenceCount(context.Background(), "room"); res <- err }()
+	fc.reply(fc.expect("presence_count"), "count", "two")
+	select {
+	case err := <-res:
+		if err == nil || !strings.Contains(err.Error(), "undecodable") {
+			t.Fatalf("presence_count with an undecodable reply: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("presence_count still waits after its reply came")
+	}
+	if e := ev.until(t, EventError); e.Err == nil {
+		t.Fatal("no error event")
+	}
+	// A first subscribe answered so goes to its caller and leaves nothing.
+	go func() { fc.reply(fc.expect("subscribe"), "epoch", "e1", "offset", -1) }()
+	if _, err := c.Subscribe(context.Background(), "bad", Handlers{}, SubscribeOptions{}); err == nil {
+		t.Fatal("first subscribe with an undecodable reply succeeded")
+	}
+	// A resubscribe answered so is tried again, and then made.
+	errs := make(chan error, 10)
+	done := make(chan *Subscription)
+	go func() {
+		s, _ := c.Subscribe(context.Background(), "chat", Handlers{Error: func(err error) { errs <- err }}, SubscribeOptions{})
+		done <- s
+	}()
+	fc.reply(fc.expect("subscribe"))
+	s := <-done
+	c.mu.Lock()
+	n := len(c.byCh)
+	c.mu.Unlock()
+	if s == nil || n != 1 {
+		t.Fatalf("subscription %v, %d channels", s, n)
+	}
+	fc.c.CloseNow()
+	ev.until(t, EventDisconnected)
+	clk.waitTimerWithin(t, time.Second)
+	clk.Advance(time.Second)
+	fc = fs.accept()
+	fc.reply(fc.expect("subscribe"), "epoch", "e1", "offset", -1)
+	select {
+	case err := <-errs:
+		if !strings.Contains(err.Error(), "undecodable") {
+			t.Fatalf("Error handler got %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("no Error handler call for the undecodable resubscribe reply")
+	}
+	if s.State() != Subscribing {
+		t.Fatalf("state %v, want subscribing until the retry", s.State())
+	}
+	clk.waitTimerWithin(t, time.Second)
+	clk.Advance(time.Second)
+	fc.reply(fc.expect("subscribe"), "epoch", "e1", "offset", 3)
+	eventually(t, "subscribed after the retry", func() bool { return s.State() == Subscribed })
+}
+
+func TestSubscribeReturnsWhenItsContextEnds(t *testing.T) {
+	noLeaks(t)
+	fs := newFakeServer(t)
+	c, _, _ := newTestClient(t, fs, Options{})
+	// Not connected: the subscription waits for a connection, then is gone.
+	ctx, cancel := context.WithCancel(context.Background())
+	res := make(chan error, 1)
+	go func() { _, err := c.Subscribe(ctx, "offline", Handlers{}, SubscribeOptions{}); res <- err }()
+	eventually(t, "the subscription waiting", func() bool { c.mu.Lock(); defer c.mu.Unlock(); return len(c.subs) == 1 })
+	cancel()
+	if err := <-res; !errors.Is(err, context.Canceled) {
+		t.Fatalf("Subscribe whose context ended: %v", err)
+	}
+	c.Connect(context.Background())
+	fc := fs.accept()
+	// Connected to a gateway that never answers: Subscribe returns when
+	// ctx ends, and the unsubscribe follows without being waited for.
+	ctx, cancel = context.WithCancel(context.Background())
+	go func() { _, err := c.Subscribe(ctx, "chat", Handlers{}, SubscribeOptions{}); res <- err }()
+	if r := fc.expect("subscribe"); r["channel"] != "chat" {
+		t.Fatalf("sent %v, want the subscribe to chat (none to offline)", r)
+	}
+	cancel()
+	select {
+	case err := <-res:
+		if !errors.Is(err, context.Canceled) {
+			t.Fatalf("Subscribe whose context ended: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Subscribe still waits after its context ended")
+	}
+	if r := fc.expect("unsubscribe"); r["channel"] != "chat" {
+		t.Fatalf("sent %v, want the unsubscribe", r)
+	}
+	c.mu.Lock()
+	n, m := len(c.subs), len(c.byCh)
+	c.mu.Unlock()
+	if n != 0 || m != 0 {
+		t.Fatalf("%d subscriptions, %d channels left", n, m)
+	}
+}
+
+func TestRefusedResubscribeBacksOff(t *testing.T) {
+	noLeaks(t)
+	fs := newFakeServer(t)
+	c, clk, ev := newTestClient(t, fs, Options{MinReconnectDelay: time.Second, MaxReconnectDelay: 3 * time.Second})
+	c.Connect(context.Background())
+	fc := fs.accept()
+	done := make(chan *Subscription)
+	go func() { s, _ := c.Subscribe(context.Background(), "chat", Handlers{}, SubscribeOptions{}); done <- s }()
+	fc.reply(fc.expect("subscribe"))
+	s := <-done
+	reconnect := func() {
+		t.Helper()
+		fc.c.CloseNow()
+		ev.until(t, EventDisconnected)
+		clk.waitTimerWithin(t, time.Second)
+		clk.Advance(time.Second)
+		fc = fs.accept()
+	}
+	// rand 0.5: the delays are half of 1, 2, 3, 3 s, as for reconnects.
+	refuse := func(codes []string, delays []time.Duration) {
+		t.Helper()
+		for i, d := range delays {
+			fc.replyError(fc.expect("subscribe"), codes[i%len(codes)])
+			clk.waitTimer(t, clk.Now().Add(d))
+			if s.State() != Subscribing {
+				t.Fatalf("state %v while refused", s.State())
+			}
+			clk.Advance(d)
+		}
+	}
+	reconnect()
+	refuse([]string{"unavailable", "rate_limited"}, []time.Duration{500 * time.Millisecond, time.Second, 1500 * time.Millisecond, 1500 * time.Millisecond})
+	fc.reply(fc.expect("subscribe"))
+	eventually(t, "subscribed", func() bool { return s.State() == Subscribed })
+	// An ok starts the count again.
+	reconnect()
+	refuse([]string{"unavailable"}, []time.Duration{500 * time.Millisecond})
+	fc.reply(fc.expect("subscribe"))
+	eventually(t, "subscribed", func() bool { return s.State() == Subscribed })
+}
+
+func TestPositionCountsOnlyHandledMessages(t *testing.T) {
+	noLeaks(t)
+	fs := newFakeServer(t)
+	c, _, _ := newTestClient(t, fs, Options{})
+	c.Connect(context.Background())
+	fc := fs.accept()
+	inHandler := make(chan uint64, 10)
+	release := make(chan struct{})
+	h := Handlers{Message: func(_ json.RawMessage, i MessageInfo) { inHandler <- i.Offset; <-release }}
+	done := make(chan *Subscription)
+	go func() { s, _ := c.Subscribe(context.Background(), "chat", h, SubscribeOptions{}); done <- s }()
+	fc.reply(fc.expect("subscribe"), "epoch", "e1", "offset", 5)
+	s := <-done
+	eventually(t, "the reply's position", func() bool { p, ok := s.Position(); return ok && p == Position{"e1", 5} })
+	for o := 6; o <= 8; o++ {
+		fc.message("chat", o, o)
+	}
+	if o := <-inHandler; o != 6 {
+		t.Fatalf("handled %d first", o)
+	}
+	// 7 and 8 are read but wait for the callback goroutine.
+	eventually(t, "8 read", func() bool { c.mu.Lock(); defer c.mu.Unlock(); return s.pos.Offset == 8 })
+	if p, _ := s.Position(); p != (Position{"e1", 6}) {
+		t.Fatalf("position %v in the handler of 6", p)
+	}
+	unsub := make(chan error, 1)
+	go func() { unsub <- s.Unsubscribe(context.Background()) }()
+	fc.reply(fc.expect("unsubscribe"))
+	if err := <-unsub; err != nil {
+		t.Fatal(err)
+	}
+	close(release)
+	// 7 and 8 are never handled: the position stays where the app was.
+	eventually(t, "the queued callbacks run", func() bool {
+		c.disp.mu.Lock()
+		defer c.disp.mu.Unlock()
+		return len(c.disp.q) == 0
+	})
+	c.Close()
+	if p, _ := s.Position(); p != (Position{"e1", 6}) {
+		t.Fatalf("position %v, want e1/6: 7 and 8 were never handled", p)
+	}
+	select {
+	case o := <-inHandler:
+		t.Fatalf("handled %d after Unsubscribe", o)
+	default:
 	}
 }

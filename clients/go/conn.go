@@ -244,7 +244,27 @@ type inMsg struct {
 func (c *Client) handle(cn *conn, b []byte) {
 	m := &inMsg{}
 	if err := json.Unmarshal(b, m); err != nil {
-		c.emit(Event{Type: EventError, Err: errors.New("wsgate: undecodable message from the gateway: " + err.Error())})
+		derr := errors.New("wsgate: undecodable message from the gateway: " + err.Error())
+		c.emit(Event{Type: EventError, Err: derr})
+		// A reply whose id is readable still answers its call, or the
+		// caller would wait for a reply that has come.
+		var head struct {
+			ID *uint64 `json:"id"`
+		}
+		if json.Unmarshal(b, &head) != nil || head.ID == nil {
+			return
+		}
+		c.mu.Lock()
+		cl := cn.pending[*head.ID]
+		delete(cn.pending, *head.ID)
+		c.mu.Unlock()
+		switch {
+		case cl == nil:
+		case cl.onFail != nil:
+			cl.onFail(derr)
+		default:
+			cl.settle(nil, derr)
+		}
 		return
 	}
 	if m.ID != nil {
@@ -320,6 +340,34 @@ func (c *Client) serve(cn *conn) connEnd {
 	resub := c.clock.NewTimer(time.Hour)
 	resub.Stop()
 	var resubC <-chan time.Time
+	// armResub gives each refused subscription its time to try again (the
+	// reconnect backoff over its own count of refusals in a row) and sets
+	// the timer to the earliest.
+	armResub := func() {
+		c.mu.Lock()
+		now := c.clock.Now()
+		var next time.Time
+		for _, s := range c.subs {
+			if !s.retry {
+				continue
+			}
+			if s.retryAt.IsZero() {
+				d := time.Duration(backoff(s.attempt, int64(c.opts.MinReconnectDelay), int64(c.opts.MaxReconnectDelay), c.opts.Rand))
+				s.attempt++
+				s.retryAt = now.Add(d)
+			}
+			if next.IsZero() || s.retryAt.Before(next) {
+				next = s.retryAt
+			}
+		}
+		c.mu.Unlock()
+		resub.Stop()
+		resubC = nil
+		if !next.IsZero() {
+			resub = c.clock.NewTimer(next.Sub(now))
+			resubC = resub.C()
+		}
+	}
 loop:
 	for {
 		select {
@@ -369,21 +417,18 @@ loop:
 			}
 			refresh, refreshC = c.armRefresh(cn.tok)
 		case <-cn.resub:
-			if resubC == nil {
-				d := time.Duration(backoff(0, int64(c.opts.MinReconnectDelay), int64(c.opts.MaxReconnectDelay), c.opts.Rand))
-				resub = c.clock.NewTimer(d)
-				resubC = resub.C()
-			}
+			armResub()
 		case <-resubC:
-			resubC = nil
 			c.mu.Lock()
+			now := c.clock.Now()
 			for _, s := range c.subs {
-				if s.retry {
-					s.retry = false
+				if s.retry && !s.retryAt.IsZero() && !s.retryAt.After(now) {
+					s.retry, s.retryAt = false, time.Time{}
 					s.sendLocked(cn)
 				}
 			}
 			c.mu.Unlock()
+			armResub()
 		}
 	}
 	resub.Stop()

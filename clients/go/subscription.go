@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"slices"
+	"time"
 )
 
 // SubState is where a subscription stands.
@@ -89,16 +90,26 @@ type Subscription struct {
 
 	// under the client's mu
 	state  SubState
-	pos    Position // last delivered message (or reply, or reset)
+	pos    Position // last message read (or reply, or reset): since for a resubscribe
 	hasPos bool
-	made   bool       // an ok came once
-	first  chan error // the first answer, for Subscribe; nil after it
-	retry  bool       // refused for now: subscribe again after a delay
+	// dpos is pos as of the last callback run: what Position reports, so
+	// that a position saved for Since never passes a message dropped when
+	// the subscription ended with callbacks still queued.
+	dpos    Position
+	hasDpos bool
+	made    bool       // an ok came once
+	first   chan error // the first answer, for Subscribe; nil after it
+	retry   bool       // refused for now: subscribe again after a delay
+	// retryAt is when (zero: not yet set by the serve loop); attempt
+	// counts the refusals since the last ok.
+	retryAt time.Time
+	attempt int
 }
 
 // Subscribe subscribes to channel and waits for the gateway's answer; while
 // not connected, it waits for the connection. An error reply is returned as
-// an *Error and leaves no subscription; so does ctx ending first.
+// an *Error and leaves no subscription; so does ctx ending first, which
+// returns ctx.Err() at once (an unsubscribe is sent, not waited for).
 func (c *Client) Subscribe(ctx context.Context, channel string, h Handlers, opts SubscribeOptions) (*Subscription, error) {
 	c.mu.Lock()
 	if c.state == Closed {
@@ -113,6 +124,7 @@ func (c *Client) Subscribe(ctx context.Context, channel string, h Handlers, opts
 	s := &Subscription{c: c, channel: channel, h: h, first: make(chan error, 1)}
 	if opts.Since != nil {
 		s.pos, s.hasPos = *opts.Since, true
+		s.dpos, s.hasDpos = s.pos, true
 	}
 	c.subs = append(c.subs, s)
 	c.byCh[channel] = s
@@ -128,7 +140,11 @@ func (c *Client) Subscribe(ctx context.Context, channel string, h Handlers, opts
 		}
 		return s, nil
 	case <-ctx.Done():
-		s.Unsubscribe(context.Background())
+		// The unsubscribe follows the subscribe on the connection; waiting
+		// for its reply would outlast ctx on a dead path.
+		c.mu.Lock()
+		s.leaveLocked()
+		c.mu.Unlock()
 		return nil, ctx.Err()
 	}
 }
@@ -144,12 +160,14 @@ func (s *Subscription) State() SubState {
 }
 
 // Position is where the subscription stands in the channel's history: the
-// last message delivered (or the reply's or reset's position); ok is false
-// on channels without history.
+// last message whose handler has run or is running (or the reply's or
+// reset's position once its handler has); ok is false on channels without
+// history. A message read but never handled (the subscription ended first)
+// is not counted, so Position is safe to keep for SubscribeOptions.Since.
 func (s *Subscription) Position() (pos Position, ok bool) {
 	s.c.mu.Lock()
 	defer s.c.mu.Unlock()
-	return s.pos, s.hasPos
+	return s.dpos, s.hasDpos
 }
 
 // Unsubscribe ends the subscription: no handler of it runs after Unsubscribe
@@ -157,17 +175,7 @@ func (s *Subscription) Position() (pos Position, ok bool) {
 func (s *Subscription) Unsubscribe(ctx context.Context) error {
 	c := s.c
 	c.mu.Lock()
-	if s.state == Unsubscribed {
-		c.mu.Unlock()
-		return nil
-	}
-	s.removeLocked()
-	s.endLocked(nil)
-	var cl *call
-	if c.cur != nil {
-		cl = &call{req: request{Op: "unsubscribe", Channel: s.channel}, res: make(chan callResult, 1)}
-		c.sendLocked(c.cur, cl)
-	}
+	cl := s.leaveLocked()
 	c.mu.Unlock()
 	if cl == nil {
 		return nil
@@ -187,6 +195,23 @@ func (s *Subscription) Unsubscribe(ctx context.Context) error {
 	case <-ctx.Done():
 		return ctx.Err()
 	}
+}
+
+// leaveLocked ends s and, when connected, sends the unsubscribe, whose call
+// it returns (nil when not connected or already over).
+func (s *Subscription) leaveLocked() *call {
+	c := s.c
+	if s.state == Unsubscribed {
+		return nil
+	}
+	s.removeLocked()
+	s.endLocked(nil)
+	if c.cur == nil {
+		return nil
+	}
+	cl := &call{req: request{Op: "unsubscribe", Channel: s.channel}, res: make(chan callResult, 1)}
+	c.sendLocked(c.cur, cl)
+	return cl
 }
 
 func (s *Subscription) removeLocked() {
@@ -217,7 +242,7 @@ func (s *Subscription) lostLocked() {
 	if s.state == Subscribed {
 		s.state = Subscribing
 	}
-	s.retry = false
+	s.retry, s.retryAt = false, time.Time{}
 }
 
 // sendLocked sends the subscribe request, with since once a position is known.
@@ -230,7 +255,41 @@ func (s *Subscription) sendLocked(cn *conn) {
 		req.Since = since
 	}
 	s.state = Subscribing
-	s.c.sendLocked(cn, &call{req: req, onReply: func(m *inMsg) { s.reply(cn, m, since) }})
+	s.c.sendLocked(cn, &call{req: req,
+		onReply: func(m *inMsg) { s.reply(cn, m, since) },
+		onFail:  func(err error) { s.unreadable(cn, err) }})
+}
+
+// unreadable handles a reply to a subscribe that could not be decoded: the
+// first goes to Subscribe's caller, a later one is retried like an
+// unavailable.
+func (s *Subscription) unreadable(cn *conn, err error) {
+	c := s.c
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if s.state == Unsubscribed {
+		return
+	}
+	if s.first != nil {
+		s.removeLocked()
+		s.endLocked(err)
+		return
+	}
+	s.retryLocked(cn, err)
+}
+
+// retryLocked: the subscribe failed for now; the serve loop sends it again
+// after a delay.
+func (s *Subscription) retryLocked(cn *conn, err error) {
+	s.retry = true
+	select {
+	case cn.resub <- struct{}{}:
+	default:
+	}
+	if s.h.Error != nil {
+		h := s.h.Error
+		s.dispatch(func() { h(err) })
+	}
 }
 
 // dispatch runs f on the callback goroutine unless s has ended by then.
@@ -241,6 +300,23 @@ func (s *Subscription) dispatch(f func()) {
 		over := s.state == Unsubscribed
 		c.mu.Unlock()
 		if !over {
+			f()
+		}
+	})
+}
+
+// dispatchAt is dispatch (f may be nil) that also moves the position
+// Position reports to pos, just before f runs.
+func (s *Subscription) dispatchAt(pos Position, ok bool, f func()) {
+	c := s.c
+	c.disp.push(func() {
+		c.mu.Lock()
+		over := s.state == Unsubscribed
+		if !over {
+			s.dpos, s.hasDpos = pos, ok
+		}
+		c.mu.Unlock()
+		if !over && f != nil {
 			f()
 		}
 	})
@@ -270,15 +346,7 @@ func (s *Subscription) reply(cn *conn, m *inMsg, since *Position) {
 			return
 		}
 		// unavailable, rate_limited: the same subscribe works later.
-		s.retry = true
-		select {
-		case cn.resub <- struct{}{}:
-		default:
-		}
-		if s.h.Error != nil {
-			h := s.h.Error
-			s.dispatch(func() { h(err) })
-		}
+		s.retryLocked(cn, err)
 		return
 	}
 	info := SubscribedInfo{First: !s.made}
@@ -294,13 +362,16 @@ func (s *Subscription) reply(cn *conn, m *inMsg, since *Position) {
 	}
 	s.state = Subscribed
 	s.made = true
+	s.attempt = 0
 	if s.first != nil {
 		s.first <- nil
 		s.first = nil
 	}
+	var f func()
 	if h := s.h.Subscribed; h != nil {
-		s.dispatch(func() { h(info) })
+		f = func() { h(info) }
 	}
+	s.dispatchAt(s.pos, s.hasPos, f)
 }
 
 // deliver handles a message, reset, join or leave of s's channel, on the
@@ -314,6 +385,7 @@ func (s *Subscription) deliver(m *inMsg) {
 		return
 	}
 	var f func()
+	moves := true // the position after m is what Position reports once f ran
 	switch m.Op {
 	case "message":
 		info := MessageInfo{Channel: s.channel}
@@ -340,6 +412,7 @@ func (s *Subscription) deliver(m *inMsg) {
 			f = func() { h(pos) }
 		}
 	case "join", "leave":
+		moves = false
 		ev := PresenceEvent{Channel: s.channel, Conn: m.Conn, Subject: m.Subject, Claims: m.Claims}
 		h := s.h.Join
 		if m.Op == "leave" {
@@ -349,8 +422,12 @@ func (s *Subscription) deliver(m *inMsg) {
 			f = func() { h(ev) }
 		}
 	}
+	pos, ok := s.pos, s.hasPos
 	c.mu.Unlock()
-	if f != nil {
+	switch {
+	case moves:
+		s.dispatchAt(pos, ok, f)
+	case f != nil:
 		s.dispatch(f)
 	}
 }
