@@ -312,7 +312,11 @@ func TestRedisOutage(t *testing.T) {
 // TestSlowConsumer: a client that never reads does not delay delivery to
 // 100 others, and is closed with 1013.
 func TestSlowConsumer(t *testing.T) {
-	g := startGateway(t, roomsSite("\t\t\tsend_queue 64"))
+	// A close timeout longer than the default 5 s: the slow client starts
+	// reading only once the gateway has logged that it gave up, and on a
+	// busy machine may not reach the close frame (behind its backlog)
+	// before a shorter one drops the socket.
+	g := startGateway(t, roomsSite("\t\t\tsend_queue 64\n\t\t\tclose_timeout 15s"))
 	var readers []*roomsClient
 	for i := 0; i < 100; i++ {
 		c := dialRooms(t, g)
@@ -403,7 +407,7 @@ func TestSlowConsumer(t *testing.T) {
 			go func() {
 				// Once the gateway has given up on it (its log says so), the
 				// client reads: its backlog, then the close frame (closing a
-				// stuck client is bounded by the close timeout, 5 s).
+				// stuck client is bounded by the close timeout, 15 s here).
 				deadline := time.Now().Add(20 * time.Second)
 				for strings.Count(g.logs.String(), "slow consumer") == logsBefore {
 					if time.Now().After(deadline) {
@@ -412,7 +416,10 @@ func TestSlowConsumer(t *testing.T) {
 					}
 					pollPause()
 				}
-				code, _ := slow.readCloseNoFail(15 * time.Second)
+				code, why := slow.readCloseNoFail(15 * time.Second)
+				if code != 1013 {
+					t.Logf("slow consumer: %d %s", code, why)
+				}
 				closed <- code
 			}()
 		})))

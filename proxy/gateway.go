@@ -181,10 +181,11 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, info Request
 			// (a refusal without a dial is not worth a line per request)
 			g.log.Warn("upstream unavailable", "error", err.Error(), "remote", r.RemoteAddr)
 		}
-		if after, ok := g.retryAfter(); ok {
-			// every upstream is set aside: say when one may be tried
-			hdr = http.Header{"Retry-After": {strconv.Itoa(after)}}
-		}
+		// Every upstream is set aside: say when one may be tried. An
+		// upstream whose time aside ended while this request was being
+		// refused may be tried by the next one: retry in a second.
+		after, _ := g.retryAfter()
+		hdr = http.Header{"Retry-After": {strconv.Itoa(max(after, 1))}}
 		WriteError(w, http.StatusBadGateway, "upstream unavailable", hdr)
 		return UpstreamFailed
 	}
