@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"slices"
 	"strings"
-	"sync/atomic"
 	"time"
 )
 
@@ -43,31 +42,11 @@ type fanHistResult struct {
 
 func (e *env) runFanoutHistory(ctx context.Context) (res *fanHistResult, err error) {
 	res = &fanHistResult{subs: e.p.fanSubs}
-	rp, err := e.startRedis(ctx)
+	fs, stop, err := e.startFanout(ctx, fanoutHistCaddy, true, "h")
 	if err != nil {
 		return nil, err
 	}
-	e.redis = rp
-	defer func() {
-		rp.stop()
-		e.redis = nil
-	}()
-	fs := &fanState{e: e, redis: rp, hist: true, base: time.Now(), delivered: make([]atomic.Int64, e.p.maxFanPhases())}
-	for i := range fs.gws {
-		c, err := e.startCaddyKind(ctx, fanoutHistCaddy)
-		if err != nil {
-			return nil, err
-		}
-		defer c.stop()
-		fs.gws[i] = c
-	}
-	defer func() {
-		res.logLines, res.logCount = gatewayLogIssues(fs.gws[:])
-		for _, l := range res.logLines {
-			e.logf("  h gateway log: %s", l)
-		}
-	}()
-	defer fs.close()
+	defer func() { res.logLines, res.logCount = stop() }()
 	if err := fs.connect(ctx); err != nil {
 		return res, err
 	}

@@ -130,33 +130,52 @@ func (p params) maxFanPhases() int {
 	return 4 + 2*max(1, p.runs)*(1+len(p.fanSteps))
 }
 
+// startFanout starts a Redis and the two gateways of kind for a fan-out
+// scenario (tag names it in the log). stop closes the subscribers, stops
+// the gateways and Redis, and returns the warnings and errors of the
+// gateways' logs.
+func (e *env) startFanout(ctx context.Context, kind caddyKind, hist bool, tag string) (fs *fanState, stop func() ([]string, int), err error) {
+	rp, err := e.startRedis(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
+	e.redis = rp
+	fs = &fanState{e: e, redis: rp, hist: hist, base: time.Now(), delivered: make([]atomic.Int64, e.p.maxFanPhases())}
+	stopAll := func() {
+		for _, c := range fs.gws {
+			if c != nil {
+				c.stop()
+			}
+		}
+		rp.stop()
+		e.redis = nil
+	}
+	for i := range fs.gws {
+		c, err := e.startCaddyKind(ctx, kind)
+		if err != nil {
+			stopAll()
+			return nil, nil, err
+		}
+		fs.gws[i] = c
+	}
+	return fs, func() ([]string, int) {
+		fs.close()
+		lines, count := gatewayLogIssues(fs.gws[:])
+		for _, l := range lines {
+			e.logf("  %s gateway log: %s", tag, l)
+		}
+		stopAll()
+		return lines, count
+	}, nil
+}
+
 func (e *env) runFanout(ctx context.Context) (res *fanResult, err error) {
 	res = &fanResult{subs: e.p.fanSubs}
-	rp, err := e.startRedis(ctx)
+	fs, stop, err := e.startFanout(ctx, fanoutCaddy, false, "d")
 	if err != nil {
 		return nil, err
 	}
-	e.redis = rp
-	defer func() {
-		rp.stop()
-		e.redis = nil
-	}()
-	fs := &fanState{e: e, redis: rp, base: time.Now(), delivered: make([]atomic.Int64, e.p.maxFanPhases())}
-	for i := range fs.gws {
-		c, err := e.startCaddyKind(ctx, fanoutCaddy)
-		if err != nil {
-			return nil, err
-		}
-		defer c.stop()
-		fs.gws[i] = c
-	}
-	defer func() {
-		res.logLines, res.logCount = gatewayLogIssues(fs.gws[:])
-		for _, l := range res.logLines {
-			e.logf("  d gateway log: %s", l)
-		}
-	}()
-	defer fs.close()
+	defer func() { res.logLines, res.logCount = stop() }()
 	if err := fs.connect(ctx); err != nil {
 		return res, err
 	}

@@ -114,16 +114,7 @@ func (c *chatSetup) pageURL(host string, params ...string) string {
 
 // publish sends one publication to POST /publish.
 func (c *chatSetup) publish(body string) (int, string, error) {
-	req, _ := http.NewRequest("POST", fmt.Sprintf("http://127.0.0.1:%d/publish", c.pubPort), strings.NewReader(body))
-	req.Header.Set("Authorization", "Bearer "+publishKey)
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return 0, "", err
-	}
-	defer resp.Body.Close()
-	var b bytes.Buffer
-	b.ReadFrom(resp.Body)
-	return resp.StatusCode, b.String(), nil
+	return postPublish(fmt.Sprintf("127.0.0.1:%d", c.pubPort), body)
 }
 
 // jsPoll waits until the page's expression is truthy. It polls on an

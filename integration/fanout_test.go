@@ -148,8 +148,11 @@ func httpPublish(t testing.TB, g *gateway, body string) (int, string) {
 }
 
 // httpPost is httpPublish for goroutines other than the test's.
-func httpPost(g *gateway, body string) (int, string, error) {
-	req, _ := http.NewRequest("POST", "http://"+g.addr()+"/publish", strings.NewReader(body))
+func httpPost(g *gateway, body string) (int, string, error) { return postPublish(g.addr(), body) }
+
+// postPublish sends body to POST /publish at addr with the test's key.
+func postPublish(addr, body string) (int, string, error) {
+	req, _ := http.NewRequest("POST", "http://"+addr+"/publish", strings.NewReader(body))
 	req.Header.Set("Authorization", "Bearer "+publishKey)
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
