@@ -377,11 +377,17 @@ func TestGoClientTokenRefresh(t *testing.T) {
 	g := startGateway(t, roomsSite(fmt.Sprintf("\t\t\tjwt {\n\t\t\t\tsecret %s\n\t\t\t\tfrom protocol bearer\n\t\t\t}", k.hmac)))
 	var mu sync.Mutex
 	var exps []time.Time
+	issued := make(chan time.Time, 64)
 	token := func(context.Context) (string, error) {
-		exp := time.Now().Add(4 * time.Second).Truncate(time.Second)
+		now := time.Now()
+		exp := now.Add(4 * time.Second).Truncate(time.Second)
 		mu.Lock()
 		exps = append(exps, exp)
 		mu.Unlock()
+		select {
+		case issued <- now:
+		default:
+		}
 		return k.sign(t, "HS256", "", claims("", "u1", "exp", exp.Unix())), nil
 	}
 	ev := newEventLog()
@@ -398,8 +404,18 @@ func TestGoClientTokenRefresh(t *testing.T) {
 	mu.Lock()
 	first := exps[0]
 	mu.Unlock()
-	// The gateway closes an expired connection within a second of exp.
-	<-time.After(time.Until(first.Add(1500 * time.Millisecond)))
+	// The gateway closes an expired connection within a second of exp: wait
+	// for a refresh made 1.5 s past the first token's exp (tokens are
+	// refreshed every 2 s or so), then use the connection.
+	deadline := time.After(15 * time.Second)
+	for past := false; !past; {
+		select {
+		case at := <-issued:
+			past = at.After(first.Add(1500 * time.Millisecond))
+		case <-deadline:
+			t.Fatalf("no token asked for 1.5 s past the first one's exp (%s)", first.Format("15:04:05.000"))
+		}
+	}
 	if err := c.Publish(ctxT(t, 10*time.Second), "room:tok", map[string]int{"seq": 1}); err != nil {
 		t.Fatal(err)
 	}
