@@ -571,21 +571,7 @@ func (r *report) tputSection(w writer) {
 // capacity is the highest phase that kept p99 under fanP99Limit with
 // nothing lost, and the first step at which p99 reached it, if one did.
 func (f *fanResult) capacity() (best, at *fanPhase, reached bool) {
-	for _, ph := range append([]*fanPhase{f.baseline}, f.steps...) {
-		if ph == nil {
-			continue
-		}
-		if ph.p99 >= fanP99Limit {
-			return best, ph, true
-		}
-		if ph.problem() != "" {
-			return best, nil, false
-		}
-		if best == nil || ph.perSec > best.perSec {
-			best = ph
-		}
-	}
-	return best, nil, false
+	return capacityOf(append([]*fanPhase{f.baseline}, f.steps...))
 }
 
 func (r *report) fanSection(w writer) {
