@@ -158,10 +158,10 @@ func (h *Hub) SubscribeHistory(ctx context.Context, channel string, s Subscriber
 		return rec, nil, err
 	}
 	q := broker.HistoryQuery{Opt: *opt.History}
-	max := opt.recoverMax()
+	bound := opt.recoverMax()
 	if since != nil {
 		// One more than the bound tells a subscriber that missed too much.
-		q.After, q.Limit = since.Offset, max+1
+		q.After, q.Limit = since.Offset, bound+1
 	}
 	res, err := hb.History(ctx, channel, q)
 	if err != nil {
@@ -169,7 +169,7 @@ func (h *Hub) SubscribeHistory(ctx context.Context, channel string, s Subscriber
 		return rec, nil, err
 	}
 	rec.Top = res.Top
-	if since != nil && since.Epoch == res.Top.Epoch && since.Offset <= res.Top.Offset && len(res.Pubs) <= max {
+	if since != nil && since.Epoch == res.Top.Epoch && since.Offset <= res.Top.Offset && len(res.Pubs) <= bound {
 		pubs, whole := publications(channel, res.Top.Epoch, since.Offset, res.Pubs)
 		if whole && since.Offset+uint64(len(pubs)) == res.Top.Offset {
 			rec.Recovered, rec.Pubs = true, pubs
@@ -314,14 +314,14 @@ func (h *Hub) resync(hb broker.Historian, name string, r *room, opt ChannelOptio
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), historyTimeout)
 	defer cancel()
-	max := opt.recoverMax()
-	res, err := hb.History(ctx, name, broker.HistoryQuery{After: r.pos.Offset, Limit: max + 1, Opt: *opt.History})
+	bound := opt.recoverMax()
+	res, err := hb.History(ctx, name, broker.HistoryQuery{After: r.pos.Offset, Limit: bound + 1, Opt: *opt.History})
 	if err != nil || (res.Top.Epoch == r.pos.Epoch && res.Top.Offset <= r.pos.Offset) {
 		return
 	}
 	n := 0
 	if pubs, whole := publications(name, res.Top.Epoch, r.pos.Offset, res.Pubs); res.Top.Epoch == r.pos.Epoch && whole &&
-		len(pubs) <= max && r.pos.Offset+uint64(len(pubs)) == res.Top.Offset {
+		len(pubs) <= bound && r.pos.Offset+uint64(len(pubs)) == res.Top.Offset {
 		for _, p := range pubs {
 			n += r.fan(p)
 		}

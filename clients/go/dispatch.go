@@ -29,27 +29,26 @@ func (d *dispatcher) push(f func()) {
 // run delivers until stop is closed, then delivers what is left and returns.
 func (d *dispatcher) run() {
 	for {
-		d.mu.Lock()
-		q := d.q
-		d.q = nil
-		d.mu.Unlock()
-		for _, f := range q {
-			f()
-		}
-		if len(q) > 0 {
+		if d.drain() > 0 {
 			continue
 		}
 		select {
 		case <-d.wake:
 		case <-d.stop:
-			d.mu.Lock()
-			q := d.q
-			d.q = nil
-			d.mu.Unlock()
-			for _, f := range q {
-				f()
-			}
+			d.drain()
 			return
 		}
 	}
+}
+
+// drain runs what is queued and says how much that was.
+func (d *dispatcher) drain() int {
+	d.mu.Lock()
+	q := d.q
+	d.q = nil
+	d.mu.Unlock()
+	for _, f := range q {
+		f()
+	}
+	return len(q)
 }
