@@ -208,6 +208,18 @@ func TestMetricsSession(t *testing.T) {
 	refuse("/relay", nil, 401)
 	refuse("/relay", bearerH(expired), 401)
 	a := dial(t, g, "/relay", &websocket.DialOptions{HTTPHeader: bearerH(alice)})
+	// The access log line of an upgrade is written once the handler hands
+	// the connection over, which can trail the client's 101; the order the
+	// statuses are checked in below needs it written before the next request.
+	eventually(t, 10*time.Second, "the access log line of alice's upgrade", func() bool {
+		n := 0
+		for _, l := range g.logLines("handled request") {
+			if r, _ := l["request"].(map[string]any); r["uri"] == "/relay" {
+				n++
+			}
+		}
+		return n == 4
+	})
 	refuse("/relay", bearerH(alice), 429) // alice's token again: from the cache
 	// A handshake the gateway cannot accept (bob's token is verified first).
 	req, _ := http.NewRequest("GET", "http://"+g.addr()+"/relay", nil)
