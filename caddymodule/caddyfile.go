@@ -81,6 +81,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    unhealthy_close      [<close_codes...>]
 //	    drain_timeout        <duration>
 //	    upstream_control     <prefix>
+//	    compression [off] { … }      (see parseCompression)
 //	    send_queue           <n>
 //	    slow_consumer        close|drop
 //	    log_connections      info|debug|off
@@ -214,6 +215,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if !d.AllArgs(&h.UpstreamControl) {
 				return d.ArgErr()
 			}
+		case "compression":
+			h.Compression, err = parseCompression(d)
 		case "send_queue":
 			h.SendQueue, err = parsePositiveInt(d, name)
 		case "slow_consumer":
@@ -274,11 +277,12 @@ var (
 		"rate_limit", "idle_timeout", "ping_interval", "pong_timeout", "write_timeout", "close_timeout",
 		"park_after", "origins", "allow_missing_origin", "jwt", "forward_auth", "refresh_field",
 		"claims_header", "limit_connections", "channels", "relay_channels", "rooms", "upstream_control",
-		"send_queue", "slow_consumer", "log_connections",
+		"compression", "send_queue", "slow_consumer", "log_connections",
 	}, upstreamSubdirectives)
-	roomsSubdirectives     = []string{"max_subscriptions", "max_data", "publish_rate", "presence_claims"}
-	tlsSubdirectives       = []string{"ca_file", "server_name", "insecure_skip_verify", "client_certificate"}
-	rateLimitSubdirectives = []string{"messages", "bytes", "on_exceed"}
+	compressionSubdirectives = []string{"context_takeover", "window_bits", "min_size", "upstream"}
+	roomsSubdirectives       = []string{"max_subscriptions", "max_data", "publish_rate", "presence_claims"}
+	tlsSubdirectives         = []string{"ca_file", "server_name", "insecure_skip_verify", "client_certificate"}
+	rateLimitSubdirectives   = []string{"messages", "bytes", "on_exceed"}
 )
 
 // ineffective lists options that can never take effect with the rest of
@@ -426,6 +430,73 @@ func editDistance(a, b string) int {
 //	    publish_rate      <count>/<duration> [burst <count>] | off
 //	    presence_claims   <claim...>
 //	}
+//
+// parseCompression parses
+//
+//	compression [off] {
+//	    context_takeover
+//	    window_bits <8-15>
+//	    min_size    <size>
+//	    upstream    off
+//	}
+func parseCompression(d *caddyfile.Dispenser) (*Compression, error) {
+	if d.NextArg() {
+		if d.Val() != "off" || d.NextArg() {
+			return nil, d.Errf("compression takes no argument but off, not %q", d.Val())
+		}
+		if d.NextBlock(d.Nesting()) {
+			return nil, d.Err("compression off takes no block")
+		}
+		return nil, nil
+	}
+	z := new(Compression)
+	seen := map[string]bool{}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		name := d.Val()
+		if seen[name] {
+			return nil, d.Errf("duplicate compression subdirective %q", name)
+		}
+		seen[name] = true
+		switch name {
+		case "context_takeover":
+			if d.NextArg() {
+				return nil, d.ArgErr()
+			}
+			z.ContextTakeover = true
+		case "window_bits":
+			n, err := parsePositiveInt(d, name)
+			if err != nil {
+				return nil, err
+			}
+			if n < 8 || n > 15 {
+				return nil, d.Errf("window_bits must be 8 to 15, not %d", n)
+			}
+			z.WindowBits = n
+		case "min_size":
+			n, err := parseSize(d, false)
+			if err != nil {
+				return nil, err
+			}
+			if n > math.MaxInt32 {
+				return nil, d.Errf("min_size %d is too large", n)
+			}
+			z.MinSize = int(n)
+		case "upstream":
+			var v string
+			if !d.AllArgs(&v) {
+				return nil, d.ArgErr()
+			}
+			if v != "off" {
+				return nil, d.Errf("compression upstream takes off, not %q", v)
+			}
+			z.NoUpstream = true
+		default:
+			return nil, unknownName(d, "compression subdirective", compressionSubdirectives)
+		}
+	}
+	return z, nil
+}
+
 func parseRooms(d *caddyfile.Dispenser) (*RoomsConfig, error) {
 	if d.CountRemainingArgs() > 0 {
 		return nil, d.ArgErr()

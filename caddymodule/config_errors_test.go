@@ -177,7 +177,7 @@ func TestCaddyfileTypoSuggestions(t *testing.T) {
 	}{
 		{"subdirective", site("\twsgate ws://a:1 {\n\t\torgins https://a.test " + mark + "\n\t}"), `unrecognized subdirective "orgins", did you mean "origins"?`},
 		{"subdirective with a swapped letter", site("\twsgate ws://a:1 {\n\t\tpnog_timeout 5s " + mark + "\n\t}"), `did you mean "pong_timeout"?`},
-		{"nothing close", site("\twsgate ws://a:1 {\n\t\tcompression on " + mark + "\n\t}"), `unrecognized subdirective "compression", at`},
+		{"nothing close", site("\twsgate ws://a:1 {\n\t\tbrotli on " + mark + "\n\t}"), `unrecognized subdirective "brotli", at`},
 		{"tls", site("\twsgate wss://a:1 {\n\t\ttls {\n\t\t\tservername a " + mark + "\n\t\t}\n\t}"), `unrecognized tls subdirective "servername", did you mean "server_name"?`},
 		{"rate_limit", site("\twsgate ws://a:1 {\n\t\trate_limit {\n\t\t\tmessage 10/s " + mark + "\n\t\t}\n\t}"), `unrecognized rate_limit subdirective "message", did you mean "messages"?`},
 		{"jwt", site("\twsgate ws://a:1 {\n\t\tjwt {\n\t\t\tsecret " + testSecret + "\n\t\t\tleway 1s " + mark + "\n\t\t}\n\t}"), `unrecognized jwt subdirective "leway", did you mean "leeway"?`},

@@ -163,6 +163,10 @@ type Handler struct {
 	// messages starting with the prefix never reach the upstream.
 	UpstreamControl string `json:"upstream_control,omitempty"`
 
+	// Compression negotiates permessage-deflate (RFC 7692) with the clients
+	// that offer it, and offers it to the upstreams. Absent: none.
+	Compression *Compression `json:"compression,omitempty"`
+
 	// SendQueue bounds the fan-out messages waiting for one client (rooms
 	// or upstream_control). Default: 1024 (the bursts of ten rooms
 	// publishers at the default publish rate, arriving at once). Negative
@@ -330,6 +334,10 @@ func (h *Handler) proxyConfig() (proxy.Config, error) {
 		CloseTimeout:   time.Duration(h.CloseTimeout),
 		ParkAfter:      time.Duration(h.ParkAfter),
 	}
+	if z := h.Compression; z != nil {
+		cfg.Compression = &proxy.Compression{ContextTakeover: z.ContextTakeover, WindowBits: z.WindowBits,
+			MinSize: z.MinSize, NoUpstream: z.NoUpstream}
+	}
 	if err := h.proxyUpstreams(&cfg); err != nil {
 		return cfg, err
 	}
@@ -465,3 +473,26 @@ var (
 	_ caddyhttp.MiddlewareHandler = (*Handler)(nil)
 	_ caddyfile.Unmarshaler       = (*Handler)(nil)
 )
+
+// Compression configures permessage-deflate. Every compressed message
+// received is inflated whole, with max_message as the bound on what it
+// inflates to; every message the gateway compresses is compressed on its
+// own, so one compressed frame serves every subscriber of a publication.
+type Compression struct {
+	// ContextTakeover lets peers compress a message with the context of
+	// their earlier ones: better ratios on small messages, for a window of
+	// up to 2^window_bits bytes held per connection and compressing side.
+	// Default false: clients are asked for client_no_context_takeover and
+	// upstreams for server_no_context_takeover, and no connection holds a
+	// window.
+	ContextTakeover bool `json:"context_takeover,omitempty"`
+	// WindowBits (8 to 15) is the window clients that offer
+	// client_max_window_bits may compress with, and the one asked of the
+	// upstreams with context takeover. Default 15.
+	WindowBits int `json:"window_bits,omitempty"`
+	// MinSize is the smallest message the gateway compresses (bytes);
+	// smaller ones are sent plain. Default 128.
+	MinSize int `json:"min_size,omitempty"`
+	// NoUpstream: compression is not offered to the upstreams.
+	NoUpstream bool `json:"no_upstream,omitempty"`
+}

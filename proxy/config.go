@@ -151,6 +151,10 @@ type Config struct {
 	// negative: never.
 	ParkAfter time.Duration
 
+	// Compression, if set, negotiates permessage-deflate (RFC 7692) with
+	// the clients that offer it and offers it to the upstreams. nil: none.
+	Compression *Compression
+
 	// SendQueue bounds the frames queued for a client by fan-out. Default
 	// DefaultSendQueue (1024); negative is an error.
 	SendQueue int
@@ -222,6 +226,9 @@ func (c *Config) Prepare() error {
 	}
 	if c.DialTimeout == 0 {
 		c.DialTimeout = DefaultDialTimeout
+	}
+	if err := c.Compression.prepare(); err != nil {
+		return err
 	}
 	if c.Rand == nil {
 		c.Rand = rand.IntN

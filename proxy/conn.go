@@ -53,8 +53,11 @@ type peer struct {
 	side      side
 	polled    bool // pollFD is in pl's epoll set
 
+	z *deflate // permessage-deflate, when this side agreed to it
+
 	upIdx      uint16 // upstream side: the upstream dialled, in Config.Upstreams
 	fragmented bool   // a message is in progress
+	compressed bool   // ... and it is compressed
 	text       bool   // ... and it is text
 	dropping   bool   // ... and it is being dropped (rate limit)
 }

@@ -30,6 +30,17 @@ func (c *relay) relayFrames(src, dst *peer) error {
 			return err
 		}
 		src.rest = int64(hs) + h.Length
+		if h.Rsv != 0 {
+			// RSV1 marks the first frame of a compressed message, where
+			// permessage-deflate was agreed; nothing else may set a bit.
+			if src.z == nil || h.Rsv != rsv1 || h.OpCode.IsControl() || h.OpCode == ws.OpContinuation {
+				return &closeErr{code: ws.StatusProtocolError, reason: "unexpected RSV bits"}
+			}
+			h.Rsv = 0
+			src.compressed = true
+		} else if !h.OpCode.IsControl() && h.OpCode != ws.OpContinuation {
+			src.compressed = false
+		}
 		if err := ws.CheckHeader(h, src.state()); err != nil {
 			e := &closeErr{code: ws.StatusProtocolError, reason: err.Error()}
 			if h.OpCode == ws.OpClose {

@@ -31,13 +31,22 @@ func (c *relay) dataFrame(src, dst *peer, h ws.Header, hs int) error {
 		src.msgSize = 0
 		src.text = h.OpCode == ws.OpText
 		src.dropping = false
+		if src.z != nil {
+			src.z.drop = false
+		}
 		src.utf8.reset()
 		if src.side == clientSide {
 			c.msg = nil
 		}
 	}
 	src.fragmented = !h.Fin
-	if m := src.limits.MaxMessage; m > 0 && h.Length > m-src.msgSize {
+	m := src.limits.MaxMessage
+	if m > 0 && src.compressed {
+		// Compressed bytes: deflate may add a little to data that does
+		// not compress. The inflated size is checked as it is inflated.
+		m += m>>12 + 64
+	}
+	if m > 0 && h.Length > m-src.msgSize {
 		return tooBig()
 	}
 	src.msgSize += h.Length
@@ -52,7 +61,15 @@ func (c *relay) dataFrame(src, dst *peer, h ws.Header, hs int) error {
 		}
 	}
 	if drop {
-		return src.skipRest()
+		if !src.compressed || src.z.inBits == 0 {
+			return src.skipRest()
+		}
+		// The peer's next messages may refer back into this one: it is
+		// inflated all the same, then dropped.
+		src.z.drop = true
+	}
+	if src.compressed {
+		return c.compressedFrame(src, dst, h, hs)
 	}
 	inspect := c.inspect != nil && src.side == clientSide
 	if h.Length > maxWholeFrame {
@@ -93,7 +110,114 @@ func (c *relay) dataFrame(src, dst *peer, h ws.Header, hs int) error {
 			return err
 		}
 	}
+	if whole && dst.z.compresses(len(payload)) {
+		err := c.flush(src, dst)
+		if err == nil {
+			err = dst.w.deflated(h.OpCode, payload)
+		}
+		src.consume(hs + len(payload))
+		if err == nil {
+			src.sent.add(1, uint64(len(payload)))
+		}
+		return err
+	}
 	return c.forwardLoaded(src, dst, h, hs)
+}
+
+// compressedFrame handles a frame of a compressed message: the message is
+// inflated once its last frame is in, from the read buffer when it is one
+// frame that fits there, else from its frames' bytes collected.
+func (c *relay) compressedFrame(src, dst *peer, h ws.Header, hs int) error {
+	z := src.z
+	if h.Fin && h.OpCode != ws.OpContinuation && h.Length <= maxWholeFrame {
+		wire, err := c.load(src, h, hs)
+		if err != nil {
+			return err
+		}
+		err = c.inflated(src, dst, wire)
+		src.consume(hs + len(wire))
+		return err
+	}
+	rd := &src.rd
+	src.consume(hs)
+	var off int64
+	for src.rest > 0 {
+		chunk, err := rd.chunk(src.rest)
+		if err != nil {
+			return err
+		}
+		if h.Masked {
+			ws.Cipher(chunk, h.Mask, int(off))
+		}
+		z.wire = append(z.wire, chunk...)
+		src.consume(len(chunk))
+		off += int64(len(chunk))
+	}
+	if !h.Fin {
+		return nil
+	}
+	err := c.inflated(src, dst, z.wire)
+	z.wire = nil // an idle connection holds no message
+	return err
+}
+
+// inflated inflates a compressed message from src and passes it on.
+func (c *relay) inflated(src, dst *peer, wire []byte) error {
+	limit := src.limits.MaxMessage
+	if limit <= 0 {
+		limit = assembleCap
+	}
+	buf, pooled, err := src.z.inflate(wire, limit, src.text, &src.utf8)
+	if err != nil {
+		return err
+	}
+	if pooled {
+		defer putMessage(buf)
+	}
+	if src.z.drop {
+		return nil
+	}
+	return c.whole(src, dst, buf)
+}
+
+// whole passes on a whole message of src held in buf, after
+// ws.MaxHeaderSize bytes of headroom: the gateway's consumers see it (token
+// refresh, upstream control, inspection), then it is written to dst.
+func (c *relay) whole(src, dst *peer, buf []byte) error {
+	payload := buf[ws.MaxHeaderSize:]
+	switch {
+	case src.side == clientSide && c.refresh != nil && src.text && len(payload) <= maxRefreshMessage:
+		if consumed, err := c.tryRefresh(payload); err != nil || consumed {
+			return err
+		}
+	case src.side == upstreamSide && c.control != nil && src.text && len(payload) <= maxWholeFrame:
+		if c.control(payload) {
+			return nil
+		}
+	}
+	if c.inspect != nil && src.side == clientSide {
+		if pass, err := c.judge(src, payload); err != nil || !pass {
+			return err
+		}
+	}
+	return c.send(src, dst, buf)
+}
+
+// send writes a whole message of src, held in buf after headroom, to dst
+// as one frame, after src's frames waiting to be written.
+func (c *relay) send(src, dst *peer, buf []byte) error {
+	if err := c.flush(src, dst); err != nil {
+		return err
+	}
+	op := ws.OpBinary
+	if src.text {
+		op = ws.OpText
+	}
+	if err := dst.w.data(op, buf); err != nil {
+		return err
+	}
+	src.sent.add(1, uint64(len(buf)-ws.MaxHeaderSize))
+	return nil
 }
 
 // load reads the payload of a frame of at most maxWholeFrame bytes into
@@ -127,7 +251,7 @@ func (p *peer) unmask(h ws.Header, b []byte, off int, last bool) error {
 	if h.Masked {
 		ws.Cipher(b, h.Mask, off)
 	}
-	if p.text && (!p.utf8.feed(b) || (last && h.Fin && !p.utf8.done())) {
+	if p.text && !p.compressed && (!p.utf8.feed(b) || (last && h.Fin && !p.utf8.done())) {
 		return invalidUTF8()
 	}
 	return nil
@@ -297,18 +421,7 @@ func (c *relay) collect(src, dst *peer, fin bool, chunk []byte) error {
 	if err != nil || !pass {
 		return err
 	}
-	if err := c.flush(src, dst); err != nil {
-		return err
-	}
-	op := ws.OpBinary
-	if src.text {
-		op = ws.OpText
-	}
-	if err := dst.w.framed(op, msg); err != nil {
-		return err
-	}
-	src.sent.add(1, uint64(len(msg)-ws.MaxHeaderSize))
-	return nil
+	return c.send(src, dst, msg)
 }
 
 // fin is 1 for the last frame of a message, else 0.

@@ -52,7 +52,7 @@ func fuzzGateways(t *testing.T) {
 				}
 			}
 			if s, ok := fuzzEnv.sessions.Load(id); ok {
-				s.(Session).Enqueue(EncodeServerFrame(ws.OpText, []byte("between fragments")))
+				s.(Session).Enqueue(NewMessage(ws.OpText, []byte("between fragments")))
 			}
 		})
 		for v := range fuzzVariants {
@@ -132,7 +132,7 @@ func fanOut(s Session, ended <-chan struct{}) {
 			return
 		default:
 		}
-		s.Enqueue(EncodeServerFrame(ws.OpText, []byte("fan-out "+strconv.Itoa(i))))
+		s.Enqueue(NewMessage(ws.OpText, []byte("fan-out "+strconv.Itoa(i))))
 		runtime.Gosched()
 	}
 }

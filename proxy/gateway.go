@@ -200,7 +200,8 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, info Request
 		accept = info.AcceptProtocol
 	}
 	protocol := pickProtocol(r, func(p string) bool { return accept != "" && p == accept })
-	conn, rw, err := upgrade(w, r, protocol)
+	ext, z := g.cfg.Compression.accept(r)
+	conn, rw, err := upgrade(w, r, protocol, ext)
 	if err != nil {
 		up.conn.Close()
 		up.putReader()
@@ -215,6 +216,7 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, info Request
 	}
 	info.Meta.Upstream = u.name
 	c := newRelay(g, conn, up.conn, &info)
+	c.client.z, c.upstream.z = z, hs.z
 	c.upstream.upIdx = up.idx
 	if rw != nil && rw.Reader.Buffered() > 0 {
 		b, _ := rw.Reader.Peek(rw.Reader.Buffered())
@@ -256,7 +258,8 @@ func (g *Gateway) ServeSession(w http.ResponseWriter, r *http.Request, info Requ
 		WriteError(w, http.StatusInternalServerError, "no session handler", nil)
 		return NotConfigured
 	}
-	conn, rw, err := upgrade(w, r, subprotocol) // the client offered it (checked above)
+	ext, z := g.cfg.Compression.accept(r)
+	conn, rw, err := upgrade(w, r, subprotocol, ext) // the client offered it (checked above)
 	if err != nil {
 		if conn != nil {
 			conn.Close()
@@ -264,6 +267,7 @@ func (g *Gateway) ServeSession(w http.ResponseWriter, r *http.Request, info Requ
 		return BadHandshake
 	}
 	c := newRelay(g, conn, nil, &info)
+	c.client.z = z
 	if rw != nil && rw.Reader.Buffered() > 0 {
 		b, _ := rw.Reader.Peek(rw.Reader.Buffered())
 		c.client.rd.prime(b)
@@ -300,7 +304,10 @@ func (d *dialed) putReader() {
 	}
 }
 
-type handshake struct{ protocol string }
+type handshake struct {
+	protocol string
+	z        *deflate // the compression agreed with the upstream
+}
 
 // errUpstreamStatus is an upstream that answered the handshake with
 // something other than 101.
@@ -372,6 +379,7 @@ func (g *Gateway) dial(ctx context.Context, q *query) (*dialed, handshake, error
 			Timeout:       g.cfg.DialTimeout,
 			Protocols:     protocols,
 			Header:        ws.HandshakeHeaderHTTP(hdr),
+			Extensions:    g.cfg.Compression.offer(),
 			Host:          r.Host,
 			TLSConfig:     g.cfg.TLS,
 			OnStatusError: func(s int, _ []byte, _ io.Reader) { status = s },
@@ -384,6 +392,15 @@ func (g *Gateway) dial(ctx context.Context, q *query) (*dialed, handshake, error
 		if err != nil && status != 0 {
 			err = errUpstreamStatus(status)
 		}
+		var z *deflate
+		if err == nil {
+			if z, err = g.cfg.Compression.accepted(hs.Extensions); err != nil {
+				conn.Close()
+				if br != nil {
+					ws.PutReader(br)
+				}
+			}
+		}
 		if err != nil && ctx.Err() != nil {
 			// the client went away: that says nothing of the upstream
 			u.abandoned(tok)
@@ -391,7 +408,7 @@ func (g *Gateway) dial(ctx context.Context, q *query) (*dialed, handshake, error
 		}
 		u.dialed(g.cfg.Health.Now(), &g.cfg.Health, tok, err)
 		if err == nil {
-			return &dialed{conn: conn, br: br, idx: idx}, handshake{protocol: hs.Protocol}, nil
+			return &dialed{conn: conn, br: br, idx: idx}, handshake{protocol: hs.Protocol, z: z}, nil
 		}
 		if down := !u.usable(g.cfg.Health.Now(), &g.cfg.Health, g.probers[idx]); down {
 			g.log.Debug("upstream set aside", "upstream", u.name, "error", err.Error())

@@ -69,18 +69,21 @@ func CheckHandshake(r *http.Request) *HandshakeError {
 	return nil
 }
 
-// upgrade answers a checked handshake (CheckHandshake) with 101 and
-// protocol (none when empty), then takes the connection over. The 101 goes
+// upgrade answers a checked handshake (CheckHandshake) with 101, protocol
+// and extensions (none when empty), then takes the connection over. The 101 goes
 // through w, like any response, before the hijack: the layers around the
 // handler (an access log, metrics) record the status they see written, and
 // a response written into the hijacked socket would leave them none.
-func upgrade(w http.ResponseWriter, r *http.Request, protocol string) (net.Conn, *bufio.ReadWriter, error) {
+func upgrade(w http.ResponseWriter, r *http.Request, protocol, extensions string) (net.Conn, *bufio.ReadWriter, error) {
 	h := w.Header()
 	h["Upgrade"] = []string{"websocket"}
 	h["Connection"] = []string{"Upgrade"}
 	h["Sec-Websocket-Accept"] = []string{acceptKey(r.Header.Get("Sec-Websocket-Key"))}
 	if protocol != "" {
 		h["Sec-Websocket-Protocol"] = []string{protocol}
+	}
+	if extensions != "" {
+		h[extensionHeader] = []string{extensions}
 	}
 	w.WriteHeader(http.StatusSwitchingProtocols)
 	// The connection is taken from the innermost writer: a wrapper's

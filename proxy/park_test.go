@@ -342,7 +342,7 @@ func TestParkedSession(t *testing.T) {
 	c := onlyRelay(t, tg)
 	for i := range 3 {
 		waitParked(t, c)
-		if !s.Enqueue(EncodeServerFrame(ws.OpText, []byte("pushed"))) {
+		if !s.Enqueue(NewMessage(ws.OpText, []byte("pushed"))) {
 			t.Fatal("Enqueue refused")
 		}
 		if _, m, err := cl.Read(ctx); err != nil || string(m) != "pushed" {

@@ -35,7 +35,7 @@ func TestEnqueueUnderBackpressure(t *testing.T) {
 	go func() {
 		defer wg.Done()
 		for i := range n {
-			if !s.Enqueue(EncodeServerFrame(ws.OpBinary, sendFrame(i, size))) {
+			if !s.Enqueue(NewMessage(ws.OpBinary, sendFrame(i, size))) {
 				t.Errorf("Enqueue %d refused", i)
 				return
 			}
@@ -100,7 +100,7 @@ func TestEnqueueSlowConsumer(t *testing.T) {
 				SlowConsumer: policy, Stats: stats}, dropAll)
 			rc := dialRaw(t, tg.addr(), http.Header{"Sec-WebSocket-Protocol": {"test.v1"}})
 			s := <-sessions
-			frame := func(i int) []byte { return EncodeServerFrame(ws.OpBinary, sendFrame(i, 64<<10)) }
+			frame := func(i int) *Message { return NewMessage(ws.OpBinary, sendFrame(i, 64<<10)) }
 			queued := -1
 			for i := range 10000 {
 				if !s.Enqueue(frame(i)) {

@@ -8,13 +8,13 @@ import (
 
 // Session is what code outside the relay may do with a live connection.
 type Session interface {
-	// Enqueue queues an encoded server frame (shared, not modified) for the
-	// client without blocking. When the queue is full the client is a slow
+	// Enqueue queues a message (shared, not modified) for the client
+	// without blocking, compressed when the client agreed to compression. When the queue is full the client is a slow
 	// consumer: the connection is closed with 1013 (or, with SlowConsumer
 	// drop, the frame is dropped) and Enqueue returns false. A queued frame
 	// never lands inside a message the upstream is sending in fragments:
 	// it waits for the message's last fragment.
-	Enqueue(frame []byte) bool
+	Enqueue(m *Message) bool
 	// Close closes the connection with code and reason.
 	Close(code uint16, reason string)
 	// Extend moves the time the client's credentials expire (a refreshed
@@ -33,12 +33,12 @@ type Session interface {
 func (c *relay) Reply(msg []byte) error { return c.reply(msg) }
 
 // Enqueue implements Session.
-func (c *relay) Enqueue(frame []byte) bool {
+func (c *relay) Enqueue(m *Message) bool {
 	if c.closing.Load() {
 		return false
 	}
-	if c.client.w.enqueue(frame) {
-		c.fanout.add(1, uint64(len(frame)-frameHeaderSize(frame)))
+	if c.client.w.enqueue(m.frameFor(c.client.z)) {
+		c.fanout.add(1, uint64(len(m.Payload())))
 		return true
 	}
 	c.overflow()
@@ -48,7 +48,13 @@ func (c *relay) Enqueue(frame []byte) bool {
 // reply sends a message of the gateway's own to the client (a policy
 // reply, a rooms answer), in order with what is queued for it.
 func (c *relay) reply(msg []byte) error {
-	ok, err := c.client.w.message(EncodeServerFrame(ws.OpText, msg))
+	var frame []byte
+	if z := c.client.z; z.compresses(len(msg)) {
+		frame = compressedFrame(ws.Header{Fin: true, OpCode: ws.OpText}, msg, z.huffman)
+	} else {
+		frame = EncodeServerFrame(ws.OpText, msg)
+	}
+	ok, err := c.client.w.message(frame)
 	if !ok {
 		c.overflow()
 	}

@@ -253,12 +253,29 @@ func (w *writer) closeLocked(body []byte) (bool, error) {
 	return err == nil, err
 }
 
-// framed writes buf[MaxHeaderSize:] as one final frame of op, encoding
-// the header into the headroom in front of it (and masking the payload in
-// place toward an upstream).
-func (w *writer) framed(op ws.OpCode, buf []byte) error {
+// data writes buf[MaxHeaderSize:] as one message of op: compressed when
+// the peer agreed to compression and the message is large enough, else
+// plain (see framed).
+func (w *writer) data(op ws.OpCode, buf []byte) error {
+	if payload := buf[ws.MaxHeaderSize:]; w.p.z.compresses(len(payload)) {
+		return w.deflated(op, payload)
+	}
+	return w.framed(op, 0, buf)
+}
+
+// deflated writes payload compressed, as one message of op.
+func (w *writer) deflated(op ws.OpCode, payload []byte) error {
+	zb := readBufPool.Get().(*[]byte)
+	defer readBufPool.Put(zb)
+	return w.framed(op, rsv1, compress((*zb)[:ws.MaxHeaderSize], payload, w.p.z.huffman))
+}
+
+// framed writes buf[MaxHeaderSize:] as one final frame of op with the rsv
+// bits, encoding the header into the headroom in front of it (and masking
+// the payload in place toward an upstream).
+func (w *writer) framed(op ws.OpCode, rsv byte, buf []byte) error {
 	payload := buf[ws.MaxHeaderSize:]
-	h := ws.Header{Fin: true, OpCode: op, Length: int64(len(payload)), Masked: w.p.side == upstreamSide}
+	h := ws.Header{Fin: true, OpCode: op, Rsv: rsv, Length: int64(len(payload)), Masked: w.p.side == upstreamSide}
 	if h.Masked {
 		h.Mask = newMask()
 		ws.Cipher(payload, h.Mask, 0)

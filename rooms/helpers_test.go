@@ -30,13 +30,13 @@ type closeCall struct {
 	reason string
 }
 
-func (s *fakeSession) Enqueue(frame []byte) bool {
+func (s *fakeSession) Enqueue(m *proxy.Message) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.refuse {
 		return false
 	}
-	s.frames = append(s.frames, frame)
+	s.frames = append(s.frames, m.Frame())
 	return true
 }
 

@@ -52,7 +52,7 @@ type Publication struct {
 	Epoch  string
 	Offset uint64
 	kind   pubKind
-	frames [2]atomic.Pointer[[]byte]
+	frames [2]atomic.Pointer[proxy.Message]
 }
 
 // position is where p stands in its channel's history.
@@ -60,11 +60,11 @@ func (p *Publication) position() broker.Position {
 	return broker.Position{Epoch: p.Epoch, Offset: p.Offset}
 }
 
-// Frame returns the encoded server frame for f, or nil when subscribers
-// in that format get nothing (events are wsgate.v1 messages).
-func (p *Publication) Frame(f Format) []byte {
-	if b := p.frames[f].Load(); b != nil {
-		return *b
+// Frame returns the message for subscribers in format f, or nil when they
+// get nothing (events are wsgate.v1 messages).
+func (p *Publication) Frame(f Format) *proxy.Message {
+	if m := p.frames[f].Load(); m != nil {
+		return m
 	}
 	if f == FormatRaw && p.kind != kindMessage {
 		return nil
@@ -108,9 +108,11 @@ func (p *Publication) Frame(f Format) []byte {
 			payload = append(payload, '}')
 		}
 	}
-	b := proxy.EncodeServerFrame(ws.OpText, payload)
-	p.frames[f].Store(&b)
-	return b
+	m := proxy.NewMessage(ws.OpText, payload)
+	if !p.frames[f].CompareAndSwap(nil, m) {
+		m = p.frames[f].Load() // another subscriber's, encoded meanwhile: every one gets the same
+	}
+	return m
 }
 
 // Subscriber receives publications. Deliver must not block.

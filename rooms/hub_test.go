@@ -14,6 +14,7 @@ import (
 	"unicode/utf8"
 
 	"github.com/wsgate/wsgate/broker"
+	"github.com/wsgate/wsgate/proxy"
 	"github.com/wsgate/wsgate/rooms"
 )
 
@@ -181,7 +182,7 @@ func TestPublicationFrame(t *testing.T) {
 			t.Run(fmt.Sprintf("%d bytes on %s", size, ch), func(t *testing.T) {
 				p := &rooms.Publication{Channel: ch, Data: data}
 
-				op, raw := decodeFrame(t, p.Frame(rooms.FormatRaw))
+				op, raw := decodeFrame(t, p.Frame(rooms.FormatRaw).Frame())
 				if op != opText {
 					t.Errorf("raw frame opcode %d, want text", op)
 				}
@@ -189,7 +190,7 @@ func TestPublicationFrame(t *testing.T) {
 					t.Errorf("raw payload differs from the data (%d vs %d bytes)", len(raw), len(data))
 				}
 
-				op, payload := decodeFrame(t, p.Frame(rooms.FormatProtocol))
+				op, payload := decodeFrame(t, p.Frame(rooms.FormatProtocol).Frame())
 				if op != opText {
 					t.Errorf("protocol frame opcode %d, want text", op)
 				}
@@ -250,11 +251,11 @@ func TestPublicationFrameEncodedOnce(t *testing.T) {
 		if allocs := testing.AllocsPerRun(100, func() { p.Frame(f) }); allocs != 0 {
 			t.Errorf("format %d: Frame allocates %.0f times once encoded", f, allocs)
 		}
-		if b := p.Frame(f); &a[0] != &b[0] {
+		if b := p.Frame(f); a != b {
 			t.Errorf("format %d: a second Frame encoded again", f)
 		}
 	}
-	if &p.Frame(rooms.FormatRaw)[0] == &p.Frame(rooms.FormatProtocol)[0] {
+	if &p.Frame(rooms.FormatRaw).Frame()[0] == &p.Frame(rooms.FormatProtocol).Frame()[0] {
 		t.Error("the two formats share one buffer")
 	}
 
@@ -262,14 +263,14 @@ func TestPublicationFrameEncodedOnce(t *testing.T) {
 	// every caller gets the same bytes.
 	q := &rooms.Publication{Channel: "c", Data: []byte(`"x"`)}
 	var wg sync.WaitGroup
-	frames := make([][]byte, 16)
+	frames := make([]*proxy.Message, 16)
 	for i := range frames {
 		wg.Go(func() { frames[i] = q.Frame(rooms.Format(i % 2)) })
 	}
 	wg.Wait()
 	for i, f := range frames {
-		if !bytes.Equal(f, q.Frame(rooms.Format(i%2))) {
-			t.Fatalf("goroutine %d got different bytes", i)
+		if f != q.Frame(rooms.Format(i%2)) {
+			t.Fatalf("goroutine %d got another message", i)
 		}
 	}
 }
