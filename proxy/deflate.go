@@ -442,7 +442,9 @@ func (m *Message) frameFor(d *deflate) []byte {
 		return *b
 	}
 	b := compressedFrame(ws.Header{Fin: true, OpCode: ws.OpCode(m.frame[0] & 0x0f)}, payload, d.huffman)
-	m.z[k].Store(&b)
+	if !m.z[k].CompareAndSwap(nil, &b) {
+		return *m.z[k].Load() // made meanwhile for another client: every one gets the same
+	}
 	return b
 }
 
