@@ -313,6 +313,9 @@ func (h *Handler) ineffective() []warning {
 		add(h.MaxMessageUpstream != 0, "max_message_upstream", rooms)
 		add(h.RefreshField != "", "refresh_field", "has no effect in rooms mode (clients refresh with the protocol's refresh op)")
 		add(h.RateLimitUpstream != nil, "rate_limit upstream", rooms)
+		if h.Compression != nil && h.Compression.NoUpstream {
+			ws = append(ws, warning{"compression", "compression upstream off " + rooms})
+		}
 	}
 	ws = append(ws, h.upstreamIneffective()...)
 	if h.Rooms == nil {
@@ -444,8 +447,12 @@ func parseCompression(d *caddyfile.Dispenser) (*Compression, error) {
 		if d.Val() != "off" || d.NextArg() {
 			return nil, d.Errf("compression takes no argument but off, not %q", d.Val())
 		}
-		if d.NextBlock(d.Nesting()) {
-			return nil, d.Err("compression off takes no block")
+		// The error names the line of off: NextBlock moves past an
+		// empty block ({ then } on the next line) and returns false, so
+		// a block is told by d no longer being at off.
+		noBlock := d.Err("compression off takes no block")
+		if d.NextBlock(d.Nesting()) || d.Val() != "off" {
+			return nil, noBlock
 		}
 		return nil, nil
 	}

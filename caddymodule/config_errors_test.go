@@ -122,6 +122,23 @@ func TestCaddyfileErrorsNameTheLine(t *testing.T) {
 		{"channel and action fields differing in case only", site("\twsgate ws://a:1 {\n\t\tchannels {\n\t\t\tallow * **\n\t\t}\n\t\trelay_channels {\n\t\t\tchannel_field room\n\t\t\taction_field Room " + mark + "\n\t\t}\n\t}"), "differ only in letter case"},
 		{"a word mapped to two actions", site("\twsgate ws://a:1 {\n\t\tchannels {\n\t\t\tallow * **\n\t\t}\n\t\trelay_channels {\n\t\t\tchannel_field ch\n\t\t\taction subscribe join\n\t\t\taction publish join say " + mark + "\n\t\t}\n\t}"), `word "join" maps to both publish and subscribe`},
 
+		// compression
+		{"window_bits too large", site("\twsgate ws://a:1 {\n\t\tcompression {\n\t\t\tcontext_takeover\n\t\t\twindow_bits 16 " + mark + "\n\t\t}\n\t}"), "window_bits must be 8 to 15, not 16"},
+		{"window_bits too small", site("\twsgate ws://a:1 {\n\t\tcompression {\n\t\t\twindow_bits 7 " + mark + "\n\t\t}\n\t}"), "window_bits must be 8 to 15, not 7"},
+		{"window_bits not a number", site("\twsgate ws://a:1 {\n\t\tcompression {\n\t\t\twindow_bits 32KiB " + mark + "\n\t\t}\n\t}"), `window_bits must be a positive number, not "32KiB"`},
+		{"window_bits without a value", site("\twsgate ws://a:1 {\n\t\tcompression {\n\t\t\twindow_bits " + mark + "\n\t\t}\n\t}"), "wrong argument count"},
+		{"min_size zero", site("\twsgate ws://a:1 {\n\t\tcompression {\n\t\t\tmin_size 0 " + mark + "\n\t\t}\n\t}"), `bad size "0"`},
+		{"min_size too large", site("\twsgate ws://a:1 {\n\t\tcompression {\n\t\t\tmin_size 4GiB " + mark + "\n\t\t}\n\t}"), "min_size 4294967296 is too large"},
+		{"context_takeover with an argument", site("\twsgate ws://a:1 {\n\t\tcompression {\n\t\t\tcontext_takeover on " + mark + "\n\t\t}\n\t}"), "wrong argument count"},
+		{"compression upstream on", site("\twsgate ws://a:1 {\n\t\tcompression {\n\t\t\tupstream on " + mark + "\n\t\t}\n\t}"), `compression upstream takes off, not "on"`},
+		{"compression subdirective twice", site("\twsgate ws://a:1 {\n\t\tcompression {\n\t\t\tmin_size 256\n\t\t\tcontext_takeover\n\t\t\tmin_size 512 " + mark + "\n\t\t}\n\t}"), `duplicate compression subdirective "min_size"`},
+		{"compression twice", site("\twsgate ws://a:1 {\n\t\tcompression\n\t\tmax_message 1MiB\n\t\tcompression off " + mark + "\n\t}"), `duplicate subdirective "compression"`},
+		{"compression on", site("\twsgate ws://a:1 {\n\t\tcompression on " + mark + "\n\t}"), `compression takes no argument but off, not "on"`},
+		{"compression off with another argument", site("\twsgate ws://a:1 {\n\t\tcompression off upstream " + mark + "\n\t}"), `compression takes no argument but off, not "upstream"`},
+		{"compression off with an empty block on its line", site("\twsgate ws://a:1 {\n\t\tcompression off { } " + mark + "\n\t}"), "Unexpected next token after '{' on same line"},
+		{"compression off with an empty block over two lines", site("\twsgate ws://a:1 {\n\t\tcompression off { " + mark + "\n\t\t}\n\t}"), "compression off takes no block"},
+		{"compression off with a block", site("\twsgate ws://a:1 {\n\t\tcompression off { " + mark + "\n\t\t\tmin_size 256\n\t\t}\n\t}"), "compression off takes no block"},
+
 		// wsgate_publish
 		{"short publish key", site("\twsgate_publish {\n\t\tkey 0123456789abcdef\n\t\tkey short " + mark + "\n\t}"), "a key needs at least 16 characters"},
 		{"short publish jwt secret", site("\twsgate_publish {\n\t\tjwt {\n\t\t\tsecret too-short " + mark + "\n\t\t}\n\t}"), "an HMAC secret needs at least 32 bytes"},
@@ -186,6 +203,10 @@ func TestCaddyfileTypoSuggestions(t *testing.T) {
 		{"limit_connections", site("\twsgate ws://a:1 {\n\t\tlimit_connections {\n\t\t\tper-ip 5 " + mark + "\n\t\t}\n\t}"), `did you mean "per_ip"?`},
 		{"relay_channels", site("\twsgate ws://a:1 {\n\t\tchannels {\n\t\t\tallow * **\n\t\t}\n\t\trelay_channels {\n\t\t\tchanel_field ch " + mark + "\n\t\t}\n\t}"), `unrecognized relay_channels subdirective "chanel_field", did you mean "channel_field"?`},
 		{"channel rule", site("\twsgate ws://a:1 {\n\t\tchannels {\n\t\t\talow * ** " + mark + "\n\t\t}\n\t}"), `did you mean "allow"?`},
+		{"compression", site("\twsgate ws://a:1 {\n\t\tcompression {\n\t\t\twindow_bit 10 " + mark + "\n\t\t}\n\t}"), `unrecognized compression subdirective "window_bit", did you mean "window_bits"?`},
+		{"compression, a swapped letter", site("\twsgate ws://a:1 {\n\t\tcompression {\n\t\t\tcontext_takeovre " + mark + "\n\t\t}\n\t}"), `unrecognized compression subdirective "context_takeovre", did you mean "context_takeover"?`},
+		{"compression, nothing close", site("\twsgate ws://a:1 {\n\t\tcompression {\n\t\t\tlevel 9 " + mark + "\n\t\t}\n\t}"), `unrecognized compression subdirective "level", at`},
+		{"compression misspelt", site("\twsgate ws://a:1 {\n\t\tcompresion off " + mark + "\n\t}"), `unrecognized subdirective "compresion", did you mean "compression"?`},
 		{"rooms", site("\twsgate {\n\t\trooms {\n\t\t\tmax_subscription 5 " + mark + "\n\t\t}\n\t}"), `unrecognized rooms subdirective "max_subscription", did you mean "max_subscriptions"?`},
 		{"wsgate_publish", site("\twsgate_publish {\n\t\tkey 0123456789abcdef\n\t\tmax_bach 5 " + mark + "\n\t}"), `unrecognized subdirective "max_bach", did you mean "max_batch"?`},
 		{"global option", global("\twsgate {\n\t\tbrokr memory " + mark + "\n\t}"), `unrecognized wsgate option "brokr", did you mean "broker"?`},
@@ -214,6 +235,7 @@ func TestSuggestionListsMatchParsers(t *testing.T) {
 		{"wsgate", handlerSubdirectives, func(n string) string { return optionInput(n) }},
 		{"tls", tlsSubdirectives, tlsInput},
 		{"rate_limit", rateLimitSubdirectives, rateInput},
+		{"compression", compressionSubdirectives, func(n string) string { return wsgateBlock("compression {", "\t"+n, "}") }},
 		{"rooms", roomsSubdirectives, func(n string) string { return "wsgate {\n\trooms {\n\t\t" + n + "\n\t}\n}" }},
 		{"jwt", jwtSubdirectives, func(n string) string { return wsgateBlock("jwt {", "\t"+n, "}") }},
 		{"issuer", issuerSubdirectives, func(n string) string { return wsgateBlock("jwt {", "\tissuer a {", "\t\t"+n, "\t}", "}") }},
@@ -294,6 +316,9 @@ func TestCaddyfileWarnings(t *testing.T) {
 		{"lb_policy cookie with a secret", site("\twsgate ws://a:1 ws://b:2 {\n\t\tlb_policy cookie sticky {env.LB_SECRET}\n\t}"), ""},
 		{"lb_policy in rooms mode", site("\twsgate {\n\t\trooms\n\t\tlb_policy least_conn " + mark + "\n\t}"), "lb_policy has no effect in rooms mode"},
 		{"health checks in rooms mode", site("\twsgate {\n\t\trooms\n\t\thealth_interval 1s " + mark + "\n\t\thealth_uri /h\n\t}"), "active health checking has no effect in rooms mode"},
+		{"compression upstream off in rooms mode", site("\twsgate {\n\t\trooms\n\t\tcompression { " + mark + "\n\t\t\tupstream off\n\t\t}\n\t}"), "compression upstream off has no effect in rooms mode"},
+		{"compression in rooms mode", site("\twsgate {\n\t\trooms\n\t\tcompression {\n\t\t\tcontext_takeover\n\t\t}\n\t}"), ""},
+		{"compression upstream off in relay mode", site("\twsgate ws://a:1 {\n\t\tcompression {\n\t\t\tupstream off\n\t\t}\n\t}"), ""},
 		{"send_queue with upstream_control", site("\twsgate ws://a:1 {\n\t\tupstream_control x:\n\t\tsend_queue 10\n\t}"), ""},
 	}
 	for _, tt := range tests {
@@ -359,6 +384,8 @@ func TestProvisionRefusesJSON(t *testing.T) {
 		{"active checks without a probe", `{"upstreams":["ws://a:1"],"health_checks":{"active":{"interval":1000000000}}}`, "need health_uri or health_websocket"},
 		{"passive checks without fail_duration", `{"upstreams":["ws://a:1"],"health_checks":{"passive":{"max_fails":2}}}`, "need fail_duration"},
 		{"unhealthy close code out of range", `{"upstreams":["ws://a:1"],"health_checks":{"passive":{"fail_duration":1000000000,"unhealthy_close":[70000]}}}`, "want 1000-4999"},
+		{"compression window bits out of range", `{"upstreams":["ws://a:1"],"compression":{"window_bits":16}}`, "compression window bits 16: want 8 to 15"},
+		{"negative compression min size", `{"upstreams":["ws://a:1"],"compression":{"min_size":-1}}`, "compression min size -1: want at least 0"},
 		{"negative drain_timeout", `{"upstreams":["ws://a:1"],"drain_timeout":-1}`, "drain_timeout must not be negative"},
 	}
 	for _, tt := range tests {

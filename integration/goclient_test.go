@@ -24,7 +24,8 @@ import (
 
 // tcpProxy forwards TCP connections to target. It records when it accepted
 // each, and can freeze the connections it holds: they stay open and
-// forward nothing, as a dead network path does.
+// forward nothing, as a dead network path does. Tapped (tap), it keeps
+// the bytes it forwards.
 type tcpProxy struct {
 	ln     net.Listener
 	target string
@@ -34,11 +35,19 @@ type tcpProxy struct {
 	mu      sync.Mutex
 	accepts []time.Time
 	pairs   []*proxyPair
+	tapped  *proxyTap
 }
 
 type proxyPair struct {
 	a, b net.Conn
 	gate atomic.Pointer[chan struct{}] // non-nil: frozen until closed
+	tap  *proxyTap
+}
+
+// proxyTap holds the bytes a tapped proxy forwarded, each way, of all its
+// connections.
+type proxyTap struct {
+	toTarget, fromTarget syncBuffer
 }
 
 func startProxy(t testing.TB, target string) *tcpProxy {
@@ -72,6 +81,7 @@ func (p *tcpProxy) acceptLoop() {
 			}
 			pair := &proxyPair{a: a, b: b}
 			p.mu.Lock()
+			pair.tap = p.tapped
 			p.pairs = append(p.pairs, pair)
 			p.mu.Unlock()
 			p.wg.Add(1)
@@ -94,6 +104,13 @@ func (p *tcpProxy) pump(pair *proxyPair, from, to net.Conn) {
 					return
 				}
 			}
+			if t := pair.tap; t != nil {
+				if from == pair.a {
+					t.toTarget.Write(buf[:n])
+				} else {
+					t.fromTarget.Write(buf[:n])
+				}
+			}
 			if _, werr := to.Write(buf[:n]); werr != nil {
 				return
 			}
@@ -112,6 +129,16 @@ func (p *tcpProxy) freeze() {
 		g := make(chan struct{})
 		pair.gate.Store(&g)
 	}
+}
+
+// tap keeps the bytes of the connections accepted from now on.
+func (p *tcpProxy) tap() *proxyTap {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.tapped == nil {
+		p.tapped = new(proxyTap)
+	}
+	return p.tapped
 }
 
 // acceptTimes is when each connection was accepted.

@@ -37,11 +37,28 @@ type upstream struct {
 	closes   chan websocket.CloseError
 	received chan []byte
 	conns    sync.WaitGroup
+	// compression: what the app accepts of a permessage-deflate offer
+	// (zero: none), and the smallest message it compresses
+	compression       websocket.CompressionMode
+	compressThreshold int
 }
 
 func startUpstream(t testing.TB, protos ...string) *upstream {
 	t.Helper()
-	u := &upstream{protos: protos, closes: make(chan websocket.CloseError, 1024), received: make(chan []byte, 4096)}
+	return serveUpstream(t, &upstream{protos: protos})
+}
+
+// startCompressingUpstream is startUpstream with an app that accepts a
+// permessage-deflate offer in mode and compresses the messages it sends
+// of at least threshold bytes.
+func startCompressingUpstream(t testing.TB, mode websocket.CompressionMode, threshold int) *upstream {
+	t.Helper()
+	return serveUpstream(t, &upstream{compression: mode, compressThreshold: threshold})
+}
+
+func serveUpstream(t testing.TB, u *upstream) *upstream {
+	t.Helper()
+	u.closes, u.received = make(chan websocket.CloseError, 1024), make(chan []byte, 4096)
 	ln := listen(t)
 	u.URL = "ws://" + ln.Addr().String()
 	u.srv = &http.Server{Handler: http.HandlerFunc(u.serve)}
@@ -82,9 +99,10 @@ func (u *upstream) serve(w http.ResponseWriter, r *http.Request) {
 	u.headers = append(u.headers, h)
 	u.mu.Unlock()
 	c, err := websocket.Accept(w, r, &websocket.AcceptOptions{
-		Subprotocols:       u.protos,
-		InsecureSkipVerify: true,
-		CompressionMode:    websocket.CompressionDisabled,
+		Subprotocols:         u.protos,
+		InsecureSkipVerify:   true,
+		CompressionMode:      u.compression,
+		CompressionThreshold: u.compressThreshold,
 	})
 	if err != nil {
 		return

@@ -6,7 +6,6 @@ import (
 	"crypto/sha1"
 	"encoding/base64"
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -445,12 +444,19 @@ func (u *rawUpstream) serve(c net.Conn) {
 
 // readClientFrame reads one masked frame and unmasks its payload.
 func readClientFrame(br *bufio.Reader) (byte, []byte, error) {
+	head, p, err := readFrame(br, true)
+	return head & 0x0f, p, err
+}
+
+// readFrame reads one frame, masked (a client's) or not, and returns its
+// first byte (FIN, RSV bits, opcode) and its payload, unmasked.
+func readFrame(br *bufio.Reader, masked bool) (byte, []byte, error) {
 	var h [2]byte
 	if _, err := io.ReadFull(br, h[:]); err != nil {
 		return 0, nil, err
 	}
-	if h[1]&0x80 == 0 {
-		return 0, nil, errors.New("client frame is not masked")
+	if (h[1]&0x80 != 0) != masked {
+		return 0, nil, fmt.Errorf("frame masked: %v, want %v", h[1]&0x80 != 0, masked)
 	}
 	n := uint64(h[1] & 0x7f)
 	switch n {
@@ -471,17 +477,21 @@ func readClientFrame(br *bufio.Reader) (byte, []byte, error) {
 		return 0, nil, fmt.Errorf("frame of %d bytes", n)
 	}
 	var mask [4]byte
-	if _, err := io.ReadFull(br, mask[:]); err != nil {
-		return 0, nil, err
+	if masked {
+		if _, err := io.ReadFull(br, mask[:]); err != nil {
+			return 0, nil, err
+		}
 	}
 	p := make([]byte, n)
 	if _, err := io.ReadFull(br, p); err != nil {
 		return 0, nil, err
 	}
-	for i := range p {
-		p[i] ^= mask[i%4]
+	if masked {
+		for i := range p {
+			p[i] ^= mask[i%4]
+		}
 	}
-	return h[0] & 0x0f, p, nil
+	return h[0], p, nil
 }
 
 // serverFrame encodes one unmasked, final frame.
