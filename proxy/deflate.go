@@ -162,10 +162,14 @@ func (z *Compression) offer() []httphead.Option {
 		return nil
 	}
 	p := wsflate.Parameters{ClientNoContextTakeover: true, ServerNoContextTakeover: !z.ContextTakeover}
-	if z.ContextTakeover && z.WindowBits < 15 {
-		p.ServerMaxWindowBits = wsflate.WindowBits(z.WindowBits)
+	if !z.ContextTakeover || z.WindowBits == 15 {
+		return []httphead.Option{p.Option()}
 	}
-	return []httphead.Option{p.Option()}
+	// A smaller window first; upstreams that cannot honour it take the
+	// second offer, without it.
+	small := p
+	small.ServerMaxWindowBits = wsflate.WindowBits(z.WindowBits)
+	return []httphead.Option{small.Option(), p.Option()}
 }
 
 // accepted reads an upstream's answer to the offer: the peer's state, nil
@@ -442,6 +446,9 @@ func (m *Message) frameFor(d *deflate) []byte {
 		return *b
 	}
 	b := compressedFrame(ws.Header{Fin: true, OpCode: ws.OpCode(m.frame[0] & 0x0f)}, payload, d.huffman)
+	if b == nil {
+		b = m.frame // it does not shrink
+	}
 	if !m.z[k].CompareAndSwap(nil, &b) {
 		return *m.z[k].Load() // made meanwhile for another client: every one gets the same
 	}
@@ -452,9 +459,12 @@ func (m *Message) frameFor(d *deflate) []byte {
 const rsv1 = 0x4
 
 // compressedFrame encodes payload, compressed, as one frame with header h
-// (unmasked).
+// (unmasked); nil when compressing does not make it smaller.
 func compressedFrame(h ws.Header, payload []byte, huffman bool) []byte {
 	b := compress(make([]byte, ws.MaxHeaderSize, ws.MaxHeaderSize+len(payload)/2+64), payload, huffman)
+	if len(b)-ws.MaxHeaderSize >= len(payload) {
+		return nil
+	}
 	h.Rsv = rsv1
 	h.Length = int64(len(b) - ws.MaxHeaderSize)
 	hs := headerSize(h)

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"compress/flate"
 	"context"
+	"crypto/rand"
 	"fmt"
 	"io"
 	"net/http"
@@ -12,6 +13,7 @@ import (
 	"testing"
 
 	"github.com/coder/websocket"
+	"github.com/gobwas/httphead"
 )
 
 // The peers in these tests compress and inflate with compress/flate and
@@ -113,6 +115,28 @@ func TestCompressionNegotiation(t *testing.T) {
 	if got, _ := (*Compression)(nil).accept(&http.Request{Header: deflateOffer}); got != "" {
 		t.Errorf("no compression configured: response %q", got)
 	}
+	offers := func(z *Compression) string {
+		if err := z.prepare(); err != nil {
+			t.Fatal(err)
+		}
+		var b bytes.Buffer
+		httphead.WriteOptions(&b, z.offer()) // as the dialer writes them
+		return b.String()
+	}
+	for _, c := range []struct {
+		z    Compression
+		want string
+	}{
+		{Compression{}, "permessage-deflate;server_no_context_takeover;client_no_context_takeover"},
+		{Compression{ContextTakeover: true}, "permessage-deflate;client_no_context_takeover"},
+		{Compression{ContextTakeover: true, WindowBits: 10},
+			"permessage-deflate;client_no_context_takeover;server_max_window_bits=10,permessage-deflate;client_no_context_takeover"},
+		{Compression{NoUpstream: true}, ""},
+	} {
+		if got := offers(&c.z); got != c.want {
+			t.Errorf("%+v: offer %q, want %q", c.z, got, c.want)
+		}
+	}
 	for _, bits := range []int{7, 16} {
 		if err := (&Compression{WindowBits: bits}).prepare(); err == nil {
 			t.Errorf("window bits %d accepted", bits)
@@ -212,6 +236,16 @@ func TestCompressionOnTheWire(t *testing.T) {
 	}
 	if f := rc.readData(); f.rsv != 0 || !bytes.Equal(f.payload, small) {
 		t.Fatalf("small echo: rsv %d, %q", f.rsv, f.payload)
+	}
+	// A message that compression would not shrink goes plain.
+	random := make([]byte, 2048)
+	rand.Read(random)
+	rc.write(mf(0x80|0x40|opBinary, deflateMessage(t, random)))
+	if got := uc.nextMsg(t); !bytes.Equal(got.data, random) {
+		t.Fatal("random bytes: upstream got others")
+	}
+	if f := rc.readData(); f.rsv != 0 || !bytes.Equal(f.payload, random) {
+		t.Fatalf("random bytes echoed with rsv %d, %d bytes", f.rsv, len(f.payload))
 	}
 	// A compressed message in three fragments (RSV1 on the first only).
 	z := deflateMessage(t, msg)

@@ -115,15 +115,17 @@ func (c *relay) dataFrame(src, dst *peer, h ws.Header, hs int) error {
 		}
 	}
 	if whole && dst.z.compresses(len(payload)) {
-		err := c.flush(src, dst)
-		if err == nil {
-			err = dst.w.deflated(h.OpCode, payload)
+		if err := c.flush(src, dst); err != nil {
+			return err
 		}
-		src.consume(hs + len(payload))
-		if err == nil {
-			src.sent.add(1, uint64(len(payload)))
+		sent, err := dst.w.deflated(h.OpCode, payload)
+		if sent || err != nil {
+			src.consume(hs + len(payload))
+			if err == nil {
+				src.sent.add(1, uint64(len(payload)))
+			}
+			return err
 		}
-		return err
 	}
 	return c.forwardLoaded(src, dst, h, hs)
 }

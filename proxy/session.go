@@ -51,7 +51,8 @@ func (c *relay) reply(msg []byte) error {
 	var frame []byte
 	if z := c.client.z; z.compresses(len(msg)) {
 		frame = compressedFrame(ws.Header{Fin: true, OpCode: ws.OpText}, msg, z.huffman)
-	} else {
+	}
+	if frame == nil {
 		frame = EncodeServerFrame(ws.OpText, msg)
 	}
 	ok, err := c.client.w.message(frame)

@@ -254,20 +254,28 @@ func (w *writer) closeLocked(body []byte) (bool, error) {
 }
 
 // data writes buf[MaxHeaderSize:] as one message of op: compressed when
-// the peer agreed to compression and the message is large enough, else
-// plain (see framed).
+// the peer agreed to compression and the message is large enough and
+// shrinks, else plain (see framed).
 func (w *writer) data(op ws.OpCode, buf []byte) error {
 	if payload := buf[ws.MaxHeaderSize:]; w.p.z.compresses(len(payload)) {
-		return w.deflated(op, payload)
+		if sent, err := w.deflated(op, payload); sent || err != nil {
+			return err
+		}
 	}
 	return w.framed(op, 0, buf)
 }
 
-// deflated writes payload compressed, as one message of op.
-func (w *writer) deflated(op ws.OpCode, payload []byte) error {
+// deflated writes payload compressed, as one message of op, unless
+// compressing does not make it smaller; it reports whether it wrote.
+// payload is left as it was.
+func (w *writer) deflated(op ws.OpCode, payload []byte) (bool, error) {
 	zb := readBufPool.Get().(*[]byte)
 	defer readBufPool.Put(zb)
-	return w.framed(op, rsv1, compress((*zb)[:ws.MaxHeaderSize], payload, w.p.z.huffman))
+	b := compress((*zb)[:ws.MaxHeaderSize], payload, w.p.z.huffman)
+	if len(b)-ws.MaxHeaderSize >= len(payload) {
+		return false, nil
+	}
+	return true, w.framed(op, rsv1, b)
 }
 
 // framed writes buf[MaxHeaderSize:] as one final frame of op with the rsv
