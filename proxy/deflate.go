@@ -305,8 +305,8 @@ const inflateChunk = 64 << 10
 // when it takes it over, into a buffer with ws.MaxHeaderSize bytes of
 // headroom (for the frame it is forwarded in). The message may inflate to
 // at most limit bytes (limit > 0): past it, inflating stops and the result
-// is 1009. Text is checked as UTF-8 as it is inflated. The buffer is
-// pooled when release is true: the caller hands it back with putMessage.
+// is 1009. Text is checked as UTF-8 as it is inflated. When pooled, the
+// caller hands the buffer back with putMessage once the message is written.
 func (d *deflate) inflate(wire []byte, limit int64, text bool, u *utf8State) (buf []byte, pooled bool, err error) {
 	f := inflaters.Get().(*inflater)
 	defer inflaters.Put(f)
