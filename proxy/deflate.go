@@ -247,6 +247,10 @@ var (
 	inflateTail = []byte{0, 0, 0xff, 0xff, 1, 0, 0, 0xff, 0xff}
 )
 
+// inflateErr is a new closeErr for data that does not inflate: asCloseErr
+// fills in its side, which a shared one would keep for every later error.
+func inflateErr() *closeErr { e := *errInflate; return &e }
+
 // inflateSource feeds a compressed message, then inflateTail, to an
 // inflater; it is an io.ByteReader, so the inflater reads no further.
 type inflateSource struct {
@@ -312,7 +316,7 @@ func (d *deflate) inflate(wire []byte, limit int64, text bool, u *utf8State) (bu
 		dict = d.window
 	}
 	if err := f.r.(flate.Resetter).Reset(&f.src, dict); err != nil {
-		return nil, false, errInflate
+		return nil, false, inflateErr()
 	}
 	// Inflate into pooled chunks; the first has the headroom. A message
 	// that fits the first is returned in it.
@@ -355,7 +359,7 @@ func (d *deflate) inflate(wire []byte, limit int64, text bool, u *utf8State) (bu
 				return buf, pooled, nil
 			}
 			if rerr != nil {
-				return nil, false, errInflate
+				return nil, false, inflateErr()
 			}
 		}
 	}
