@@ -87,3 +87,32 @@ func TestInflateErrorBlamesItsSide(t *testing.T) {
 	fromUpstream()
 	fromClient()
 }
+
+// TestCompressedMessageBoundWithoutMaxMessage: with max_message unlimited,
+// a compressed message still may not grow past what it could inflate to
+// (assembleCap): its frames are collected before it is inflated, and
+// without a bound a peer could make the gateway hold any amount of them.
+func TestCompressedMessageBoundWithoutMaxMessage(t *testing.T) {
+	up := startUpstream(t, nil, nil)
+	tg := startGateway(t, up.url, func(c *Config) {
+		c.Compression = &Compression{}
+		c.Client.MaxMessage = -1
+	})
+	rc := dialRaw(t, tg.addr(), deflateOffer)
+	up.next(t)
+	piece := make([]byte, 1<<20)
+	frames := [][]byte{mf(0x40|opBinary, nil)}
+	for range assembleCap/len(piece) + 2 {
+		frames = append(frames, mf(opCont, piece))
+	}
+	go func() {
+		// Never the last frame: the gateway must stop the message on its
+		// size alone. Writes fail once it has closed the connection.
+		for _, f := range frames {
+			if _, err := rc.conn.Write(f); err != nil {
+				return
+			}
+		}
+	}()
+	expectClose(t, rc, 1009)
+}
