@@ -2,9 +2,13 @@ package proxy
 
 import (
 	"bufio"
+	"bytes"
+	"fmt"
+	mrand "math/rand/v2"
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"strings"
 	"sync"
 	"testing"
 )
@@ -115,4 +119,71 @@ func TestCompressedMessageBoundWithoutMaxMessage(t *testing.T) {
 		}
 	}()
 	expectClose(t, rc, 1009)
+}
+
+// The words, names and shape of a chat message (the same as the
+// benchmark's, bench/compression.go).
+var chatWords = strings.Fields(`the a to and of I you it is that in we for on this be
+have with not are was but just so what can do if my me at all get about like will
+your up no out one know one think there time when some they now how would going
+good then see need more been yes today here great sure thanks meeting call week
+tomorrow project update deploy release review please check send file team client
+issue fix build test merge branch looks works done later morning afternoon lunch
+ok cool nice agreed question answer data report numbers slides draft final doc
+link share update status ping sync standup sprint ticket bug feature design spec`)
+
+var chatNames = []string{"Priya Raman", "Tomás Herrera", "Aiko Tanaka", "Oluwaseun Adeyemi", "Marta Kowalska",
+	"Liam O'Connor", "Sofia Rossi", "Chen Wei", "Fatima Zahra", "Jonas Becker"}
+
+// chatMessage is a chat-like JSON message of exactly size bytes (for size
+// ≥ 400): a "say" on the channel the relay policy allows, with an id,
+// time, author, mentions, a reply reference, reactions, client details and
+// text of common words, all drawn from seed.
+func chatWordsMessage(seed uint64, size int) []byte {
+	r := mrand.New(mrand.NewPCG(seed, 0x5eed))
+	user := r.IntN(5000)
+	var b strings.Builder
+	fmt.Fprintf(&b, `{"type":"say","room":"org:acme:1","id":"msg-%08d","ts":%d,"user":{"id":"u-%d","name":%q,"avatar":"https://cdn.acme.example/avatars/u-%d.png","role":"member"},`,
+		seed, 1764633600000+int64(seed)*1733+int64(r.IntN(1000)), user, chatNames[r.IntN(len(chatNames))], user)
+	fmt.Fprintf(&b, `"mentions":["u-%d"],"reply_to":"msg-%08d","reactions":{"+1":%d,"eyes":%d},"client":{"app":"web","version":"4.%d.%d","locale":"en-GB"},"text":"`,
+		r.IntN(5000), seed-uint64(r.IntN(20)), r.IntN(9), r.IntN(4), r.IntN(20), r.IntN(10))
+	end := `"}`
+	for b.Len() < size-len(end) {
+		w := chatWords[r.IntN(len(chatWords))]
+		if r.IntN(9) == 0 {
+			w += ","
+		}
+		if room := size - len(end) - b.Len(); len(w)+1 > room {
+			w = strings.Repeat(".", room-1)
+		}
+		b.WriteString(w)
+		if b.Len() < size-len(end) {
+			b.WriteByte(' ')
+		}
+	}
+	b.WriteString(end)
+	return []byte(b.String())
+}
+
+// TestCompressChatMessages: every 1 KiB chat message, and the rooms
+// envelope around it, comes out of compress smaller than it went in, and
+// compress/flate inflates it back. The fastest level alone stored one in
+// six of them whole (a few bytes larger than the message).
+func TestCompressChatMessages(t *testing.T) {
+	total, in := 0, 0
+	for i := 1; i <= 64; i++ {
+		m := chatWordsMessage(uint64(i), 1024)
+		env := []byte(`{"op":"message","channel":"bench:z:deflate","data":` + string(m) + `}`)
+		for _, msg := range [][]byte{m, env} {
+			z := compress(nil, msg, false)
+			if len(z) >= len(msg)*3/4 {
+				t.Errorf("message %d: %d bytes compressed to %d", i, len(msg), len(z))
+			}
+			if got := inflateMessage(t, z); !bytes.Equal(got, msg) {
+				t.Fatalf("message %d: inflates to %d different bytes", i, len(got))
+			}
+			total, in = total+len(z), in+len(msg)
+		}
+	}
+	t.Logf("%d bytes compressed to %d (%.0f %%)", in, total, 100*float64(total)/float64(in))
 }
