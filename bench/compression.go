@@ -74,9 +74,10 @@ const (
 	zRoomDeflate = "bench:z:deflate"
 )
 
-// zInflateEvery: one message in this many (per connection, or the
-// subscribers whose index is a multiple of it) is inflated and compared
-// with what was sent; every other one is checked for its RSV1 bit and size.
+// zInflateEvery: one message in this many (per connection, or every
+// message of the subscribers whose index is a multiple of it) is inflated
+// and compared with what was sent; every other one is checked for its
+// RSV1 bit (and a plain one for its size).
 const zInflateEvery = 16
 
 // chatWords are the words of the chat messages' text.
