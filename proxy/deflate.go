@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	stdflate "compress/flate"
 	"errors"
 	"fmt"
 	"io"
@@ -299,6 +300,12 @@ func (s *inflateSource) ReadByte() (byte, error) {
 	return inflateTail[s.tail-1], nil
 }
 
+// inflater is a pooled inflater, reset for each message. It is the
+// standard library's: klauspost/compress's (v1.20.1) keeps the Huffman
+// table it built for one stream when the next declares an empty one
+// (RFC 1951 allows a distance code with no codes), so that stream's
+// symbols decode with a table of the inflater's previous message,
+// another connection's, where compress/flate rejects them.
 type inflater struct {
 	src inflateSource
 	r   io.ReadCloser
@@ -306,7 +313,7 @@ type inflater struct {
 
 var inflaters = sync.Pool{New: func() any {
 	f := new(inflater)
-	f.r = flate.NewReader(&f.src)
+	f.r = stdflate.NewReader(&f.src)
 	return f
 }}
 
@@ -329,7 +336,7 @@ func (d *deflate) inflate(wire []byte, limit int64, text bool, u *utf8State) (bu
 	if d.inBits != 0 {
 		dict = d.window
 	}
-	if err := f.r.(flate.Resetter).Reset(&f.src, dict); err != nil {
+	if err := f.r.(stdflate.Resetter).Reset(&f.src, dict); err != nil {
 		return nil, false, inflateErr()
 	}
 	// Inflate into pooled chunks; the first has the headroom. A message

@@ -187,3 +187,29 @@ func TestCompressChatMessages(t *testing.T) {
 	}
 	t.Logf("%d bytes compressed to %d (%.0f %%)", in, total, 100*float64(total)/float64(in))
 }
+
+// TestInflateForgetsPreviousMessages: what a message inflates to depends
+// on its own bytes and its connection's window only, not on the message
+// the pooled inflater handled before. After the first message below
+// (corrupt, 1007), klauspost/compress's inflater took the second one
+// (corrupt too: compress/flate stops at its 53rd byte) for a valid
+// 620-byte message, decoding it with the first one's Huffman table: the
+// second declares an empty one, and klauspost's inflater does not clear
+// the table it had (found by FuzzInflate).
+func TestInflateForgetsPreviousMessages(t *testing.T) {
+	first := []byte("\xec\xcc=\x12\x820\x10G\xf1\xab\xec\xfc\xebX8Xm\xe7QbX0bXȇ\"0ww\xb8\x05E\xea\xf7aA17AAAAA271717 A%Z1")
+	second := []byte("\xec\xcc=\x12\x820\x10G\xf1\xab\xec\xfc\xebX\xe0Xm\xe7QbX!JXȇ\x82\fww\xb8\x05E\xea\x06!%\xdb\t\f\xa2j\x00\xc3\xf56\xb3A\xf8v\x85A\x92\x19\xdc\x18\x94$\x11\xbc\xc1\xb7`\x94\x03\x83\xd1ݛ\x1eQ\xbf#=u\xa1W\tS\"\xfdH\xa4#\x0f\xf6\xb7R\xab\x1dU[m\xb5\xe7\xb4\xd8\xff\x00")
+	var u utf8State
+	if _, _, err := (&deflate{}).inflate(first, 1060, true, &u); closeCode(err) != 1007 {
+		t.Fatalf("first message: %v", err)
+	}
+	u.reset()
+	d := &deflate{inBits: 13, window: []byte("\xec\xcc=\x12\x82")}
+	buf, _, err := d.inflate(second, 1<<20, false, &u)
+	if closeCode(err) != 1007 {
+		t.Fatalf("second message: inflated to %d bytes, error %v; want 1007", len(buf), err)
+	}
+	if ref, err := refInflate(second, d.window, 1<<20); err == nil {
+		t.Fatalf("compress/flate inflates the second message (%d bytes)", len(ref))
+	}
+}
