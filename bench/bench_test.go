@@ -35,7 +35,7 @@ func TestQuickSmoke(t *testing.T) {
 			t.Fatal("redis-server is not installed (.ci/run installs it); scenario d needs it")
 		}
 		t.Log("redis-server is not installed: scenario d (fan-out) skipped; apt-get install -y redis-server")
-		scenarios, fanout = "a,b,c,e,m", false // d and h need it
+		scenarios, fanout = "a,b,c,e,m,z", false // d and h need it
 	}
 	start := time.Now()
 	_, err := Run(ctx, Options{Caddy: bin, Out: out, Quick: true, Scenarios: scenarios, CmdLine: "TestQuickSmoke", Log: testLog{t}})
@@ -65,6 +65,11 @@ func TestQuickSmoke(t *testing.T) {
 		"## m. Throughput with metrics on and off", "| 64 B | wsgate, metrics on |", "| 4 KiB | wsgate |",
 		"| m. throughput with metrics on, 64 B messages, all checks on | ≥ 0.97× metrics off | ",
 		"| command | `TestQuickSmoke` |",
+		"## z. Compression (permessage-deflate)",
+		"| plain | ", "| negotiated | ", "| compressed | ",
+		"| wsgate, no compression configured | ", "| wsgate compression, client plain | ", "| wsgate compression, negotiated | ",
+		"| z. idle RSS per relayed connection, compression negotiated (defaults) | as a.: ≤ 6.5 KiB, no goroutine while idle | ",
+		"| z. fan-out bytes per delivery | compressed | ",
 	}
 	if fanout {
 		want = append(want,
@@ -322,7 +327,7 @@ func TestCountAndCommandLine(t *testing.T) {
 	if _, err := parseScenarios("a,x"); err == nil {
 		t.Error("scenario x accepted")
 	}
-	if m, err := parseScenarios(defaultScenarios); err != nil || len(m) != 7 || !m['h'] {
+	if m, err := parseScenarios(defaultScenarios); err != nil || len(m) != 8 || !m['h'] || !m['z'] {
 		t.Errorf("default scenarios %v, %v", m, err)
 	}
 }

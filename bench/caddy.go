@@ -51,6 +51,7 @@ type caddyProc struct {
 	hsPort    int    // the same with an HS256 secret
 	stockPort int    // stock reverse_proxy
 	roomsPort int    // wsgate rooms mode (wsgate.v1) on roomsPath
+	zPort     int    // compressCaddy: the wsgate route (as esPort's) with compression
 	// The tlsCaddy ports.
 	esTLSPort    int  // the wsgate (ES256) route over HTTPS
 	stockTLSPort int  // stock reverse_proxy over HTTPS
@@ -86,21 +87,26 @@ const (
 	metricsCaddy
 	// baselineCaddy is benchCaddy run from Options.Baseline (scenario m).
 	baselineCaddy
+	// compressCaddy serves scenario z: the wsgate route without
+	// compression (esPort) and with it (zPort), and a rooms route with
+	// compression and wsgate_publish (roomsPort).
+	compressCaddy
 )
 
 // roomsSite is the rooms-mode site: wsgate.v1 on roomsPath, and (for the
 // fan-out gateways) backend publishing on pubPath. No JWT: a rooms
 // connection's cost is measured without a token's claims, and with the
 // default publish rate. On the fan-out gateways the wsgate.v1 publisher
-// is the load generator, so the publish rate is not limited there.
-func roomsSite(port int, publish bool) string {
+// is the load generator, so the publish rate is not limited there. extra
+// is more lines for the wsgate handler (scenario z's compression).
+func roomsSite(port int, publish bool, extra string) string {
 	var b strings.Builder
 	rooms := "rooms"
 	if publish {
 		rooms = "rooms {\n\t\t\t\tpublish_rate off\n\t\t\t}"
 	}
 	fmt.Fprintf(&b, "http://127.0.0.1:%d {\n\troute {\n", port)
-	fmt.Fprintf(&b, "\t\twsgate %s {\n\t\t\t%s\n\t\t\torigins %s\n\t\t}\n", roomsPath, rooms, goodOrigin)
+	fmt.Fprintf(&b, "\t\twsgate %s {\n\t\t\t%s\n\t\t\torigins %s\n%s\t\t}\n", roomsPath, rooms, goodOrigin, extra)
 	if publish {
 		fmt.Fprintf(&b, "\t\twsgate_publish %s {\n\t\t\tkey %s\n\t\t}\n", pubPath, publishKey)
 	}
@@ -115,13 +121,13 @@ func (e *env) fanoutCaddyfile(c *caddyProc) string {
 		history = fmt.Sprintf("\t\thistory %s {\n\t\t\tsize %d\n\t\t\tttl %s\n\t\t}\n", fanHistPattern, fanHistSize, fanHistTTL)
 	}
 	return fmt.Sprintf("{\n\tadmin %s\n\tpersist_config off\n\tauto_https off\n\twsgate {\n\t\tbroker redis %s\n%s\t}\n}\n\n%s",
-		c.admin, e.redis.url(), history, roomsSite(c.roomsPort, true))
+		c.admin, e.redis.url(), history, roomsSite(c.roomsPort, true, ""))
 }
 
 // relayRoute is the wsgate handler with every check on, relaying to
-// upstream (a ws:// or wss:// URL); upstreamTLS, when set, is its `tls`
-// block.
-func relayRoute(upstream, upstreamTLS, jwt string) string {
+// upstream (a ws:// or wss:// URL); extra, when set, is more lines for
+// it: the upstream's `tls` block, or scenario z's `compression`.
+func relayRoute(upstream, extra, jwt string) string {
 	return fmt.Sprintf(`	wsgate {
 		upstream %s
 %s		origins %s
@@ -136,12 +142,12 @@ func relayRoute(upstream, upstreamTLS, jwt string) string {
 			allow publish org:{claims.org}:*
 		}
 		relay_channels {
-			action_field  type
+			action_field type
 			channel_field room
 			action publish say
 		}
 	}
-`, upstream, upstreamTLS, goodOrigin, jwt)
+`, upstream, extra, goodOrigin, jwt)
 }
 
 // caddyfile is the benchmark configuration: one site per route so that
@@ -160,7 +166,7 @@ func (e *env) caddyfile(c *caddyProc) string {
 	fmt.Fprintf(&b, "http://127.0.0.1:%d {\n%s}\n\n", c.hsPort,
 		wsgate(fmt.Sprintf("\t\t\tsecret %s alg HS256", e.hmacSecret)))
 	fmt.Fprintf(&b, "http://127.0.0.1:%d {\n\treverse_proxy %s\n}\n\n", c.stockPort, upstream)
-	b.WriteString(roomsSite(c.roomsPort, false))
+	b.WriteString(roomsSite(c.roomsPort, false, ""))
 	return b.String()
 }
 
@@ -181,6 +187,20 @@ func (e *env) tlsCaddyfile(c *caddyProc) string {
 	fmt.Fprintf(&b, "https://127.0.0.1:%d {\n\ttls internal\n\treverse_proxy %s\n}\n\n", c.stockTLSPort, e.up.addr())
 	fmt.Fprintf(&b, "http://127.0.0.1:%d {\n%s}\n", c.wssPort,
 		relayRoute("wss://"+e.up.tlsAddr(), fmt.Sprintf("\t\ttls {\n\t\t\tca_file %s\n\t\t}\n", e.upCAPath), jwt))
+	return b.String()
+}
+
+// compressCaddyfile is scenario z's configuration: the wsgate route of
+// benchCaddy twice, without and with `compression` (its defaults: no
+// context takeover, min_size 128, offered to the upstream too), and the
+// rooms route with `compression` and wsgate_publish.
+func (e *env) compressCaddyfile(c *caddyProc) string {
+	jwt := fmt.Sprintf("\t\t\tpublic_key %s alg ES256", e.pemPath)
+	var b strings.Builder
+	fmt.Fprintf(&b, "{\n\tadmin %s\n\tpersist_config off\n\tauto_https off\n}\n\n", c.admin)
+	fmt.Fprintf(&b, "http://127.0.0.1:%d {\n%s}\n\n", c.esPort, relayRoute("ws://"+e.up.addr(), "", jwt))
+	fmt.Fprintf(&b, "http://127.0.0.1:%d {\n%s}\n\n", c.zPort, relayRoute("ws://"+e.up.addr(), "\t\tcompression\n", jwt))
+	b.WriteString(roomsSite(c.roomsPort, true, "\t\t\tcompression\n"))
 	return b.String()
 }
 
@@ -248,6 +268,9 @@ func (e *env) tryStartCaddy(ctx context.Context, kind caddyKind) (*caddyProc, er
 	case tlsCaddy:
 		c.esTLSPort, c.stockTLSPort, c.wssPort = ports[1], ports[2], ports[3]
 		cfg = e.tlsCaddyfile
+	case compressCaddy:
+		c.esPort, c.zPort, c.roomsPort = ports[1], ports[2], ports[3]
+		cfg = e.compressCaddyfile
 	}
 	cfgPath := filepath.Join(dir, "Caddyfile")
 	if err := os.WriteFile(cfgPath, []byte(cfg(c)), 0o600); err != nil {
@@ -298,7 +321,7 @@ func (c *caddyProc) waitReady(ctx context.Context) error {
 			return false, nil
 		}
 		resp.Body.Close()
-		for _, p := range []int{c.esPort, c.hsPort, c.stockPort, c.roomsPort, c.wssPort} {
+		for _, p := range []int{c.esPort, c.hsPort, c.stockPort, c.roomsPort, c.wssPort, c.zPort} {
 			if p == 0 {
 				continue
 			}

@@ -75,6 +75,9 @@ type variant struct {
 	gateway bool        // the traffic crosses Caddy
 	want    int         // the handshake status expected: 101 or a refusal
 	rooms   bool        // wsgate.v1: a connection is checked by subscribing, not by an echo
+	// dial, when set, opens and checks connection i in place of the
+	// dialers (scenario z's variants).
+	dial func(i, bufSize int) (*client, error)
 }
 
 // Variant names. The first four reach the upstream; the next two are
@@ -103,6 +106,8 @@ func caddyKindFor(name string) caddyKind {
 	switch name {
 	case vWsgateTLS, vStockTLS, vWsgateWSS:
 		return tlsCaddy
+	case vZOff, vZPlain, vZOn:
+		return compressCaddy
 	}
 	return benchCaddy
 }
@@ -133,6 +138,8 @@ func (e *env) variant(c *caddyProc, name string) variant {
 		port, origin, v.want = c.esPort, badOrigin, http.StatusForbidden
 	case vRejectToken:
 		port, tokens, v.want = c.esPort, e.tokBad, http.StatusUnauthorized
+	case vZOff, vZPlain, vZOn:
+		return e.zVariant(c, name)
 	case vRooms:
 		v.rooms = true
 		v.url = fmt.Sprintf("ws://127.0.0.1:%d%s", c.roomsPort, roomsPath)
@@ -216,6 +223,13 @@ type client struct {
 // benchmark message comes back unchanged (a wsgate refusal or a policy
 // reply would not).
 func dialClient(v variant, i, bufSize int) (*client, error) {
+	if v.dial != nil {
+		c, err := v.dial(i, bufSize)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", v.name, err)
+		}
+		return c, nil
+	}
 	conn, br, _, err := v.dialers[i%len(v.dialers)].Dial(context.Background(), v.url)
 	if err != nil {
 		return nil, fmt.Errorf("%s: dialing %s: %w", v.name, v.url, err)

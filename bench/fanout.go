@@ -648,7 +648,7 @@ func (fs *fanState) phase(ctx context.Context, rate float64, dur time.Duration, 
 				now := time.Now()
 				noteSent(j, now)
 				body := `{"channel":"` + room + `","data":` + string(fanData(phIdx, j.seq, int64(now.Sub(fs.base)))) + `}`
-				if err := fs.httpPublish(ctx, url, body); err != nil {
+				if err := httpPublish(ctx, fs.httpc, url, body); err != nil {
 					httpErr.Add(1)
 					setErr(err)
 					continue
@@ -827,14 +827,16 @@ func (fs *fanState) phase(ctx context.Context, rate float64, dur time.Duration, 
 	return ph, nil
 }
 
-func (fs *fanState) httpPublish(ctx context.Context, url, body string) error {
+// httpPublish posts body to a wsgate_publish endpoint and checks that
+// it was accepted.
+func httpPublish(ctx context.Context, httpc *http.Client, url, body string) error {
 	req, err := http.NewRequestWithContext(ctx, "POST", url, strings.NewReader(body))
 	if err != nil {
 		return err
 	}
 	req.Header.Set("Authorization", "Bearer "+publishKey)
 	req.Header.Set("Content-Type", "application/json")
-	resp, err := fs.httpc.Do(req)
+	resp, err := httpc.Do(req)
 	if err != nil {
 		return fmt.Errorf("HTTP publish: %w", err)
 	}

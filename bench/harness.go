@@ -35,7 +35,7 @@ type Options struct {
 	Quick bool
 	// Runs per variant; the report gives medians. Default 3 (1 with Quick).
 	Runs int
-	// Scenarios to run, from "abcdehm". Default all seven. Scenarios d
+	// Scenarios to run, from "abcdehmz". Default all eight. Scenarios d
 	// (fan-out) and h (fan-out with history off and on) start
 	// redis-server, which must be on PATH.
 	Scenarios string
@@ -83,6 +83,9 @@ type params struct {
 	fanDur     time.Duration // of the baseline
 	fanSteps   []float64     // publishes per second of the step-up
 	fanStepDur time.Duration
+
+	zFanRate float64       // scenario z's publications per second
+	zFanDur  time.Duration // of each of its fan-out phases
 }
 
 // fanSteps are the step-up's rates: from 100 publishes/s, ×√2 a step.
@@ -105,6 +108,7 @@ func fullParams() params {
 		metricsRuns: 6,
 		hsLoops:     8, hsDur: 3 * time.Second,
 		fanSubs: 1000, fanRate: 50, fanWarm: time.Second, fanDur: 10 * time.Second, fanSteps: fanSteps(13), fanStepDur: 4 * time.Second,
+		zFanRate: 20, zFanDur: 10 * time.Second,
 	}
 }
 
@@ -119,6 +123,7 @@ func quickParams() params {
 		metricsRuns: 1,
 		hsLoops:     8, hsDur: 300 * time.Millisecond,
 		fanSubs: 40, fanRate: 50, fanWarm: 200 * time.Millisecond, fanDur: time.Second, fanSteps: []float64{100, 200}, fanStepDur: 500 * time.Millisecond,
+		zFanRate: 20, zFanDur: time.Second,
 	}
 }
 
@@ -137,7 +142,7 @@ func Main(ctx context.Context, name string, args []string, stdout, stderr io.Wri
 	fs.StringVar(&opt.Out, "out", "bench/RESULTS.md", "results `file` (Markdown)")
 	fs.BoolVar(&opt.Quick, "quick", false, "smoke run: tiny counts and durations, under a minute, figures meaningless")
 	fs.IntVar(&opt.Runs, "runs", 0, "runs per variant, medians reported (default 3, 1 with -quick)")
-	fs.StringVar(&opt.Scenarios, "scenarios", defaultScenarios, "scenarios to run: a idle (relayed, rooms, relayed over TLS), b latency, c throughput, d fan-out (needs redis-server), e handshakes, h fan-out with history off and on (needs redis-server), m throughput with metrics on and off")
+	fs.StringVar(&opt.Scenarios, "scenarios", defaultScenarios, "scenarios to run: a idle (relayed, rooms, relayed over TLS), b latency, c throughput, d fan-out (needs redis-server), e handshakes, h fan-out with history off and on (needs redis-server), m throughput with metrics on and off, z compression (relay, fan-out, idle)")
 	fs.StringVar(&opt.Baseline, "baseline", "", "another cmd/caddy `binary` (a build without wsgate's metrics) that scenario m measures too")
 	fs.StringVar(&opt.Profile, "profile", "", "`directory` for gateway CPU profiles from extra, unmeasured throughput and handshake runs")
 	if err := fs.Parse(args); err != nil {
@@ -252,6 +257,10 @@ func Run(ctx context.Context, opt Options) (*Result, error) {
 	if need := uint64(p.fanSubs + 1000); (scen['d'] || scen['h']) && nofile < need {
 		return nil, fmt.Errorf("open-file limit %d is below the %d that %d fan-out subscribers need here", nofile, need, p.fanSubs)
 	}
+	// Scenario z: two rooms of fan-out subscribers, and idle connections.
+	if need := uint64(max(2*p.fanSubs, 2*p.idleConns) + 1000); scen['z'] && nofile < need {
+		return nil, fmt.Errorf("open-file limit %d is below the %d that scenario z needs here", nofile, need)
+	}
 	if scen['d'] || scen['h'] {
 		// Fail before anything runs rather than after the other scenarios.
 		if _, err := exec.LookPath("redis-server"); err != nil {
@@ -345,6 +354,13 @@ func Run(ctx context.Context, opt Options) (*Result, error) {
 			fail('h', rep.histErr)
 		}
 	}
+	if scen['z'] && ctx.Err() == nil {
+		e.logf("z. compression: relay, fan-out to %d subscribers per room, idle", p.fanSubs)
+		rep.z, rep.zErr = e.runCompression(ctx)
+		if rep.zErr != nil {
+			fail('z', rep.zErr)
+		}
+	}
 	if err := ctx.Err(); err != nil {
 		// An interrupted run keeps the results file it would overwrite.
 		return nil, fmt.Errorf("interrupted, %s left as it was: %w", opt.Out, err)
@@ -368,14 +384,14 @@ func Run(ctx context.Context, opt Options) (*Result, error) {
 }
 
 // defaultScenarios is every scenario.
-const defaultScenarios = "a,b,c,d,e,h,m"
+const defaultScenarios = "a,b,c,d,e,h,m,z"
 
 func parseScenarios(s string) (map[byte]bool, error) {
 	m := map[byte]bool{}
 	for f := range strings.SplitSeq(s, ",") {
 		f = strings.TrimSpace(strings.ToLower(f))
-		if len(f) != 1 || (f[0] < 'a' || f[0] > 'e') && f[0] != 'h' && f[0] != 'm' {
-			return nil, fmt.Errorf("unknown scenario %q (want letters a to e, h or m, comma-separated)", f)
+		if len(f) != 1 || (f[0] < 'a' || f[0] > 'e') && f[0] != 'h' && f[0] != 'm' && f[0] != 'z' {
+			return nil, fmt.Errorf("unknown scenario %q (want letters a to e, h, m or z, comma-separated)", f)
 		}
 		m[f[0]] = true
 	}

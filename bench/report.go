@@ -106,6 +106,8 @@ type report struct {
 	fanErr     error
 	hist       *fanHistResult
 	histErr    error
+	z          *zResult
+	zErr       error
 	profiles   []string
 }
 
@@ -150,6 +152,7 @@ func (r *report) markdown() string {
 	r.histSection(w)
 	r.hsSection(w)
 	r.metricsSection(w)
+	r.zSection(w)
 	if len(r.profiles) > 0 {
 		w("CPU profiles of the gateway, from extra runs that are not part of the figures: %s.\n\n", "`"+strings.Join(r.profiles, "`, `")+"`")
 	}
@@ -259,6 +262,9 @@ func (r *report) targets(w writer) {
 		ratio := on.rate / off.rate
 		row(name, target, fmt.Sprintf("%s msg/s, %.3f×", count(on.rate), ratio), metStr(ratio >= metricsTarget), "", "")
 	}
+
+	// z. compression
+	r.zTargets(row)
 
 	// d. fan-out
 	if f := r.fan; f != nil && f.baseline != nil {
@@ -762,6 +768,7 @@ func (r *report) appendix(w writer) {
 		}
 	}
 	r.histAppendix(w, list)
+	r.zAppendix(w, list)
 	if r.hs != nil {
 		for _, v := range hsVariants {
 			w("| e. per second | %s | %s |\n", v, list(pluck(r.hs.samples[v], func(s hsSample) float64 { return s.rate }), count))
@@ -802,6 +809,8 @@ func (r *report) section(w writer, s byte, err error) bool {
 		return r.hist != nil
 	case 'm':
 		return r.metrics != nil
+	case 'z':
+		return r.z != nil
 	}
 	return false
 }

@@ -27,6 +27,9 @@ func (c *relay) relayFrames(src, dst *peer) error {
 			if err == errLengthMSB {
 				return &closeErr{code: ws.StatusProtocolError, reason: err.Error()}
 			}
+			if err == errFrameTooLong {
+				return tooBig()
+			}
 			return err
 		}
 		src.rest = int64(hs) + h.Length

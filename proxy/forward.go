@@ -42,9 +42,11 @@ func (c *relay) dataFrame(src, dst *peer, h ws.Header, hs int) error {
 	src.fragmented = !h.Fin
 	m := src.limits.MaxMessage
 	if src.compressed {
-		// Compressed bytes, collected whole: deflate may add a little to
-		// data that does not compress. The inflated size is checked as
-		// it is inflated.
+		// A compressed message's frames are held until it is inflated,
+		// to at most assembleCap bytes when MaxMessage is unlimited: its
+		// compressed bytes are bound all the same. Deflate may add a
+		// little to data that does not compress. The inflated size is
+		// checked as it is inflated.
 		if m <= 0 {
 			m = assembleCap
 		}

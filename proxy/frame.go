@@ -16,6 +16,10 @@ import (
 // RFC 6455 §5.2 forbids.
 var errLengthMSB = errors.New("frame length has its most significant bit set")
 
+// errFrameTooLong is a frame whose header and payload together come to
+// more than 2^63-1 bytes (its length is under 2^63, but only just).
+var errFrameTooLong = errors.New("frame too long")
+
 // headerLen is the size of a header whose second byte is b1.
 func headerLen(b1 byte) int {
 	size := 2

@@ -5,6 +5,8 @@ package proxy
 
 import (
 	"bufio"
+	"bytes"
+	"compress/flate"
 	"errors"
 	"fmt"
 	"io"
@@ -13,26 +15,35 @@ import (
 	"net/http/httptest"
 	"strconv"
 	"sync"
+	"unicode/utf8"
 )
 
 // streamCheck follows one stream of frames the gateway writes to a peer
 // and reports the first frame that breaks RFC 6455: masking (toward an
 // upstream) or its absence (toward a client), RSV bits, opcodes, control
 // frames, a data frame inside another message (§5.4), a continuation with
-// no message, anything after a close frame, a second close.
+// no message, anything after a close frame, a second close. With deflate
+// (the peer agreed to permessage-deflate, RFC 7692), RSV1 may mark the
+// first frame of a data message: the message must inflate, and be valid
+// UTF-8 if it is text.
 type streamCheck struct {
 	toUpstream bool
+	deflate    bool
 	inMsg      bool
 	closed     bool
 	closeCode  int
+
+	zOn   bool // the message in progress is compressed
+	zText bool
+	z     []byte // its compressed bytes so far
 }
 
 func (s *streamCheck) frame(f rawFrame) error {
 	switch {
 	case f.masked != s.toUpstream:
 		return fmt.Errorf("masked %v (toward an upstream: %v)", f.masked, s.toUpstream)
-	case f.rsv != 0:
-		return fmt.Errorf("RSV bits %d", f.rsv)
+	case f.rsv != 0 && (f.rsv != 4 || !s.deflate || (f.op != opText && f.op != opBinary)):
+		return fmt.Errorf("RSV bits %d (op %#x, compression agreed: %v)", f.rsv, f.op, s.deflate)
 	case f.op > opBinary && f.op < opClose, f.op > opPong:
 		return fmt.Errorf("opcode %#x", f.op)
 	case f.op >= opClose && (len(f.payload) > 125 || !f.fin):
@@ -52,13 +63,37 @@ func (s *streamCheck) frame(f rawFrame) error {
 			return fmt.Errorf("a data frame (op %#x, %d bytes) inside another message", f.op, len(f.payload))
 		}
 		s.inMsg = !f.fin
+		s.zOn, s.zText, s.z = f.rsv == 4, f.op == opText, append(s.z[:0], f.payload...)
 	case opCont:
 		if !s.inMsg {
 			return errors.New("a continuation frame with no message in progress")
 		}
 		s.inMsg = !f.fin
+		if s.zOn {
+			s.z = append(s.z, f.payload...)
+		}
+	}
+	if s.zOn && !s.inMsg && (f.op == opText || f.op == opBinary || f.op == opCont) {
+		s.zOn = false
+		msg, err := io.ReadAll(flate.NewReader(io.MultiReader(bytes.NewReader(s.z), bytes.NewReader([]byte{0, 0, 0xff, 0xff, 1, 0, 0, 0xff, 0xff}))))
+		if err != nil {
+			return fmt.Errorf("a compressed message of %d bytes that does not inflate: %v", len(s.z), err)
+		}
+		if s.zText && !utf8.Valid(msg) {
+			return fmt.Errorf("a compressed text message that inflates to invalid UTF-8 (%d bytes)", len(msg))
+		}
 	}
 	return nil
+}
+
+// flateMessage compresses p as one permessage-deflate message, with
+// compress/flate.
+func flateMessage(p []byte) []byte {
+	var b bytes.Buffer
+	fw, _ := flate.NewWriter(&b, flate.BestSpeed)
+	fw.Write(p)
+	fw.Flush()
+	return bytes.TrimSuffix(b.Bytes(), []byte{0, 0, 0xff, 0xff})
 }
 
 // Upstream behaviours, picked per connection by the fuzz input.

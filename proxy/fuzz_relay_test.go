@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"runtime"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -23,8 +24,10 @@ const fuzzBound = 10 * time.Second
 
 // Gateway variants of the fuzz target: bit 0 puts a channel inspector on
 // client messages, bits 1-2 pick the client's rate limit (none, drop,
-// close, throttle).
-const fuzzVariants = 8
+// close, throttle), bit 3 lets clients compress with context takeover.
+// Every variant negotiates permessage-deflate with the clients that offer
+// it and compresses every message it sends them (MinSize 1).
+const fuzzVariants = 16
 
 var fuzzEnv struct {
 	once     sync.Once
@@ -92,6 +95,7 @@ func startFuzzGateway(variant byte, upURL string) (*Gateway, string, error) {
 		rate = nil
 	}
 	cfg.Client.Rate = rate
+	cfg.Compression = &Compression{MinSize: 1, ContextTakeover: variant&8 != 0}
 	if err := prepareTestConfig(&cfg); err != nil {
 		return nil, "", err
 	}
@@ -154,8 +158,10 @@ func fuzzInspect(msg []byte, text bool) (Verdict, []byte) {
 // a first header byte (FIN, RSV, opcode: any), a length byte (7-bit length,
 // 126 or 127 taking the next 2 or 8 bytes), then up to that many payload
 // bytes. The declared length is kept even when the input runs out, so the
-// last frame may be cut short.
-func buildFrames(b []byte) []byte {
+// last frame may be cut short. With deflate, the payload of a frame with
+// RSV1 that is not cut short is compressed (compress/flate, a fresh
+// compressor each), so that compressed messages inflate.
+func buildFrames(b []byte, deflate bool) []byte {
 	var out []byte
 	for len(b) >= 2 {
 		b0, sel := b[0], b[1]
@@ -173,6 +179,10 @@ func buildFrames(b []byte) []byte {
 		}
 		p := b[:min(n, uint64(len(b)))]
 		b = b[len(p):]
+		if deflate && b0&0x40 != 0 && uint64(len(p)) == n {
+			p = flateMessage(p)
+			n = uint64(len(p))
+		}
 		mask := [4]byte{sel, b0, byte(n), 0x5A}
 		out = appendFrame(out, b0, &mask, n, p)
 	}
@@ -236,21 +246,27 @@ var gatewayCloseCodes = map[int]bool{1000: true, 1001: true, 1002: true, 1007: t
 // masked frames from the rest (buildFrames), else the rest is sent raw;
 // the client half-closes the connection after writing unless bits 1 and 2
 // are both set (then only the gateway's ping and pong timeouts can end a
-// connection left mid-frame; that is slow, so it is the rarer case). The
-// second byte picks the setup: bits 0-2 the gateway variant (channel
-// inspector; rate limit none, drop, close or throttle), bits 3-4 what the
-// upstream does with a close frame (answer, hang up, stay silent, or close
-// first after its first echo), bit 5 whether it echoes in two fragments
-// with a ping and a fan-out frame between them. Fan-out frames are
-// enqueued concurrently all along.
+// connection left mid-frame; that is slow, so it is the rarer case); bit 3
+// has buildFrames compress the frames with RSV1. The second byte picks the
+// setup: bits 0-2 the gateway variant (channel inspector; rate limit
+// none, drop, close or throttle), bits 3-4 what the upstream does with a
+// close frame (answer, hang up, stay silent, or close first after its
+// first echo), bit 5 whether it echoes in two fragments with a ping and a
+// fan-out frame between them, bit 6 whether the client offers
+// permessage-deflate, bit 7 whether the gateway lets it compress with
+// context takeover. Fan-out frames are enqueued concurrently all along.
 //
 // The gateway must not panic and must end every connection within
 // fuzzBound. Toward both peers: well formed frames, masked toward the
 // upstream only, no data frame inside another message, nothing after a
-// close frame, at most one close. Toward the client: any close code it
-// sends is its own (1000, 1001, 1002, 1007, 1008, 1009, 1011) or one a
-// peer sent, and a client that sent a close frame gets one. Toward the
-// upstream: an upstream that sent a close frame gets one.
+// close frame, at most one close; RSV1 only on the first frame of a data
+// message to a client that agreed to compression, and such a message
+// inflates (compress/flate), to valid UTF-8 if it is text; nothing
+// compressed toward the upstream, which never agrees to it. Toward the
+// client: any close code it sends is its own (1000, 1001, 1002, 1007,
+// 1008, 1009, 1011) or one a peer sent, and a client that sent a close
+// frame gets one. Toward the upstream: an upstream that sent a close frame
+// gets one.
 func FuzzRelayClientFrames(f *testing.F) {
 	f.Fuzz(func(t *testing.T, data []byte) {
 		fuzzGateways(t)
@@ -261,15 +277,16 @@ func FuzzRelayClientFrames(f *testing.F) {
 		if len(data) > 0 {
 			setup, data = data[0], data[1:]
 		}
+		offer := setup&0x40 != 0
 		stream := data
 		if mode&1 != 0 {
-			stream = buildFrames(data)
+			stream = buildFrames(data, offer && mode&8 != 0)
 		}
 		peerCodes := sentCloseCodes(stream)
 		if setup>>3&3 == upInitiateClose {
 			peerCodes[4000] = true // the upstream's, forwarded
 		}
-		variant := setup & (fuzzVariants - 1)
+		variant := setup&7 | setup>>7<<3
 		id := strconv.FormatInt(fuzzEnv.next.Add(1), 10)
 		result := fuzzEnv.up.result(id)
 		defer fuzzEnv.up.forget(id)
@@ -281,9 +298,16 @@ func FuzzRelayClientFrames(f *testing.F) {
 			path += "&fragment=1"
 		}
 
-		rc, err := dialRawPath(fuzzEnv.addrs[variant], path, nil)
+		var offerHdr http.Header
+		if offer {
+			offerHdr = http.Header{"Sec-Websocket-Extensions": {"permessage-deflate; client_max_window_bits"}}
+		}
+		rc, err := dialRawPath(fuzzEnv.addrs[variant], path, offerHdr)
 		if err != nil {
 			t.Fatal(err)
+		}
+		if agreed := strings.HasPrefix(rc.resp.Header.Get("Sec-Websocket-Extensions"), "permessage-deflate"); agreed != offer {
+			t.Fatalf("offered permessage-deflate: %v; agreed: %q", offer, rc.resp.Header.Get("Sec-Websocket-Extensions"))
 		}
 		defer rc.conn.Close()
 		wrote := make(chan struct{})
@@ -296,7 +320,7 @@ func FuzzRelayClientFrames(f *testing.F) {
 		}()
 
 		rc.conn.SetReadDeadline(time.Now().Add(fuzzBound))
-		var check streamCheck
+		check := streamCheck{deflate: offer}
 		for {
 			fr, err := readRawFrame(rc.br, 1<<20)
 			if err != nil {

@@ -4,6 +4,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"io"
+	"math"
 	"net"
 	"os"
 	"sync"
@@ -381,6 +382,11 @@ func (wr *wireReader) header() (h ws.Header, size int, err error) {
 		return h, 0, err
 	}
 	h, err = decodeHeader((*wr.buf)[wr.r : wr.r+size])
+	if err == nil && h.Length > math.MaxInt64-int64(size) {
+		// Header and payload together would overflow an int64: no such
+		// frame can ever be read, and its size would count backwards.
+		err = errFrameTooLong
+	}
 	return h, size, err
 }
 

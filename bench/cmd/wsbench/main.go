@@ -5,6 +5,7 @@
 //	go build -o caddy ./cmd/caddy
 //	go run ./bench/cmd/wsbench            # full run, about 16 minutes on 2 cores
 //	go run ./bench/cmd/wsbench -scenarios h  # fan-out with history off and on
+//	go run ./bench/cmd/wsbench -scenarios z  # compression: relay, fan-out, idle
 //	go run ./bench/cmd/wsbench -quick     # smoke run, under a minute
 //
 // See the bench package for what is measured and how.
