@@ -12,7 +12,10 @@
 // upstream served over TLS with a certificate made at start. The fan-out
 // scenarios (d, and h: the same with history on and off in turns) also
 // start a redis-server (from PATH) and two rooms-mode gateways sharing it,
-// and read Redis's INFO commandstats. It imports no
+// and read Redis's INFO commandstats. Scenario r (refusals with every
+// upstream down) runs gateways with Caddy's metrics on and reads their
+// request histogram before and after each window; with -gateway-cpus it
+// pins every Caddy to other cores than the load generator's. It imports no
 // Caddy or wsgate package, so it can never share a bug with the code it
 // measures.
 //
