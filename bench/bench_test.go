@@ -10,6 +10,9 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
 )
 
 // TestQuickSmoke runs the whole harness in -quick mode against a cmd/caddy
@@ -35,7 +38,7 @@ func TestQuickSmoke(t *testing.T) {
 			t.Fatal("redis-server is not installed (.ci/run installs it); scenario d needs it")
 		}
 		t.Log("redis-server is not installed: scenario d (fan-out) skipped; apt-get install -y redis-server")
-		scenarios, fanout = "a,b,c,e,m,z", false // d and h need it
+		scenarios, fanout = "a,b,c,e,m,r,z", false // d and h need it
 	}
 	start := time.Now()
 	_, err := Run(ctx, Options{Caddy: bin, Out: out, Quick: true, Scenarios: scenarios, CmdLine: "TestQuickSmoke", Log: testLog{t}})
@@ -65,6 +68,10 @@ func TestQuickSmoke(t *testing.T) {
 		"## m. Throughput with metrics on and off", "| 64 B | wsgate, metrics on |", "| 4 KiB | wsgate |",
 		"| m. throughput with metrics on, 64 B messages, all checks on | ≥ 0.97× metrics off | ",
 		"| command | `TestQuickSmoke` |",
+		"## r. Refusals with every upstream down", "| 1 | wsgate, active checks | ", "| 1 | wsgate, passive checks | ",
+		"| 1 | stock, respond 502 | ",
+		"| r. refusals with every upstream down, 500 upgrade attempts/s: answered within 5 ms by the gateway (Caddy's request histogram) | every 502 within 5 ms, each with Retry-After | ",
+		"| r. the same, as the client sees it (gateway and load generator sharing the cores) | ",
 		"## z. Compression (permessage-deflate)",
 		"| plain | ", "| negotiated | ", "| compressed | ",
 		"| wsgate, no compression configured | ", "| wsgate compression, client plain | ", "| wsgate compression, negotiated | ",
@@ -327,7 +334,7 @@ func TestCountAndCommandLine(t *testing.T) {
 	if _, err := parseScenarios("a,x"); err == nil {
 		t.Error("scenario x accepted")
 	}
-	if m, err := parseScenarios(defaultScenarios); err != nil || len(m) != 8 || !m['h'] || !m['z'] {
+	if m, err := parseScenarios(defaultScenarios); err != nil || len(m) != 9 || !m['h'] || !m['r'] || !m['z'] {
 		t.Errorf("default scenarios %v, %v", m, err)
 	}
 }
@@ -388,5 +395,65 @@ func TestIdleTargets(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestScrapeHistogram reads the refusal figures the way scenario r does:
+// changes between two scrapes of Caddy's request histogram.
+func TestScrapeHistogram(t *testing.T) {
+	parse := func(text string) scrape {
+		t.Helper()
+		parser := expfmt.NewTextParser(model.UTF8Validation)
+		fams, err := parser.TextToMetricFamilies(strings.NewReader(text))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return fams
+	}
+	hist := func(n502, in5, in10, n200 int) string {
+		return fmt.Sprintf(`# TYPE caddy_http_request_duration_seconds histogram
+caddy_http_request_duration_seconds_bucket{code="502",handler="subroute",server="srv0",le="0.005"} %d
+caddy_http_request_duration_seconds_bucket{code="502",handler="subroute",server="srv0",le="0.01"} %d
+caddy_http_request_duration_seconds_bucket{code="502",handler="subroute",server="srv0",le="+Inf"} %d
+caddy_http_request_duration_seconds_sum{code="502",handler="subroute",server="srv0"} 1
+caddy_http_request_duration_seconds_count{code="502",handler="subroute",server="srv0"} %d
+caddy_http_request_duration_seconds_bucket{code="200",handler="subroute",server="srv0",le="0.005"} %d
+caddy_http_request_duration_seconds_bucket{code="200",handler="subroute",server="srv0",le="0.01"} %d
+caddy_http_request_duration_seconds_bucket{code="200",handler="subroute",server="srv0",le="+Inf"} %d
+caddy_http_request_duration_seconds_sum{code="200",handler="subroute",server="srv0"} 1
+caddy_http_request_duration_seconds_count{code="200",handler="subroute",server="srv0"} %d
+# TYPE wsgate_upgrades_total counter
+wsgate_upgrades_total{handler="wsgate",mode="relay",result="upstream"} %d
+wsgate_upgrades_total{handler="wsgate",mode="relay",result="ok"} 7
+`, in5, in10, n502, n502, n200, n200, n200, n200, n502)
+	}
+	before := parse(hist(10, 9, 10, 3))
+	is502 := map[string]string{"code": "502"}
+	if n, in := before.histogram("caddy_http_request_duration_seconds", is502, refuseBucket); n != 10 || in != 9 {
+		t.Errorf("502s: %v, %v within 5 ms; want 10, 9", n, in)
+	}
+	if n, _ := before.histogram("caddy_http_request_duration_seconds", nil, 0); n != 13 {
+		t.Errorf("every code: %v, want 13", n)
+	}
+	if got := before.counter("wsgate_upgrades_total", map[string]string{"result": "upstream"}); got != 10 {
+		t.Errorf("upstream refusals %v, want 10", got)
+	}
+	// every new 502 within 5 ms, though an old one was not
+	after := parse(hist(110, 109, 110, 3))
+	if got := after.highestBucket("caddy_http_request_duration_seconds", before, is502); got != 0.005 {
+		t.Errorf("slowest bucket %v, want 0.005", got)
+	}
+	// one new 502 between 5 and 10 ms
+	after = parse(hist(110, 108, 110, 3))
+	if got := after.highestBucket("caddy_http_request_duration_seconds", before, is502); got != 0.01 {
+		t.Errorf("slowest bucket %v, want 0.01", got)
+	}
+	// one beyond the last bound
+	after = parse(hist(110, 108, 109, 3))
+	if got := after.highestBucket("caddy_http_request_duration_seconds", before, is502); !math.IsInf(got, 1) {
+		t.Errorf("slowest bucket %v, want +Inf", got)
+	}
+	if got := before.highestBucket("caddy_http_request_duration_seconds", before, is502); got != 0 {
+		t.Errorf("slowest bucket of nothing %v, want 0", got)
 	}
 }

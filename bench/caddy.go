@@ -53,9 +53,11 @@ type caddyProc struct {
 	roomsPort int    // wsgate rooms mode (wsgate.v1) on roomsPath
 	zPort     int    // compressCaddy: the wsgate route (as esPort's) with compression
 	// The tlsCaddy ports.
-	esTLSPort    int  // the wsgate (ES256) route over HTTPS
-	stockTLSPort int  // stock reverse_proxy over HTTPS
-	wssPort      int  // the wsgate (ES256) route on plain HTTP, to the wss:// upstream
+	esTLSPort    int // the wsgate (ES256) route over HTTPS
+	stockTLSPort int // stock reverse_proxy over HTTPS
+	wssPort      int // the wsgate (ES256) route on plain HTTP, to the wss:// upstream
+	refusePort   int // scenario r: the one site, whose upstreams are all down (or stock's respond 502)
+	kind         caddyKind
 	metrics      bool // Caddy's `metrics` option is on
 	history      bool // the fan-out gateway keeps fanHistPattern's history
 	// clientTLS trusts this Caddy's own CA (tlsCaddy only), once it is
@@ -91,6 +93,13 @@ const (
 	// compression (esPort) and with it (zPort), and a rooms route with
 	// compression and wsgate_publish (roomsPort).
 	compressCaddy
+	// refuseActiveCaddy, refusePassiveCaddy and refuseStockCaddy are the
+	// gateways of scenario r, with Caddy's metrics on: wsgate with three
+	// upstreams that are all down, set aside by active or passive health
+	// checks, and stock Caddy answering every request with 502.
+	refuseActiveCaddy
+	refusePassiveCaddy
+	refuseStockCaddy
 )
 
 // roomsSite is the rooms-mode site: wsgate.v1 on roomsPath, and (for the
@@ -247,6 +256,7 @@ func (e *env) tryStartCaddy(ctx context.Context, kind caddyKind) (*caddyProc, er
 		return nil, err
 	}
 	c := &caddyProc{
+		kind:    kind,
 		dir:     dir,
 		admin:   "127.0.0.1:" + strconv.Itoa(ports[0]),
 		logPath: filepath.Join(dir, "caddy.log"),
@@ -271,6 +281,9 @@ func (e *env) tryStartCaddy(ctx context.Context, kind caddyKind) (*caddyProc, er
 	case compressCaddy:
 		c.esPort, c.zPort, c.roomsPort = ports[1], ports[2], ports[3]
 		cfg = e.compressCaddyfile
+	case refuseActiveCaddy, refusePassiveCaddy, refuseStockCaddy:
+		c.refusePort = ports[1]
+		cfg = e.refuseCaddyfile
 	}
 	cfgPath := filepath.Join(dir, "Caddyfile")
 	if err := os.WriteFile(cfgPath, []byte(cfg(c)), 0o600); err != nil {
@@ -285,7 +298,13 @@ func (e *env) tryStartCaddy(ctx context.Context, kind caddyKind) (*caddyProc, er
 	if kind == baselineCaddy {
 		bin = e.opt.Baseline
 	}
-	c.cmd = exec.Command(bin, "run", "--config", cfgPath, "--adapter", "caddyfile")
+	args := []string{bin, "run", "--config", cfgPath, "--adapter", "caddyfile"}
+	if e.opt.GatewayCPUs != "" {
+		// taskset sets the affinity and execs Caddy: the process (and its
+		// pid) is Caddy's, and its Go runtime sizes GOMAXPROCS to the list.
+		args = append([]string{"taskset", "-c", e.opt.GatewayCPUs}, args...)
+	}
+	c.cmd = exec.Command(args[0], args[1:]...)
 	c.cmd.Env = append(os.Environ(), "HOME="+dir, "XDG_DATA_HOME="+dir, "XDG_CONFIG_HOME="+dir)
 	c.cmd.Stdout, c.cmd.Stderr = logf, logf
 	// A harness killed without a chance to clean up takes Caddy with it.
@@ -321,7 +340,7 @@ func (c *caddyProc) waitReady(ctx context.Context) error {
 			return false, nil
 		}
 		resp.Body.Close()
-		for _, p := range []int{c.esPort, c.hsPort, c.stockPort, c.roomsPort, c.wssPort, c.zPort} {
+		for _, p := range []int{c.esPort, c.hsPort, c.stockPort, c.roomsPort, c.wssPort, c.zPort, c.refusePort} {
 			if p == 0 {
 				continue
 			}

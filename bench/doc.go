@@ -12,12 +12,15 @@
 // upstream served over TLS with a certificate made at start. The fan-out
 // scenarios (d, and h: the same with history on and off in turns) also
 // start a redis-server (from PATH) and two rooms-mode gateways sharing it,
-// and read Redis's INFO commandstats. Scenario z (compression) runs a
-// Caddy with the wsgate route without and with `compression` and a rooms
-// route with it; its clients do their own handshakes (net/http reads the
-// answer) and compress and inflate with the standard library's
-// compress/flate, never with the gateway's compressor, and count the
-// bytes at their sockets. It imports no
+// and read Redis's INFO commandstats. Scenario r (refusals with every
+// upstream down) runs gateways with Caddy's metrics on and reads their
+// request histogram before and after each window; with -gateway-cpus it
+// pins every Caddy to other cores than the load generator's. Scenario z
+// (compression) runs a Caddy with the wsgate route without and with
+// `compression` and a rooms route with it; its clients do their own
+// handshakes (net/http reads the answer) and compress and inflate with the
+// standard library's compress/flate, never with the gateway's compressor,
+// and count the bytes at their sockets. It imports no
 // Caddy or wsgate package, so it can never share a bug with the code it
 // measures.
 //

@@ -35,7 +35,7 @@ type Options struct {
 	Quick bool
 	// Runs per variant; the report gives medians. Default 3 (1 with Quick).
 	Runs int
-	// Scenarios to run, from "abcdehmz". Default all eight. Scenarios d
+	// Scenarios to run, from "abcdehmrz". Default all nine. Scenarios d
 	// (fan-out) and h (fan-out with history off and on) start
 	// redis-server, which must be on PATH.
 	Scenarios string
@@ -43,6 +43,11 @@ type Options struct {
 	// wsgate's metrics) that scenario m also measures, with the same
 	// configuration as its metrics-off gateway.
 	Baseline string
+	// GatewayCPUs, when set, is a CPU list (`taskset -c` syntax, e.g.
+	// "0") that every Caddy the harness starts is pinned to, through
+	// taskset(1). The harness itself (the load generator) is pinned by
+	// running it under taskset too: `taskset -c 1 wsbench -gateway-cpus 0`.
+	GatewayCPUs string
 	// Profile, when set, is a directory where CPU profiles of the gateway
 	// are written, taken during one extra throughput run per variant and
 	// size, one extra handshake burst per variant and one extra fan-out
@@ -84,8 +89,11 @@ type params struct {
 	fanSteps   []float64     // publishes per second of the step-up
 	fanStepDur time.Duration
 
-	zFanRate float64       // scenario z's publications per second
-	zFanDur  time.Duration // of each of its fan-out phases
+	zFanRate   float64       // scenario z's publications per second
+	zFanDur    time.Duration // of each of its fan-out phases
+	refuseRate int           // upgrade attempts per second, scenario r
+	refuseWarm time.Duration // at that rate before each measured window
+	refuseDur  time.Duration // the measured window
 }
 
 // fanSteps are the step-up's rates: from 100 publishes/s, ×√2 a step.
@@ -109,6 +117,7 @@ func fullParams() params {
 		hsLoops:     8, hsDur: 3 * time.Second,
 		fanSubs: 1000, fanRate: 50, fanWarm: time.Second, fanDur: 10 * time.Second, fanSteps: fanSteps(13), fanStepDur: 4 * time.Second,
 		zFanRate: 20, zFanDur: 10 * time.Second,
+		refuseRate: 500, refuseWarm: time.Second, refuseDur: 10 * time.Second,
 	}
 }
 
@@ -124,6 +133,7 @@ func quickParams() params {
 		hsLoops:     8, hsDur: 300 * time.Millisecond,
 		fanSubs: 40, fanRate: 50, fanWarm: 200 * time.Millisecond, fanDur: time.Second, fanSteps: []float64{100, 200}, fanStepDur: 500 * time.Millisecond,
 		zFanRate: 20, zFanDur: time.Second,
+		refuseRate: 500, refuseWarm: 200 * time.Millisecond, refuseDur: time.Second,
 	}
 }
 
@@ -142,7 +152,8 @@ func Main(ctx context.Context, name string, args []string, stdout, stderr io.Wri
 	fs.StringVar(&opt.Out, "out", "bench/RESULTS.md", "results `file` (Markdown)")
 	fs.BoolVar(&opt.Quick, "quick", false, "smoke run: tiny counts and durations, under a minute, figures meaningless")
 	fs.IntVar(&opt.Runs, "runs", 0, "runs per variant, medians reported (default 3, 1 with -quick)")
-	fs.StringVar(&opt.Scenarios, "scenarios", defaultScenarios, "scenarios to run: a idle (relayed, rooms, relayed over TLS), b latency, c throughput, d fan-out (needs redis-server), e handshakes, h fan-out with history off and on (needs redis-server), m throughput with metrics on and off, z compression (relay, fan-out, idle)")
+	fs.StringVar(&opt.Scenarios, "scenarios", defaultScenarios, "scenarios to run: a idle (relayed, rooms, relayed over TLS), b latency, c throughput, d fan-out (needs redis-server), e handshakes, h fan-out with history off and on (needs redis-server), m throughput with metrics on and off, r refusals with every upstream down, z compression (relay, fan-out, idle)")
+	fs.StringVar(&opt.GatewayCPUs, "gateway-cpus", "", "pin every Caddy to these `cpus` with taskset -c (e.g. 0; run wsbench itself under taskset -c 1)")
 	fs.StringVar(&opt.Baseline, "baseline", "", "another cmd/caddy `binary` (a build without wsgate's metrics) that scenario m measures too")
 	fs.StringVar(&opt.Profile, "profile", "", "`directory` for gateway CPU profiles from extra, unmeasured throughput and handshake runs")
 	if err := fs.Parse(args); err != nil {
@@ -187,6 +198,8 @@ type env struct {
 	procs  []*caddyProc // every Caddy started, for the final cleanup
 	caddyN int
 	redis  *redisProc // while scenario d runs
+
+	downPorts []int // scenario r's upstreams: ports where nothing listens
 
 	pemPath    string // ES256 public key for the wsgate route
 	upCAPath   string // the TLS upstream's self-signed certificate, for wsgate's ca_file
@@ -260,6 +273,11 @@ func Run(ctx context.Context, opt Options) (*Result, error) {
 	// Scenario z: two rooms of fan-out subscribers, and idle connections.
 	if need := uint64(max(2*p.fanSubs, 2*p.idleConns) + 1000); scen['z'] && nofile < need {
 		return nil, fmt.Errorf("open-file limit %d is below the %d that scenario z needs here", nofile, need)
+	}
+	if opt.GatewayCPUs != "" {
+		if _, err := exec.LookPath("taskset"); err != nil {
+			return nil, errors.New("-gateway-cpus needs taskset (util-linux) on PATH")
+		}
 	}
 	if scen['d'] || scen['h'] {
 		// Fail before anything runs rather than after the other scenarios.
@@ -361,6 +379,13 @@ func Run(ctx context.Context, opt Options) (*Result, error) {
 			fail('z', rep.zErr)
 		}
 	}
+	if scen['r'] && ctx.Err() == nil {
+		e.logf("r. refusals with every upstream down: %d upgrade attempts/s for %v, %d round(s)", p.refuseRate, p.refuseDur, p.runs)
+		rep.refuse, rep.refuseErr = e.runRefuse(ctx)
+		if rep.refuseErr != nil {
+			fail('r', rep.refuseErr)
+		}
+	}
 	if err := ctx.Err(); err != nil {
 		// An interrupted run keeps the results file it would overwrite.
 		return nil, fmt.Errorf("interrupted, %s left as it was: %w", opt.Out, err)
@@ -384,14 +409,14 @@ func Run(ctx context.Context, opt Options) (*Result, error) {
 }
 
 // defaultScenarios is every scenario.
-const defaultScenarios = "a,b,c,d,e,h,m,z"
+const defaultScenarios = "a,b,c,d,e,h,m,r,z"
 
 func parseScenarios(s string) (map[byte]bool, error) {
 	m := map[byte]bool{}
 	for f := range strings.SplitSeq(s, ",") {
 		f = strings.TrimSpace(strings.ToLower(f))
-		if len(f) != 1 || (f[0] < 'a' || f[0] > 'e') && f[0] != 'h' && f[0] != 'm' && f[0] != 'z' {
-			return nil, fmt.Errorf("unknown scenario %q (want letters a to e, h, m or z, comma-separated)", f)
+		if len(f) != 1 || (f[0] < 'a' || f[0] > 'e') && f[0] != 'h' && f[0] != 'm' && f[0] != 'r' && f[0] != 'z' {
+			return nil, fmt.Errorf("unknown scenario %q (want letters a to e, h, m, r or z, comma-separated)", f)
 		}
 		m[f[0]] = true
 	}

@@ -28,11 +28,21 @@ type machine struct {
 func machineInfo(caddyPath string) machine {
 	m := machine{nproc: runtime.NumCPU(), goVersion: runtime.Version(), cpu: "unknown", kernel: "unknown"}
 	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		// The machine's cores, not runtime.NumCPU's: under taskset that is
+		// only the ones wsbench may use.
+		n := 0
 		for line := range strings.SplitSeq(string(b), "\n") {
-			if k, v, ok := strings.Cut(line, ":"); ok && strings.TrimSpace(k) == "model name" {
+			k, v, ok := strings.Cut(line, ":")
+			switch k = strings.TrimSpace(k); {
+			case !ok:
+			case k == "processor":
+				n++
+			case k == "model name" && m.cpu == "unknown":
 				m.cpu = strings.TrimSpace(v)
-				break
 			}
+		}
+		if n > 0 {
+			m.nproc = n
 		}
 	}
 	if b, err := os.ReadFile("/proc/sys/kernel/osrelease"); err == nil {
@@ -108,6 +118,8 @@ type report struct {
 	histErr    error
 	z          *zResult
 	zErr       error
+	refuse     *refuseResult
+	refuseErr  error
 	profiles   []string
 }
 
@@ -131,6 +143,7 @@ func (r *report) markdown() string {
 	if r.machine.tree != "" {
 		w("| working tree | %s (`git describe --always --dirty`) |\n", r.machine.tree)
 	}
+	w("| cores | wsbench (load generator, upstreams): `Cpus_allowed_list` %s, GOMAXPROCS %d; Caddy: %s |\n", cpusAllowed("self"), runtime.GOMAXPROCS(0), gatewayCores(r.opt.GatewayCPUs))
 	w("| runs | %d per variant, medians shown; variants interleaved, their order rotated every run |\n", r.p.runs)
 	w("| duration | %v |\n\n", r.elapsed.Round(time.Second))
 	w("Variants: **wsgate** is the `wsgate` handler with every check on: `origins`, an ES256 `jwt`\n")
@@ -153,6 +166,7 @@ func (r *report) markdown() string {
 	r.hsSection(w)
 	r.metricsSection(w)
 	r.zSection(w)
+	r.refuseSection(w)
 	if len(r.profiles) > 0 {
 		w("CPU profiles of the gateway, from extra runs that are not part of the figures: %s.\n\n", "`"+strings.Join(r.profiles, "`, `")+"`")
 	}
@@ -320,6 +334,7 @@ func (r *report) targets(w writer) {
 	} else {
 		row("e. rejections (bad Origin; bad token)", "≥ 3× stock's plain handshake rate", r.missing('e', r.hsErr), "—", "", "")
 	}
+	r.refuseTargets(row)
 	w("\n")
 }
 
@@ -769,6 +784,7 @@ func (r *report) appendix(w writer) {
 	}
 	r.histAppendix(w, list)
 	r.zAppendix(w, list)
+	r.refuseAppendix(w, list)
 	if r.hs != nil {
 		for _, v := range hsVariants {
 			w("| e. per second | %s | %s |\n", v, list(pluck(r.hs.samples[v], func(s hsSample) float64 { return s.rate }), count))
@@ -811,6 +827,8 @@ func (r *report) section(w writer, s byte, err error) bool {
 		return r.metrics != nil
 	case 'z':
 		return r.z != nil
+	case 'r':
+		return r.refuse != nil
 	}
 	return false
 }

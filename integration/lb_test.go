@@ -549,9 +549,12 @@ func TestAllUpstreamsDownFastRefusal(t *testing.T) {
 			if res.noRetryAfter > 0 {
 				t.Fatalf("%d refusals without Retry-After", res.noRetryAfter)
 			}
-			// a few ms is the target (logged above); the bound only
-			// catches refusals that wait on something, on a machine that
-			// may be busy with other work
+			// the 5 ms target is measured by the benchmark (bench/,
+			// scenario r: the gateway's own histogram, and the client on
+			// a core of its own); the latency here is only logged, since
+			// this load generator shares the cores with the gateway. The
+			// bound only catches refusals that wait on something, on a
+			// machine that may be busy with other work
 			if slowest := res.pct(1); slowest > 2*time.Second {
 				t.Fatalf("slowest refusal %v", slowest)
 			}

@@ -3,10 +3,16 @@
 // bench/RESULTS.md. It builds nothing: give it the cmd/caddy binary.
 //
 //	go build -o caddy ./cmd/caddy
-//	go run ./bench/cmd/wsbench            # full run, about 16 minutes on 2 cores
+//	go run ./bench/cmd/wsbench            # full run, about 23 minutes on 2 cores
 //	go run ./bench/cmd/wsbench -scenarios h  # fan-out with history off and on
 //	go run ./bench/cmd/wsbench -scenarios z  # compression: relay, fan-out, idle
 //	go run ./bench/cmd/wsbench -quick     # smoke run, under a minute
+//
+// Scenario r (refusals with every upstream down) is fairest with the
+// gateways and the load generator on different cores:
+//
+//	go build -o wsbench ./bench/cmd/wsbench
+//	taskset -c 1 ./wsbench -scenarios r -gateway-cpus 0
 //
 // See the bench package for what is measured and how.
 package main
