@@ -553,13 +553,7 @@ func (e *env) zRelayOnce(ctx context.Context, c *caddyProc, name string) (zRelay
 			return s, err
 		}
 	}
-	type conn struct {
-		sent            int64 // owned by the writer until it returns
-		writeErr, rdErr error
-		tokens          chan struct{}
-		recvd           atomic.Int64
-	}
-	state := make([]*conn, n)
+	state := make([]*echoConn, n)
 	var recv, notSmaller atomic.Int64
 	var closing atomic.Bool
 	stop := make(chan struct{})
@@ -568,7 +562,7 @@ func (e *env) zRelayOnce(ctx context.Context, c *caddyProc, name string) (zRelay
 	fail := func() { failOnce.Do(func() { close(failed) }) }
 	var writers, readers sync.WaitGroup
 	for i, cl := range clients {
-		st := &conn{tokens: make(chan struct{}, window)}
+		st := &echoConn{tokens: make(chan struct{}, window)}
 		for range window {
 			st.tokens <- struct{}{}
 		}
@@ -690,33 +684,7 @@ func (e *env) zRelayOnce(ctx context.Context, c *caddyProc, name string) (zRelay
 		return nil
 	}
 	err := measure()
-	close(stop)
-	writers.Wait()
-	if err == nil {
-		err = poll(ctx, 10*time.Second, "the last echoes", func() (bool, error) {
-			for _, st := range state {
-				if st.recvd.Load() != st.sent {
-					select {
-					case <-failed:
-						return false, errors.New("a connection failed")
-					default:
-						return false, nil
-					}
-				}
-			}
-			return true, nil
-		})
-	}
-	closing.Store(true)
-	for _, cl := range clients {
-		cl.conn.Close()
-	}
-	readers.Wait()
-	errs := []error{err}
-	for _, st := range state {
-		errs = append(errs, st.writeErr, st.rdErr)
-	}
-	if err := errors.Join(errs...); err != nil {
+	if err := endEcho(ctx, err, stop, failed, &closing, &writers, &readers, state, clients); err != nil {
 		return s, err
 	}
 	if n := recv.Load(); n > 0 {

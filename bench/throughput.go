@@ -66,14 +66,7 @@ func (e *env) tputOnce(ctx context.Context, c *caddyProc, v variant, size int, d
 		}
 		clients = append(clients, cl)
 	}
-	type conn struct {
-		sent            int64 // owned by the writer until it returns
-		writeErr, rdErr error
-		tokens          chan struct{}
-		recvd           atomic.Int64
-		frame           []byte
-	}
-	state := make([]*conn, n)
+	state := make([]*echoConn, n)
 	var recv atomic.Int64
 	var closing atomic.Bool
 	stop := make(chan struct{})
@@ -83,7 +76,8 @@ func (e *env) tputOnce(ctx context.Context, c *caddyProc, v variant, size int, d
 	want := int64(len(payload(size)))
 	var writers, readers sync.WaitGroup
 	for i, cl := range clients {
-		st := &conn{tokens: make(chan struct{}, window), frame: clientFrame(ws.OpText, payload(size))}
+		st := &echoConn{tokens: make(chan struct{}, window)}
+		frame := clientFrame(ws.OpText, payload(size))
 		for range window {
 			st.tokens <- struct{}{}
 		}
@@ -109,7 +103,7 @@ func (e *env) tputOnce(ctx context.Context, c *caddyProc, v variant, size int, d
 					case <-st.tokens:
 					}
 				}
-				if _, err := cl.bw.Write(st.frame); err != nil {
+				if _, err := cl.bw.Write(frame); err != nil {
 					st.writeErr = err
 					fail()
 					return
@@ -178,33 +172,7 @@ func (e *env) tputOnce(ctx context.Context, c *caddyProc, v variant, size int, d
 		return <-hook
 	}
 	err := measure()
-	close(stop)
-	writers.Wait()
-	if err == nil {
-		err = poll(ctx, 10*time.Second, "the last echoes", func() (bool, error) {
-			for _, st := range state {
-				if st.recvd.Load() != st.sent {
-					select {
-					case <-failed:
-						return false, errors.New("a connection failed")
-					default:
-						return false, nil
-					}
-				}
-			}
-			return true, nil
-		})
-	}
-	closing.Store(true)
-	for _, cl := range clients {
-		cl.conn.Close()
-	}
-	readers.Wait()
-	errs := []error{err}
-	for _, st := range state {
-		errs = append(errs, st.writeErr, st.rdErr)
-	}
-	if err := errors.Join(errs...); err != nil {
+	if err := endEcho(ctx, err, stop, failed, &closing, &writers, &readers, state, clients); err != nil {
 		return s, err
 	}
 	return s, e.up.waitConns(ctx, 0, 30*time.Second)
@@ -232,4 +200,49 @@ func selfCPU() time.Duration {
 		return 0
 	}
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// echoConn is one connection of a pipelined echo run (scenarios c and z):
+// its writer sends while it holds tokens, its reader gives one back per
+// echo.
+type echoConn struct {
+	sent            int64 // owned by the writer until it returns
+	writeErr, rdErr error
+	tokens          chan struct{}
+	recvd           atomic.Int64
+}
+
+// endEcho ends a pipelined echo run whose measurement returned err: it
+// stops the writers, waits for the echoes still in flight (unless
+// something failed), closes the clients, waits for the readers, and
+// returns every error met.
+func endEcho(ctx context.Context, err error, stop chan struct{}, failed <-chan struct{}, closing *atomic.Bool,
+	writers, readers *sync.WaitGroup, state []*echoConn, clients []*client) error {
+	close(stop)
+	writers.Wait()
+	if err == nil {
+		err = poll(ctx, 10*time.Second, "the last echoes", func() (bool, error) {
+			for _, st := range state {
+				if st.recvd.Load() != st.sent {
+					select {
+					case <-failed:
+						return false, errors.New("a connection failed")
+					default:
+						return false, nil
+					}
+				}
+			}
+			return true, nil
+		})
+	}
+	closing.Store(true)
+	for _, cl := range clients {
+		cl.conn.Close()
+	}
+	readers.Wait()
+	errs := []error{err}
+	for _, st := range state {
+		errs = append(errs, st.writeErr, st.rdErr)
+	}
+	return errors.Join(errs...)
 }
