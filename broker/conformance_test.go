@@ -701,4 +701,5 @@ func TestRedisCluster(t *testing.T) {
 		pttl:       func(t testing.TB, key string) time.Duration { return pttl(t, c.owner[broker.Slot(key)], key) },
 	})
 	clusterSpecific(t, c)
+	clusterSubscribers(t, c)
 }

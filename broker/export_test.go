@@ -14,3 +14,7 @@ func ChannelKey(name, suffix string) string { return keyOf(name, suffix) }
 // ErrDown is what calls answer, without I/O, while Redis is known to be
 // down.
 var ErrDown = errDown
+
+// SubscriberName is the CLIENT SETNAME of r's sharded subscriber
+// connections on a Redis Cluster.
+func SubscriberName(r *Redis) string { return r.subscriberName() }

@@ -1,0 +1,243 @@
+package broker_test
+
+import (
+	"bytes"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/wsgate/wsgate/broker"
+)
+
+// clusterSubscribers are the cluster checks of the bounded sharded
+// subscriber connections, on the cluster of TestRedisCluster.
+func clusterSubscribers(t *testing.T, c *redisCluster) {
+	t.Run("ManyChannelsShareFewConnections", func(t *testing.T) {
+		const perMaster, channels = 2, 10_000
+		prefix := newPrefix()
+		rec := newRecorder()
+		r := openRedis(t, broker.RedisOptions{Cluster: true, Addrs: c.addrs(), Prefix: prefix, ClusterSubscribers: perMaster}, rec.handle)
+		n := &node{b: r, rec: rec, prefix: prefix}
+		name := broker.SubscriberName(r)
+
+		start := time.Now()
+		slots := map[int]bool{}
+		sample := map[string][]string{} // master → channels to publish on
+		for i := 0; i < channels; i++ {
+			ch := "many:" + strconv.Itoa(i)
+			if err := r.Subscribe(ctxT(t), ch); err != nil {
+				t.Fatalf("Subscribe(%q): %v", ch, err)
+			}
+			slot := broker.Slot(prefix + ch)
+			slots[slot] = true
+			if owner := c.owner[slot]; len(sample[owner]) < 10 {
+				sample[owner] = append(sample[owner], ch)
+			}
+		}
+		var conns map[string]int
+		eventually(t, 30*time.Second, "10,000 sharded subscriptions on the masters", func() bool {
+			var ssub int
+			conns, ssub = c.subscribers(t, name)
+			return ssub == channels
+		})
+		total := 0
+		for _, a := range c.addrs() {
+			// 10,000 channels fill every slot parity of every master.
+			if conns[a] != perMaster {
+				t.Errorf("%s: %d subscriber connections from the node, want %d", a, conns[a], perMaster)
+			}
+			total += conns[a]
+		}
+		t.Logf("%d channels in %d hash slots subscribed in %v: %d connections (%d masters × %d); one per slot would be %d",
+			channels, len(slots), time.Since(start).Round(time.Millisecond), total, len(c.nodes), perMaster, len(slots))
+
+		if len(sample) != len(c.nodes) {
+			t.Fatalf("sample covers %d masters, want %d", len(sample), len(c.nodes))
+		}
+		for owner, chans := range sample {
+			for _, ch := range chans {
+				if got := rawPublish(t, owner, "SPUBLISH", prefix+ch, []byte(`"raw"`)); got != 1 {
+					t.Fatalf("SPUBLISH %s on %s: %d receivers, want 1", prefix+ch, owner, got)
+				}
+				n.publish(t, ch, []byte(`"own"`))
+			}
+		}
+		for _, chans := range sample {
+			for _, ch := range chans {
+				assertMessages(t, ch, rec.waitN(t, ch, 2), []string{`"raw"`, `"own"`})
+			}
+		}
+	})
+
+	t.Run("DefaultIsOneConnectionPerMaster", func(t *testing.T) {
+		prefix := newPrefix()
+		rec := newRecorder()
+		r := openRedis(t, broker.RedisOptions{Cluster: true, Addrs: c.addrs(), Prefix: prefix}, rec.handle)
+		for i := 0; i < 300; i++ {
+			if err := r.Subscribe(ctxT(t), "one:"+strconv.Itoa(i)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		var conns map[string]int
+		eventually(t, 10*time.Second, "300 sharded subscriptions", func() bool {
+			var ssub int
+			conns, ssub = c.subscribers(t, broker.SubscriberName(r))
+			return ssub == 300
+		})
+		for _, a := range c.addrs() {
+			if conns[a] != broker.DefaultClusterSubscribers {
+				t.Errorf("%s: %d subscriber connections, want %d", a, conns[a], broker.DefaultClusterSubscribers)
+			}
+		}
+	})
+}
+
+func TestRedisClusterSubscribersOption(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		opt  broker.RedisOptions
+		want string
+	}{
+		{"negative", broker.RedisOptions{Cluster: true, Addrs: []string{"127.0.0.1:1"}, ClusterSubscribers: -1}, "-1 is not between 1 and 256"},
+		{"too many", broker.RedisOptions{Cluster: true, Addrs: []string{"127.0.0.1:1"}, ClusterSubscribers: broker.MaxClusterSubscribers + 1}, "257 is not between 1 and 256"},
+		{"standalone", broker.RedisOptions{URL: "redis://127.0.0.1:1", ClusterSubscribers: 2}, "only a Redis Cluster has them"},
+		{"sentinel", broker.RedisOptions{MasterName: "m", Addrs: []string{"127.0.0.1:1"}, ClusterSubscribers: 2}, "only a Redis Cluster has them"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r, err := broker.NewRedis(tc.opt, func(string, broker.Message) {})
+			if err == nil {
+				r.Close()
+				t.Fatal("NewRedis accepted it")
+			}
+			if !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("error %q does not say %q", err, tc.want)
+			}
+		})
+	}
+}
+
+// TestRedisClusterResharding moves a subscribed channel's slot to another
+// master, then restarts a master under subscribed channels: the node's
+// subscriptions follow, and messages keep arriving, without Subscribe
+// being called again.
+func TestRedisClusterResharding(t *testing.T) {
+	c := startCluster(t)
+	const perMaster = 2
+	prefix := newPrefix()
+	rec := newRecorder()
+	r := openRedis(t, broker.RedisOptions{Cluster: true, Addrs: c.addrs(), Prefix: prefix, ClusterSubscribers: perMaster}, rec.handle)
+	n := &node{b: r, rec: rec, prefix: prefix, check: c.requireShardSubscribed}
+	name := broker.SubscriberName(r)
+
+	// Forty channels: several on every master, and on both connections of
+	// each.
+	var chans []string
+	for i := 0; i < 40; i++ {
+		chans = append(chans, "move:"+strconv.Itoa(i))
+	}
+	n.subscribe(t, chans...)
+	n.settle(t, chans...)
+	moving := chans[0]
+	slot := broker.Slot(prefix + moving)
+	from := c.owner[slot]
+	to := c.addrs()[0]
+	if to == from {
+		to = c.addrs()[1]
+	}
+	// Another channel on the same connection, which stays.
+	stays := ""
+	for _, ch := range chans[1:] {
+		if s := broker.Slot(prefix + ch); s != slot && c.owner[s] == from && s%perMaster == slot%perMaster {
+			stays = ch
+			break
+		}
+	}
+	if stays == "" {
+		t.Fatal("no other channel on the moving channel's connection")
+	}
+
+	delivered := 0
+	// deliver publishes on every channel, through the broker and from an
+	// application sending SPUBLISH to the slot's master, and waits for both.
+	deliver := func(t *testing.T) {
+		t.Helper()
+		delivered++
+		for _, ch := range chans {
+			owner := c.owner[broker.Slot(prefix+ch)]
+			eventually(t, 10*time.Second, "SPUBLISH "+prefix+ch+" to reach the node", func() bool {
+				return rawPublish(t, owner, "SPUBLISH", prefix+ch, []byte(`"raw"`)) == 1
+			})
+			eventually(t, 10*time.Second, "the broker's publish to "+ch, func() bool {
+				return r.Publish(ctxT(t), ch, []byte(`"own"`)) == nil
+			})
+		}
+		for _, ch := range chans {
+			got := rec.waitN(t, ch, 2*delivered)
+			if last := got[len(got)-1]; !bytes.Equal(last, []byte(`"own"`)) {
+				t.Fatalf("%s: last message %s, want \"own\"", ch, last)
+			}
+		}
+	}
+	bounded := func(t *testing.T) {
+		t.Helper()
+		var conns map[string]int
+		eventually(t, 10*time.Second, "every channel subscribed once", func() bool {
+			var ssub int
+			conns, ssub = c.subscribers(t, name)
+			return ssub == len(chans)
+		})
+		for a, k := range conns {
+			if k > perMaster {
+				t.Errorf("%s: %d subscriber connections, want at most %d", a, k, perMaster)
+			}
+		}
+		t.Logf("subscriber connections per master: %v", conns)
+	}
+
+	t.Run("SlotMigration", func(t *testing.T) {
+		c.migrateSlot(t, slot, to)
+		moved := time.Now()
+		eventually(t, 10*time.Second, prefix+moving+" subscribed on its new master "+to, func() bool {
+			return numsub(t, to, "SHARDNUMSUB", prefix+moving) == 1
+		})
+		t.Logf("slot %d moved from %s to %s; subscribed there %v later", slot, from, to, time.Since(moved).Round(time.Microsecond))
+		if got := numsub(t, from, "SHARDNUMSUB", prefix+stays); got != 1 {
+			t.Errorf("%s, on the moving channel's connection, has %d subscribers on %s, want 1", prefix+stays, got, from)
+		}
+		deliver(t)
+		bounded(t)
+	})
+
+	t.Run("MasterRestart", func(t *testing.T) {
+		var victim *redisServer
+		for _, s := range c.nodes {
+			if s.addr() == from {
+				victim = s
+			}
+		}
+		var theirs []string
+		for _, ch := range chans {
+			if c.owner[broker.Slot(prefix+ch)] == from {
+				theirs = append(theirs, ch)
+			}
+		}
+		victim.kill()
+		victim.start()
+		restarted := time.Now()
+		c.waitOK(t, victim)
+		ok := time.Now()
+		eventually(t, 30*time.Second, "the restarted master's channels subscribed again", func() bool {
+			for _, ch := range theirs {
+				if numsub(t, from, "SHARDNUMSUB", prefix+ch) != 1 {
+					return false
+				}
+			}
+			return true
+		})
+		t.Logf("%d channels subscribed again on %s %v after its restart, %v after its cluster_state:ok", len(theirs), from,
+			time.Since(restarted).Round(time.Millisecond), time.Since(ok).Round(time.Millisecond))
+		deliver(t)
+		bounded(t)
+	})
+}
