@@ -2,6 +2,8 @@ package broker_test
 
 import (
 	"bytes"
+	"errors"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -157,13 +159,13 @@ func TestRedisClusterResharding(t *testing.T) {
 		t.Fatal("no other channel on the moving channel's connection")
 	}
 
-	delivered := 0
+	delivered := map[string]int{}
 	// deliver publishes on every channel, through the broker and from an
 	// application sending SPUBLISH to the slot's master, and waits for both.
 	deliver := func(t *testing.T) {
 		t.Helper()
-		delivered++
 		for _, ch := range chans {
+			delivered[ch] += 2
 			owner := c.owner[broker.Slot(prefix+ch)]
 			eventually(t, 10*time.Second, "SPUBLISH "+prefix+ch+" to reach the node", func() bool {
 				return rawPublish(t, owner, "SPUBLISH", prefix+ch, []byte(`"raw"`)) == 1
@@ -173,7 +175,7 @@ func TestRedisClusterResharding(t *testing.T) {
 			})
 		}
 		for _, ch := range chans {
-			got := rec.waitN(t, ch, 2*delivered)
+			got := rec.waitN(t, ch, delivered[ch])
 			if last := got[len(got)-1]; !bytes.Equal(last, []byte(`"own"`)) {
 				t.Fatalf("%s: last message %s, want \"own\"", ch, last)
 			}
@@ -223,6 +225,25 @@ func TestRedisClusterResharding(t *testing.T) {
 			}
 		}
 		victim.kill()
+		// While the master is down: one of its channels is left, and a new
+		// one is subscribed, which the node makes once the master is back.
+		gone := theirs[len(theirs)-1]
+		theirs = theirs[:len(theirs)-1]
+		chans = slices.DeleteFunc(chans, func(ch string) bool { return ch == gone })
+		if err := r.Unsubscribe(ctxT(t), gone); err != nil && !errors.Is(err, broker.ErrUnavailable) {
+			t.Fatalf("Unsubscribe(%q) while its master is down: %v", gone, err)
+		}
+		during := ""
+		for i := 0; during == ""; i++ {
+			if ch := "during:" + strconv.Itoa(i); c.owner[broker.Slot(prefix+ch)] == from {
+				during = ch
+			}
+		}
+		if err := r.Subscribe(ctxT(t), during); err != nil && !errors.Is(err, broker.ErrUnavailable) {
+			t.Fatalf("Subscribe(%q) while its master is down: %v", during, err)
+		}
+		theirs = append(theirs, during)
+		chans = append(chans, during)
 		victim.start()
 		restarted := time.Now()
 		c.waitOK(t, victim)
@@ -237,6 +258,9 @@ func TestRedisClusterResharding(t *testing.T) {
 		})
 		t.Logf("%d channels subscribed again on %s %v after its restart, %v after its cluster_state:ok", len(theirs), from,
 			time.Since(restarted).Round(time.Millisecond), time.Since(ok).Round(time.Millisecond))
+		if got := numsub(t, from, "SHARDNUMSUB", prefix+gone); got != 0 {
+			t.Errorf("%s, left while its master was down, has %d subscribers after the restart", prefix+gone, got)
+		}
 		deliver(t)
 		bounded(t)
 	})
