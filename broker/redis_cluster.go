@@ -63,6 +63,7 @@ type clusterSubs struct {
 	lost      map[string]struct{}      // prefixed channels waiting to be placed (again)
 	owner     []string                 // slot → master address; nil until loaded
 	moved     map[int]string           // slot → master, from MOVED replies since the last load
+	down      map[string]bool          // masters the last connection attempt failed to reach
 	nodes     map[string]*redis.Client // master address → client of its subscriber connections
 	fix       chan struct{}            // wakes the fixer (capacity 1)
 }
@@ -73,6 +74,7 @@ func (c *clusterSubs) init(perMaster int) {
 	c.placed = map[string]*subConn{}
 	c.lost = map[string]struct{}{}
 	c.moved = map[int]string{}
+	c.down = map[string]bool{}
 	c.nodes = map[string]*redis.Client{}
 	c.fix = make(chan struct{}, 1)
 }
@@ -99,7 +101,7 @@ func (r *Redis) shardSubscribe(ctx context.Context, name string) error {
 			return fmt.Errorf("%w: %v", ErrUnavailable, err)
 		}
 	}
-	if err := r.place(ctx, []string{name}); err != nil {
+	if err := r.place(ctx, []string{name}, nil); err != nil {
 		r.kick()
 		return fmt.Errorf("%w: %v", ErrUnavailable, err)
 	}
@@ -157,9 +159,12 @@ func (r *Redis) readSlots(ctx context.Context) ([]string, error) {
 }
 
 // place subscribes prefixed channels on their connections, one SSUBSCRIBE
-// per slot. Called with r.mu held and the slot table loaded. What it
+// per slot. Called with r.mu held and the slot table loaded. A missing
+// connection is taken from ready (connected by the fixer without the
+// lock), or else dialled, unless its master is known to be unreachable:
+// Subscribe does not hold the lock for a dial that will fail. What it
 // cannot place is left in r.cs.lost; the error is the first failure.
-func (r *Redis) place(ctx context.Context, names []string) error {
+func (r *Redis) place(ctx context.Context, names []string, ready map[subKey]*redis.PubSub) error {
 	bySlot := map[int][]string{}
 	for _, name := range names {
 		s := Slot(name)
@@ -167,7 +172,7 @@ func (r *Redis) place(ctx context.Context, names []string) error {
 	}
 	var first error
 	for slot, group := range bySlot {
-		if err := r.placeSlot(ctx, slot, group); err != nil {
+		if err := r.placeSlot(ctx, slot, group, ready); err != nil {
 			for _, name := range group {
 				r.cs.lost[name] = struct{}{}
 			}
@@ -179,7 +184,7 @@ func (r *Redis) place(ctx context.Context, names []string) error {
 	return first
 }
 
-func (r *Redis) placeSlot(ctx context.Context, slot int, names []string) error {
+func (r *Redis) placeSlot(ctx context.Context, slot int, names []string, ready map[subKey]*redis.PubSub) error {
 	addr := r.cs.owner[slot]
 	if addr == "" {
 		return fmt.Errorf("hash slot %d has no master", slot)
@@ -188,16 +193,26 @@ func (r *Redis) placeSlot(ctx context.Context, slot int, names []string) error {
 	sc := r.cs.conns[key]
 	fresh := sc == nil
 	if fresh {
-		sc = &subConn{key: key, ps: r.nodeClient(addr).SSubscribe(ctx), names: map[string]struct{}{}}
+		ps := ready[key]
+		if ps != nil {
+			delete(ready, key)
+		} else if r.cs.down[addr] {
+			return fmt.Errorf("master %s of hash slot %d is unreachable", addr, slot)
+		} else {
+			ps = r.nodeClient(addr).SSubscribe(ctx)
+		}
+		sc = &subConn{key: key, ps: ps, names: map[string]struct{}{}}
 	}
 	if err := sc.ps.SSubscribe(ctx, names...); err != nil {
 		if fresh {
 			sc.ps.Close()
+			r.cs.down[addr] = true
 		} else {
 			r.dropSub(sc, err)
 		}
 		return err
 	}
+	delete(r.cs.down, addr)
 	for _, name := range names {
 		if old := r.cs.placed[name]; old != nil && old != sc {
 			delete(old.names, name)
@@ -385,7 +400,9 @@ func (r *Redis) fixer() {
 }
 
 // fixRound is one round of the fixer; it reports whether channels are
-// still waiting.
+// still waiting. It connects the connections it needs before it takes
+// r.mu: a master that does not answer costs it a dial timeout, and
+// Subscribe and Unsubscribe meanwhile nothing.
 func (r *Redis) fixRound() bool {
 	r.mu.Lock()
 	waiting := len(r.cs.lost)
@@ -396,9 +413,10 @@ func (r *Redis) fixRound() bool {
 	// A slot that moved is also one the commands' client must learn of.
 	r.cluster.ReloadState(r.ctx)
 	owner, err := r.readSlots(r.ctx)
+
 	r.mu.Lock()
-	defer r.mu.Unlock()
 	if r.closed.Load() {
+		r.mu.Unlock()
 		return false
 	}
 	if err == nil {
@@ -407,19 +425,63 @@ func (r *Redis) fixRound() bool {
 		r.log.Debug("redis cluster: slot table unavailable, subscribing from the last one", "error", err)
 	}
 	if r.cs.owner == nil {
+		r.mu.Unlock()
 		return true
 	}
 	for slot, addr := range r.cs.moved {
 		r.cs.owner[slot] = addr
 	}
 	clear(r.cs.moved)
+	need := map[subKey]*redis.Client{}
+	for name := range r.cs.lost {
+		slot := Slot(name)
+		key := subKey{r.cs.owner[slot], slot % r.cs.perMaster}
+		if key.addr != "" && r.cs.conns[key] == nil {
+			need[key] = r.nodeClient(key.addr)
+		}
+	}
+	r.mu.Unlock()
+
+	ctx, cancel := context.WithTimeout(r.ctx, 2*ioTimeout)
+	defer cancel()
+	ready := map[subKey]*redis.PubSub{}
+	reached := map[string]bool{}
+	for key, c := range need {
+		if ok, tried := reached[key.addr]; tried && !ok {
+			continue
+		}
+		ps := c.SSubscribe(ctx)
+		if err := ps.Ping(ctx, "wsgate-connect"); err != nil {
+			ps.Close()
+			reached[key.addr] = false
+			continue
+		}
+		reached[key.addr] = true
+		ready[key] = ps
+	}
+
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	defer func() {
+		for _, ps := range ready {
+			ps.Close()
+		}
+	}()
+	if r.closed.Load() {
+		return false
+	}
+	for addr, ok := range reached {
+		if ok {
+			delete(r.cs.down, addr)
+		} else {
+			r.cs.down[addr] = true
+		}
+	}
 	names := make([]string, 0, len(r.cs.lost))
 	for name := range r.cs.lost {
 		names = append(names, name)
 	}
-	ctx, cancel := context.WithTimeout(r.ctx, 2*ioTimeout)
-	defer cancel()
-	if err := r.place(ctx, names); err != nil {
+	if err := r.place(ctx, names, ready); err != nil {
 		r.log.Debug("redis cluster: subscriptions still waiting", "channels", len(r.cs.lost), "error", err)
 	}
 	// Connections whose every channel moved elsewhere.

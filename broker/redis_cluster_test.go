@@ -264,4 +264,74 @@ func TestRedisClusterResharding(t *testing.T) {
 		deliver(t)
 		bounded(t)
 	})
+
+	t.Run("MasterHung", func(t *testing.T) {
+		// The master goes away and something that accepts connections and
+		// never answers takes its port: each attempt to subscribe there
+		// costs the fixer a timeout, and must not hold up the node's
+		// subscriptions on the other masters meanwhile.
+		var victim *redisServer
+		for _, s := range c.nodes {
+			if s.addr() == to {
+				victim = s
+			}
+		}
+		var theirs []string
+		conns := map[[2]any]bool{} // (master, slot mod perMaster) with a channel
+		for _, ch := range chans {
+			s := broker.Slot(prefix + ch)
+			if c.owner[s] == to {
+				theirs = append(theirs, ch)
+			}
+			conns[[2]any{c.owner[s], s % perMaster}] = true
+		}
+		// A channel of another master, on a connection that stays open
+		// whether it is subscribed or not.
+		other := ""
+		for i := 0; other == ""; i++ {
+			ch := "other:" + strconv.Itoa(i)
+			s := broker.Slot(prefix + ch)
+			if c.owner[s] != to && conns[[2]any{c.owner[s], s % perMaster}] {
+				other = ch
+			}
+		}
+		errorsBefore := r.Stats().Errors
+		victim.kill()
+		stop := silentServer(t, victim.addr())
+		eventually(t, 10*time.Second, "the node to notice the lost connections", func() bool {
+			return r.Stats().Errors > errorsBefore
+		})
+		var slowest time.Duration
+		calls := 0
+		for start := time.Now(); time.Since(start) < 3*time.Second; calls++ {
+			began := time.Now()
+			if err := r.Subscribe(ctxT(t), other); err != nil {
+				t.Fatalf("Subscribe(%q) on a healthy master: %v", other, err)
+			}
+			if err := r.Unsubscribe(ctxT(t), other); err != nil {
+				t.Fatalf("Unsubscribe(%q) on a healthy master: %v", other, err)
+			}
+			slowest = max(slowest, time.Since(began))
+		}
+		t.Logf("%d subscribe and unsubscribe pairs on a healthy master in 3s while %s hung; the slowest took %v", calls, to, slowest)
+		// A dial or a read under the broker's lock would hold a pair for
+		// about a second (ioTimeout).
+		if slowest > 750*time.Millisecond {
+			t.Errorf("a subscribe and unsubscribe pair on a healthy master took %v while another master hung", slowest)
+		}
+
+		stop()
+		victim.start()
+		c.waitOK(t, victim)
+		eventually(t, 30*time.Second, "the master's channels subscribed again", func() bool {
+			for _, ch := range theirs {
+				if numsub(t, to, "SHARDNUMSUB", prefix+ch) != 1 {
+					return false
+				}
+			}
+			return true
+		})
+		deliver(t)
+		bounded(t)
+	})
 }
