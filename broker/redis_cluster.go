@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+	"sync/atomic"
+	"time"
 
 	"github.com/redis/go-redis/v9"
 )
@@ -26,7 +28,9 @@ import (
 // by a background fixer. The fixer also places again the channels that
 // Redis dropped itself: a master that loses a slot (resharding, failover)
 // sends sunsubscribe for each channel of it, and an SSUBSCRIBE that
-// reached the wrong master is answered MOVED with the right one.
+// reached the wrong master is answered MOVED with the right one. What
+// nothing reports (a master gone silent, a replica that took its slots
+// over) a periodic check finds: see Redis.check.
 
 // DefaultClusterSubscribers is the number of sharded subscriber
 // connections per cluster master when RedisOptions.ClusterSubscribers is
@@ -38,6 +42,11 @@ const MaxClusterSubscribers = 256
 
 const numSlots = 16384
 
+// clusterCheckInterval is how often the node reads the cluster's slot
+// table and PINGs its subscriber connections (see Redis.check). A
+// variable for tests.
+var clusterCheckInterval = 5 * time.Second
+
 // subKey names a subscriber connection: its master and its number there.
 type subKey struct {
 	addr string
@@ -47,17 +56,20 @@ type subKey struct {
 // subConn is one sharded subscriber connection. Its fields are guarded by
 // Redis.mu.
 type subConn struct {
-	key   subKey
-	ps    *redis.PubSub
-	names map[string]struct{} // the prefixed channels subscribed on it
-	up    bool                // a subscription was confirmed on it
-	dead  bool                // closed; its channels were handed to the fixer
+	key    subKey
+	ps     *redis.PubSub
+	names  map[string]struct{} // the prefixed channels subscribed on it
+	up     bool                // a subscription was confirmed on it
+	dead   bool                // closed; its channels were handed to the fixer
+	pinged bool                // a check PINGed it; cleared when heard is found set
+	heard  atomic.Bool         // something arrived since the last check
 }
 
 // clusterSubs is the cluster broker's subscription state, guarded by
 // Redis.mu.
 type clusterSubs struct {
 	perMaster int
+	every     time.Duration // clusterCheckInterval when the broker was made
 	conns     map[subKey]*subConn
 	placed    map[string]*subConn      // prefixed channel → its connection
 	lost      map[string]struct{}      // prefixed channels waiting to be placed (again)
@@ -70,6 +82,7 @@ type clusterSubs struct {
 
 func (c *clusterSubs) init(perMaster int) {
 	c.perMaster = perMaster
+	c.every = clusterCheckInterval
 	c.conns = map[subKey]*subConn{}
 	c.placed = map[string]*subConn{}
 	c.lost = map[string]struct{}{}
@@ -291,6 +304,9 @@ func (r *Redis) receiveShard(sc *subConn) {
 	defer r.wg.Done()
 	for {
 		msg, err := sc.ps.Receive(r.ctx)
+		if err == nil {
+			sc.heard.Store(true)
+		}
 		if err != nil {
 			if r.closed.Load() {
 				return
@@ -382,9 +398,13 @@ func movedTo(msg string) (int, string, bool) {
 // a tight loop.
 func (r *Redis) fixer() {
 	defer r.wg.Done()
+	tick := time.NewTicker(r.cs.every)
+	defer tick.Stop()
 	for {
 		select {
 		case <-r.cs.fix:
+		case <-tick.C:
+			r.check()
 		case <-r.ctx.Done():
 			return
 		}
@@ -396,6 +416,57 @@ func (r *Redis) fixer() {
 		if !r.pause(reconnectPause) {
 			return
 		}
+	}
+}
+
+// check finds what the node would not be told of: a master that died
+// without closing its connections (a host that lost power, a network
+// partition) and whose slots a replica has taken over. It reads the slot
+// table, and takes the channels of every slot whose master changed off
+// their connections, for the fixer to place again; and it drops the
+// connections that have not answered the PING of the previous check.
+// Called by the fixer, every clusterCheckInterval.
+func (r *Redis) check() {
+	owner, err := r.readSlots(r.ctx)
+	r.mu.Lock()
+	if r.closed.Load() {
+		r.mu.Unlock()
+		return
+	}
+	if err == nil && r.cs.owner != nil {
+		changed := map[int]bool{}
+		for s, a := range owner {
+			if a != "" && a != r.cs.owner[s] {
+				changed[s] = true
+			}
+		}
+		if len(changed) > 0 {
+			r.cs.owner = owner
+			for name, sc := range r.cs.placed {
+				if changed[Slot(name)] {
+					delete(r.cs.placed, name)
+					delete(sc.names, name)
+					r.cs.lost[name] = struct{}{}
+				}
+			}
+			r.kick()
+		}
+	}
+	var ping []*subConn
+	for _, sc := range r.cs.conns {
+		if sc.pinged && !sc.heard.Load() {
+			r.dropSub(sc, errors.New("no answer to PING"))
+			continue
+		}
+		sc.pinged = true
+		sc.heard.Store(false)
+		ping = append(ping, sc)
+	}
+	r.mu.Unlock()
+	for _, sc := range ping {
+		ctx, cancel := context.WithTimeout(r.ctx, ioTimeout)
+		sc.ps.Ping(ctx, "wsgate-check")
+		cancel()
 	}
 }
 

@@ -124,7 +124,10 @@ func TestRedisClusterSubscribersOption(t *testing.T) {
 // subscriptions follow, and messages keep arriving, without Subscribe
 // being called again.
 func TestRedisClusterResharding(t *testing.T) {
-	c := startCluster(t)
+	// Masters are not failed by the others while the test stops one: the
+	// cluster would stop serving every slot.
+	c := startCluster(t, "--cluster-node-timeout", "60000")
+	broker.SetClusterCheckInterval(t, 200*time.Millisecond)
 	const perMaster = 2
 	prefix := newPrefix()
 	rec := newRecorder()
@@ -330,6 +333,86 @@ func TestRedisClusterResharding(t *testing.T) {
 				}
 			}
 			return true
+		})
+		deliver(t)
+		bounded(t)
+	})
+
+	t.Run("SilentMasterReplaced", func(t *testing.T) {
+		// A master stops answering without closing anything (a host that
+		// lost power), and another takes over one of its slots, as a
+		// promoted replica would: nothing tells the node, which finds it
+		// in the slot table.
+		third := ""
+		for _, a := range c.addrs() {
+			if a != from && a != to {
+				third = a
+			}
+		}
+		var victim *redisServer
+		for _, s := range c.nodes {
+			if s.addr() == third {
+				victim = s
+			}
+		}
+		var theirs []string
+		for _, ch := range chans {
+			if c.owner[broker.Slot(prefix+ch)] == third {
+				theirs = append(theirs, ch)
+			}
+		}
+		if len(theirs) < 2 {
+			t.Fatalf("%s holds %d channels, want 2 or more", third, len(theirs))
+		}
+		taken := theirs[0]
+		slot := broker.Slot(prefix + taken)
+		ids := map[string]string{}
+		for _, a := range c.addrs() {
+			ids[a], _ = dialRESP(t, a).do(t, "CLUSTER", "MYID").(string)
+		}
+		errorsBefore := r.Stats().Errors
+		victim.Freeze()
+		t.Cleanup(victim.Thaw)
+		frozen := time.Now()
+		s := strconv.Itoa(slot)
+		newOwner := dialRESP(t, to)
+		for _, args := range [][]string{{"IMPORTING", ids[third]}, {"NODE", ids[to]}} {
+			if v := newOwner.do(t, append([]string{"CLUSTER", "SETSLOT", s}, args...)...); v != "OK" {
+				t.Fatalf("CLUSTER SETSLOT %s %v on %s: %v", s, args, to, v)
+			}
+		}
+		if v := dialRESP(t, from).do(t, "CLUSTER", "SETSLOT", s, "NODE", ids[to]); v != "OK" {
+			t.Fatalf("CLUSTER SETSLOT %s NODE on %s: %v", s, from, v)
+		}
+		c.owner[slot] = to
+		eventually(t, 10*time.Second, prefix+taken+" subscribed on "+to+", which took its slot over", func() bool {
+			return numsub(t, to, "SHARDNUMSUB", prefix+taken) == 1
+		})
+		t.Logf("slot %d taken from the frozen %s by %s; %s subscribed there %v after the freeze", slot, third, to, taken,
+			time.Since(frozen).Round(time.Millisecond))
+		// The connections to the frozen master answer no PING: the node
+		// gives them up (and tries again until the master answers).
+		eventually(t, 10*time.Second, "the frozen master's connections given up", func() bool {
+			return r.Stats().Errors > errorsBefore
+		})
+		if got := rawPublish(t, to, "SPUBLISH", prefix+taken, []byte(`"taken"`)); got != 1 {
+			t.Fatalf("SPUBLISH %s on %s: %d receivers, want 1", prefix+taken, to, got)
+		}
+		got := rec.waitN(t, taken, delivered[taken]+1)
+		delivered[taken]++
+		if last := got[len(got)-1]; string(last) != `"taken"` {
+			t.Fatalf("%s: last message %s, want \"taken\"", taken, last)
+		}
+
+		victim.Thaw()
+		c.waitOK(t, victim)
+		eventually(t, 30*time.Second, "the thawed master's channels subscribed on it", func() bool {
+			for _, ch := range theirs[1:] {
+				if numsub(t, third, "SHARDNUMSUB", prefix+ch) != 1 {
+					return false
+				}
+			}
+			return numsub(t, third, "SHARDNUMSUB", prefix+taken) == 0
 		})
 		deliver(t)
 		bounded(t)

@@ -187,14 +187,16 @@ func (c *redisCluster) addrs() []string {
 }
 
 // startCluster starts three masters, joins them with redis-cli and waits
-// for cluster_state:ok on every node.
-func startCluster(t testing.TB) *redisCluster {
+// for cluster_state:ok on every node. extra goes on each server's command
+// line (after the defaults, so it may override them).
+func startCluster(t testing.TB, extra ...string) *redisCluster {
 	t.Helper()
 	cli := redistest.Bin(t, "redis-cli")
 	c := &redisCluster{}
 	for i := 0; i < 3; i++ {
 		// the config file is in the server's own directory
-		r := startRedis(t, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "5000")
+		args := append([]string{"--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "5000"}, extra...)
+		r := startRedis(t, args...)
 		c.nodes = append(c.nodes, r)
 	}
 	args := append([]string{"--cluster", "create"}, c.addrs()...)
