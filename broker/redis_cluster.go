@@ -53,16 +53,16 @@ type subKey struct {
 	n    int
 }
 
-// subConn is one sharded subscriber connection. Its fields are guarded by
-// Redis.mu.
+// subConn is one sharded subscriber connection. Its fields but heard are
+// guarded by Redis.mu.
 type subConn struct {
 	key    subKey
 	ps     *redis.PubSub
 	names  map[string]struct{} // the prefixed channels subscribed on it
 	up     bool                // a subscription was confirmed on it
 	dead   bool                // closed; its channels were handed to the fixer
-	pinged bool                // a check PINGed it; cleared when heard is found set
-	heard  atomic.Bool         // something arrived since the last check
+	pinged bool                // a check has PINGed it
+	heard  atomic.Bool         // something arrived since the last check (set by its reader)
 }
 
 // clusterSubs is the cluster broker's subscription state, guarded by
