@@ -47,7 +47,9 @@ type RedisOptions struct {
 	// Reconnected, if not nil, is called (on a goroutine of its own) each
 	// time Redis is reachable again after an outage, once the
 	// subscriptions are back: what was published meanwhile never reached
-	// this node through pub/sub. Standalone and Sentinel only.
+	// this node through pub/sub. On a Redis Cluster: each time the
+	// subscriptions lost while live (a master's connection failed, a slot
+	// moved to another master) are all made again.
 	Reconnected func()
 	// ClusterSubscribers is the number of sharded subscriber connections
 	// the node keeps to each cluster master, 1 to MaxClusterSubscribers;

@@ -59,10 +59,12 @@ type subConn struct {
 	key    subKey
 	ps     *redis.PubSub
 	names  map[string]struct{} // the prefixed channels subscribed on it
+	unsubs map[string]int      // SUNSUBSCRIBEs sent on it and not yet answered, by channel
 	up     bool                // a subscription was confirmed on it
 	dead   bool                // closed; its channels were handed to the fixer
 	pinged bool                // a check has PINGed it
 	heard  atomic.Bool         // something arrived since the last check (set by its reader)
+	pongs  chan string         // PONG payloads, for resynced
 }
 
 // clusterSubs is the cluster broker's subscription state, guarded by
@@ -78,6 +80,8 @@ type clusterSubs struct {
 	down      map[string]bool          // masters the last connection attempt failed to reach
 	nodes     map[string]*redis.Client // master address → client of its subscriber connections
 	fix       chan struct{}            // wakes the fixer (capacity 1)
+	resync    bool                     // live subscriptions were lost: call Reconnected once all are back
+	pings     uint64                   // PINGs sent by resynced (the fixer's goroutine only)
 }
 
 func (c *clusterSubs) init(perMaster int) {
@@ -135,6 +139,9 @@ func (r *Redis) shardUnsubscribe(ctx context.Context, name string) error {
 		r.closeSub(sc)
 		return nil
 	}
+	// Its answer must not be taken for the master dropping the channel,
+	// should the channel be subscribed again before it comes.
+	sc.unsubs[name]++
 	if err := sc.ps.SUnsubscribe(ctx, name); err != nil {
 		return fmt.Errorf("%w: %v", ErrUnavailable, err)
 	}
@@ -214,7 +221,7 @@ func (r *Redis) placeSlot(ctx context.Context, slot int, names []string, ready m
 		} else {
 			ps = r.nodeClient(addr).SSubscribe(ctx)
 		}
-		sc = &subConn{key: key, ps: ps, names: map[string]struct{}{}}
+		sc = &subConn{key: key, ps: ps, names: map[string]struct{}{}, unsubs: map[string]int{}, pongs: make(chan string, 4)}
 	}
 	if err := sc.ps.SSubscribe(ctx, names...); err != nil {
 		if fresh {
@@ -282,6 +289,7 @@ func (r *Redis) dropSub(sc *subConn, cause error) {
 		r.log.Warn("redis cluster subscriber connection lost: subscribing its channels again", "master", sc.key.addr,
 			"channels", len(sc.names), "error", cause)
 		r.failures.Add(1)
+		r.cs.resync = r.cs.resync || len(sc.names) > 0
 	} else {
 		// A connection that never worked: the fixer is trying again (a
 		// master restarting answers CLUSTERDOWN for a while).
@@ -323,6 +331,13 @@ func (r *Redis) receiveShard(sc *subConn) {
 					// slot: its channels go to the master named.
 					r.cs.moved[slot] = addr
 					r.unplaceSlot(sc, slot)
+					// A SUNSUBSCRIBE of the slot answered so has no other
+					// answer to wait for.
+					for name := range sc.unsubs {
+						if Slot(name) == slot {
+							delete(sc.unsubs, name)
+						}
+					}
 					r.mu.Unlock()
 					continue
 				}
@@ -337,6 +352,11 @@ func (r *Redis) receiveShard(sc *subConn) {
 		switch m := msg.(type) {
 		case *redis.Message:
 			r.deliver(m)
+		case *redis.Pong:
+			select {
+			case sc.pongs <- m.Payload:
+			default:
+			}
 		case *redis.Subscription:
 			if m.Kind == "ssubscribe" && !sc.up {
 				r.mu.Lock()
@@ -347,14 +367,20 @@ func (r *Redis) receiveShard(sc *subConn) {
 			if m.Kind != "sunsubscribe" {
 				continue
 			}
-			// Either the reply to our SUNSUBSCRIBE (the channel is no longer
-			// placed here, nothing to do) or the master dropping a channel
-			// of a slot it lost: place it again.
+			// Either the answer to our SUNSUBSCRIBE or the master dropping a
+			// channel of a slot it lost: place that one again.
 			r.mu.Lock()
-			if !sc.dead && r.cs.placed[m.Channel] == sc {
+			if n := sc.unsubs[m.Channel]; n > 0 {
+				if n == 1 {
+					delete(sc.unsubs, m.Channel)
+				} else {
+					sc.unsubs[m.Channel] = n - 1
+				}
+			} else if !sc.dead && r.cs.placed[m.Channel] == sc {
 				delete(r.cs.placed, m.Channel)
 				delete(sc.names, m.Channel)
 				r.cs.lost[m.Channel] = struct{}{}
+				r.cs.resync = true
 				r.kick()
 			}
 			r.mu.Unlock()
@@ -413,6 +439,7 @@ func (r *Redis) fixer() {
 				return
 			}
 		}
+		r.resynced()
 		if !r.pause(reconnectPause) {
 			return
 		}
@@ -447,6 +474,7 @@ func (r *Redis) check() {
 					delete(r.cs.placed, name)
 					delete(sc.names, name)
 					r.cs.lost[name] = struct{}{}
+					r.cs.resync = true
 				}
 			}
 			r.kick()
@@ -467,6 +495,62 @@ func (r *Redis) check() {
 		ctx, cancel := context.WithTimeout(r.ctx, ioTimeout)
 		sc.ps.Ping(ctx, "wsgate-check")
 		cancel()
+	}
+	r.resynced()
+}
+
+// resynced calls RedisOptions.Reconnected once every subscription that was
+// lost while it was live (its connection failed, its slot moved) is made
+// again: what was published meanwhile never reached the node. A PING on
+// each connection, answered after the SSUBSCRIBEs sent before it, proves
+// them in effect. Called by the fixer when nothing is left to place, and
+// by each check (a connection that did not answer in time is tried again
+// there).
+func (r *Redis) resynced() {
+	r.mu.Lock()
+	if !r.cs.resync || len(r.cs.lost) > 0 || r.closed.Load() {
+		r.mu.Unlock()
+		return
+	}
+	conns := make([]*subConn, 0, len(r.cs.conns))
+	for _, sc := range r.cs.conns {
+		conns = append(conns, sc)
+	}
+	r.mu.Unlock()
+	for _, sc := range conns {
+		if !r.roundTrip(sc) {
+			return
+		}
+	}
+	r.mu.Lock()
+	done := r.cs.resync && len(r.cs.lost) == 0 && !r.closed.Load()
+	if done {
+		r.cs.resync = false
+	}
+	r.mu.Unlock()
+	if f := r.opt.Reconnected; done && f != nil {
+		r.wg.Go(f)
+	}
+}
+
+// roundTrip PINGs sc and waits up to ioTimeout for its PONG.
+func (r *Redis) roundTrip(sc *subConn) bool {
+	ctx, cancel := context.WithTimeout(r.ctx, ioTimeout)
+	defer cancel()
+	r.cs.pings++
+	token := "wsgate-resync-" + strconv.FormatUint(r.cs.pings, 10)
+	if sc.ps.Ping(ctx, token) != nil {
+		return false
+	}
+	for {
+		select {
+		case p := <-sc.pongs:
+			if p == token {
+				return true
+			}
+		case <-ctx.Done():
+			return false
+		}
 	}
 }
 

@@ -6,6 +6,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -72,6 +73,56 @@ func clusterSubscribers(t *testing.T, c *redisCluster) {
 		}
 	})
 
+	t.Run("UnsubscribeAnswerIsNotADrop", func(t *testing.T) {
+		// A channel left and subscribed again at once: the answer to the
+		// SUNSUBSCRIBE comes while it is subscribed again, and must not be
+		// taken for the master dropping it (which would resubscribe it and
+		// call Reconnected, and leave a later unsubscription unsent).
+		prefix := newPrefix()
+		rec := newRecorder()
+		var calls atomic.Int64
+		r := openRedis(t, broker.RedisOptions{Cluster: true, Addrs: c.addrs(), Prefix: prefix,
+			Reconnected: func() { calls.Add(1) }}, rec.handle)
+		n := &node{b: r, rec: rec, prefix: prefix, check: c.requireShardSubscribed}
+		a, b := tagged("churn", "a"), tagged("churn", "b")
+		owner := c.owner[broker.Slot(prefix+a)]
+		n.subscribe(t, a, b)
+		n.settle(t, a, b)
+		for i := 0; i < 1000; i++ {
+			if err := r.Unsubscribe(ctxT(t), b); err != nil {
+				t.Fatal(err)
+			}
+			if err := r.Subscribe(ctxT(t), b); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := r.Unsubscribe(ctxT(t), b); err != nil {
+			t.Fatal(err)
+		}
+		n.fence(t, a) // every answer above has been read
+		if got := numsub(t, owner, "SHARDNUMSUB", prefix+b); got != 0 {
+			t.Errorf("%s has %d subscribers after the last Unsubscribe, want 0", prefix+b, got)
+		}
+		// A real loss: Reconnected is called once, for it alone.
+		name := broker.SubscriberName(r)
+		id := clientID(t, owner, name)
+		if v := dialRESP(t, owner).do(t, "CLIENT", "KILL", "ID", id); v != int64(1) {
+			t.Fatalf("CLIENT KILL ID %q: %v", id, v)
+		}
+		eventually(t, 10*time.Second, prefix+a+" subscribed again on a new connection", func() bool {
+			now := clientID(t, owner, name)
+			return now != "" && now != id && numsub(t, owner, "SHARDNUMSUB", prefix+a) == 1
+		})
+		eventually(t, 10*time.Second, "Reconnected after the connection was killed", func() bool { return calls.Load() > 0 })
+		n.fence(t, a)
+		if got := calls.Load(); got != 1 {
+			t.Errorf("Reconnected was called %d times, want 1 (for the killed connection)", got)
+		}
+		if got := numsub(t, owner, "SHARDNUMSUB", prefix+b); got != 0 {
+			t.Errorf("%s has %d subscribers after the reconnection, want 0", prefix+b, got)
+		}
+	})
+
 	t.Run("DefaultIsOneConnectionPerMaster", func(t *testing.T) {
 		prefix := newPrefix()
 		rec := newRecorder()
@@ -93,6 +144,24 @@ func clusterSubscribers(t *testing.T, c *redisCluster) {
 			}
 		}
 	})
+}
+
+// clientID is the CLIENT ID, on the master at addr, of a connection named
+// name that holds sharded subscriptions, or "".
+func clientID(t testing.TB, addr, name string) string {
+	t.Helper()
+	list, _ := dialRESP(t, addr).do(t, "CLIENT", "LIST").(string)
+	for _, line := range strings.Split(list, "\n") {
+		fields := map[string]string{}
+		for _, f := range strings.Fields(line) {
+			k, v, _ := strings.Cut(f, "=")
+			fields[k] = v
+		}
+		if fields["name"] == name && fields["ssub"] != "0" {
+			return fields["id"]
+		}
+	}
+	return ""
 }
 
 func TestRedisClusterSubscribersOption(t *testing.T) {
@@ -131,9 +200,32 @@ func TestRedisClusterResharding(t *testing.T) {
 	const perMaster = 2
 	prefix := newPrefix()
 	rec := newRecorder()
-	r := openRedis(t, broker.RedisOptions{Cluster: true, Addrs: c.addrs(), Prefix: prefix, ClusterSubscribers: perMaster}, rec.handle)
+	reconnected := make(chan struct{}, 1)
+	r := openRedis(t, broker.RedisOptions{Cluster: true, Addrs: c.addrs(), Prefix: prefix, ClusterSubscribers: perMaster,
+		Reconnected: func() {
+			select {
+			case reconnected <- struct{}{}:
+			default:
+			}
+		}}, rec.handle)
 	n := &node{b: r, rec: rec, prefix: prefix, check: c.requireShardSubscribed}
 	name := broker.SubscriberName(r)
+	// waitReconnected waits for a call of Reconnected since the last
+	// drainReconnected.
+	drainReconnected := func() {
+		select {
+		case <-reconnected:
+		default:
+		}
+	}
+	waitReconnected := func(t *testing.T) {
+		t.Helper()
+		select {
+		case <-reconnected:
+		case <-time.After(30 * time.Second):
+			t.Fatal("Reconnected was not called within 30s")
+		}
+	}
 
 	// Forty channels: several on every master, and on both connections of
 	// each.
@@ -187,8 +279,16 @@ func TestRedisClusterResharding(t *testing.T) {
 	bounded := func(t *testing.T) {
 		t.Helper()
 		var conns map[string]int
+		var ssub int
+		defer func() {
+			if t.Failed() {
+				t.Logf("ssub %d, channels %d, conns %v", ssub, len(chans), conns)
+				for _, ch := range chans {
+					t.Logf("%s on %s: %d", ch, c.owner[broker.Slot(prefix+ch)], numsub(t, c.owner[broker.Slot(prefix+ch)], "SHARDNUMSUB", prefix+ch))
+				}
+			}
+		}()
 		eventually(t, 10*time.Second, "every channel subscribed once", func() bool {
-			var ssub int
 			conns, ssub = c.subscribers(t, name)
 			return ssub == len(chans)
 		})
@@ -201,6 +301,7 @@ func TestRedisClusterResharding(t *testing.T) {
 	}
 
 	t.Run("SlotMigration", func(t *testing.T) {
+		drainReconnected()
 		c.migrateSlot(t, slot, to)
 		moved := time.Now()
 		eventually(t, 10*time.Second, prefix+moving+" subscribed on its new master "+to, func() bool {
@@ -210,6 +311,8 @@ func TestRedisClusterResharding(t *testing.T) {
 		if got := numsub(t, from, "SHARDNUMSUB", prefix+stays); got != 1 {
 			t.Errorf("%s, on the moving channel's connection, has %d subscribers on %s, want 1", prefix+stays, got, from)
 		}
+		// What was published during the move could have been missed.
+		waitReconnected(t)
 		deliver(t)
 		bounded(t)
 	})
@@ -227,6 +330,7 @@ func TestRedisClusterResharding(t *testing.T) {
 				theirs = append(theirs, ch)
 			}
 		}
+		drainReconnected()
 		victim.kill()
 		// While the master is down: one of its channels is left, and a new
 		// one is subscribed, which the node makes once the master is back.
@@ -251,14 +355,13 @@ func TestRedisClusterResharding(t *testing.T) {
 		restarted := time.Now()
 		c.waitOK(t, victim)
 		ok := time.Now()
-		eventually(t, 30*time.Second, "the restarted master's channels subscribed again", func() bool {
-			for _, ch := range theirs {
-				if numsub(t, from, "SHARDNUMSUB", prefix+ch) != 1 {
-					return false
-				}
+		// Reconnected comes once the subscriptions are in effect.
+		waitReconnected(t)
+		for _, ch := range theirs {
+			if got := numsub(t, from, "SHARDNUMSUB", prefix+ch); got != 1 {
+				t.Errorf("%s has %d subscribers on %s when Reconnected is called, want 1", prefix+ch, got, from)
 			}
-			return true
-		})
+		}
 		t.Logf("%d channels subscribed again on %s %v after its restart, %v after its cluster_state:ok", len(theirs), from,
 			time.Since(restarted).Round(time.Millisecond), time.Since(ok).Round(time.Millisecond))
 		if got := numsub(t, from, "SHARDNUMSUB", prefix+gone); got != 0 {
