@@ -31,3 +31,7 @@ func SetClusterCheckInterval(t testing.TB, d time.Duration) {
 	clusterCheckInterval = d
 	t.Cleanup(func() { clusterCheckInterval = saved })
 }
+
+// ReplyChannel is the channel, without the prefix, on which r receives
+// the answers to its control requests.
+func ReplyChannel(r *Redis) string { return replyChannel + r.node }
