@@ -106,6 +106,7 @@ type Stats struct {
 	Reconnects uint64
 	// Errors counts commands that failed while the broker was thought
 	// reachable (not those refused at once during an outage), and losses
-	// of the subscription connection that revealed an outage.
+	// of the subscription connection that revealed an outage (on a Redis
+	// Cluster, of any subscriber connection that had worked).
 	Errors uint64
 }

@@ -679,10 +679,21 @@ func TestRedisCluster(t *testing.T) {
 	start := time.Now()
 	c := startCluster(t)
 	t.Logf("cluster of 3 masters up in %v", time.Since(start).Round(time.Millisecond))
+	runConformance(t, clusterImpl(c, 0))
+	// Several connections per master: a master's channels are spread
+	// over them.
+	t.Run("FourSubscribersPerMaster", func(t *testing.T) { runConformance(t, clusterImpl(c, 4)) })
+	clusterSpecific(t, c)
+	clusterSubscribers(t, c)
+}
+
+// clusterImpl is the Redis broker on c with subscribers connections per
+// master (0: the default).
+func clusterImpl(c *redisCluster, subscribers int) impl {
 	clock := &offsetClock{}
-	runConformance(t, impl{
+	return impl{
 		open: func(t *testing.T, prefix string, h broker.Handler) broker.Broker {
-			r := openRedis(t, broker.RedisOptions{Cluster: true, Addrs: c.addrs(), Prefix: prefix}, h)
+			r := openRedis(t, broker.RedisOptions{Cluster: true, Addrs: c.addrs(), Prefix: prefix, ClusterSubscribers: subscribers}, h)
 			r.SetClock(clock.Now)
 			return r
 		},
@@ -699,6 +710,5 @@ func TestRedisCluster(t *testing.T) {
 		},
 		subscribed: c.requireShardSubscribed,
 		pttl:       func(t testing.TB, key string) time.Duration { return pttl(t, c.owner[broker.Slot(key)], key) },
-	})
-	clusterSpecific(t, c)
+	}
 }

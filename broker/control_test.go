@@ -125,6 +125,14 @@ func TestRedisClusterGather(t *testing.T) {
 	eventually(t, waitLong, "three nodes on the sharded control channel", func() bool {
 		return numsub(t, c.owner[broker.Slot(control)], "SHARDNUMSUB", control) == 3
 	})
+	// Each node subscribes to its reply channel after the control channel:
+	// answers sent before it is in effect would be lost.
+	for _, n := range nodes {
+		reply := prefix + broker.ReplyChannel(n)
+		eventually(t, waitLong, "a node on its reply channel", func() bool {
+			return numsub(t, c.owner[broker.Slot(reply)], "SHARDNUMSUB", reply) == 1
+		})
+	}
 	for i, from := range nodes {
 		answers, n, err := from.Gather(ctxT(t), []byte("ping"))
 		var got []string

@@ -113,17 +113,18 @@ func TestRedisDownUpTransitions(t *testing.T) {
 	}
 }
 
-// TestRedisUnresponsive: a server that accepts connections and never
-// answers (a hung or unreachable Redis whose packets are dropped) costs the
-// first publish at most about a second; after that the broker answers at
-// once, although the server would hold every command.
-func TestRedisUnresponsive(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(freePort(t)))
+// silentServer listens on addr, accepts connections and never answers,
+// as a hung Redis, or one whose packets are dropped, seems to. The
+// returned function stops it and closes its connections (the test's
+// cleanup does too).
+func silentServer(t testing.TB, addr string) (stop func()) {
+	t.Helper()
+	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		t.Fatal(err)
 	}
 	var conns sync.WaitGroup
-	stop := make(chan struct{})
+	done := make(chan struct{})
 	go func() {
 		for {
 			c, err := ln.Accept()
@@ -131,18 +132,32 @@ func TestRedisUnresponsive(t *testing.T) {
 				return
 			}
 			conns.Go(func() {
-				go func() { <-stop; c.Close() }()
+				go func() { <-done; c.Close() }()
 				io.Copy(io.Discard, c)
 			})
 		}
 	}()
-	t.Cleanup(func() {
-		ln.Close()
-		close(stop)
-		conns.Wait()
-	})
+	var once sync.Once
+	stop = func() {
+		once.Do(func() {
+			ln.Close()
+			close(done)
+			conns.Wait()
+		})
+	}
+	t.Cleanup(stop)
+	return stop
+}
 
-	r := openRedis(t, broker.RedisOptions{URL: "redis://" + ln.Addr().String()}, newRecorder().handle)
+// TestRedisUnresponsive: a server that accepts connections and never
+// answers (a hung or unreachable Redis whose packets are dropped) costs the
+// first publish at most about a second; after that the broker answers at
+// once, although the server would hold every command.
+func TestRedisUnresponsive(t *testing.T) {
+	addr := "127.0.0.1:" + strconv.Itoa(freePort(t))
+	t.Cleanup(silentServer(t, addr))
+
+	r := openRedis(t, broker.RedisOptions{URL: "redis://" + addr}, newRecorder().handle)
 	start := time.Now()
 	if err := r.Publish(context.Background(), "room", []byte(`1`)); !errors.Is(err, broker.ErrUnavailable) {
 		t.Fatalf("Publish to a server that never answers = %v, want ErrUnavailable", err)

@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"cmp"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -46,8 +47,15 @@ type RedisOptions struct {
 	// Reconnected, if not nil, is called (on a goroutine of its own) each
 	// time Redis is reachable again after an outage, once the
 	// subscriptions are back: what was published meanwhile never reached
-	// this node through pub/sub. Standalone and Sentinel only.
+	// this node through pub/sub. On a Redis Cluster: each time the
+	// subscriptions lost while live (a master's connection failed, a slot
+	// moved to another master) are all made again.
 	Reconnected func()
+	// ClusterSubscribers is the number of sharded subscriber connections
+	// the node keeps to each cluster master, 1 to MaxClusterSubscribers;
+	// a channel uses connection (hash slot mod ClusterSubscribers) of its
+	// slot's master. Cluster only. Default: DefaultClusterSubscribers (1).
+	ClusterSubscribers int
 }
 
 // How the broker meets a Redis that is down. Every dial, read, write and
@@ -100,16 +108,11 @@ type Redis struct {
 	closing atomic.Bool // set when Close starts
 	crashed atomic.Bool // Close leaves the entries to expire (tests)
 
-	mu     sync.Mutex
-	ps     *redis.PubSub   // standalone and Sentinel: one stream
-	shards map[int]*shard  // cluster: one stream per hash slot in use
-	chans  map[string]bool // subscribed channels (without prefix)
-	wg     sync.WaitGroup
-}
-
-type shard struct {
-	ps    *redis.PubSub
-	count int
+	mu    sync.Mutex
+	ps    *redis.PubSub   // standalone and Sentinel: one stream
+	cs    clusterSubs     // cluster: the sharded subscriber connections
+	chans map[string]bool // subscribed channels (without prefix)
+	wg    sync.WaitGroup
 }
 
 // CheckRedisURL reports whether NewRedis can read u as RedisOptions.URL.
@@ -135,10 +138,15 @@ func parseRedisURL(u string) (*redis.Options, error) {
 // NewRedis connects lazily (go-redis dials on first use and reconnects by
 // itself); an unreachable Redis at start is not an error.
 func NewRedis(opt RedisOptions, h Handler) (*Redis, error) {
-	r := &Redis{opt: opt, h: h, log: opt.Logger, chans: map[string]bool{}, shards: map[int]*shard{}, wake: make(chan struct{}, 1), pongs: make(chan string, 1),
+	r := &Redis{opt: opt, h: h, log: opt.Logger, chans: map[string]bool{}, wake: make(chan struct{}, 1), pongs: make(chan string, 1),
 		node: newID(), pending: map[string]*gathering{}}
 	if r.log == nil {
 		r.log = slog.New(slog.DiscardHandler)
+	}
+	if n := opt.ClusterSubscribers; n != 0 && (opt.URL != "" || !opt.Cluster) {
+		return nil, errors.New("redis cluster subscribers: only a Redis Cluster has them")
+	} else if n < 0 || n > MaxClusterSubscribers {
+		return nil, fmt.Errorf("redis cluster subscribers: %d is not between 1 and %d", n, MaxClusterSubscribers)
 	}
 	switch {
 	case opt.URL != "":
@@ -162,6 +170,7 @@ func NewRedis(opt RedisOptions, h Handler) (*Redis, error) {
 		if len(opt.Addrs) == 0 {
 			return nil, errors.New("redis cluster needs node addresses")
 		}
+		r.cs.init(cmp.Or(opt.ClusterSubscribers, DefaultClusterSubscribers))
 		// A cluster keeps its one quick retry: the broker does not track
 		// a cluster's health (its masters fail one at a time), so a
 		// command that failed on a connection is tried once more.
@@ -185,6 +194,9 @@ func NewRedis(opt RedisOptions, h Handler) (*Redis, error) {
 		r.receive(r.ps)
 		r.wg.Add(1)
 		go r.probe()
+	} else {
+		r.wg.Add(1)
+		go r.fixer()
 	}
 	if opt.Answer != nil {
 		r.wg.Add(1)
@@ -202,7 +214,6 @@ func (r *Redis) receive(ps *redis.PubSub) {
 	watch := ps == r.ps
 	go func() {
 		defer r.wg.Done()
-		prefix := r.opt.Prefix
 		for {
 			msg, err := ps.Receive(r.ctx)
 			if err != nil {
@@ -221,15 +232,7 @@ func (r *Redis) receive(ps *redis.PubSub) {
 			}
 			switch m := msg.(type) {
 			case *redis.Message:
-				if ch, ok := strings.CutPrefix(m.Channel, prefix); ok {
-					if ch != "" && ch[0] == '#' {
-						r.control(ch, m.Payload)
-						continue
-					}
-					if msg, ok := decodeEnvelope([]byte(m.Payload)); ok {
-						r.h(ch, msg)
-					}
-				}
+				r.deliver(m)
 			case *redis.Pong:
 				select {
 				case r.pongs <- m.Payload:
@@ -238,6 +241,22 @@ func (r *Redis) receive(ps *redis.PubSub) {
 			}
 		}
 	}()
+}
+
+// deliver hands a message of a subscription stream to the handler, or to
+// control when it is on a control channel.
+func (r *Redis) deliver(m *redis.Message) {
+	ch, ok := strings.CutPrefix(m.Channel, r.opt.Prefix)
+	if !ok {
+		return
+	}
+	if ch != "" && ch[0] == '#' {
+		r.control(ch, m.Payload)
+		return
+	}
+	if msg, ok := decodeEnvelope([]byte(m.Payload)); ok {
+		r.h(ch, msg)
+	}
 }
 
 // pause waits d, or until Close; it reports whether the broker is open.
@@ -412,23 +431,7 @@ func (r *Redis) Subscribe(ctx context.Context, channel string) error {
 		}
 		return nil
 	}
-	slot := Slot(name)
-	s := r.shards[slot]
-	if s == nil {
-		// The first SSUBSCRIBE must go out before the receive loop starts:
-		// the stream connects to the node that owns its first channel, and
-		// a loop that connected first would pick a random node.
-		s = &shard{ps: r.cluster.SSubscribe(ctx, name)}
-		r.shards[slot] = s
-		s.count++
-		r.receive(s.ps)
-		return nil
-	}
-	s.count++
-	if err := s.ps.SSubscribe(ctx, name); err != nil {
-		return fmt.Errorf("%w: %v", ErrUnavailable, err)
-	}
-	return nil
+	return r.shardSubscribe(ctx, name)
 }
 
 // Unsubscribe drops the node's subscription to channel.
@@ -449,20 +452,7 @@ func (r *Redis) Unsubscribe(ctx context.Context, channel string) error {
 		}
 		return nil
 	}
-	slot := Slot(name)
-	s := r.shards[slot]
-	if s == nil {
-		return nil
-	}
-	s.count--
-	if s.count <= 0 {
-		delete(r.shards, slot)
-		return s.ps.Close()
-	}
-	if err := s.ps.SUnsubscribe(ctx, name); err != nil {
-		return fmt.Errorf("%w: %v", ErrUnavailable, err)
-	}
-	return nil
+	return r.shardUnsubscribe(ctx, name)
 }
 
 // Ping checks the connection to Redis.
@@ -489,8 +479,8 @@ func (r *Redis) Close() error {
 	if r.ps != nil {
 		r.ps.Close()
 	}
-	for _, s := range r.shards {
-		s.ps.Close()
+	if r.cluster != nil {
+		r.closeCluster()
 	}
 	r.mu.Unlock()
 	err := r.client.Close()

@@ -132,11 +132,8 @@ func (c *redisCluster) requireShardSubscribed(t testing.TB, name string) {
 	deadline := time.Now().Add(3 * time.Second)
 	for numsub(t, owner, "SHARDNUMSUB", name) < 1 {
 		if time.Now().After(deadline) {
-			t.Fatalf("regression: broker/redis.go:172-177 Subscribe (cluster) starts the shard's receive goroutine "+
-				"(ps.Channel → Receive) before the shard's first SSUBSCRIBE; when Receive connects first, the "+
-				"PubSub has no channels yet and go-redis binds it to a random node, which answers MOVED, so %q "+
-				"(slot %d, master %s) is silently never subscribed. Fix: call s.ps.SSubscribe(ctx, name) before "+
-				"r.receive(s.ps) for a new shard", name, broker.Slot(name), owner)
+			t.Fatalf("%q (slot %d) is not subscribed on its master %s: a subscriber connection that connected "+
+				"before its first SSUBSCRIBE, or to another master, misses it", name, broker.Slot(name), owner)
 		}
 		pollPause()
 	}

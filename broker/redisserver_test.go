@@ -187,14 +187,16 @@ func (c *redisCluster) addrs() []string {
 }
 
 // startCluster starts three masters, joins them with redis-cli and waits
-// for cluster_state:ok on every node.
-func startCluster(t testing.TB) *redisCluster {
+// for cluster_state:ok on every node. extra goes on each server's command
+// line (after the defaults, so it may override them).
+func startCluster(t testing.TB, extra ...string) *redisCluster {
 	t.Helper()
 	cli := redistest.Bin(t, "redis-cli")
 	c := &redisCluster{}
 	for i := 0; i < 3; i++ {
 		// the config file is in the server's own directory
-		r := startRedis(t, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "5000")
+		args := append([]string{"--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "5000"}, extra...)
+		r := startRedis(t, args...)
 		c.nodes = append(c.nodes, r)
 	}
 	args := append([]string{"--cluster", "create"}, c.addrs()...)
@@ -205,13 +207,21 @@ func startCluster(t testing.TB) *redisCluster {
 		t.Fatalf("redis-cli --cluster create: %v\n%s", err, out)
 	}
 	for _, n := range c.nodes {
-		eventually(t, 30*time.Second, "cluster_state:ok on "+n.addr(), func() bool {
-			out, err := exec.CommandContext(ctx, cli, "-p", strconv.Itoa(n.Port), "cluster", "info").Output()
-			return err == nil && bytes.Contains(out, []byte("cluster_state:ok"))
-		})
+		c.waitOK(t, n)
 	}
 	c.loadSlots(t)
 	return c
+}
+
+// waitOK waits for cluster_state:ok on n.
+func (c *redisCluster) waitOK(t testing.TB, n *redisServer) {
+	t.Helper()
+	eventually(t, 30*time.Second, "cluster_state:ok on "+n.addr(), func() bool {
+		conn := dialRESP(t, n.addr())
+		defer conn.c.Close()
+		info, _ := conn.do(t, "CLUSTER", "INFO").(string)
+		return strings.Contains(info, "cluster_state:ok")
+	})
 }
 
 // loadSlots reads CLUSTER SLOTS: [[start, end, [host, port, id], …], …].
@@ -237,4 +247,92 @@ func (c *redisCluster) loadSlots(t testing.TB) {
 			t.Fatalf("slot %d has no master", s)
 		}
 	}
+}
+
+// subscribers counts, on each master, the connections named name in
+// CLIENT LIST and the sharded subscriptions they hold (ssub).
+func (c *redisCluster) subscribers(t testing.TB, name string) (conns map[string]int, ssub int) {
+	t.Helper()
+	conns = map[string]int{}
+	for _, n := range c.nodes {
+		conn := dialRESP(t, n.addr())
+		list, ok := conn.do(t, "CLIENT", "LIST").(string)
+		conn.c.Close()
+		if !ok {
+			t.Fatalf("CLIENT LIST on %s: not a bulk string", n.addr())
+		}
+		for _, line := range strings.Split(list, "\n") {
+			fields := map[string]string{}
+			for _, f := range strings.Fields(line) {
+				k, v, _ := strings.Cut(f, "=")
+				fields[k] = v
+			}
+			if fields["name"] != name {
+				continue
+			}
+			conns[n.addr()]++
+			s, err := strconv.Atoi(fields["ssub"])
+			if err != nil {
+				t.Fatalf("CLIENT LIST on %s: no ssub count in %q", n.addr(), line)
+			}
+			ssub += s
+		}
+	}
+	return conns, ssub
+}
+
+// migrateSlot moves a hash slot, with its keys, to the master at addr the
+// way redis-cli --cluster reshard does: IMPORTING on the target, MIGRATING
+// on the source, MIGRATE of each key, then SETSLOT NODE on every master.
+func (c *redisCluster) migrateSlot(t testing.TB, slot int, addr string) {
+	t.Helper()
+	from := c.owner[slot]
+	var src, dst *respConn
+	ids := map[string]string{}
+	for _, n := range c.nodes {
+		conn := dialRESP(t, n.addr())
+		id, ok := conn.do(t, "CLUSTER", "MYID").(string)
+		if !ok {
+			t.Fatalf("CLUSTER MYID on %s: unexpected reply", n.addr())
+		}
+		ids[n.addr()] = id
+		switch n.addr() {
+		case from:
+			src = conn
+		case addr:
+			dst = conn
+		}
+	}
+	if src == nil || dst == nil || src == dst {
+		t.Fatalf("cannot move slot %d from %s to %s", slot, from, addr)
+	}
+	s := strconv.Itoa(slot)
+	ok := func(conn *respConn, args ...string) {
+		t.Helper()
+		if v := conn.do(t, args...); v != "OK" {
+			t.Fatalf("%v: %v", args, v)
+		}
+	}
+	ok(dst, "CLUSTER", "SETSLOT", s, "IMPORTING", ids[from])
+	ok(src, "CLUSTER", "SETSLOT", s, "MIGRATING", ids[addr])
+	host, port, _ := net.SplitHostPort(addr)
+	for {
+		keys, _ := src.do(t, "CLUSTER", "GETKEYSINSLOT", s, "100").([]any)
+		if len(keys) == 0 {
+			break
+		}
+		for _, k := range keys {
+			ok(src, "MIGRATE", host, port, k.(string), "0", "5000")
+		}
+	}
+	// The target first, then the source (which drops the slot's sharded
+	// subscribers), then the others.
+	ok(dst, "CLUSTER", "SETSLOT", s, "NODE", ids[addr])
+	ok(src, "CLUSTER", "SETSLOT", s, "NODE", ids[addr])
+	for _, n := range c.nodes {
+		if a := n.addr(); a != from && a != addr {
+			ok(dialRESP(t, a), "CLUSTER", "SETSLOT", s, "NODE", ids[addr])
+		}
+	}
+	c.owner[slot] = addr
 }

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"slices"
+	"strconv"
 	"sync"
 
 	"github.com/caddyserver/caddy/v2"
@@ -71,6 +72,11 @@ type BrokerConfig struct {
 	Password string `json:"password,omitempty"`
 	// Prefix is put in front of channel names on Redis. Default: "wsgate:".
 	Prefix string `json:"prefix,omitempty"`
+	// ClusterSubscribers is the number of sharded pub/sub connections each
+	// node keeps to each cluster master (1 to 256); a channel uses
+	// connection (hash slot mod n) of its slot's master. Cluster only.
+	// Default: 1.
+	ClusterSubscribers int `json:"cluster_subscribers,omitempty"`
 }
 
 // CaddyModule returns the Caddy module information.
@@ -143,6 +149,10 @@ func (a *App) Provision(ctx caddy.Context) error {
 	if resolved.Prefix == "" {
 		resolved.Prefix = defaultPrefix
 	}
+	if resolved.Cluster && resolved.ClusterSubscribers == 0 {
+		// the same broker whether the default is written out or not
+		resolved.ClusterSubscribers = broker.DefaultClusterSubscribers
+	}
 	keyb, _ := json.Marshal(resolved)
 	a.key = string(keyb)
 	v, _, err := hubs.LoadOrNew(a.key, func() (caddy.Destructor, error) {
@@ -167,7 +177,7 @@ func newSharedHub(ctx caddy.Context, bc BrokerConfig) (*sharedHub, error) {
 		b = broker.NewMemory(h.Handle)
 	case "redis":
 		r, err := broker.NewRedis(broker.RedisOptions{
-			URL: bc.URL, Addrs: bc.Addrs, MasterName: bc.MasterName, Cluster: bc.Cluster,
+			URL: bc.URL, Addrs: bc.Addrs, MasterName: bc.MasterName, Cluster: bc.Cluster, ClusterSubscribers: bc.ClusterSubscribers,
 			Username: bc.Username, Password: bc.Password, Prefix: bc.Prefix, Logger: ctx.Slogger(),
 			Answer: answerer(h), Reconnected: h.Resync,
 		}, h.Handle)
@@ -239,7 +249,12 @@ func hubFor(ctx caddy.Context) (*rooms.Hub, broker.Broker, error) {
 //	        username    <user>
 //	        password    <password>
 //	    }
-//	    broker redis_cluster <addrs...> { prefix …; username …; password … }
+//	    broker redis_cluster <addrs...> {
+//	        prefix              <prefix>
+//	        username            <user>
+//	        password            <password>
+//	        cluster_subscribers <n>       # 1 to 256, default 1
+//	    }
 //	    broker redis_sentinel <master> <addrs...> { … }
 //	    release_memory on|off
 //	    history <pattern> { size <n>; ttl <d>; meta_ttl <d>; recover_max <n> }
@@ -329,8 +344,13 @@ func parseApp(d *caddyfile.Dispenser, _ any) (any, error) {
 				dst = &bc.Username
 			case "password":
 				dst = &bc.Password
+			case "cluster_subscribers":
+				if err := parseClusterSubscribers(d, bc); err != nil {
+					return nil, err
+				}
+				continue
 			default:
-				return nil, unknownName(d, "broker option", []string{"prefix", "username", "password"})
+				return nil, unknownName(d, "broker option", []string{"prefix", "username", "password", "cluster_subscribers"})
 			}
 			if !d.AllArgs(dst) {
 				return nil, d.ArgErr()
@@ -339,6 +359,26 @@ func parseApp(d *caddyfile.Dispenser, _ any) (any, error) {
 		app.Broker = bc
 	}
 	return httpcaddyfile.App{Name: "wsgate", Value: caddyconfig.JSON(app, nil)}, nil
+}
+
+// parseClusterSubscribers reads `cluster_subscribers <n>` in a broker block.
+func parseClusterSubscribers(d *caddyfile.Dispenser, bc *BrokerConfig) error {
+	if !bc.Cluster {
+		return d.Err("cluster_subscribers needs broker redis_cluster")
+	}
+	if bc.ClusterSubscribers != 0 {
+		return d.Err("duplicate cluster_subscribers")
+	}
+	var v string
+	if !d.AllArgs(&v) {
+		return d.ArgErr()
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil || n < 1 || n > broker.MaxClusterSubscribers {
+		return d.Errf("cluster_subscribers %q: want a number of connections per master from 1 to %d", v, broker.MaxClusterSubscribers)
+	}
+	bc.ClusterSubscribers = n
+	return nil
 }
 
 // Interface guards

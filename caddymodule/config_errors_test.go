@@ -146,6 +146,12 @@ func TestCaddyfileErrorsNameTheLine(t *testing.T) {
 		// global options
 		{"redis URL with a bad database", global("\twsgate {\n\t\tbroker redis redis://127.0.0.1:6379/wsgate " + mark + "\n\t}"), `redis url: redis: invalid database number: "wsgate"`},
 		{"redis URL with a bad scheme", global("\twsgate {\n\t\tbroker redis http://127.0.0.1:6379 " + mark + "\n\t}"), "invalid URL scheme"},
+		{"cluster_subscribers on a standalone redis", global("\twsgate {\n\t\tbroker redis redis://a:1 {\n\t\t\tcluster_subscribers 2 " + mark + "\n\t\t}\n\t}"), "cluster_subscribers needs broker redis_cluster"},
+		{"cluster_subscribers zero", global("\twsgate {\n\t\tbroker redis_cluster a:1 b:1 {\n\t\t\tcluster_subscribers 0 " + mark + "\n\t\t}\n\t}"), `cluster_subscribers "0": want a number of connections per master from 1 to 256`},
+		{"cluster_subscribers too many", global("\twsgate {\n\t\tbroker redis_cluster a:1 {\n\t\t\tcluster_subscribers 257 " + mark + "\n\t\t}\n\t}"), `cluster_subscribers "257": want a number of connections per master from 1 to 256`},
+		{"cluster_subscribers not a number", global("\twsgate {\n\t\tbroker redis_cluster a:1 {\n\t\t\tcluster_subscribers four " + mark + "\n\t\t}\n\t}"), `cluster_subscribers "four": want a number`},
+		{"cluster_subscribers without a value", global("\twsgate {\n\t\tbroker redis_cluster a:1 {\n\t\t\tcluster_subscribers " + mark + "\n\t\t}\n\t}"), "wrong argument count"},
+		{"cluster_subscribers twice", global("\twsgate {\n\t\tbroker redis_cluster a:1 {\n\t\t\tcluster_subscribers 2\n\t\t\tcluster_subscribers 4 " + mark + "\n\t\t}\n\t}"), "duplicate cluster_subscribers"},
 		{"history pattern with a claim", global("\twsgate {\n\t\thistory chat:{claims.org}:* " + mark + "\n\t}"), "cannot name claims"},
 		{"history pattern malformed", global("\twsgate {\n\t\thistory chat:**:x " + mark + "\n\t}"), `history pattern "chat:**:x"`},
 		{"history without pattern", global("\twsgate {\n\t\thistory { " + mark + "\n\t\t\tsize 10\n\t\t}\n\t}"), "history needs one channel pattern"},
@@ -416,4 +422,18 @@ func TestProvisionRefusesJSON(t *testing.T) {
 			t.Errorf("Provision error = %v, want a refusal of the URL", err)
 		}
 	})
+	for name, bc := range map[string]BrokerConfig{
+		"cluster_subscribers out of range":          {Type: "redis", Cluster: true, Addrs: []string{"127.0.0.1:1"}, ClusterSubscribers: 300},
+		"cluster_subscribers on a standalone":       {Type: "redis", URL: "redis://127.0.0.1:1", ClusterSubscribers: 2},
+		"cluster_subscribers negative in a cluster": {Type: "redis", Cluster: true, Addrs: []string{"127.0.0.1:1"}, ClusterSubscribers: -1},
+	} {
+		t.Run(name, func(t *testing.T) {
+			a := App{Broker: &bc}
+			err := a.Provision(provisionContext(t))
+			t.Cleanup(func() { a.Cleanup() })
+			if err == nil || !strings.Contains(err.Error(), "redis cluster subscribers") {
+				t.Errorf("Provision error = %v, want a refusal of cluster_subscribers", err)
+			}
+		})
+	}
 }

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -137,6 +138,15 @@ func (s *Server) Kill() {
 	s.cmd.Process.Kill()
 	<-s.done
 }
+
+// Freeze stops the server's process (SIGSTOP) and closes nothing: its
+// connections stay open and nothing on them is answered, which is how a
+// host that lost power or is cut off by a partition looks from the
+// network. Thaw resumes it; Kill and Stop work on a frozen server too.
+func (s *Server) Freeze() { s.cmd.Process.Signal(syscall.SIGSTOP) }
+
+// Thaw resumes a frozen server (SIGCONT).
+func (s *Server) Thaw() { s.cmd.Process.Signal(syscall.SIGCONT) }
 
 // Stop kills the server unless it is gone already.
 func (s *Server) Stop() {
