@@ -93,8 +93,8 @@ func TestQuickSmoke(t *testing.T) {
 			"## k. Capacity: the model's inputs, and a check with several gateways",
 			"| Redis, small channels (10 per channel) | 200 | 200 | 2,000 | ",
 			"| gateway CPU per delivery (del) | ", "| gateway CPU per handshake (connect + subscribe) | ",
-			"| Redis CPU per publish, 3 gateways subscribed (stage 2) | ",
-			"| 3 | 665 | ")
+			"| Redis CPU per publish at 200/s, 3 gateways subscribed (stage 2) | ",
+			"| 3 | 66")
 	}
 	for _, want := range want {
 		if !strings.Contains(md, want) {

@@ -41,11 +41,13 @@ import (
 // give del (per delivery), msg (per message received from Redis) and pub
 // (per HTTP publish, on the gateway that takes it).
 //
-// Stage 2, capNodes gateways on the same Redis: the same number of
-// subscribers per process as the machine's open-file limit allows for the
-// load generator, every channel spread over all of them; HTTP publishes to
-// the first. The model predicts each process's memory, handshake CPU and
-// publishing CPU from stage 1's inputs.
+// Stage 2, capNodes gateways on the same Redis: twice stage 1's
+// subscribers (as many as the load generator's open-file limit allows), in
+// small channels each spread over every gateway; HTTP publishes to the
+// first, at the rate of stage 1's small window. The model predicts each
+// process's memory, handshake CPU and publishing CPU from stage 1's
+// inputs, and the two windows at that rate give Redis's CPU per publish as
+// a + b·(gateways subscribed).
 
 const (
 	capBig   = 100 // subscribers of a big channel
@@ -99,7 +101,7 @@ type capResult struct {
 	hsPer       time.Duration    // gateway CPU per handshake (connect + subscribe)
 	del, msg    time.Duration    // per delivery; per message received from Redis
 	pub         time.Duration    // per HTTP publish taken
-	redisPer    [3]time.Duration // Redis CPU per publish: Redis window, HTTP window, stage 2
+	redisPer    [2]time.Duration // Redis CPU per publish at the small channels' rate: 1 gateway subscribed; capNodes
 
 	// Stage 2: predicted and measured, per gateway.
 	predCPU, measCPU []time.Duration
@@ -196,14 +198,13 @@ func (e *env) capStage(ctx context.Context, nodes, n int) (st *capStage, err err
 		return nil, err
 	}
 	t0 := time.Now()
-	// Stage 1: big channels, then small ones; stage 2: big channels only,
-	// each spread over every gateway.
-	big := n / capBig * capBig
+	// Stage 1: big channels, then small ones; stage 2: small channels
+	// only, each spread over every gateway.
+	big := 0
 	if nodes == 1 {
 		big = max(1, n*9/10/capBig) * capBig
-		n = big + max(1, n/10/capSmall)*capSmall
 	}
-	n = big + (n-big)/capSmall*capSmall
+	n = big + max(1, (n-big)/capSmall)*capSmall
 	if err := cs.connect(ctx, n, big); err != nil {
 		return nil, err
 	}
@@ -242,23 +243,31 @@ func (e *env) capStage(ctx context.Context, nodes, n int) (st *capStage, err err
 	}
 	e.logf("  k %d gateway(s), %d subscribers (%v per gateway), %d channels, connected in %v", nodes, n, st.perNode, st.channels, st.hsWall.Round(time.Millisecond))
 
-	bigChans := chanNames("cap:big:", big/capBig)
-	rate := e.p.capDeliveries / capBig
-	w, err := cs.window(ctx, 0, "HTTP, big channels", rate, bigChans, capBig, true)
-	if err != nil {
-		return nil, err
+	small := chanNames("cap:small:", (n-big)/capSmall)
+	if nodes > 1 {
+		w, err := cs.window(ctx, 0, "HTTP, small channels", e.p.capDeliveries/capSmall, small, capSmall, true)
+		if err != nil {
+			return nil, err
+		}
+		st.windows = append(st.windows, w)
+		return st, nil
 	}
-	st.windows = append(st.windows, w)
-	if nodes == 1 {
-		if w, err = cs.window(ctx, 1, "Redis, big channels", rate, bigChans, capBig, false); err != nil {
+	bigChans := chanNames("cap:big:", big/capBig)
+	for i, w := range []struct {
+		name     string
+		channels []string
+		perChan  int
+		viaHTTP  bool
+	}{
+		{"HTTP, big channels", bigChans, capBig, true},
+		{"Redis, big channels", bigChans, capBig, false},
+		{"Redis, small channels", small, capSmall, false},
+	} {
+		res, err := cs.window(ctx, i, w.name, e.p.capDeliveries/float64(w.perChan), w.channels, w.perChan, w.viaHTTP)
+		if err != nil {
 			return nil, err
 		}
-		st.windows = append(st.windows, w)
-		small := chanNames("cap:small:", (n-big)/capSmall)
-		if w, err = cs.window(ctx, 2, "Redis, small channels", e.p.capDeliveries/capSmall, small, capSmall, false); err != nil {
-			return nil, err
-		}
-		st.windows = append(st.windows, w)
+		st.windows = append(st.windows, res)
 	}
 	return st, nil
 }
@@ -609,15 +618,14 @@ func (r *capResult) derive() {
 	r.del = time.Duration(del)
 	r.msg = time.Duration(xs - capSmall*del)
 	r.pub = httpBig.perPublish(0) - redisBig.perPublish(0)
-	r.redisPer[0] = time.Duration(float64(redisBig.redisCPU) / float64(max(1, redisBig.sent)))
-	r.redisPer[1] = time.Duration(float64(httpBig.redisCPU) / float64(max(1, httpBig.sent)))
+	r.redisPer[0] = time.Duration(float64(redisSmall.redisCPU) / float64(max(1, redisSmall.sent)))
 }
 
 // predict is the model's figures for stage 2's gateways.
 func (r *capResult) predict() {
 	m := r.many
 	w := m.windows[0]
-	r.redisPer[2] = time.Duration(float64(w.redisCPU) / float64(max(1, w.sent)))
+	r.redisPer[1] = time.Duration(float64(w.redisCPU) / float64(max(1, w.sent)))
 	for i := range m.nodes {
 		cpu := float64(w.sent)*float64(r.msg) + float64(w.perNode[i])*float64(r.del)
 		if i == 0 {
@@ -651,8 +659,9 @@ func (r *report) capSection(w writer) {
 	w("(both ends of every connection: the clients are on this machine too).\n")
 	w("With *x* the gateway's CPU per publish in a window: *x*(Redis, big) = msg + %d·del,\n", capBig)
 	w("*x*(Redis, small) = msg + %d·del, *x*(HTTP, big) = pub + msg + %d·del. **Stage 2**, %d gateways on\n", capSmall, capBig, capNodes)
-	w("one Redis, every channel's %d subscribers spread over all of them, HTTP publishes to the first:\n", capBig)
-	w("the model's figures from stage 1's inputs beside what each process used.\n\n")
+	w("one Redis, twice the subscribers, in channels of %d each spread over all of them, HTTP publishes to\n", capSmall)
+	w("the first at the rate of stage 1's small window: the model's figures from stage 1's inputs beside\n")
+	w("what each process used.\n\n")
 	if one := res.one; one != nil {
 		w("| stage 1 window | publishes/s | sent | deliveries | p50 | p99 | gateway CPU per publish | Redis CPU per publish |\n|---|---|---|---|---|---|---|---|\n")
 		for _, win := range one.windows {
@@ -662,7 +671,7 @@ func (r *report) capSection(w writer) {
 		}
 		w("\n")
 	}
-	if len(res.one.windows) == 3 {
+	if res.one != nil && len(res.one.windows) == 3 {
 		w("| input (stage 1: %s subscribers, %d channels) | measured |\n|---|---|\n", count(float64(res.one.perNode[0])), res.one.channels)
 		w("| gateway RSS per subscribed connection | %s |\n", kib(res.rssPerConn))
 		w("| kernel memory per connection (both ends, system-wide) | %s |\n", kib(res.sockPerConn))
@@ -670,9 +679,9 @@ func (r *report) capSection(w writer) {
 		w("| gateway CPU per delivery (del) | %s |\n", micros(float64(res.del)))
 		w("| gateway CPU per message received from Redis (msg) | %s |\n", micros(float64(res.msg)))
 		w("| gateway CPU per HTTP publish taken (pub) | %s |\n", micros(float64(res.pub)))
-		w("| Redis CPU per publish, 1 gateway subscribed (HTTP window) | %s |\n", micros(float64(res.redisPer[1])))
+		w("| Redis CPU per publish at %s/s, 1 gateway subscribed (Redis, small channels) | %s |\n", count(r.p.capDeliveries/capSmall), micros(float64(res.redisPer[0])))
 		if res.many != nil {
-			w("| Redis CPU per publish, %d gateways subscribed (stage 2) | %s |\n", capNodes, micros(float64(res.redisPer[2])))
+			w("| Redis CPU per publish at %s/s, %d gateways subscribed (stage 2) | %s |\n", count(r.p.capDeliveries/capSmall), capNodes, micros(float64(res.redisPer[1])))
 		}
 		w("\n")
 	}
