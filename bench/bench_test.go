@@ -37,8 +37,8 @@ func TestQuickSmoke(t *testing.T) {
 		if os.Getenv("CI") != "" {
 			t.Fatal("redis-server is not installed (.ci/run installs it); scenario d needs it")
 		}
-		t.Log("redis-server is not installed: scenario d (fan-out) skipped; apt-get install -y redis-server")
-		scenarios, fanout = "a,b,c,e,m,r,z", false // d and h need it
+		t.Log("redis-server is not installed: scenarios d, h and k skipped; apt-get install -y redis-server")
+		scenarios, fanout = "a,b,c,e,m,r,z", false // d, h and k need it
 	}
 	start := time.Now()
 	_, err := Run(ctx, Options{Caddy: bin, Out: out, Quick: true, Scenarios: scenarios, CmdLine: "TestQuickSmoke", Log: testLog{t}})
@@ -89,7 +89,12 @@ func TestQuickSmoke(t *testing.T) {
 			"| h. fan-out deliveries/s at p99 = 50 ms, history on | ≥ 0.8× history off | ",
 			"| h. Redis calls per message, history on | 1 PUBLISH, in 1 EVALSHA with 1 XADD; history off: 1 PUBLISH, no EVALSHA | ",
 			"PUBLISH 1.00, EVALSHA 1.00, XADD 1.00",
-			"| h. baseline p99, every run | history on | ")
+			"| h. baseline p99, every run | history on | ",
+			"## k. Capacity: the model's inputs, and a check with several gateways",
+			"| Redis, small channels (10 per channel) | 200 | 200 | 2,000 | ",
+			"| gateway CPU per delivery (del) | ", "| gateway CPU per handshake (connect + subscribe) | ",
+			"| Redis CPU per publish at 200/s, 3 gateways subscribed (stage 2) | ",
+			"| 3 | 66")
 	}
 	for _, want := range want {
 		if !strings.Contains(md, want) {
@@ -334,7 +339,7 @@ func TestCountAndCommandLine(t *testing.T) {
 	if _, err := parseScenarios("a,x"); err == nil {
 		t.Error("scenario x accepted")
 	}
-	if m, err := parseScenarios(defaultScenarios); err != nil || len(m) != 9 || !m['h'] || !m['r'] || !m['z'] {
+	if m, err := parseScenarios(defaultScenarios); err != nil || len(m) != 10 || !m['h'] || !m['k'] || !m['r'] || !m['z'] {
 		t.Errorf("default scenarios %v, %v", m, err)
 	}
 }
@@ -455,5 +460,54 @@ wsgate_upgrades_total{handler="wsgate",mode="relay",result="ok"} 7
 	}
 	if got := before.highestBucket("caddy_http_request_duration_seconds", before, is502); got != 0 {
 		t.Errorf("slowest bucket of nothing %v, want 0", got)
+	}
+}
+
+func TestCapMessage(t *testing.T) {
+	msg := []byte(`{"op":"message","channel":"cap:big:3","data":` + capData(2, 123456789) + `}`)
+	if win, ts, ok := parseCap(msg); !ok || win != 2 || ts != 123456789 {
+		t.Errorf("parseCap(%s) = %d, %d, %v", msg, win, ts, ok)
+	}
+	for _, bad := range []string{`{"op":"message","data":{"t":1}}`, `{"data":{"w":1,"x":2}}`, `{"data":{"w":x,"t":1}}`} {
+		if _, _, ok := parseCap([]byte(bad)); ok {
+			t.Errorf("parseCap(%s) accepted", bad)
+		}
+	}
+}
+
+// TestCapModel checks the model's algebra on figures made from known
+// inputs: del 3 µs, msg 20 µs, pub 50 µs, 4 KiB per connection.
+func TestCapModel(t *testing.T) {
+	const del, msg, pub = 3 * time.Microsecond, 20 * time.Microsecond, 50 * time.Microsecond
+	win := func(sent int64, perChan int, http bool) *capWindowResult {
+		cpu := time.Duration(sent) * (msg + time.Duration(perChan)*del)
+		if http {
+			cpu += time.Duration(sent) * pub
+		}
+		return &capWindowResult{sent: sent, perChan: perChan, nodeCPU: []time.Duration{cpu}, redisCPU: time.Duration(sent) * 5 * time.Microsecond}
+	}
+	r := &capResult{one: &capStage{nodes: 1, perNode: []int{1000}, rss: []int64{4096 * 1000}, sockMem: 3000 * 1000,
+		hsCPU:   []time.Duration{1000 * 150 * time.Microsecond},
+		windows: []*capWindowResult{win(3000, capBig, true), win(3000, capBig, false), win(30000, capSmall, false)}}}
+	r.derive()
+	near := func(name string, got, want time.Duration) {
+		if d := got - want; d < -time.Nanosecond || d > time.Nanosecond {
+			t.Errorf("%s = %v, want %v", name, got, want)
+		}
+	}
+	near("del", r.del, del)
+	near("msg", r.msg, msg)
+	near("pub", r.pub, pub)
+	near("handshake", r.hsPer, 150*time.Microsecond)
+	if r.rssPerConn != 4096 || r.sockPerConn != 3000 {
+		t.Errorf("memory per connection %v, kernel %v", r.rssPerConn, r.sockPerConn)
+	}
+	w := &capWindowResult{sent: 1000, perNode: []int64{40000, 30000, 30000}, nodeCPU: []time.Duration{time.Second, time.Second, time.Second}}
+	r.many = &capStage{nodes: 3, perNode: []int{4, 3, 3}, rss: []int64{1, 2, 3}, hsCPU: []time.Duration{1, 2, 3}, windows: []*capWindowResult{w}}
+	r.predict()
+	near("gateway 1", r.predCPU[0], 1000*(msg+pub)+40000*del)
+	near("gateway 2", r.predCPU[1], 1000*msg+30000*del)
+	if r.predRSS[0] != 4*4096 || r.predHS[2] != 3*150*time.Microsecond {
+		t.Errorf("predicted RSS %v, handshakes %v", r.predRSS, r.predHS)
 	}
 }

@@ -20,7 +20,9 @@
 // `compression` and a rooms route with it; its clients do their own
 // handshakes (net/http reads the answer) and compress and inflate with the
 // standard library's compress/flate, never with the gateway's compressor,
-// and count the bytes at their sockets. It imports no
+// and count the bytes at their sockets. Scenario k (capacity) starts a
+// redis-server and rooms gateways on it: one to measure the capacity
+// model's inputs, then three to check what it predicts for each. It imports no
 // Caddy or wsgate package, so it can never share a bug with the code it
 // measures.
 //

@@ -35,9 +35,9 @@ type Options struct {
 	Quick bool
 	// Runs per variant; the report gives medians. Default 3 (1 with Quick).
 	Runs int
-	// Scenarios to run, from "abcdehmrz". Default all nine. Scenarios d
-	// (fan-out) and h (fan-out with history off and on) start
-	// redis-server, which must be on PATH.
+	// Scenarios to run, from "abcdehkmrz". Default all ten. Scenarios d
+	// (fan-out), h (fan-out with history off and on) and k (capacity)
+	// start redis-server, which must be on PATH.
 	Scenarios string
 	// Baseline, when set, is another cmd/caddy binary (a build without
 	// wsgate's metrics) that scenario m also measures, with the same
@@ -94,6 +94,10 @@ type params struct {
 	refuseRate int           // upgrade attempts per second, scenario r
 	refuseWarm time.Duration // at that rate before each measured window
 	refuseDur  time.Duration // the measured window
+
+	capConns      int           // scenario k's subscribers on one gateway (twice as many over several)
+	capDeliveries float64       // deliveries per second in each of its windows
+	capWindow     time.Duration // of each publishing window
 }
 
 // fanSteps are the step-up's rates: from 100 publishes/s, ×√2 a step.
@@ -118,6 +122,7 @@ func fullParams() params {
 		fanSubs: 1000, fanRate: 50, fanWarm: time.Second, fanDur: 10 * time.Second, fanSteps: fanSteps(13), fanStepDur: 4 * time.Second,
 		zFanRate: 20, zFanDur: 10 * time.Second,
 		refuseRate: 500, refuseWarm: time.Second, refuseDur: 10 * time.Second,
+		capConns: 9000, capDeliveries: 30000, capWindow: 10 * time.Second,
 	}
 }
 
@@ -134,6 +139,7 @@ func quickParams() params {
 		fanSubs: 40, fanRate: 50, fanWarm: 200 * time.Millisecond, fanDur: time.Second, fanSteps: []float64{100, 200}, fanStepDur: 500 * time.Millisecond,
 		zFanRate: 20, zFanDur: time.Second,
 		refuseRate: 500, refuseWarm: 200 * time.Millisecond, refuseDur: time.Second,
+		capConns: 200, capDeliveries: 2000, capWindow: time.Second,
 	}
 }
 
@@ -152,7 +158,7 @@ func Main(ctx context.Context, name string, args []string, stdout, stderr io.Wri
 	fs.StringVar(&opt.Out, "out", "bench/RESULTS.md", "results `file` (Markdown)")
 	fs.BoolVar(&opt.Quick, "quick", false, "smoke run: tiny counts and durations, under a minute, figures meaningless")
 	fs.IntVar(&opt.Runs, "runs", 0, "runs per variant, medians reported (default 3, 1 with -quick)")
-	fs.StringVar(&opt.Scenarios, "scenarios", defaultScenarios, "scenarios to run: a idle (relayed, rooms, relayed over TLS), b latency, c throughput, d fan-out (needs redis-server), e handshakes, h fan-out with history off and on (needs redis-server), m throughput with metrics on and off, r refusals with every upstream down, z compression (relay, fan-out, idle)")
+	fs.StringVar(&opt.Scenarios, "scenarios", defaultScenarios, "scenarios to run: a idle (relayed, rooms, relayed over TLS), b latency, c throughput, d fan-out (needs redis-server), e handshakes, h fan-out with history off and on (needs redis-server), m throughput with metrics on and off, k capacity: the model's inputs on one gateway and a check on three (needs redis-server), r refusals with every upstream down, z compression (relay, fan-out, idle)")
 	fs.StringVar(&opt.GatewayCPUs, "gateway-cpus", "", "pin every Caddy to these `cpus` with taskset -c (e.g. 0; run wsbench itself under taskset -c 1)")
 	fs.StringVar(&opt.Baseline, "baseline", "", "another cmd/caddy `binary` (a build without wsgate's metrics) that scenario m measures too")
 	fs.StringVar(&opt.Profile, "profile", "", "`directory` for gateway CPU profiles from extra, unmeasured throughput and handshake runs")
@@ -279,7 +285,11 @@ func Run(ctx context.Context, opt Options) (*Result, error) {
 			return nil, errors.New("-gateway-cpus needs taskset (util-linux) on PATH")
 		}
 	}
-	if scen['d'] || scen['h'] {
+	// Scenario k's second stage holds twice its first stage's subscribers.
+	if need := uint64(2*p.capConns + 1000); scen['k'] && nofile < need {
+		return nil, fmt.Errorf("open-file limit %d is below the %d that scenario k needs here", nofile, need)
+	}
+	if scen['d'] || scen['h'] || scen['k'] {
 		// Fail before anything runs rather than after the other scenarios.
 		if _, err := exec.LookPath("redis-server"); err != nil {
 			return nil, errNoRedis
@@ -386,6 +396,13 @@ func Run(ctx context.Context, opt Options) (*Result, error) {
 			fail('r', rep.refuseErr)
 		}
 	}
+	if scen['k'] && ctx.Err() == nil {
+		e.logf("k. capacity: %d subscribers on one gateway, then %d on %d gateways, one Redis", p.capConns, 2*p.capConns, capNodes)
+		rep.cap, rep.capErr = e.runCapacity(ctx)
+		if rep.capErr != nil {
+			fail('k', rep.capErr)
+		}
+	}
 	if err := ctx.Err(); err != nil {
 		// An interrupted run keeps the results file it would overwrite.
 		return nil, fmt.Errorf("interrupted, %s left as it was: %w", opt.Out, err)
@@ -409,14 +426,14 @@ func Run(ctx context.Context, opt Options) (*Result, error) {
 }
 
 // defaultScenarios is every scenario.
-const defaultScenarios = "a,b,c,d,e,h,m,r,z"
+const defaultScenarios = "a,b,c,d,e,h,k,m,r,z"
 
 func parseScenarios(s string) (map[byte]bool, error) {
 	m := map[byte]bool{}
 	for f := range strings.SplitSeq(s, ",") {
 		f = strings.TrimSpace(strings.ToLower(f))
-		if len(f) != 1 || (f[0] < 'a' || f[0] > 'e') && f[0] != 'h' && f[0] != 'm' && f[0] != 'r' && f[0] != 'z' {
-			return nil, fmt.Errorf("unknown scenario %q (want letters a to e, h, m, r or z, comma-separated)", f)
+		if len(f) != 1 || (f[0] < 'a' || f[0] > 'e') && !strings.ContainsRune("hkmrz", rune(f[0])) {
+			return nil, fmt.Errorf("unknown scenario %q (want letters a to e, h, k, m, r or z, comma-separated)", f)
 		}
 		m[f[0]] = true
 	}

@@ -120,6 +120,8 @@ type report struct {
 	zErr       error
 	refuse     *refuseResult
 	refuseErr  error
+	cap        *capResult
+	capErr     error
 	profiles   []string
 }
 
@@ -167,6 +169,7 @@ func (r *report) markdown() string {
 	r.metricsSection(w)
 	r.zSection(w)
 	r.refuseSection(w)
+	r.capSection(w)
 	if len(r.profiles) > 0 {
 		w("CPU profiles of the gateway, from extra runs that are not part of the figures: %s.\n\n", "`"+strings.Join(r.profiles, "`, `")+"`")
 	}
@@ -829,6 +832,8 @@ func (r *report) section(w writer, s byte, err error) bool {
 		return r.z != nil
 	case 'r':
 		return r.refuse != nil
+	case 'k':
+		return r.cap != nil
 	}
 	return false
 }

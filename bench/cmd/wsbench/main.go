@@ -3,9 +3,10 @@
 // bench/RESULTS.md. It builds nothing: give it the cmd/caddy binary.
 //
 //	go build -o caddy ./cmd/caddy
-//	go run ./bench/cmd/wsbench            # full run, about 23 minutes on 2 cores
+//	go run ./bench/cmd/wsbench            # full run, about 25 minutes on 2 cores
 //	go run ./bench/cmd/wsbench -scenarios h  # fan-out with history off and on
 //	go run ./bench/cmd/wsbench -scenarios z  # compression: relay, fan-out, idle
+//	go run ./bench/cmd/wsbench -scenarios k  # capacity: the model's inputs and a 3-gateway check
 //	go run ./bench/cmd/wsbench -quick     # smoke run, under a minute
 //
 // Scenario r (refusals with every upstream down) is fairest with the
