@@ -110,7 +110,7 @@ type Config struct {
 	// means time.AfterFunc.
 	AfterFunc func(d time.Duration, f func()) (stop func() bool)
 	// Rand returns a number in [0,n) for the policies that choose at
-	// random; nil means math/rand/v2.
+	// random and the spread of heartbeats; nil means math/rand/v2.
 	Rand func(n int) int
 	// DialTimeout bounds connecting to an upstream and its handshake.
 	// Default 5s; negative is an error.
@@ -132,7 +132,9 @@ type Config struct {
 	// without a data message in either direction. 0 disables.
 	IdleTimeout time.Duration
 	// PingInterval is how long the client may be silent before the gateway
-	// pings it. Default 30s; negative disables pings.
+	// pings it: each connection waits a share of it drawn once, from 3/4
+	// of it to all of it, so that pings are spread. Default 30s; negative
+	// disables pings.
 	PingInterval time.Duration
 	// PongTimeout is how long the gateway waits for any frame after a ping
 	// before it drops the connection. Default 30s; negative is an error.

@@ -146,6 +146,7 @@ type relay struct {
 	// heartbeat and expiry state, owned by the client's reader
 	expiry    int64 // mono time the client's credentials expire; 0: never
 	pingAt    int64
+	pingAfter int64 // the silence before a ping: this connection's share of PingInterval
 	lockMiss  int64
 	pingToken [8]byte
 	nextTick  int64       // mono time tick wants to run next; 0 or MaxInt64: never
@@ -172,6 +173,7 @@ func newRelay(g *Gateway, client, upstream net.Conn, info *RequestInfo) *relay {
 	c.client.other = c.upstream
 	c.client.init(c, clientSide, client, &c.cfg.Client)
 	binary.LittleEndian.PutUint64(c.pingToken[:], rand.Uint64())
+	c.pingAfter = pingAfter(c.cfg.PingInterval, c.cfg.Rand)
 	c.meta = newConnInfo(info.Meta, client)
 	c.onClose = info.OnClose
 	c.onEnd = info.OnEnd

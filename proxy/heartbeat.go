@@ -10,7 +10,7 @@ import (
 )
 
 // tick runs when the client's read deadline passes: it sends a ping after
-// PingInterval of silence, drops a client that did not answer within
+// the connection's share of PingInterval of silence (pingAfter), drops a client that did not answer within
 // PongTimeout, enforces the token's expiry and IdleTimeout, and sets the
 // next deadline. Deadlines change only here, never per frame.
 func (c *relay) tick() error {
@@ -30,7 +30,7 @@ func (c *relay) tick() error {
 				return &closeErr{side: clientSide, code: ws.StatusGoingAway, reason: "ping timeout"}
 			}
 			next = due
-		} else if due := c.client.rd.lastRead + int64(cfg.PingInterval); now < due {
+		} else if due := c.client.rd.lastRead + c.pingAfter; now < due {
 			next = due
 		} else {
 			wrote, err := c.client.w.tryControl(ws.OpPing, c.pingToken[:])
@@ -86,6 +86,15 @@ func (c *relay) tick() error {
 		c.client.rd.conn.SetReadDeadline(c.readDeadline(&c.client))
 	}
 	return nil
+}
+
+// pingAfter draws a connection's silence before a ping: between 3/4 of
+// interval and all of it. Connections opened together (after a restart,
+// say) then ping at different times, and drift further apart with every
+// ping, so their heartbeats never come in one wave.
+func pingAfter(interval time.Duration, rnd func(int) int) int64 {
+	const steps = 1024
+	return int64(interval) - int64(interval/4)*int64(rnd(steps))/steps
 }
 
 // maxRefreshMessage bounds the client text messages inspected for an

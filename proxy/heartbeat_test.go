@@ -3,6 +3,7 @@ package proxy
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"net/http"
 	"strings"
@@ -121,6 +122,7 @@ func TestGatewayPingTimeout(t *testing.T) {
 		c.PingInterval = 50 * time.Millisecond
 		c.PongTimeout = 100 * time.Millisecond
 		c.CloseTimeout = 200 * time.Millisecond
+		c.Rand = func(int) int { return 0 } // the whole interval
 	})
 	start := time.Now()
 	rc := dialRaw(t, tg.addr(), nil)
@@ -322,5 +324,37 @@ func TestShutdownUnresponsivePeers(t *testing.T) {
 	}
 	if code, _ := closeOf(frames[len(frames)-1].payload); code != 1001 {
 		t.Fatalf("close %d, want 1001", code)
+	}
+}
+
+// TestAnsweredPingSpacing: a client that answers every ping at once is
+// pinged again only after a further PingInterval of silence (never every
+// PongTimeout), whether its side parks between pings or not.
+func TestAnsweredPingSpacing(t *testing.T) {
+	for _, parkAfter := range []time.Duration{-1, testParkAfter} {
+		t.Run(fmt.Sprintf("park_after=%v", parkAfter), func(t *testing.T) {
+			const interval, pong = 150 * time.Millisecond, 20 * time.Millisecond
+			up := startUpstream(t, nil, nil)
+			tg := startGateway(t, up.url, func(c *Config) {
+				c.PingInterval, c.PongTimeout, c.ParkAfter = interval, pong, parkAfter
+			})
+			rc := dialRaw(t, tg.addr(), nil)
+			up.next(t)
+			var last time.Time
+			for i := 0; i < 5; i++ {
+				f, err := rc.read()
+				if err != nil || f.op != opPing {
+					t.Fatalf("frame %d: op %d (%v), want ping", i, f.op, err)
+				}
+				now := time.Now()
+				rc.write(cf(opPong, f.payload))
+				// The earliest a ping may come is the jittered share of
+				// the interval after the answer to the previous one.
+				if i > 0 && now.Sub(last) < interval*3/4 {
+					t.Fatalf("ping %d came %v after the answer to the previous one; PingInterval is %v", i, now.Sub(last), interval)
+				}
+				last = time.Now()
+			}
+		})
 	}
 }

@@ -118,8 +118,19 @@ func (c *relay) park(src *peer) bool {
 	src.pstate.Store(sideParking)
 	if src.pollID == 0 {
 		src.pl = getPoller()
-		src.pollID = src.pl.register(func() { c.wake(src) })
+		src.pollID = src.pl.register(func() { c.service(src, true) })
 	}
+	if !c.watch(src) || c.closing.Load() || !src.pstate.CompareAndSwap(sideParking, sideParked) {
+		src.pstate.Store(sideRunning)
+		return false
+	}
+	c.countParked(1)
+	return true
+}
+
+// watch arms src's socket with the poller (an arming fires once) and,
+// for the client, the timer of its next heartbeat check.
+func (c *relay) watch(src *peer) bool {
 	pl := src.pl
 	var aerr error
 	cerr := src.rd.sock.Control(func(fd uintptr) {
@@ -128,19 +139,54 @@ func (c *relay) park(src *peer) bool {
 			src.polled = true
 		}
 	})
-	if cerr == nil && aerr == nil && src.side == clientSide && c.nextTick > 0 && c.nextTick != math.MaxInt64 {
+	if cerr != nil || aerr != nil {
+		return false
+	}
+	if src.side == clientSide && c.nextTick > 0 && c.nextTick != math.MaxInt64 {
 		d := time.Duration(c.nextTick - mono())
 		if c.timer == nil {
-			c.timer = time.AfterFunc(d, func() { c.wake(&c.client) })
+			c.timer = time.AfterFunc(d, func() { c.service(&c.client, false) })
 		} else {
 			c.timer.Reset(d)
 		}
 	}
-	if cerr != nil || aerr != nil || c.closing.Load() || !src.pstate.CompareAndSwap(sideParking, sideParked) {
-		src.pstate.Store(sideRunning)
+	return true
+}
+
+// service runs, on the poller's goroutine (readable) or the heartbeat
+// timer's, what a parked client needs for its heartbeat alone: the
+// timer's check, which may send a ping through the client's writer, and
+// the answer to that ping when it is all the socket holds. The side stays
+// parked: no goroutine starts and no read buffer is taken. Anything else
+// (data, a close that is due, the connection closing, an upstream side)
+// resumes the side's reader, as wake does.
+func (c *relay) service(p *peer, readable bool) {
+	if p.side != clientSide || !p.pstate.CompareAndSwap(sideParked, sideParking) {
+		c.wake(p)
+		return
+	}
+	// The side is ours until it is parked again, as if it were parking: a
+	// wake meanwhile marks it woken, and it resumes below.
+	ok := !c.closing.Load() && (!readable || c.takePong(p)) && c.tick() == nil && c.watch(p)
+	if ok && p.pstate.CompareAndSwap(sideParking, sideParked) {
+		return
+	}
+	p.pstate.Store(sideRunning)
+	c.countParked(-1)
+	go c.pump(p, true)
+}
+
+// takePong consumes the client's answer to the gateway's ping when that
+// is all its socket holds, without a read buffer: it looks at the bytes
+// in place and takes them only if they are one masked pong carrying the
+// ping's token. Anything else is left for the reader; so is everything on
+// TLS, whose records are sealed.
+func (c *relay) takePong(p *peer) bool {
+	if !c.pingOut || !p.rd.direct || !takeOwnPong(p.rd.sock, &c.pingToken) {
 		return false
 	}
-	c.countParked(1)
+	c.pingOut = false
+	p.rd.lastRead = mono()
 	return true
 }
 

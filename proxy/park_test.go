@@ -265,6 +265,46 @@ func TestParkedHeartbeat(t *testing.T) {
 	tg.waitLen(t, 0)
 }
 
+// TestParkedHeartbeatNoReader: a parked client's heartbeat takes no
+// reader goroutine: the ping goes out from the timer, the answer is taken
+// from the socket by the poller, and data afterwards still wakes a reader.
+func TestParkedHeartbeatNoReader(t *testing.T) {
+	up, tg := startParkingGateway(t, 5*time.Millisecond, func(c *Config) {
+		c.PingInterval = 100 * time.Millisecond
+		c.PongTimeout = time.Second
+	})
+	rc := dialRaw(t, tg.addr(), nil)
+	uc := up.next(t)
+	c := onlyRelay(t, tg)
+	waitParked(t, c)
+	for i := 0; i < 4; i++ {
+		f, err := rc.read()
+		if err != nil || f.op != opPing {
+			t.Fatalf("frame %d: op %d (%v), want ping", i, f.op, err)
+		}
+		if n := pumps(); n != 0 || c.client.pstate.Load() != sideParked {
+			t.Fatalf("ping %d: %d reader goroutines, client state %d; want none, parked", i, n, c.client.pstate.Load())
+		}
+		rc.write(cf(opPong, f.payload))
+	}
+	// A pong with a foreign payload is not the gateway's: it wakes the
+	// reader and goes to the upstream, like data.
+	rc.write(cf(opPong, []byte("other")))
+	select {
+	case p := <-uc.pongs:
+		if string(p) != "other" {
+			t.Fatalf("upstream got pong %q", p)
+		}
+	case <-time.After(waitFor):
+		t.Fatal("the client's own pong did not reach the upstream")
+	}
+	rc.write(cf(opText, []byte("hello")))
+	if m := uc.nextMsg(t); string(m.data) != "hello" {
+		t.Fatalf("upstream read %q", m.data)
+	}
+	waitParked(t, c)
+}
+
 // TestParkedIdleTimeout: timers fire for parked connections.
 func TestParkedIdleTimeout(t *testing.T) {
 	up, tg := startParkingGateway(t, 10*time.Millisecond, func(c *Config) { c.IdleTimeout = 300 * time.Millisecond })

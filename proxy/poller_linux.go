@@ -148,3 +148,30 @@ func (p *poller) loop() {
 		}
 	}
 }
+
+// ownPongSize is the size of a client's answer to the gateway's ping: a
+// 2-byte header, the mask, and the 8-byte token.
+const ownPongSize = 2 + 4 + 8
+
+// takeOwnPong reads the socket's pending bytes without taking them; when
+// they are exactly one final, masked pong whose unmasked payload is
+// token, it takes them and reports true.
+func takeOwnPong(sock syscall.RawConn, token *[8]byte) bool {
+	took := false
+	sock.Control(func(fd uintptr) {
+		var b [ownPongSize + 1]byte
+		n, _, err := syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
+		if err != nil || n != ownPongSize || b[0] != 0x8a || b[1] != 0x80|8 {
+			return
+		}
+		for i := range 8 {
+			if b[6+i]^b[2+i%4] != token[i] {
+				return
+			}
+		}
+		// The peek saw these bytes in the socket: the read takes them all.
+		n, _, err = syscall.Recvfrom(int(fd), b[:ownPongSize], syscall.MSG_DONTWAIT)
+		took = err == nil && n == ownPongSize
+	})
+	return took
+}

@@ -2,7 +2,10 @@
 
 package proxy
 
-import "errors"
+import (
+	"errors"
+	"syscall"
+)
 
 // poller is Linux-only (epoll); elsewhere connections never park.
 type poller struct{}
@@ -15,3 +18,6 @@ func (p *poller) arm(id uint64, fd int, added bool) error { return errNoPoller }
 func (p *poller) forget(id uint64, fd int, added bool)    {}
 
 var errNoPoller = errors.New("parking needs epoll")
+
+// takeOwnPong never runs where sides do not park.
+func takeOwnPong(sock syscall.RawConn, token *[8]byte) bool { return false }
