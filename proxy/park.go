@@ -105,10 +105,18 @@ func (c *relay) restoreDeadline(p *peer) error {
 
 // Parking states of a side (peer.pstate).
 const (
-	sideRunning int32 = iota // a goroutine reads the side
-	sideParking              // its goroutine is parking
-	sideWoken                // a wake came while it was parking: it goes on reading
-	sideParked               // no goroutine: a wake starts one
+	sideRunning  int32 = iota // a goroutine reads the side
+	sideParking               // its goroutine is parking
+	sideWoken                 // a wake came while it was parking or serviced: it goes on reading
+	sideParked                // no goroutine: a wake starts one
+	sideServiced              // parked, its heartbeat being handled (service), maybe with the flags below
+)
+
+// Events that came while a side was serviced, or-ed into sideServiced:
+// the servicer handles them before the side is parked again.
+const (
+	pendingReadable int32 = 1 << (iota + 4) // the socket became readable
+	pendingTimer                            // the heartbeat timer fired
 )
 
 // park registers src with the poller; it reports false when src cannot
@@ -159,17 +167,52 @@ func (c *relay) watch(src *peer) bool {
 // the answer to that ping when it is all the socket holds. The side stays
 // parked: no goroutine starts and no read buffer is taken. Anything else
 // (data, a close that is due, the connection closing, an upstream side)
-// resumes the side's reader, as wake does.
+// resumes the side's reader, as wake does. An event that comes while the
+// side is serviced (the answer to the ping just sent, say) is handled by
+// the servicer before it parks the side again.
 func (c *relay) service(p *peer, readable bool) {
-	if p.side != clientSide || !p.pstate.CompareAndSwap(sideParked, sideParking) {
+	if p.side != clientSide {
 		c.wake(p)
 		return
 	}
-	// The side is ours until it is parked again, as if it were parking: a
-	// wake meanwhile marks it woken, and it resumes below.
-	ok := !c.closing.Load() && (!readable || c.takePong(p)) && c.tick() == nil && c.watch(p)
-	if ok && p.pstate.CompareAndSwap(sideParking, sideParked) {
-		return
+	for {
+		st := p.pstate.Load()
+		switch {
+		case st == sideParked:
+			if p.pstate.CompareAndSwap(sideParked, sideServiced) {
+				c.serviceParked(p, readable)
+				return
+			}
+		case st&^(pendingReadable|pendingTimer) == sideServiced:
+			ev := pendingTimer
+			if readable {
+				ev = pendingReadable
+			}
+			if p.pstate.CompareAndSwap(st, st|ev) {
+				return
+			}
+		default:
+			c.wake(p)
+			return
+		}
+	}
+}
+
+// serviceParked handles the events of a serviced side until none is left,
+// then parks it again, or resumes its reader.
+func (c *relay) serviceParked(p *peer, readable bool) {
+	for {
+		if c.closing.Load() || (readable && !c.takePong(p)) || c.tick() != nil || !c.watch(p) {
+			break
+		}
+		if p.pstate.CompareAndSwap(sideServiced, sideParked) {
+			return
+		}
+		st := p.pstate.Load()
+		if st == sideWoken || !p.pstate.CompareAndSwap(st, sideServiced) {
+			break
+		}
+		readable = st&pendingReadable != 0
 	}
 	p.pstate.Store(sideRunning)
 	c.countParked(-1)
@@ -193,19 +236,19 @@ func (c *relay) takePong(p *peer) bool {
 // wake resumes a parked side in a new goroutine. It never blocks.
 func (c *relay) wake(p *peer) {
 	for {
-		switch p.pstate.Load() {
+		switch st := p.pstate.Load(); st {
+		case sideRunning, sideWoken:
+			return
 		case sideParked:
 			if p.pstate.CompareAndSwap(sideParked, sideRunning) {
 				c.countParked(-1)
 				go c.pump(p, true)
 				return
 			}
-		case sideParking:
-			if p.pstate.CompareAndSwap(sideParking, sideWoken) {
+		default: // parking or serviced: whoever has it goes on reading
+			if p.pstate.CompareAndSwap(st, sideWoken) {
 				return
 			}
-		default:
-			return
 		}
 	}
 }
