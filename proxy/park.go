@@ -202,7 +202,7 @@ func (c *relay) service(p *peer, readable bool) {
 // then parks it again, or resumes its reader.
 func (c *relay) serviceParked(p *peer, readable bool) {
 	for {
-		if c.closing.Load() || (readable && !c.takePong(p)) || c.tick() != nil || !c.watch(p) {
+		if c.closing.Load() || (readable && !c.readable(p)) || c.tick() != nil || !c.watch(p) {
 			break
 		}
 		if p.pstate.CompareAndSwap(sideServiced, sideParked) {
@@ -219,18 +219,33 @@ func (c *relay) serviceParked(p *peer, readable bool) {
 	go c.pump(p, true)
 }
 
-// takePong consumes the client's answer to the gateway's ping when that
-// is all its socket holds, without a read buffer: it looks at the bytes
-// in place and takes them only if they are one masked pong carrying the
-// ping's token. Anything else is left for the reader; so is everything on
-// TLS, whose records are sealed.
-func (c *relay) takePong(p *peer) bool {
-	if !c.pingOut || !p.rd.direct || !takeOwnPong(p.rd.sock, &c.pingToken) {
-		return false
+// What a parked side's readable socket holds (peekSocket).
+const (
+	holdsNothing = iota // no bytes: the readiness was already handled
+	holdsOwnPong        // the answer to the gateway's ping, now taken
+	holdsOther          // bytes for the reader, or the end of the stream
+)
+
+// readable handles a parked client's readable socket in place: a
+// readiness with no bytes behind it (one an earlier look already took
+// care of) is nothing, and the answer to the gateway's ping is taken
+// when it is all the socket holds. It reports false, taking nothing, when
+// the reader must run. On TLS, whose records are sealed, any byte needs
+// the reader.
+func (c *relay) readable(p *peer) bool {
+	var token *[8]byte
+	if c.pingOut && p.rd.direct {
+		token = &c.pingToken
 	}
-	c.pingOut = false
-	p.rd.lastRead = mono()
-	return true
+	switch peekSocket(p.rd.sock, token) {
+	case holdsNothing:
+		return true
+	case holdsOwnPong:
+		c.pingOut = false
+		p.rd.lastRead = mono()
+		return true
+	}
+	return false
 }
 
 // wake resumes a parked side in a new goroutine. It never blocks.

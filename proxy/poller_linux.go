@@ -153,15 +153,19 @@ func (p *poller) loop() {
 // 2-byte header, the mask, and the 8-byte token.
 const ownPongSize = 2 + 4 + 8
 
-// takeOwnPong reads the socket's pending bytes without taking them; when
-// they are exactly one final, masked pong whose unmasked payload is
-// token, it takes them and reports true.
-func takeOwnPong(sock syscall.RawConn, token *[8]byte) bool {
-	took := false
+// peekSocket looks at the socket's pending bytes without taking them.
+// When token is not nil and they are exactly one final, masked pong whose
+// unmasked payload is token, it takes them.
+func peekSocket(sock syscall.RawConn, token *[8]byte) int {
+	holds := holdsOther
 	sock.Control(func(fd uintptr) {
 		var b [ownPongSize + 1]byte
 		n, _, err := syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
-		if err != nil || n != ownPongSize || b[0] != 0x8a || b[1] != 0x80|8 {
+		if err == syscall.EAGAIN {
+			holds = holdsNothing
+			return
+		}
+		if err != nil || token == nil || n != ownPongSize || b[0] != 0x8a || b[1] != 0x80|8 {
 			return
 		}
 		for i := range 8 {
@@ -170,8 +174,9 @@ func takeOwnPong(sock syscall.RawConn, token *[8]byte) bool {
 			}
 		}
 		// The peek saw these bytes in the socket: the read takes them all.
-		n, _, err = syscall.Recvfrom(int(fd), b[:ownPongSize], syscall.MSG_DONTWAIT)
-		took = err == nil && n == ownPongSize
+		if n, _, err = syscall.Recvfrom(int(fd), b[:ownPongSize], syscall.MSG_DONTWAIT); err == nil && n == ownPongSize {
+			holds = holdsOwnPong
+		}
 	})
-	return took
+	return holds
 }

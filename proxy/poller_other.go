@@ -19,5 +19,5 @@ func (p *poller) forget(id uint64, fd int, added bool)    {}
 
 var errNoPoller = errors.New("parking needs epoll")
 
-// takeOwnPong never runs where sides do not park.
-func takeOwnPong(sock syscall.RawConn, token *[8]byte) bool { return false }
+// peekSocket never runs where sides do not park.
+func peekSocket(sock syscall.RawConn, token *[8]byte) int { return holdsOther }
