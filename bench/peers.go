@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"debug/buildinfo"
 	"errors"
 	"fmt"
 	"io"
@@ -173,6 +174,12 @@ func peerVersion(name, bin string) string {
 	var out []byte
 	switch name {
 	case pCentrifugo:
+		// A `go install` build reports v0.0.0 itself (its version is set
+		// by release builds' linker flags); its module version is in the
+		// binary's build info.
+		if bi, err := buildinfo.ReadFile(bin); err == nil {
+			return fmt.Sprintf("%s %s, built with %s", bi.Main.Path, bi.Main.Version, bi.GoVersion)
+		}
 		out, _ = exec.Command(bin, "version").CombinedOutput()
 	case pNchan:
 		out, _ = exec.Command(bin, "-v").CombinedOutput()
