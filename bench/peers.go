@@ -76,8 +76,8 @@ type peerIdle struct {
 	before           int64   // RSS before connecting, bytes
 	least, med, most float64 // RSS growth per connection over the samples, bytes
 	samples          int
-	pings            float64 // heartbeats each connection received during the hold
-	connectIn        time.Duration
+	pings            float64       // heartbeats each connection received during the hold
+	connectIn        time.Duration // to open and subscribe them all
 }
 
 // peerHS is one server's fixed-rate handshakes in one round.
@@ -211,8 +211,8 @@ func (e *env) runPeers(ctx context.Context) (*peersResult, error) {
 			if err != nil {
 				return res, fmt.Errorf("idle, %s, round %d: %w", name, r+1, err)
 			}
-			e.logf("  p round %d idle %-10s: %.1f / %.1f / %.1f KiB per connection (least/median/most of %d samples), %.2f heartbeats each",
-				r+1, name, id.least/1024, id.med/1024, id.most/1024, id.samples, id.pings)
+			e.logf("  p round %d idle %-10s: %.1f / %.1f / %.1f KiB per connection (least/median/most of %d samples), %.2f heartbeats each, connected in %v",
+				r+1, name, id.least/1024, id.med/1024, id.most/1024, id.samples, id.pings, id.connectIn.Round(time.Millisecond))
 			rd.idle[name] = id
 		}
 		if err := e.peerLoadRound(ctx, res, rd, r); err != nil {
@@ -1166,7 +1166,12 @@ func (g *peerSubs) window(ctx context.Context, win int, topo peerTopo, asked flo
 
 // ---- report ----
 
+// peersSection is left out of a run that did not ask for scenario p: it
+// is not in the default list.
 func (r *report) peersSection(w writer) {
+	if !r.scen['p'] {
+		return
+	}
 	w("## p. Peers: Centrifugo and Nchan\n\n")
 	if !r.section(w, 'p', r.peersErr) {
 		return
