@@ -115,6 +115,71 @@ func TestQuickSmoke(t *testing.T) {
 	}
 }
 
+// TestQuickPeers runs scenario p in -quick mode with whichever peers are
+// installed (CI installs neither: there it measures wsgate alone), and
+// checks that every server present is reported, that a missing one is
+// reported as skipped with how to install it, and that nothing it started
+// outlives it.
+func TestQuickPeers(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds cmd/caddy and runs wsgate, Centrifugo and Nchan")
+	}
+	dir := t.TempDir()
+	bin := filepath.Join(dir, "caddy")
+	build := exec.Command("go", "build", "-o", bin, "github.com/wsgate/wsgate/cmd/caddy")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("building cmd/caddy: %v\n%s", err, out)
+	}
+	out := filepath.Join(dir, "RESULTS.md")
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	opt := Options{Caddy: bin, Out: out, Quick: true, Scenarios: "p", CmdLine: "TestQuickPeers", Log: testLog{t}}
+	found, skipped := opt.peerBinaries()
+	for _, s := range skipped {
+		t.Logf("skipped: %s", s)
+	}
+	if _, err := Run(ctx, opt); err != nil {
+		t.Fatal(err)
+	}
+	if kids := children(t); len(kids) > 0 {
+		t.Errorf("processes left running: %v", kids)
+	}
+	b, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	md := string(b)
+	present := []string{pWsgate}
+	for _, name := range peerNames[1:] {
+		if _, ok := found[name]; ok {
+			present = append(present, name)
+		} else if !strings.Contains(md, "- **Skipped**: "+name+": not found") && !strings.Contains(md, "- **Skipped**: "+name+": nginx") {
+			t.Errorf("results do not say that %s was skipped", name)
+		}
+	}
+	want := []string{"## p. Peers: Centrifugo and Nchan", "**1. Idle subscribed connections.**", "**2. Handshakes.**", "**3. Fan-out.**",
+		"| 10 × 10 | batch of 10 | 2,000 | wsgate | "}
+	for _, name := range present {
+		want = append(want, "| 1 × 100 | single | 2,000 | "+name+" | ", "| 10 × 10 | single | 5,000 | "+name+" | ")
+	}
+	if len(present) > 1 {
+		want = append(want, "| "+present[1]+" | ") // its idle and handshake rows
+	}
+	for _, w := range want {
+		if !strings.Contains(md, w) {
+			t.Errorf("results lack %q", w)
+		}
+	}
+	for _, bad := range []string{"**Failed:**", "| 10 × 10 | batch of 10 | 2,000 | Nchan | "} {
+		if strings.Contains(md, bad) {
+			t.Errorf("results say %q", bad)
+		}
+	}
+	if t.Failed() {
+		t.Logf("results:\n%s", md)
+	}
+}
+
 // children lists the processes this test process has started and not
 // reaped.
 func children(t *testing.T) []string {

@@ -100,6 +100,9 @@ const (
 	refuseActiveCaddy
 	refusePassiveCaddy
 	refuseStockCaddy
+	// peersCaddy is scenario p's wsgate: a rooms route with
+	// wsgate_publish, the default in-process broker.
+	peersCaddy
 )
 
 // roomsSite is the rooms-mode site: wsgate.v1 on roomsPath, and (for the
@@ -271,6 +274,9 @@ func (e *env) tryStartCaddy(ctx context.Context, kind caddyKind) (*caddyProc, er
 		c.roomsPort, c.esPort, c.hsPort, c.stockPort = ports[1], ports[2], ports[3], ports[4]
 		c.metrics = kind == metricsCaddy
 		cfg = e.caddyfile
+	case peersCaddy:
+		c.roomsPort = ports[1]
+		cfg = e.peersCaddyfile
 	case fanoutCaddy, fanoutHistCaddy:
 		c.roomsPort = ports[1]
 		c.history = kind == fanoutHistCaddy

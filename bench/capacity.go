@@ -396,14 +396,16 @@ func (cs *capState) read(s *capSub) {
 	}
 }
 
-// parseCap reads the window and send time out of a delivered message
-// ({"op":"message","channel":…,"data":{"w":…,"t":…}}).
+// parseCap reads the window and send time out of a delivered message,
+// wherever the server put the data (capData's object): wsgate's
+// {"op":"message","channel":…,"data":{"w":…,"t":…}}, Centrifugo's
+// {"push":{…,"pub":{"data":{"w":…,"t":…}}}} or Nchan's bare data.
 func parseCap(p []byte) (win int, ts int64, ok bool) {
-	i := bytes.Index(p, []byte(`"data":{"w":`))
+	i := bytes.Index(p, []byte(`{"w":`))
 	if i < 0 {
 		return 0, 0, false
 	}
-	w, rest, ok := leadingInt(p[i+len(`"data":{"w":`):])
+	w, rest, ok := leadingInt(p[i+len(`{"w":`):])
 	if !ok || !bytes.HasPrefix(rest, []byte(`,"t":`)) {
 		return 0, 0, false
 	}

@@ -22,7 +22,11 @@
 // standard library's compress/flate, never with the gateway's compressor,
 // and count the bytes at their sockets. Scenario k (capacity) starts a
 // redis-server and rooms gateways on it: one to measure the capacity
-// model's inputs, then three to check what it predicts for each. It imports no
+// model's inputs, then three to check what it predicts for each. Scenario p
+// (peers, not in the default list) runs wsgate beside Centrifugo and Nchan
+// (nginx), each started from a configuration the harness writes and
+// skipped when it is not installed, and drives all three with the same
+// clients. It imports no
 // Caddy or wsgate package, so it can never share a bug with the code it
 // measures.
 //

@@ -35,10 +35,17 @@ type Options struct {
 	Quick bool
 	// Runs per variant; the report gives medians. Default 3 (1 with Quick).
 	Runs int
-	// Scenarios to run, from "abcdehkmrz". Default all ten. Scenarios d
+	// Scenarios to run, from "abcdehkmprz". Default all but p. Scenarios d
 	// (fan-out), h (fan-out with history off and on) and k (capacity)
-	// start redis-server, which must be on PATH.
+	// start redis-server, which must be on PATH. Scenario p (peers) runs
+	// Centrifugo and Nchan beside wsgate, each if it is installed.
 	Scenarios string
+	// Centrifugo is the centrifugo binary scenario p runs. Default:
+	// centrifugo on PATH, else ~/go/bin/centrifugo.
+	Centrifugo string
+	// Nginx is the nginx binary scenario p runs Nchan in (Debian's
+	// libnginx-mod-nchan must be installed). Default /usr/sbin/nginx.
+	Nginx string
 	// Baseline, when set, is another cmd/caddy binary (a build without
 	// wsgate's metrics) that scenario m also measures, with the same
 	// configuration as its metrics-off gateway.
@@ -98,6 +105,14 @@ type params struct {
 	capConns      int           // scenario k's subscribers on one gateway (twice as many over several)
 	capDeliveries float64       // deliveries per second in each of its windows
 	capWindow     time.Duration // of each publishing window
+
+	peerIdleConns int           // scenario p's idle subscribed connections per server
+	peerIdleHold  time.Duration // sampled every second for this long
+	peerHSRate    int           // connect + subscribe handshakes per second
+	peerHSDur     time.Duration // of the handshake schedule
+	peerTopos     []peerTopo    // fan-out shapes
+	peerFanSteps  []float64     // deliveries per second asked, in steps
+	peerFanDur    time.Duration // of each publishing window
 }
 
 // fanSteps are the step-up's rates: from 100 publishes/s, ×√2 a step.
@@ -123,6 +138,8 @@ func fullParams() params {
 		zFanRate: 20, zFanDur: 10 * time.Second,
 		refuseRate: 500, refuseWarm: time.Second, refuseDur: 10 * time.Second,
 		capConns: 9000, capDeliveries: 30000, capWindow: 10 * time.Second,
+		peerIdleConns: 5000, peerIdleHold: 90 * time.Second, peerHSRate: 500, peerHSDur: 5 * time.Second,
+		peerTopos: []peerTopo{{1, 1000}, {100, 10}}, peerFanSteps: []float64{20000, 50000, 100000}, peerFanDur: 4 * time.Second,
 	}
 }
 
@@ -140,6 +157,8 @@ func quickParams() params {
 		zFanRate: 20, zFanDur: time.Second,
 		refuseRate: 500, refuseWarm: 200 * time.Millisecond, refuseDur: time.Second,
 		capConns: 200, capDeliveries: 2000, capWindow: time.Second,
+		peerIdleConns: 100, peerIdleHold: 2 * time.Second, peerHSRate: 200, peerHSDur: 500 * time.Millisecond,
+		peerTopos: []peerTopo{{1, 100}, {10, 10}}, peerFanSteps: []float64{2000, 5000}, peerFanDur: 500 * time.Millisecond,
 	}
 }
 
@@ -158,7 +177,9 @@ func Main(ctx context.Context, name string, args []string, stdout, stderr io.Wri
 	fs.StringVar(&opt.Out, "out", "bench/RESULTS.md", "results `file` (Markdown)")
 	fs.BoolVar(&opt.Quick, "quick", false, "smoke run: tiny counts and durations, under a minute, figures meaningless")
 	fs.IntVar(&opt.Runs, "runs", 0, "runs per variant, medians reported (default 3, 1 with -quick)")
-	fs.StringVar(&opt.Scenarios, "scenarios", defaultScenarios, "scenarios to run: a idle (relayed, rooms, relayed over TLS), b latency, c throughput, d fan-out (needs redis-server), e handshakes, h fan-out with history off and on (needs redis-server), m throughput with metrics on and off, k capacity: the model's inputs on one gateway and a check on three (needs redis-server), r refusals with every upstream down, z compression (relay, fan-out, idle)")
+	fs.StringVar(&opt.Scenarios, "scenarios", defaultScenarios, "scenarios to run: a idle (relayed, rooms, relayed over TLS), b latency, c throughput, d fan-out (needs redis-server), e handshakes, h fan-out with history off and on (needs redis-server), m throughput with metrics on and off, k capacity: the model's inputs on one gateway and a check on three (needs redis-server), p peers: wsgate beside Centrifugo and Nchan (not in the default list), r refusals with every upstream down, z compression (relay, fan-out, idle)")
+	fs.StringVar(&opt.Centrifugo, "centrifugo", "", "the centrifugo `binary` for scenario p (default: centrifugo on PATH, else ~/go/bin/centrifugo)")
+	fs.StringVar(&opt.Nginx, "nginx", "/usr/sbin/nginx", "the nginx `binary` for scenario p's Nchan (with Debian's libnginx-mod-nchan)")
 	fs.StringVar(&opt.GatewayCPUs, "gateway-cpus", "", "pin every Caddy to these `cpus` with taskset -c (e.g. 0; run wsbench itself under taskset -c 1)")
 	fs.StringVar(&opt.Baseline, "baseline", "", "another cmd/caddy `binary` (a build without wsgate's metrics) that scenario m measures too")
 	fs.StringVar(&opt.Profile, "profile", "", "`directory` for gateway CPU profiles from extra, unmeasured throughput and handshake runs")
@@ -204,6 +225,9 @@ type env struct {
 	procs  []*caddyProc // every Caddy started, for the final cleanup
 	caddyN int
 	redis  *redisProc // while scenario d runs
+
+	peers    []*peerServer     // scenario p's Centrifugo and nginx processes, for the final cleanup
+	peerBins map[string]string // scenario p's peer binaries found
 
 	downPorts []int // scenario r's upstreams: ports where nothing listens
 
@@ -288,6 +312,10 @@ func Run(ctx context.Context, opt Options) (*Result, error) {
 	// Scenario k's second stage holds twice its first stage's subscribers.
 	if need := uint64(2*p.capConns + 1000); scen['k'] && nofile < need {
 		return nil, fmt.Errorf("open-file limit %d is below the %d that scenario k needs here", nofile, need)
+	}
+	// Scenario p holds its idle connections in this process.
+	if need := uint64(p.peerIdleConns + 1000); scen['p'] && nofile < need {
+		return nil, fmt.Errorf("open-file limit %d is below the %d that scenario p needs here", nofile, need)
 	}
 	if scen['d'] || scen['h'] || scen['k'] {
 		// Fail before anything runs rather than after the other scenarios.
@@ -403,6 +431,13 @@ func Run(ctx context.Context, opt Options) (*Result, error) {
 			fail('k', rep.capErr)
 		}
 	}
+	if scen['p'] && ctx.Err() == nil {
+		e.logf("p. peers: wsgate beside Centrifugo and Nchan, %d round(s)", p.runs)
+		rep.peers, rep.peersErr = e.runPeers(ctx)
+		if rep.peersErr != nil {
+			fail('p', rep.peersErr)
+		}
+	}
 	if err := ctx.Err(); err != nil {
 		// An interrupted run keeps the results file it would overwrite.
 		return nil, fmt.Errorf("interrupted, %s left as it was: %w", opt.Out, err)
@@ -425,15 +460,16 @@ func Run(ctx context.Context, opt Options) (*Result, error) {
 	return res, errors.Join(errs...)
 }
 
-// defaultScenarios is every scenario.
+// defaultScenarios is every scenario but p, which needs servers that are
+// not the project's (and CI does not install).
 const defaultScenarios = "a,b,c,d,e,h,k,m,r,z"
 
 func parseScenarios(s string) (map[byte]bool, error) {
 	m := map[byte]bool{}
 	for f := range strings.SplitSeq(s, ",") {
 		f = strings.TrimSpace(strings.ToLower(f))
-		if len(f) != 1 || (f[0] < 'a' || f[0] > 'e') && !strings.ContainsRune("hkmrz", rune(f[0])) {
-			return nil, fmt.Errorf("unknown scenario %q (want letters a to e, h, k, m, r or z, comma-separated)", f)
+		if len(f) != 1 || (f[0] < 'a' || f[0] > 'e') && !strings.ContainsRune("hkmprz", rune(f[0])) {
+			return nil, fmt.Errorf("unknown scenario %q (want letters a to e, h, k, m, p, r or z, comma-separated)", f)
 		}
 		m[f[0]] = true
 	}
@@ -506,6 +542,9 @@ func (e *env) setup() error {
 func (e *env) close() {
 	for _, c := range e.procs {
 		c.stop()
+	}
+	for _, s := range e.peers {
+		s.stop()
 	}
 	if e.redis != nil {
 		e.redis.stop()

@@ -122,6 +122,8 @@ type report struct {
 	refuseErr  error
 	cap        *capResult
 	capErr     error
+	peers      *peersResult
+	peersErr   error
 	profiles   []string
 }
 
@@ -170,6 +172,7 @@ func (r *report) markdown() string {
 	r.zSection(w)
 	r.refuseSection(w)
 	r.capSection(w)
+	r.peersSection(w)
 	if len(r.profiles) > 0 {
 		w("CPU profiles of the gateway, from extra runs that are not part of the figures: %s.\n\n", "`"+strings.Join(r.profiles, "`, `")+"`")
 	}
@@ -834,6 +837,8 @@ func (r *report) section(w writer, s byte, err error) bool {
 		return r.refuse != nil
 	case 'k':
 		return r.cap != nil
+	case 'p':
+		return r.peers != nil
 	}
 	return false
 }

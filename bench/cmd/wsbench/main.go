@@ -7,6 +7,7 @@
 //	go run ./bench/cmd/wsbench -scenarios h  # fan-out with history off and on
 //	go run ./bench/cmd/wsbench -scenarios z  # compression: relay, fan-out, idle
 //	go run ./bench/cmd/wsbench -scenarios k  # capacity: the model's inputs and a 3-gateway check
+//	go run ./bench/cmd/wsbench -scenarios p  # peers: wsgate beside Centrifugo and Nchan (not run by default)
 //	go run ./bench/cmd/wsbench -quick     # smoke run, under a minute
 //
 // Scenario r (refusals with every upstream down) is fairest with the
