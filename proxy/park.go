@@ -128,7 +128,7 @@ func (c *relay) park(src *peer) bool {
 		src.pl = getPoller()
 		src.pollID = src.pl.register(func() { c.service(src, true) })
 	}
-	if !c.watch(src) || c.closing.Load() || !src.pstate.CompareAndSwap(sideParking, sideParked) {
+	if !c.arm(src) || c.closing.Load() || !src.pstate.CompareAndSwap(sideParking, sideParked) {
 		src.pstate.Store(sideRunning)
 		return false
 	}
@@ -136,9 +136,12 @@ func (c *relay) park(src *peer) bool {
 	return true
 }
 
-// watch arms src's socket with the poller (an arming fires once) and,
-// for the client, the timer of its next heartbeat check.
-func (c *relay) watch(src *peer) bool {
+// arm watches src's socket with the poller (an arming fires once) and,
+// for the client, sets the timer of its next heartbeat check. It records
+// the socket's number: a parked or serviced side's socket stays open (only
+// finish closes it, once the side's reader has stopped), so servicing
+// uses that number directly.
+func (c *relay) arm(src *peer) bool {
 	pl := src.pl
 	var aerr error
 	cerr := src.rd.sock.Control(func(fd uintptr) {
@@ -150,15 +153,21 @@ func (c *relay) watch(src *peer) bool {
 	if cerr != nil || aerr != nil {
 		return false
 	}
-	if src.side == clientSide && c.nextTick > 0 && c.nextTick != math.MaxInt64 {
-		d := time.Duration(c.nextTick - mono())
-		if c.timer == nil {
-			c.timer = time.AfterFunc(d, func() { c.service(&c.client, false) })
-		} else {
-			c.timer.Reset(d)
-		}
-	}
+	c.setTimer(src)
 	return true
+}
+
+// setTimer sets the parked client's heartbeat timer for nextTick.
+func (c *relay) setTimer(src *peer) {
+	if src.side != clientSide || c.nextTick <= 0 || c.nextTick == math.MaxInt64 {
+		return
+	}
+	d := time.Duration(c.nextTick - mono())
+	if c.timer == nil {
+		c.timer = time.AfterFunc(d, func() { c.service(&c.client, false) })
+	} else {
+		c.timer.Reset(d)
+	}
 }
 
 // service runs, on the poller's goroutine (readable) or the heartbeat
@@ -202,9 +211,15 @@ func (c *relay) service(p *peer, readable bool) {
 // then parks it again, or resumes its reader.
 func (c *relay) serviceParked(p *peer, readable bool) {
 	for {
-		if c.closing.Load() || (readable && !c.readable(p)) || c.tick() != nil || !c.watch(p) {
+		// A readiness is used up: the socket is armed again. The timer is
+		// set again by every pass.
+		if c.closing.Load() || (readable && !c.readable(p)) || c.tick() != nil {
 			break
 		}
+		if readable && p.pl.arm(p.pollID, int(p.pollFD), true) != nil {
+			break
+		}
+		c.setTimer(p)
 		if p.pstate.CompareAndSwap(sideServiced, sideParked) {
 			return
 		}
@@ -237,7 +252,7 @@ func (c *relay) readable(p *peer) bool {
 	if c.pingOut && p.rd.direct {
 		token = &c.pingToken
 	}
-	switch peekSocket(p.rd.sock, token) {
+	switch peekSocket(int(p.pollFD), token) {
 	case holdsNothing:
 		return true
 	case holdsOwnPong:

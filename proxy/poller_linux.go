@@ -153,30 +153,26 @@ func (p *poller) loop() {
 // 2-byte header, the mask, and the 8-byte token.
 const ownPongSize = 2 + 4 + 8
 
-// peekSocket looks at the socket's pending bytes without taking them.
+// peekSocket looks at the pending bytes of socket fd without taking them.
 // When token is not nil and they are exactly one final, masked pong whose
 // unmasked payload is token, it takes them.
-func peekSocket(sock syscall.RawConn, token *[8]byte) int {
-	holds := holdsOther
-	sock.Control(func(fd uintptr) {
-		var b [ownPongSize + 1]byte
-		n, _, err := syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
-		if err == syscall.EAGAIN {
-			holds = holdsNothing
-			return
+func peekSocket(fd int, token *[8]byte) int {
+	var b [ownPongSize + 1]byte
+	n, _, err := syscall.Recvfrom(fd, b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
+	if err == syscall.EAGAIN {
+		return holdsNothing
+	}
+	if err != nil || token == nil || n != ownPongSize || b[0] != 0x8a || b[1] != 0x80|8 {
+		return holdsOther
+	}
+	for i := range 8 {
+		if b[6+i]^b[2+i%4] != token[i] {
+			return holdsOther
 		}
-		if err != nil || token == nil || n != ownPongSize || b[0] != 0x8a || b[1] != 0x80|8 {
-			return
-		}
-		for i := range 8 {
-			if b[6+i]^b[2+i%4] != token[i] {
-				return
-			}
-		}
-		// The peek saw these bytes in the socket: the read takes them all.
-		if n, _, err = syscall.Recvfrom(int(fd), b[:ownPongSize], syscall.MSG_DONTWAIT); err == nil && n == ownPongSize {
-			holds = holdsOwnPong
-		}
-	})
-	return holds
+	}
+	// The peek saw these bytes in the socket: the read takes them all.
+	if n, _, err = syscall.Recvfrom(fd, b[:ownPongSize], syscall.MSG_DONTWAIT); err != nil || n != ownPongSize {
+		return holdsOther
+	}
+	return holdsOwnPong
 }

@@ -2,10 +2,7 @@
 
 package proxy
 
-import (
-	"errors"
-	"syscall"
-)
+import "errors"
 
 // poller is Linux-only (epoll); elsewhere connections never park.
 type poller struct{}
@@ -20,4 +17,4 @@ func (p *poller) forget(id uint64, fd int, added bool)    {}
 var errNoPoller = errors.New("parking needs epoll")
 
 // peekSocket never runs where sides do not park.
-func peekSocket(sock syscall.RawConn, token *[8]byte) int { return holdsOther }
+func peekSocket(fd int, token *[8]byte) int { return holdsOther }
