@@ -206,10 +206,17 @@ func (w *writer) controlLocked(op ws.OpCode, payload []byte) error {
 	if w.closed.Load() {
 		return nil
 	}
-	var frame [ws.MaxHeaderSize + ws.MaxControlFramePayloadSize]byte
+	frame := controlFrames.Get().(*controlFrame)
+	defer controlFrames.Put(frame)
 	n := w.encode(frame[:], op, payload)
 	return w.put(frame[:n], nil)
 }
+
+// controlFrame holds one encoded control frame. A frame handed to the
+// socket's Write escapes, so they are pooled: heartbeats make no garbage.
+type controlFrame [ws.MaxHeaderSize + ws.MaxControlFramePayloadSize]byte
+
+var controlFrames = sync.Pool{New: func() any { return new(controlFrame) }}
 
 // encode encodes a frame with payload into buf (which must have room for
 // the header) for this peer: masked toward an upstream.
@@ -246,7 +253,8 @@ func (w *writer) closeLocked(body []byte) (bool, error) {
 	if w.closed.Load() {
 		return false, nil
 	}
-	var frame [ws.MaxHeaderSize + ws.MaxControlFramePayloadSize]byte
+	frame := controlFrames.Get().(*controlFrame)
+	defer controlFrames.Put(frame)
 	n := w.encode(frame[:], ws.OpClose, body)
 	err := w.put(frame[:n], nil)
 	w.closed.Store(true)
