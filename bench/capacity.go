@@ -344,56 +344,27 @@ func capData(win int, ts int64) string {
 // read counts s's deliveries and answers pings.
 func (cs *capState) read(s *capSub) {
 	defer close(s.done)
-	buf := make([]byte, 512)
-	fail := func(err error) {
-		s.mu.Lock()
-		if !cs.closing.Load() {
-			s.err = err
-		}
-		s.mu.Unlock()
-	}
-	for {
-		h, err := ws.ReadHeader(s.cl.br)
-		if err != nil {
-			fail(err)
-			return
-		}
-		if h.Length > int64(len(buf)) {
-			fail(fmt.Errorf("unexpected %d-byte frame", h.Length))
-			return
-		}
-		p := buf[:h.Length]
-		if _, err := io.ReadFull(s.cl.br, p); err != nil {
-			fail(err)
-			return
-		}
-		now := time.Since(cs.base)
-		switch {
-		case h.OpCode == ws.OpClose:
-			fail(closedBy(p))
-			return
-		case h.OpCode == ws.OpPing:
-			s.wmu.Lock()
-			_, err := s.cl.conn.Write(clientFrame(ws.OpPong, p))
-			s.wmu.Unlock()
-			if err != nil {
-				fail(err)
-				return
-			}
-			continue
-		case h.OpCode.IsControl():
-			continue
-		}
+	err := readMessages(s.cl, 512, cs.base, func(p []byte) error {
+		s.wmu.Lock()
+		defer s.wmu.Unlock()
+		_, err := s.cl.conn.Write(clientFrame(ws.OpPong, p))
+		return err
+	}, func(p []byte, at time.Duration) error {
 		win, ts, ok := parseCap(p)
 		if !ok || win >= len(s.got) {
-			fail(fmt.Errorf("unexpected message %q", p))
-			return
+			return fmt.Errorf("unexpected message %q", p)
 		}
 		s.mu.Lock()
 		s.got[win]++
-		s.lat[win] = append(s.lat[win], now-time.Duration(ts))
+		s.lat[win] = append(s.lat[win], at-time.Duration(ts))
 		s.mu.Unlock()
+		return nil
+	})
+	s.mu.Lock()
+	if !cs.closing.Load() {
+		s.err = err
 	}
+	s.mu.Unlock()
 }
 
 // parseCap reads the window and send time out of a delivered message,

@@ -341,6 +341,50 @@ func (c *client) skip() (int64, error) {
 	}
 }
 
+// readMessages reads the server's frames from cl until one fails, and
+// returns why: a close frame ends it (closedBy), a ping's payload goes to
+// pong (which answers it), other control frames are skipped, and each
+// whole data message goes to msg with the time it arrived, since base.
+// A frame longer than maxLen, or a fragment, is an error.
+func readMessages(cl *client, maxLen int, base time.Time, pong func(payload []byte) error, msg func(p []byte, at time.Duration) error) error {
+	buf := make([]byte, min(maxLen, 1024))
+	for {
+		h, err := ws.ReadHeader(cl.br)
+		if err != nil {
+			return err
+		}
+		if h.Length > int64(maxLen) {
+			return fmt.Errorf("unexpected %d-byte frame", h.Length)
+		}
+		if int(h.Length) > len(buf) {
+			buf = make([]byte, h.Length)
+		}
+		p := buf[:h.Length]
+		if _, err := io.ReadFull(cl.br, p); err != nil {
+			return err
+		}
+		at := time.Since(base)
+		if h.Masked {
+			ws.Cipher(p, h.Mask, 0)
+		}
+		switch {
+		case h.OpCode == ws.OpClose:
+			return closedBy(p)
+		case h.OpCode == ws.OpPing:
+			if err := pong(p); err != nil {
+				return err
+			}
+		case h.OpCode.IsControl():
+		case !h.Fin || h.OpCode == ws.OpContinuation:
+			return errors.New("unexpected fragmented message")
+		default:
+			if err := msg(p, at); err != nil {
+				return err
+			}
+		}
+	}
+}
+
 func closedBy(p []byte) error {
 	code, reason := ws.ParseCloseFrameData(p)
 	return fmt.Errorf("closed by the server: %d %q", code, reason)

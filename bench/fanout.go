@@ -460,56 +460,15 @@ func leadingInt(b []byte) (int64, []byte, bool) {
 // time it carries, and keeps count of what arrived.
 func (fs *fanState) read(s *fanSub) {
 	defer close(s.done)
-	buf := make([]byte, 1024)
-	fail := func(err error) {
-		s.mu.Lock()
-		if !fs.closing.Load() {
-			s.err = err
-		}
-		s.mu.Unlock()
-	}
-	for {
-		h, err := ws.ReadHeader(s.cl.br)
-		if err != nil {
-			fail(err)
-			return
-		}
-		if h.Length > int64(len(buf)) {
-			fail(fmt.Errorf("unexpected %d-byte frame", h.Length))
-			return
-		}
-		p := buf[:h.Length]
-		if _, err := io.ReadFull(s.cl.br, p); err != nil {
-			fail(err)
-			return
-		}
-		now := time.Since(fs.base)
-		if h.Masked {
-			ws.Cipher(p, h.Mask, 0)
-		}
-		switch {
-		case h.OpCode == ws.OpClose:
-			fail(closedBy(p))
-			return
-		case h.OpCode == ws.OpPing:
-			s.wmu.Lock()
-			_, err := s.cl.conn.Write(clientFrame(ws.OpPong, p))
-			s.wmu.Unlock()
-			if err != nil {
-				fail(err)
-				return
-			}
-			continue
-		case h.OpCode.IsControl():
-			continue
-		case !h.Fin || h.OpCode == ws.OpContinuation:
-			fail(errors.New("unexpected fragmented message"))
-			return
-		}
+	err := readMessages(s.cl, 1024, fs.base, func(p []byte) error {
+		s.wmu.Lock()
+		defer s.wmu.Unlock()
+		_, err := s.cl.conn.Write(clientFrame(ws.OpPong, p))
+		return err
+	}, func(p []byte, at time.Duration) error {
 		ph, seq, ts, _, ok := parseFan(p)
 		if !ok || ph >= len(s.got) {
-			fail(fmt.Errorf("unexpected message %q", p))
-			return
+			return fmt.Errorf("unexpected message %q", p)
 		}
 		s.mu.Lock()
 		w := int(seq / 64)
@@ -523,11 +482,17 @@ func (fs *fanState) read(s *fanSub) {
 			s.seen[w] |= bit
 			s.got[ph]++
 			src := seq % 2 // even: HTTP on A; odd: wsgate.v1 on B
-			s.lat[ph][src] = append(s.lat[ph][src], now-time.Duration(ts))
+			s.lat[ph][src] = append(s.lat[ph][src], at-time.Duration(ts))
 			fs.delivered[ph].Add(1)
 		}
 		s.mu.Unlock()
+		return nil
+	})
+	s.mu.Lock()
+	if !fs.closing.Load() {
+		s.err = err
 	}
+	s.mu.Unlock()
 }
 
 // readReplies reads the wsgate.v1 publisher's replies.

@@ -738,14 +738,6 @@ func (g *peerSubs) open(ctx context.Context, n int, channel func(int) string) er
 // heartbeats: WebSocket pings (wsgate, Nchan) and Centrifugo's {}.
 func (g *peerSubs) read(s *peerSub) {
 	defer close(s.done)
-	buf := make([]byte, 1024)
-	fail := func(err error) {
-		s.mu.Lock()
-		if !g.closing.Load() {
-			s.err = err
-		}
-		s.mu.Unlock()
-	}
 	pong := func(f []byte) error {
 		s.pings.Add(1)
 		s.wmu.Lock()
@@ -753,44 +745,9 @@ func (g *peerSubs) read(s *peerSub) {
 		_, err := s.cl.conn.Write(f)
 		return err
 	}
-	for {
-		h, err := ws.ReadHeader(s.cl.br)
-		if err != nil {
-			fail(err)
-			return
-		}
-		if h.Length > 1<<20 {
-			fail(fmt.Errorf("unexpected %d-byte frame", h.Length))
-			return
-		}
-		if int(h.Length) > len(buf) {
-			buf = make([]byte, h.Length)
-		}
-		p := buf[:h.Length]
-		if _, err := io.ReadFull(s.cl.br, p); err != nil {
-			fail(err)
-			return
-		}
-		now := time.Since(g.base)
-		if h.Masked {
-			ws.Cipher(p, h.Mask, 0)
-		}
-		switch {
-		case h.OpCode == ws.OpClose:
-			fail(closedBy(p))
-			return
-		case h.OpCode == ws.OpPing:
-			if err := pong(clientFrame(ws.OpPong, p)); err != nil {
-				fail(err)
-				return
-			}
-			continue
-		case h.OpCode.IsControl():
-			continue
-		case !h.Fin || h.OpCode == ws.OpContinuation:
-			fail(errors.New("unexpected fragmented message"))
-			return
-		}
+	err := readMessages(s.cl, 1<<20, g.base, func(p []byte) error {
+		return pong(clientFrame(ws.OpPong, p))
+	}, func(p []byte, at time.Duration) error {
 		// Centrifugo may put several replies in one frame, a line each.
 		for line := range bytes.SplitSeq(p, []byte("\n")) {
 			if len(line) == 0 {
@@ -798,22 +755,26 @@ func (g *peerSubs) read(s *peerSub) {
 			}
 			if string(line) == "{}" {
 				if err := pong(clientFrame(ws.OpText, []byte("{}"))); err != nil {
-					fail(err)
-					return
+					return err
 				}
 				continue
 			}
 			win, ts, ok := parseCap(line)
 			if !ok || win < 0 || win >= peerMaxWindows {
-				fail(fmt.Errorf("unexpected message %q", line))
-				return
+				return fmt.Errorf("unexpected message %q", line)
 			}
 			s.mu.Lock()
-			s.lat[win] = append(s.lat[win], now-time.Duration(ts))
+			s.lat[win] = append(s.lat[win], at-time.Duration(ts))
 			s.mu.Unlock()
 			g.delivered[win].Add(1)
 		}
+		return nil
+	})
+	s.mu.Lock()
+	if !g.closing.Load() {
+		s.err = err
 	}
+	s.mu.Unlock()
 }
 
 // failed is the first error of a subscriber that lost its connection.
