@@ -23,7 +23,7 @@
 // and count the bytes at their sockets. Scenario k (capacity) starts a
 // redis-server and rooms gateways on it: one to measure the capacity
 // model's inputs, then three to check what it predicts for each. Scenario p
-// (peers, not in the default list) runs wsgate beside Centrifugo and Nchan
+// (peers) runs wsgate beside Centrifugo and Nchan
 // (nginx), each started from a configuration the harness writes and
 // skipped when it is not installed, and drives all three with the same
 // clients. It imports no

@@ -35,7 +35,7 @@ type Options struct {
 	Quick bool
 	// Runs per variant; the report gives medians. Default 3 (1 with Quick).
 	Runs int
-	// Scenarios to run, from "abcdehkmprz". Default all but p. Scenarios d
+	// Scenarios to run, from "abcdehkmprz". Default all eleven. Scenarios d
 	// (fan-out), h (fan-out with history off and on) and k (capacity)
 	// start redis-server, which must be on PATH. Scenario p (peers) runs
 	// Centrifugo and Nchan beside wsgate, each if it is installed.
@@ -177,7 +177,7 @@ func Main(ctx context.Context, name string, args []string, stdout, stderr io.Wri
 	fs.StringVar(&opt.Out, "out", "bench/RESULTS.md", "results `file` (Markdown)")
 	fs.BoolVar(&opt.Quick, "quick", false, "smoke run: tiny counts and durations, under a minute, figures meaningless")
 	fs.IntVar(&opt.Runs, "runs", 0, "runs per variant, medians reported (default 3, 1 with -quick)")
-	fs.StringVar(&opt.Scenarios, "scenarios", defaultScenarios, "scenarios to run: a idle (relayed, rooms, relayed over TLS), b latency, c throughput, d fan-out (needs redis-server), e handshakes, h fan-out with history off and on (needs redis-server), m throughput with metrics on and off, k capacity: the model's inputs on one gateway and a check on three (needs redis-server), p peers: wsgate beside Centrifugo and Nchan (not in the default list), r refusals with every upstream down, z compression (relay, fan-out, idle)")
+	fs.StringVar(&opt.Scenarios, "scenarios", defaultScenarios, "scenarios to run: a idle (relayed, rooms, relayed over TLS), b latency, c throughput, d fan-out (needs redis-server), e handshakes, h fan-out with history off and on (needs redis-server), m throughput with metrics on and off, k capacity: the model's inputs on one gateway and a check on three (needs redis-server), p peers: wsgate beside Centrifugo and Nchan (each skipped, saying so, when not installed), r refusals with every upstream down, z compression (relay, fan-out, idle)")
 	fs.StringVar(&opt.Centrifugo, "centrifugo", "", "the centrifugo `binary` for scenario p (default: centrifugo on PATH, else ~/go/bin/centrifugo)")
 	fs.StringVar(&opt.Nginx, "nginx", "/usr/sbin/nginx", "the nginx `binary` for scenario p's Nchan (with Debian's libnginx-mod-nchan)")
 	fs.StringVar(&opt.GatewayCPUs, "gateway-cpus", "", "pin every Caddy to these `cpus` with taskset -c (e.g. 0; run wsbench itself under taskset -c 1)")
@@ -460,9 +460,9 @@ func Run(ctx context.Context, opt Options) (*Result, error) {
 	return res, errors.Join(errs...)
 }
 
-// defaultScenarios is every scenario but p, which needs servers that are
-// not the project's (and CI does not install).
-const defaultScenarios = "a,b,c,d,e,h,k,m,r,z"
+// defaultScenarios is every scenario. Scenario p skips a peer server that
+// is not installed, saying how to install it.
+const defaultScenarios = "a,b,c,d,e,h,k,m,p,r,z"
 
 func parseScenarios(s string) (map[byte]bool, error) {
 	m := map[byte]bool{}

@@ -1127,8 +1127,7 @@ func (g *peerSubs) window(ctx context.Context, win int, topo peerTopo, asked flo
 
 // ---- report ----
 
-// peersSection is left out of a run that did not ask for scenario p: it
-// is not in the default list.
+// peersSection is left out of a run that did not ask for scenario p.
 func (r *report) peersSection(w writer) {
 	if !r.scen['p'] {
 		return
