@@ -10,9 +10,10 @@ import (
 )
 
 // tick runs when the client's read deadline passes: it sends a ping after
-// the connection's share of PingInterval of silence (pingAfter), drops a client that did not answer within
-// PongTimeout, enforces the token's expiry and IdleTimeout, and sets the
-// next deadline. Deadlines change only here, never per frame.
+// pingAfter (the connection's share of PingInterval) of silence, drops a
+// client that did not answer within PongTimeout, enforces the token's
+// expiry and IdleTimeout, and sets the next deadline. Deadlines change
+// only here, never per frame.
 func (c *relay) tick() error {
 	if c.closing.Load() {
 		return errClosing
