@@ -358,3 +358,23 @@ func TestAnsweredPingSpacing(t *testing.T) {
 		})
 	}
 }
+
+// TestPingAfterSpread: a connection's silence before a ping is drawn
+// between 3/4 of PingInterval and all of it.
+func TestPingAfterSpread(t *testing.T) {
+	const interval = 40 * time.Second
+	for _, c := range []struct {
+		draw     int
+		min, max time.Duration
+	}{
+		{0, interval, interval},
+		{512, interval * 7 / 8, interval * 7 / 8},
+		{1023, interval * 3 / 4, interval*3/4 + interval/4/1024},
+	} {
+		var asked int
+		got := time.Duration(pingAfter(interval, func(n int) int { asked = n; return c.draw }))
+		if got < c.min || got > c.max || asked != 1024 {
+			t.Errorf("draw %d of %d: %v, want %v to %v", c.draw, asked, got, c.min, c.max)
+		}
+	}
+}
