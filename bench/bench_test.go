@@ -161,7 +161,14 @@ func TestQuickPeers(t *testing.T) {
 	want := []string{"## p. Peers: Centrifugo and Nchan", "**1. Idle subscribed connections.**", "**2. Handshakes.**", "**3. Fan-out.**",
 		"| 10 × 10 | batch of 10 | 2,000 | wsgate | "}
 	for _, name := range present {
-		want = append(want, "| 1 × 100 | single | 2,000 | "+name+" | ", "| 10 × 10 | single | 5,000 | "+name+" | ")
+		want = append(want, "| 1 × 100 | single | 2,000 | "+name+" | ")
+		// The second step, or the note that says why the steps stopped
+		// at the first (a busy machine can keep the load generator from
+		// sending the rate asked).
+		if !strings.Contains(md, "| 10 × 10 | single | 5,000 | "+name+" | ") &&
+			!strings.Contains(md, name+", 10 × 10, single, 2,000 deliveries/s, round 1: the load generator fell behind: later steps not run") {
+			t.Errorf("results lack the 10 × 10 single step at 5,000 deliveries/s for %s, and say nothing of why", name)
+		}
 	}
 	if len(present) > 1 {
 		want = append(want, "| "+present[1]+" | ") // its idle and handshake rows
