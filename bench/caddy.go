@@ -570,6 +570,38 @@ func freePorts(n int) ([]int, error) {
 	return ports, nil
 }
 
+// reservePorts takes n free ports in the benchmark's range that refuse
+// every connection: each is a socket bound to 127.0.0.1 that never
+// listens, held until release, so that no other process (a test running
+// beside the benchmark) can take the port and answer on it.
+func reservePorts(n int) (ports []int, release func(), err error) {
+	var fds []int
+	release = func() {
+		for _, fd := range fds {
+			syscall.Close(fd)
+		}
+	}
+	for tries := 0; len(ports) < n; tries++ {
+		if tries > 500 {
+			release()
+			return nil, nil, errors.New("no free port")
+		}
+		p := portLow + rand.IntN(portHigh-portLow)
+		fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+		if err != nil {
+			release()
+			return nil, nil, err
+		}
+		if syscall.Bind(fd, &syscall.SockaddrInet4{Port: p, Addr: [4]byte{127, 0, 0, 1}}) != nil {
+			syscall.Close(fd)
+			continue
+		}
+		fds = append(fds, fd)
+		ports = append(ports, p)
+	}
+	return ports, release, nil
+}
+
 // listenFree opens a listener on a free port in the benchmark's range.
 func listenFree() (net.Listener, error) {
 	for range 500 {

@@ -91,10 +91,13 @@ type refuseResult struct {
 }
 
 func (e *env) runRefuse(ctx context.Context) (*refuseResult, error) {
-	var err error
-	if e.downPorts, err = freePorts(3); err != nil {
+	// Upstreams that are down: ports held by sockets that never listen.
+	downPorts, release, err := reservePorts(3)
+	if err != nil {
 		return nil, err
 	}
+	defer release()
+	e.downPorts = downPorts
 	res := &refuseResult{samples: map[string][]refuseSample{}, downPorts: e.downPorts, gatewayCPU: map[string]string{},
 		clientCPU: cpusAllowed("self"), gomaxprocs: runtime.GOMAXPROCS(0)}
 	procs := map[string]*caddyProc{}
