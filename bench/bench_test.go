@@ -23,13 +23,7 @@ func TestQuickSmoke(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds cmd/caddy and runs the benchmark harness")
 	}
-	dir := t.TempDir()
-	bin := filepath.Join(dir, "caddy")
-	build := exec.Command("go", "build", "-o", bin, "github.com/wsgate/wsgate/cmd/caddy")
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("building cmd/caddy: %v\n%s", err, out)
-	}
-	out := filepath.Join(dir, "RESULTS.md")
+	bin, out := buildCaddy(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	// Scenario p has a smoke test of its own (TestQuickPeers).
@@ -116,6 +110,19 @@ func TestQuickSmoke(t *testing.T) {
 	}
 }
 
+// buildCaddy builds cmd/caddy into a temporary directory and returns it,
+// with the path the results are to be written to beside it.
+func buildCaddy(t *testing.T) (bin, results string) {
+	t.Helper()
+	dir := t.TempDir()
+	bin = filepath.Join(dir, "caddy")
+	build := exec.Command("go", "build", "-o", bin, "github.com/wsgate/wsgate/cmd/caddy")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("building cmd/caddy: %v\n%s", err, out)
+	}
+	return bin, filepath.Join(dir, "RESULTS.md")
+}
+
 // TestQuickPeers runs scenario p in -quick mode with whichever peers are
 // installed (CI installs neither: there it measures wsgate alone), and
 // checks that every server present is reported, that a missing one is
@@ -125,13 +132,7 @@ func TestQuickPeers(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds cmd/caddy and runs wsgate, Centrifugo and Nchan")
 	}
-	dir := t.TempDir()
-	bin := filepath.Join(dir, "caddy")
-	build := exec.Command("go", "build", "-o", bin, "github.com/wsgate/wsgate/cmd/caddy")
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("building cmd/caddy: %v\n%s", err, out)
-	}
-	out := filepath.Join(dir, "RESULTS.md")
+	bin, out := buildCaddy(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	opt := Options{Caddy: bin, Out: out, Quick: true, Scenarios: "p", CmdLine: "TestQuickPeers", Log: testLog{t}}
