@@ -36,19 +36,8 @@ func TestQuickSmoke(t *testing.T) {
 		scenarios, fanout = "a,b,c,e,m,r,z", false // d, h and k need it
 	}
 	start := time.Now()
-	_, err := Run(ctx, Options{Caddy: bin, Out: out, Quick: true, Scenarios: scenarios, CmdLine: "TestQuickSmoke", Log: testLog{t}})
-	if err != nil {
-		t.Fatal(err)
-	}
+	md := runQuick(ctx, t, Options{Caddy: bin, Out: out, Quick: true, Scenarios: scenarios, CmdLine: "TestQuickSmoke", Log: testLog{t}})
 	t.Logf("quick run took %v", time.Since(start).Round(100*time.Millisecond))
-	if kids := children(t); len(kids) > 0 {
-		t.Errorf("processes left running: %v", kids)
-	}
-	b, err := os.ReadFile(out)
-	if err != nil {
-		t.Fatal(err)
-	}
-	md := string(b)
 	want := []string{
 		"## Targets",
 		"## a. Idle connections", "| wsgate | ", "| stock | ", "| wsgate rooms | ",
@@ -123,6 +112,23 @@ func buildCaddy(t *testing.T) (bin, results string) {
 	return bin, filepath.Join(dir, "RESULTS.md")
 }
 
+// runQuick runs the harness with opt and returns the results it wrote;
+// a process it started that outlives it is an error of t.
+func runQuick(ctx context.Context, t *testing.T, opt Options) string {
+	t.Helper()
+	if _, err := Run(ctx, opt); err != nil {
+		t.Fatal(err)
+	}
+	if kids := children(t); len(kids) > 0 {
+		t.Errorf("processes left running: %v", kids)
+	}
+	b, err := os.ReadFile(opt.Out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
 // TestQuickPeers runs scenario p in -quick mode with whichever peers are
 // installed (CI installs neither: there it measures wsgate alone), and
 // checks that every server present is reported, that a missing one is
@@ -140,17 +146,7 @@ func TestQuickPeers(t *testing.T) {
 	for _, s := range skipped {
 		t.Logf("skipped: %s", s)
 	}
-	if _, err := Run(ctx, opt); err != nil {
-		t.Fatal(err)
-	}
-	if kids := children(t); len(kids) > 0 {
-		t.Errorf("processes left running: %v", kids)
-	}
-	b, err := os.ReadFile(out)
-	if err != nil {
-		t.Fatal(err)
-	}
-	md := string(b)
+	md := runQuick(ctx, t, opt)
 	present := []string{pWsgate}
 	for _, name := range peerNames[1:] {
 		if _, ok := found[name]; ok {
