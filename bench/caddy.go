@@ -404,19 +404,25 @@ func (c *caddyProc) trustRoot() (*tls.Config, error) {
 
 // stop ends Caddy gracefully (SIGINT), and kills it if it lingers.
 func (c *caddyProc) stop() {
+	stopProcess(c.cmd.Process, c.exited, os.Interrupt, func() { c.cmd.Process.Kill() })
+}
+
+// stopProcess sends p sig, and runs kill if p has not exited (closed
+// exited) within 15 s; it returns once p has exited.
+func stopProcess(p *os.Process, exited <-chan struct{}, sig os.Signal, kill func()) {
 	select {
-	case <-c.exited:
+	case <-exited:
 		return
 	default:
 	}
-	c.cmd.Process.Signal(os.Interrupt)
+	p.Signal(sig)
 	t := time.NewTimer(15 * time.Second)
 	defer t.Stop()
 	select {
-	case <-c.exited:
+	case <-exited:
 	case <-t.C:
-		c.cmd.Process.Kill()
-		<-c.exited
+		kill()
+		<-exited
 	}
 }
 

@@ -17,7 +17,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/gobwas/ws"
 	"github.com/prometheus/procfs"
 )
 
@@ -111,15 +110,11 @@ type capResult struct {
 
 // capSub is a subscriber: it counts deliveries and keeps their latencies.
 type capSub struct {
-	cl   *client
+	subscriber
 	node int
-	wmu  sync.Mutex
 
-	mu   sync.Mutex
-	got  []int64           // by window
-	lat  [][]time.Duration // by window
-	err  error
-	done chan struct{}
+	got []int64           // by window
+	lat [][]time.Duration // by window
 }
 
 type capState struct {
@@ -315,7 +310,7 @@ func (cs *capState) connect(ctx context.Context, n, big int) error {
 					next.Store(int64(n))
 					return
 				}
-				s := &capSub{cl: cl, node: node, got: make([]int64, cs.nwin), lat: make([][]time.Duration, cs.nwin), done: make(chan struct{})}
+				s := &capSub{subscriber: newSubscriber(cl), node: node, got: make([]int64, cs.nwin), lat: make([][]time.Duration, cs.nwin)}
 				cs.subs[i] = s
 				go cs.read(s)
 			}
@@ -343,13 +338,7 @@ func capData(win int, ts int64) string {
 
 // read counts s's deliveries and answers pings.
 func (cs *capState) read(s *capSub) {
-	defer close(s.done)
-	err := readMessages(s.cl, 512, cs.base, func(p []byte) error {
-		s.wmu.Lock()
-		defer s.wmu.Unlock()
-		_, err := s.cl.conn.Write(clientFrame(ws.OpPong, p))
-		return err
-	}, func(p []byte, at time.Duration) error {
+	s.read(&cs.closing, 512, cs.base, s.pong, func(p []byte, at time.Duration) error {
 		win, ts, ok := parseCap(p)
 		if !ok || win >= len(s.got) {
 			return fmt.Errorf("unexpected message %q", p)
@@ -360,11 +349,6 @@ func (cs *capState) read(s *capSub) {
 		s.mu.Unlock()
 		return nil
 	})
-	s.mu.Lock()
-	if !cs.closing.Load() {
-		s.err = err
-	}
-	s.mu.Unlock()
 }
 
 // parseCap reads the window and send time out of a delivered message,
@@ -543,12 +527,7 @@ func (cs *capState) close() {
 	if cs.rconn != nil {
 		cs.rconn.Close()
 	}
-	for _, s := range cs.subs {
-		s.cl.conn.Close()
-	}
-	for _, s := range cs.subs {
-		<-s.done
-	}
+	closeSubscribers(cs.subs)
 }
 
 // kernelMem is the kernel's slab memory (socket, file and epoll structures

@@ -19,6 +19,8 @@ import (
 	mrand "math/rand/v2"
 	"net"
 	"net/http"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/gobwas/ws"
@@ -338,6 +340,55 @@ func (c *client) skip() (int64, error) {
 		if !h.OpCode.IsControl() {
 			return h.Length, nil
 		}
+	}
+}
+
+// subscriber is a subscribed connection of a fan-out scenario (d, h, k,
+// p); the scenario's own subscriber type embeds it.
+type subscriber struct {
+	cl   *client
+	wmu  sync.Mutex // writes: answers to heartbeats
+	mu   sync.Mutex // err, and the embedding type's records
+	err  error      // why its reader ended, unless the scenario ended it
+	done chan struct{}
+}
+
+func newSubscriber(cl *client) subscriber {
+	return subscriber{cl: cl, done: make(chan struct{})}
+}
+
+func (s *subscriber) sub() *subscriber { return s }
+
+// write sends an encoded frame.
+func (s *subscriber) write(f []byte) error {
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	_, err := s.cl.conn.Write(f)
+	return err
+}
+
+// pong answers a ping whose payload is p.
+func (s *subscriber) pong(p []byte) error { return s.write(clientFrame(ws.OpPong, p)) }
+
+// read is s's reader: readMessages until it fails, then the failure is
+// recorded unless closing says the scenario ended the connection.
+func (s *subscriber) read(closing *atomic.Bool, maxLen int, base time.Time, pong func([]byte) error, msg func(p []byte, at time.Duration) error) {
+	defer close(s.done)
+	err := readMessages(s.cl, maxLen, base, pong, msg)
+	s.mu.Lock()
+	if !closing.Load() {
+		s.err = err
+	}
+	s.mu.Unlock()
+}
+
+// closeSubscribers closes every connection, then waits for every reader.
+func closeSubscribers[S interface{ sub() *subscriber }](subs []S) {
+	for _, s := range subs {
+		s.sub().cl.conn.Close()
+	}
+	for _, s := range subs {
+		<-s.sub().done
 	}
 }
 

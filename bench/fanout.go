@@ -86,17 +86,13 @@ type fanResult struct {
 
 // fanSub is one subscriber connection and what it received.
 type fanSub struct {
-	cl  *client
-	gw  int
-	wmu sync.Mutex // pongs
+	subscriber
+	gw int
 
-	mu   sync.Mutex
 	seen []uint64             // bitset of global sequence numbers received
 	got  []int64              // distinct deliveries, by phase
 	dup  []int64              // duplicates, by phase
 	lat  [][2][]time.Duration // by phase and publisher (HTTP on A, wsgate.v1 on B); taken by the phase's summary
-	err  error
-	done chan struct{}
 }
 
 // fanState is the running scenario d.
@@ -322,8 +318,8 @@ func (fs *fanState) connect(ctx context.Context) error {
 					return
 				}
 				nph := len(fs.delivered)
-				s := &fanSub{cl: cl, gw: gw, got: make([]int64, nph), dup: make([]int64, nph),
-					lat: make([][2][]time.Duration, nph), done: make(chan struct{})}
+				s := &fanSub{subscriber: newSubscriber(cl), gw: gw, got: make([]int64, nph), dup: make([]int64, nph),
+					lat: make([][2][]time.Duration, nph)}
 				fs.subs[i] = s
 				go fs.read(s)
 			}
@@ -354,12 +350,7 @@ func (fs *fanState) roomsURL(gw int) string {
 // close ends every connection and waits for the readers.
 func (fs *fanState) close() {
 	fs.closing.Store(true)
-	for _, s := range fs.subs {
-		s.cl.conn.Close()
-	}
-	for _, s := range fs.subs {
-		<-s.done
-	}
+	closeSubscribers(fs.subs)
 	if fs.pub != nil {
 		fs.pub.conn.Close()
 		<-fs.pubRd
@@ -459,13 +450,7 @@ func leadingInt(b []byte) (int64, []byte, bool) {
 // read is a subscriber's reader: it times each delivery against the send
 // time it carries, and keeps count of what arrived.
 func (fs *fanState) read(s *fanSub) {
-	defer close(s.done)
-	err := readMessages(s.cl, 1024, fs.base, func(p []byte) error {
-		s.wmu.Lock()
-		defer s.wmu.Unlock()
-		_, err := s.cl.conn.Write(clientFrame(ws.OpPong, p))
-		return err
-	}, func(p []byte, at time.Duration) error {
+	s.read(&fs.closing, 1024, fs.base, s.pong, func(p []byte, at time.Duration) error {
 		ph, seq, ts, _, ok := parseFan(p)
 		if !ok || ph >= len(s.got) {
 			return fmt.Errorf("unexpected message %q", p)
@@ -488,11 +473,6 @@ func (fs *fanState) read(s *fanSub) {
 		s.mu.Unlock()
 		return nil
 	})
-	s.mu.Lock()
-	if !fs.closing.Load() {
-		s.err = err
-	}
-	s.mu.Unlock()
 }
 
 // readReplies reads the wsgate.v1 publisher's replies.

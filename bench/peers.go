@@ -440,20 +440,7 @@ func (s *peerServer) stop() {
 		s.caddy.stop()
 		return
 	}
-	select {
-	case <-s.exited:
-		return
-	default:
-	}
-	s.cmd.Process.Signal(syscall.SIGTERM)
-	t := time.NewTimer(15 * time.Second)
-	defer t.Stop()
-	select {
-	case <-s.exited:
-	case <-t.C:
-		syscall.Kill(-s.cmd.Process.Pid, syscall.SIGKILL)
-		<-s.exited
-	}
+	stopProcess(s.cmd.Process, s.exited, syscall.SIGTERM, func() { syscall.Kill(-s.cmd.Process.Pid, syscall.SIGKILL) })
 }
 
 // pids are the server's processes: the process started and its children
@@ -675,14 +662,10 @@ const peerMaxWindows = 64
 
 // peerSub is one subscribed connection and what it received.
 type peerSub struct {
-	cl    *client
-	wmu   sync.Mutex // pongs
+	subscriber
 	pings atomic.Int64
 
-	mu   sync.Mutex
-	lat  [][]time.Duration // by window
-	err  error
-	done chan struct{}
+	lat [][]time.Duration // by window
 }
 
 // peerSubs is a group of subscribers of one server.
@@ -719,7 +702,7 @@ func (g *peerSubs) open(ctx context.Context, n int, channel func(int) string) er
 					next.Store(int64(n))
 					return
 				}
-				s := &peerSub{cl: cl, lat: make([][]time.Duration, peerMaxWindows), done: make(chan struct{})}
+				s := &peerSub{subscriber: newSubscriber(cl), lat: make([][]time.Duration, peerMaxWindows)}
 				subs[i] = s
 				go g.read(s)
 			}
@@ -737,16 +720,12 @@ func (g *peerSubs) open(ctx context.Context, n int, channel func(int) string) er
 // read times each delivery against the send time it carries, and answers
 // heartbeats: WebSocket pings (wsgate, Nchan) and Centrifugo's {}.
 func (g *peerSubs) read(s *peerSub) {
-	defer close(s.done)
-	pong := func(f []byte) error {
+	answer := func(f []byte) error {
 		s.pings.Add(1)
-		s.wmu.Lock()
-		defer s.wmu.Unlock()
-		_, err := s.cl.conn.Write(f)
-		return err
+		return s.write(f)
 	}
-	err := readMessages(s.cl, 1<<20, g.base, func(p []byte) error {
-		return pong(clientFrame(ws.OpPong, p))
+	s.read(&g.closing, 1<<20, g.base, func(p []byte) error {
+		return answer(clientFrame(ws.OpPong, p))
 	}, func(p []byte, at time.Duration) error {
 		// Centrifugo may put several replies in one frame, a line each.
 		for line := range bytes.SplitSeq(p, []byte("\n")) {
@@ -754,7 +733,7 @@ func (g *peerSubs) read(s *peerSub) {
 				continue
 			}
 			if string(line) == "{}" {
-				if err := pong(clientFrame(ws.OpText, []byte("{}"))); err != nil {
+				if err := answer(clientFrame(ws.OpText, []byte("{}"))); err != nil {
 					return err
 				}
 				continue
@@ -770,11 +749,6 @@ func (g *peerSubs) read(s *peerSub) {
 		}
 		return nil
 	})
-	s.mu.Lock()
-	if !g.closing.Load() {
-		s.err = err
-	}
-	s.mu.Unlock()
 }
 
 // failed is the first error of a subscriber that lost its connection.
@@ -792,12 +766,7 @@ func (g *peerSubs) failed() error {
 
 func (g *peerSubs) close() {
 	g.closing.Store(true)
-	for _, s := range g.subs {
-		s.cl.conn.Close()
-	}
-	for _, s := range g.subs {
-		<-s.done
-	}
+	closeSubscribers(g.subs)
 	g.subs = nil
 }
 
