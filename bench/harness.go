@@ -436,6 +436,12 @@ func Run(ctx context.Context, opt Options) (*Result, error) {
 		rep.peers, rep.peersErr = e.runPeers(ctx)
 		if rep.peersErr != nil {
 			fail('p', rep.peersErr)
+		} else if opt.Profile != "" {
+			paths, err := e.peerProfiles(ctx)
+			rep.profiles = append(rep.profiles, paths...)
+			if err != nil {
+				errs = append(errs, fmt.Errorf("profiling p: %w", err))
+			}
 		}
 	}
 	if err := ctx.Err(); err != nil {

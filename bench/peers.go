@@ -1251,3 +1251,50 @@ func orDash(xs []string) string {
 	}
 	return strings.Join(xs, ", ")
 }
+
+// peerProfiles takes CPU profiles of wsgate in extra runs of scenario p
+// that are not part of its figures: the handshake schedule, and a fan-out
+// window of each shape at its second step (single publishes).
+func (e *env) peerProfiles(ctx context.Context) ([]string, error) {
+	s, err := e.startPeer(ctx, pWsgate)
+	if err != nil {
+		return nil, err
+	}
+	defer s.stop()
+	secs := func(d time.Duration) int { return int(d.Seconds()) - 1 }
+	var paths []string
+	path, err := e.profileDuring(ctx, s.caddy, "peers-handshakes", secs(e.p.peerHSDur), func() error {
+		_, err := e.peerHandshakes(ctx, s)
+		return err
+	})
+	paths = append(paths, path)
+	if err != nil {
+		return paths, err
+	}
+	asked := e.p.peerFanSteps[min(1, len(e.p.peerFanSteps)-1)]
+	for _, topo := range e.p.peerTopos {
+		g := &peerSubs{s: s, base: time.Now()}
+		channels := make([]string, topo.channels)
+		for i := range channels {
+			channels[i] = "fan-" + strconv.Itoa(i)
+		}
+		err := g.open(ctx, topo.channels*topo.perChan, func(i int) string { return channels[i%topo.channels] })
+		if err == nil {
+			name := fmt.Sprintf("peers-fanout-%dx%d-%.0fps", topo.channels, topo.perChan, asked)
+			path, err = e.profileDuring(ctx, s.caddy, name, secs(e.p.peerFanDur), func() error {
+				f, err := g.window(ctx, 0, topo, asked, 1, e.p.peerFanDur, channels)
+				if err == nil {
+					e.logf("  p profiled %s %v: %s", pWsgate, topo, f)
+				}
+				return err
+			})
+			paths = append(paths, path)
+		}
+		g.close()
+		if err != nil {
+			return paths, err
+		}
+	}
+	e.logf("profiles: %s", strings.Join(paths, " "))
+	return paths, nil
+}

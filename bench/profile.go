@@ -2,6 +2,7 @@ package bench
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -52,4 +53,23 @@ func (e *env) profile(ctx context.Context, c *caddyProc, tput, hs bool) ([]strin
 	}
 	e.logf("profiles: %s", strings.Join(paths, " "))
 	return paths, nil
+}
+
+// profileDuring takes a CPU profile of c, secs long, while run runs; run
+// must last longer than the profile.
+func (e *env) profileDuring(ctx context.Context, c *caddyProc, name string, secs int, run func() error) (string, error) {
+	if err := os.MkdirAll(e.opt.Profile, 0o755); err != nil {
+		return "", err
+	}
+	path := filepath.Join(e.opt.Profile, name+".pprof")
+	done := make(chan error, 1)
+	go func() {
+		b, err := c.get(ctx, fmt.Sprintf("/debug/pprof/profile?seconds=%d", max(1, secs)))
+		if err == nil {
+			err = os.WriteFile(path, b, 0o644)
+		}
+		done <- err
+	}()
+	err := run()
+	return path, errors.Join(err, <-done)
 }
