@@ -45,11 +45,12 @@ func TestEnqueueUnderBackpressure(t *testing.T) {
 			}
 		}
 	}()
-	// The writer must be stuck on a full socket before the client reads.
+	// The writer must be stuck on a full socket before the client reads:
+	// its queue goroutine in a write that waits for room.
 	poll(t, "the send queue to back up", func() bool {
 		c.client.w.qmu.Lock()
 		defer c.client.w.qmu.Unlock()
-		return c.client.w.pending() > 0
+		return c.client.w.running && c.client.w.writing()
 	})
 	pings := 0
 	for i := 0; i < n; {
@@ -150,3 +151,52 @@ func TestEnqueueSlowConsumer(t *testing.T) {
 }
 
 func dropAll([]byte, bool) (Verdict, []byte) { return Drop, nil }
+
+// TestDeliverWritesInline: a fan-out frame for an idle plain-TCP client is
+// written by Enqueue itself, before it returns: no queue goroutine starts.
+// Once the client's socket is full, the rest of the frame it took in part
+// is written by a goroutine, later frames wait in the queue, and all
+// arrive whole and in order.
+func TestDeliverWritesInline(t *testing.T) {
+	tg, sessions := startSession(t, Config{PingInterval: -1, SendQueue: 1000, ParkAfter: -1}, dropAll)
+	rc := dialRaw(t, tg.addr(), http.Header{"Sec-WebSocket-Protocol": {"test.v1"}})
+	s := <-sessions
+	w := &onlyRelay(t, tg).client.w
+	queued := func() (bool, int) {
+		w.qmu.Lock()
+		defer w.qmu.Unlock()
+		return w.running, w.pending()
+	}
+	for i := range 3 {
+		if !s.Enqueue(NewMessage(ws.OpBinary, sendFrame(i, 64))) {
+			t.Fatalf("Enqueue %d refused", i)
+		}
+		if running, n := queued(); running || n != 0 {
+			t.Fatalf("after Enqueue %d: queue goroutine %v, %d frames queued; want the frame written inline", i, running, n)
+		}
+		f, err := rc.read()
+		if err != nil || f.op != opBinary || !bytes.Equal(f.payload, sendFrame(i, 64)) {
+			t.Fatalf("frame %d: op %d %x, %v", i, f.op, f.payload, err)
+		}
+	}
+	// The client stops reading: the socket fills and frames queue.
+	const size = 48 << 10
+	n := 3
+	for ; n < 900; n++ {
+		if !s.Enqueue(NewMessage(ws.OpBinary, sendFrame(n, size))) {
+			t.Fatalf("Enqueue %d refused", n)
+		}
+		if _, q := queued(); q > 4 {
+			break
+		}
+	}
+	if _, q := queued(); q == 0 {
+		t.Fatalf("%d frames of %d bytes and nothing queued", n-3, size)
+	}
+	for i := 3; i <= n; i++ {
+		f, err := rc.read()
+		if err != nil || f.op != opBinary || !bytes.Equal(f.payload, sendFrame(i, size)) {
+			t.Fatalf("frame %d: op %d, %d bytes, %v", i, f.op, len(f.payload), err)
+		}
+	}
+}

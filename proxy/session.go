@@ -37,7 +37,7 @@ func (c *relay) Enqueue(m *Message) bool {
 	if c.closing.Load() {
 		return false
 	}
-	if c.client.w.enqueue(m.frameFor(c.client.z)) {
+	if c.client.w.deliver(m.frameFor(c.client.z)) {
 		c.fanout.add(1, uint64(len(m.Payload())))
 		return true
 	}

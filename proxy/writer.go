@@ -4,6 +4,7 @@ import (
 	"net"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/gobwas/ws"
@@ -45,6 +46,17 @@ type writer struct {
 	// Messages waiting to be written (fan-out, or replies held while a
 	// forwarded message is in progress). A goroutine writes them; it
 	// exists only while there is something it can write.
+	//
+	// A fan-out frame for a client whose writer is free is written at
+	// once, by the caller, when the socket takes it without waiting
+	// (deliver): no goroutine is started for it. writeFD is that write's
+	// callback (made once); nb, nw and nerr its frame and results (mu
+	// held).
+	writeFD func(fd uintptr) bool
+	nb      []byte
+	nw      int
+	nerr    error
+
 	running bool // guarded by qmu: the queue goroutine exists
 	refuse  bool // guarded by qmu: nothing more is queued
 	qmu     sync.Mutex
@@ -326,6 +338,78 @@ func (w *writer) queueIdle() bool {
 	w.qmu.Lock()
 	defer w.qmu.Unlock()
 	return !w.running && w.pending() == 0
+}
+
+// deliver sends an encoded fan-out frame without blocking. When nothing
+// is queued or being written, no forwarded message is in progress and the
+// connection is open, it writes the frame at once to a plain TCP socket
+// for as many bytes as the socket takes; a goroutine writes the rest,
+// holding the writer until it is out. Otherwise the frame is queued.
+// False means the queue is full or closed.
+func (w *writer) deliver(frame []byte) bool {
+	rd := &w.p.rd
+	if !rd.direct || w.p.c.closeBy.Load() != 0 || !w.mu.TryLock() {
+		return w.enqueue(frame)
+	}
+	if w.inMsg || w.broken || w.closed.Load() {
+		w.mu.Unlock()
+		return w.enqueue(frame)
+	}
+	w.qmu.Lock()
+	idle := !w.running && w.pending() == 0 && !w.refuse
+	w.qmu.Unlock()
+	if !idle {
+		w.mu.Unlock()
+		return w.enqueue(frame)
+	}
+	if w.writeFD == nil {
+		w.writeFD = w.writeNow
+	}
+	w.nb, w.nw, w.nerr = frame, 0, nil
+	err := rd.sock.Write(w.writeFD)
+	n := w.nw
+	if err == nil {
+		err = w.nerr
+	}
+	w.nb, w.nerr = nil, nil
+	if err != nil && err != syscall.EAGAIN {
+		w.broken = true
+		w.closed.Store(true)
+		w.mu.Unlock()
+		go w.p.c.fail(&ioErr{side: w.p.side, write: true, err: err})
+		return true
+	}
+	if n == len(frame) {
+		w.mu.Unlock()
+		return true
+	}
+	// Nothing may be written before the rest of the frame: a goroutine
+	// takes the writer, still locked, and writes it.
+	go w.finish(frame[n:])
+	return true
+}
+
+// finish writes the rest of a frame deliver began, with mu held on its
+// behalf, then lets the queue go on.
+func (w *writer) finish(rest []byte) {
+	err := w.put(rest, nil)
+	w.mu.Unlock()
+	if err != nil {
+		w.stopQueue()
+		w.p.c.fail(err)
+	}
+}
+
+// writeNow is deliver's raw write callback: one write, never a wait.
+func (w *writer) writeNow(fd uintptr) bool {
+	for {
+		n, err := syscall.Write(int(fd), w.nb)
+		if err == syscall.EINTR {
+			continue
+		}
+		w.nw, w.nerr = max(n, 0), err
+		return true
+	}
 }
 
 // enqueue queues an encoded frame without blocking; false means the queue
