@@ -49,6 +49,9 @@ func (c *relay) enableParking(p *peer) {
 		return
 	}
 	p.rd.onKick = func(gotData bool) error { return c.kicked(p, gotData) }
+	// A client with no upstream (rooms) sends little once subscribed, and
+	// its heartbeat and fan-out need no reader: it parks at once.
+	p.rd.parkNow = c.solo
 }
 
 // kicked runs on p's reader when a kick ended its idle wait.
@@ -82,8 +85,9 @@ func (c *relay) sweep(now int64) int {
 // After a wave of connections has parked, the stacks their goroutines
 // held are free memory of the process, which the runtime would hand back
 // to the system only slowly. Once at least releaseAfter sides have parked
-// and a sweep finds no more to park, the sweeper returns free memory at
-// once (debug.FreeOSMemory), at most every releaseEvery.
+// and a sweep period has passed in which none parked or was kicked, the
+// sweeper returns free memory at once (debug.FreeOSMemory), at most every
+// releaseEvery.
 const (
 	releaseAfter = 1024
 	releaseEvery = 10 * time.Second
@@ -133,6 +137,7 @@ func (c *relay) park(src *peer) bool {
 		return false
 	}
 	c.countParked(1)
+	c.g.reg.parks.Add(1)
 	return true
 }
 

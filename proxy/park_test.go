@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"runtime"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -438,6 +439,76 @@ func TestParkedSession(t *testing.T) {
 		t.Fatalf("read: %v, want close 4000", err)
 	}
 	tg.waitLen(t, 0)
+}
+
+// TestSessionParksAtOnce: a connection without upstream gives up its
+// reader as soon as it has nothing to read, long before ParkAfter, and
+// each message it sends wakes a reader that parks again once it is
+// handled.
+func TestSessionParksAtOnce(t *testing.T) {
+	if !getPoller().usable() {
+		t.Skip("no poller on this platform")
+	}
+	got := make(chan string, 16)
+	tg, sessions := startSession(t, Config{ParkAfter: time.Hour, PingInterval: -1},
+		func(msg []byte, text bool) (Verdict, []byte) {
+			got <- string(msg)
+			return Drop, nil
+		})
+	ctx := context.Background()
+	cl, _ := dialCoder(t, tg, "/", &websocket.DialOptions{Subprotocols: []string{"test.v1"}})
+	s := <-sessions
+	c := onlyRelay(t, tg)
+	for i := range 3 {
+		waitParked(t, c)
+		msg := fmt.Sprintf("hello %d", i)
+		if err := cl.Write(ctx, websocket.MessageText, []byte(msg)); err != nil {
+			t.Fatal(err)
+		}
+		if m := <-got; m != msg {
+			t.Fatalf("inspector got %q, want %q", m, msg)
+		}
+	}
+	waitParked(t, c)
+	s.Close(4000, "done")
+	if _, _, err := cl.Read(ctx); websocket.CloseStatus(err) != 4000 {
+		t.Fatalf("read: %v, want close 4000", err)
+	}
+	tg.waitLen(t, 0)
+}
+
+// TestReleaseAfterSessionsPark: with ReleaseMemory on, once more than
+// releaseAfter connections without upstream have parked at once (no kick)
+// and a sweep found none parking, the sweeper returns free memory.
+func TestReleaseAfterSessionsPark(t *testing.T) {
+	if !getPoller().usable() {
+		t.Skip("no poller on this platform")
+	}
+	tg, sessions := startSession(t, Config{ParkAfter: time.Hour, WriteTimeout: 20 * time.Millisecond, PingInterval: -1}, dropAll)
+	var freed atomic.Int32
+	tg.g.reg.free = func() { freed.Add(1) }
+	tg.g.reg.SetReleaseMemory(true)
+	const n = releaseAfter + 10
+	for range n {
+		dialRaw(t, tg.addr(), http.Header{"Sec-WebSocket-Protocol": {"test.v1"}})
+		<-sessions
+	}
+	poll(t, "every connection to park", func() bool { return parkedNow(tg) == n && pumps() == 0 })
+	poll(t, "the sweeper to return free memory", func() bool { return freed.Load() == 1 })
+}
+
+// parkedNow counts the connections of tg whose client side is parked.
+func parkedNow(tg *testGateway) int {
+	r := tg.g.Registry()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	k := 0
+	for c := range r.conns {
+		if c.client.pstate.Load() == sideParked {
+			k++
+		}
+	}
+	return k
 }
 
 // TestConfigNowMonotonic: with the real clock the rate limits read the

@@ -56,11 +56,12 @@ type wireReader struct {
 	onTimeout func() error
 	lastRead  int64 // mono time of the last read, if track
 
-	// readFD is readReady as a func value, made once; n and rerr are its
-	// results.
-	readFD func(uintptr) bool
-	n      int
-	rerr   error
+	// readFD is readReady as a func value, made once, and readOnceFD
+	// readOnce; n and rerr are their results.
+	readFD     func(uintptr) bool
+	readOnceFD func(uintptr) bool
+	n          int
+	rerr       error
 
 	// beforeRefill runs before the buffer is refilled or compacted: the
 	// run must be written first.
@@ -71,7 +72,10 @@ type wireReader struct {
 	// has lasted too long, and onKick decides what happens next (gotData:
 	// bytes arrived anyway). It returns errPark to give up the goroutine,
 	// nil to go on.
-	onKick    func(gotData bool) error
+	onKick func(gotData bool) error
+	// parkNow makes the reader of a plain TCP socket park as soon as it
+	// finds nothing to read (onKick(false) decides), without waiting.
+	parkNow   bool
 	waitSince int64 // guarded by pmu: mono time the wait began
 	pmu       sync.Mutex
 	waiting   bool // guarded by pmu: in an idle wait a kick may end
@@ -246,6 +250,14 @@ func (wr *wireReader) fillIdle() error {
 	if wr.onKick == nil {
 		return wr.waitIdle()
 	}
+	if wr.parkNow && wr.direct {
+		if err := wr.readNow(); err != syscall.EAGAIN {
+			return err
+		}
+		if err := wr.onKick(false); err != nil {
+			return err
+		}
+	}
 	for {
 		wr.pmu.Lock()
 		wr.waiting, wr.waitSince = true, mono()
@@ -311,6 +323,38 @@ func (wr *wireReader) waitIdle() error {
 	}
 	wr.w = n
 	return nil
+}
+
+// readNow reads what the socket holds without waiting for more; EAGAIN
+// says it held nothing.
+func (wr *wireReader) readNow() error {
+	if wr.readOnceFD == nil {
+		wr.readOnceFD = wr.readOnce
+	}
+	wr.n, wr.rerr = 0, nil
+	err := wr.sock.Read(wr.readOnceFD)
+	n, rerr := wr.n, wr.rerr
+	wr.rerr = nil
+	switch {
+	case err != nil:
+		return err
+	case rerr == syscall.EAGAIN:
+		return rerr // readReady kept no buffer
+	case rerr != nil:
+		wr.releaseAll()
+		return rerr
+	case n <= 0:
+		wr.releaseAll()
+		return io.EOF
+	}
+	wr.w = n
+	return nil
+}
+
+// readOnce is readNow's raw read callback: readReady, never waiting.
+func (wr *wireReader) readOnce(fd uintptr) bool {
+	wr.readReady(fd)
+	return true
 }
 
 // readReady is the raw read callback of waitIdle: it reads into a pooled

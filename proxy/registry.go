@@ -3,6 +3,7 @@ package proxy
 import (
 	"runtime/debug"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/gobwas/ws"
@@ -21,6 +22,8 @@ type Registry struct {
 	sweeping bool          // the sweeper goroutine runs (while there are connections)
 	period   time.Duration // its period: the shortest any connection wants
 	poke     chan struct{} // tells the sweeper its period got shorter
+	parks    atomic.Int64  // sides parked since the sweeper last looked
+	free     func()        // debug.FreeOSMemory; tests count its calls
 }
 
 // SetReleaseMemory says whether the sweeper hands the stacks of parked
@@ -37,7 +40,7 @@ func (r *Registry) SetReleaseMemory(on bool) {
 
 // NewRegistry makes an empty registry.
 func NewRegistry() *Registry {
-	return &Registry{conns: make(map[*relay]struct{}), gone: make(chan struct{}), poke: make(chan struct{}, 1)}
+	return &Registry{conns: make(map[*relay]struct{}), gone: make(chan struct{}), poke: make(chan struct{}, 1), free: debug.FreeOSMemory}
 }
 
 func (r *Registry) add(c *relay) bool {
@@ -101,9 +104,12 @@ func (r *Registry) sweep() {
 		for _, c := range list {
 			kicked += c.sweep(now)
 		}
-		parked += kicked
-		if release && kicked == 0 && parked >= releaseAfter && time.Since(released) >= releaseEvery {
-			debug.FreeOSMemory()
+		// Sides park when kicked, and rooms clients as soon as they are
+		// idle: memory is returned once a wave of them has parked.
+		n := r.parks.Swap(0)
+		parked += int(n)
+		if release && kicked == 0 && n == 0 && parked >= releaseAfter && time.Since(released) >= releaseEvery {
+			r.free()
 			parked, released = 0, time.Now()
 		}
 		clear(list)
