@@ -177,8 +177,10 @@ func (c *Client) readLoop(cn *conn) {
 			}
 			return
 		}
-		cn.lastRecv.Store(c.clock.Now().UnixNano())
+		// Counted before the time is stored: whoever sees the new time
+		// sees the frame counted too.
 		cn.frames.Add(1)
+		cn.lastRecv.Store(c.clock.Now().UnixNano())
 		b, err := io.ReadAll(rd)
 		if err != nil {
 			if err == errCloseFrame {
