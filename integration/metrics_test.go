@@ -328,18 +328,22 @@ func TestMetricsSession(t *testing.T) {
 		metric("wsgate_rooms_subscriptions", 3),
 		metric("wsgate_connections_open", 2, "handler", "rooms", "mode", "rooms"),
 	})
-	// A batch through wsgate_publish, more than the slow consumer's queue
-	// and socket buffers hold; s1 reads all of it.
-	const batch = 300
-	data := `"` + strings.Repeat("x", 2000) + `"`
+	// Batches through wsgate_publish, more than the slow consumer's queue
+	// and socket buffers hold (fan-out writes to an idle client at once:
+	// its queue fills only once the socket's send buffer, up to 4 MiB
+	// here, is full); s1 reads all of it.
+	const batches, batch, total = 12, 50, 12 * 50
+	data := `"` + strings.Repeat("x", 10000) + `"`
 	var pubs []string
 	for range batch {
 		pubs = append(pubs, fmt.Sprintf(`{"channel":"slow:1","data":%s}`, data))
 	}
-	if code, body := httpPublish(t, g, "["+strings.Join(pubs, ",")+"]"); code != 200 {
-		t.Fatalf("publish batch: %d %s", code, body)
+	for range batches {
+		if code, body := httpPublish(t, g, "["+strings.Join(pubs, ",")+"]"); code != 200 {
+			t.Fatalf("publish batch: %d %s", code, body)
+		}
 	}
-	for range batch {
+	for range total {
 		wantMsg("slow:1", data)
 	}
 	if code, _ := slow.readClose(15 * time.Second); code != 1013 {
@@ -395,8 +399,8 @@ func TestMetricsSession(t *testing.T) {
 	slowLine := find("the slow consumer", func(m map[string]any) bool { return m["close_code"] == "1013" })
 	slowFanout, _ := slowLine["fanout_messages"].(float64)
 	slowFanoutBytes, _ := slowLine["fanout_bytes"].(float64)
-	if slowFanout < 4 || slowFanout >= batch || slowFanoutBytes != slowFanout*float64(message("slow:1", data)) {
-		t.Errorf("slow consumer: %v messages (%v bytes) queued, want at least its queue (4) and fewer than %d", slowFanout, slowFanoutBytes, batch)
+	if slowFanout < 4 || slowFanout >= total || slowFanoutBytes != slowFanout*float64(message("slow:1", data)) {
+		t.Errorf("slow consumer: %v messages (%v bytes) queued, want at least its queue (4) and fewer than %d", slowFanout, slowFanoutBytes, total)
 	}
 	closeFrame := func(code int, reason string) map[string]any {
 		return map[string]any{"code": float64(code), "reason": reason}
@@ -422,7 +426,7 @@ func TestMetricsSession(t *testing.T) {
 			"mode": "rooms", "upstream": "", "subject": "", "client_messages": 1.0, "client_bytes": float64(len(slowSub)),
 			"closed_first": "gateway", "close_to_client": closeFrame(1013, "slow consumer"),
 		}, []string{"close_from_upstream", "close_to_upstream"}},
-		{"s1", find("s1", func(m map[string]any) bool { return m["fanout_messages"] == float64(batch+2) }), map[string]any{
+		{"s1", find("s1", func(m map[string]any) bool { return m["fanout_messages"] == float64(total+2) }), map[string]any{
 			"mode": "rooms", "client_messages": 5.0, "client_bytes": float64(s1Bytes), "fanout_bytes": float64(fanoutBytes),
 			"closed_first": "client", "close_code": "1000", "close_from_client": closeFrame(1000, ""),
 		}, nil},
@@ -499,7 +503,7 @@ func TestMetricsSession(t *testing.T) {
 		rooms("wsgate_messages_total", 7, "direction", c2u),
 		rooms("wsgate_bytes_total", float64(s1Bytes+len(slowSub)+len(s2Bytes)), "direction", c2u),
 		rooms("wsgate_messages_total", 0, "direction", up2c),
-		rooms("wsgate_messages_total", float64(batch+2)+slowFanout, "direction", "fanout"),
+		rooms("wsgate_messages_total", float64(total+2)+slowFanout, "direction", "fanout"),
 		rooms("wsgate_bytes_total", float64(fanoutBytes)+slowFanoutBytes, "direction", "fanout"),
 		rooms("wsgate_closes_total", 2, "side", "client", "code", "1000"),
 		rooms("wsgate_closes_total", 1, "side", "client", "code", "1013"),
@@ -514,16 +518,16 @@ func TestMetricsSession(t *testing.T) {
 		metric("wsgate_token_verifications_total", 1, "result", "missing"),
 		metric("wsgate_token_cache_hits_total", 2),
 		metric("wsgate_publications_total", 2, "source", "ws"),
-		metric("wsgate_publications_total", batch, "source", "http"),
-		metric("wsgate_publications_total", 1+batch+1, "source", "redis"),
-		metric("wsgate_deliveries_total", 1+2*batch+1),
+		metric("wsgate_publications_total", total, "source", "http"),
+		metric("wsgate_publications_total", 1+total+1, "source", "redis"),
+		metric("wsgate_deliveries_total", 1+2*total+1),
 		metric("wsgate_publications_invalid_total", 1),
 		metric("wsgate_rooms_channels", 0),
 		metric("wsgate_rooms_subscriptions", 0),
 		metric("wsgate_broker_up", 1),
 		metric("wsgate_broker_reconnects_total", 1),
 		metric("wsgate_broker_errors_total", 1),
-		metric("wsgate_broker_publish_duration_seconds", 2),
+		metric("wsgate_broker_publish_duration_seconds", batches+1), // each batch is one broker call
 	})
 
 	// The access log shows each upgrade as 101, and each refusal with its
