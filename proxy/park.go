@@ -83,14 +83,16 @@ func (c *relay) sweep(now int64) int {
 }
 
 // After a wave of connections has parked, the stacks their goroutines
-// held are free memory of the process, which the runtime would hand back
-// to the system only slowly. Once at least releaseAfter sides have parked
-// and a sweep period has passed in which none parked or was kicked, the
-// sweeper returns free memory at once (debug.FreeOSMemory), at most every
-// releaseEvery.
+// held, and the garbage their handshakes left, are free memory of the
+// process, which the runtime would hand back to the system only slowly.
+// Once at least releaseAfter sides have parked and releaseQuiet (or a
+// sweep period, when shorter) has passed in which none parked or was
+// kicked, the sweeper returns free memory at once (debug.FreeOSMemory),
+// at most every releaseEvery.
 const (
 	releaseAfter = 1024
 	releaseEvery = 10 * time.Second
+	releaseQuiet = 100 * time.Millisecond
 )
 
 // restoreDeadline puts p's read deadline back after a kick moved it.

@@ -65,11 +65,14 @@ func (r *Registry) add(c *relay) bool {
 
 // sweep visits every connection, so that idle waits park (park.go) and
 // writes that have lasted WriteTimeout end (writer.go), until the registry
-// is empty. Its period is the shortest any live connection wants.
+// is empty. Its period is the shortest any live connection wants. While a
+// wave of parked sides waits for its memory to be returned, it also looks
+// every releaseQuiet for the end of the wave, without visiting.
 func (r *Registry) sweep() {
 	var list []*relay
 	parked := 0 // sides parked since memory was last returned
 	var released time.Time
+	var due int64 // mono time of the next visit
 	r.mu.Lock()
 	t := time.NewTimer(r.period)
 	r.mu.Unlock()
@@ -79,6 +82,7 @@ func (r *Registry) sweep() {
 		case <-t.C:
 		case <-r.poke:
 			t.Stop()
+			due = 0 // a shorter period: visit now
 		}
 		r.mu.Lock()
 		if len(r.conns) == 0 {
@@ -86,24 +90,30 @@ func (r *Registry) sweep() {
 			r.mu.Unlock()
 			return
 		}
-		period := time.Duration(0)
-		for c := range r.conns {
-			list = append(list, c)
-			if p := c.cfg.sweepPeriod(); p > 0 && (period == 0 || p < period) {
-				period = p
+		now := mono()
+		visit := now >= due
+		if visit {
+			period := time.Duration(0)
+			for c := range r.conns {
+				list = append(list, c)
+				if p := c.cfg.sweepPeriod(); p > 0 && (period == 0 || p < period) {
+					period = p
+				}
 			}
+			if period == 0 {
+				period = sweepEvery
+			}
+			r.period = period
+			due = now + int64(period)
 		}
-		if period == 0 {
-			period = sweepEvery
-		}
-		r.period = period
 		release := r.release
 		r.mu.Unlock()
-		now := mono()
 		kicked := 0
 		for _, c := range list {
 			kicked += c.sweep(now)
 		}
+		clear(list)
+		list = list[:0]
 		// Sides park when kicked, and rooms clients as soon as they are
 		// idle: memory is returned once a wave of them has parked.
 		n := r.parks.Swap(0)
@@ -112,9 +122,11 @@ func (r *Registry) sweep() {
 			r.free()
 			parked, released = 0, time.Now()
 		}
-		clear(list)
-		list = list[:0]
-		t.Reset(period)
+		wait := time.Duration(due - mono())
+		if release && parked >= releaseAfter {
+			wait = min(wait, releaseQuiet)
+		}
+		t.Reset(max(wait, 0))
 	}
 }
 
