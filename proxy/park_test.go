@@ -393,6 +393,20 @@ func TestParkedShutdownAndHangup(t *testing.T) {
 	poll(t, "pumps to end", func() bool { return pumps() == 0 })
 }
 
+// startInspected starts a session gateway whose inspector passes every
+// client message to got and drops it, and connects one client to it.
+func startInspected(t *testing.T, cfg Config) (*testGateway, Session, *relay, *websocket.Conn, chan string) {
+	t.Helper()
+	got := make(chan string, 16)
+	tg, sessions := startSession(t, cfg, func(msg []byte, text bool) (Verdict, []byte) {
+		got <- string(msg)
+		return Drop, nil
+	})
+	cl, _ := dialCoder(t, tg, "/", &websocket.DialOptions{Subprotocols: []string{"test.v1"}})
+	s := <-sessions
+	return tg, s, onlyRelay(t, tg), cl, got
+}
+
 // TestParkedSession: a session without upstream (rooms) parks its one
 // reader; frames queued for it still go out, and its messages still reach
 // the inspector, after each park.
@@ -400,16 +414,8 @@ func TestParkedSession(t *testing.T) {
 	if getPoller() == nil {
 		t.Skip("no poller on this platform")
 	}
-	got := make(chan string, 16)
-	tg, sessions := startSession(t, Config{ParkAfter: 10 * time.Millisecond, PingInterval: -1, CloseTimeout: time.Second},
-		func(msg []byte, text bool) (Verdict, []byte) {
-			got <- string(msg)
-			return Drop, nil
-		})
+	tg, s, c, cl, got := startInspected(t, Config{ParkAfter: 10 * time.Millisecond, PingInterval: -1, CloseTimeout: time.Second})
 	ctx := context.Background()
-	cl, _ := dialCoder(t, tg, "/", &websocket.DialOptions{Subprotocols: []string{"test.v1"}})
-	s := <-sessions
-	c := onlyRelay(t, tg)
 	for i := range 3 {
 		waitParked(t, c)
 		if !s.Enqueue(NewMessage(ws.OpText, []byte("pushed"))) {
@@ -449,16 +455,8 @@ func TestSessionParksAtOnce(t *testing.T) {
 	if !getPoller().usable() {
 		t.Skip("no poller on this platform")
 	}
-	got := make(chan string, 16)
-	tg, sessions := startSession(t, Config{ParkAfter: time.Hour, PingInterval: -1},
-		func(msg []byte, text bool) (Verdict, []byte) {
-			got <- string(msg)
-			return Drop, nil
-		})
+	tg, s, c, cl, got := startInspected(t, Config{ParkAfter: time.Hour, PingInterval: -1})
 	ctx := context.Background()
-	cl, _ := dialCoder(t, tg, "/", &websocket.DialOptions{Subprotocols: []string{"test.v1"}})
-	s := <-sessions
-	c := onlyRelay(t, tg)
 	for i := range 3 {
 		waitParked(t, c)
 		msg := fmt.Sprintf("hello %d", i)

@@ -302,8 +302,15 @@ func (wr *wireReader) waitIdle() error {
 	if wr.readFD == nil {
 		wr.readFD = wr.readReady
 	}
+	return wr.rawRead(wr.readFD)
+}
+
+// rawRead reads the socket through f, readReady or readOnce, and takes
+// its result: the bytes read, or the error (EAGAIN from readOnce: the
+// socket held nothing).
+func (wr *wireReader) rawRead(f func(uintptr) bool) error {
 	wr.n, wr.rerr = 0, nil
-	err := wr.sock.Read(wr.readFD)
+	err := wr.sock.Read(f)
 	n, rerr := wr.n, wr.rerr
 	wr.rerr = nil
 	if err != nil {
@@ -331,24 +338,7 @@ func (wr *wireReader) readNow() error {
 	if wr.readOnceFD == nil {
 		wr.readOnceFD = wr.readOnce
 	}
-	wr.n, wr.rerr = 0, nil
-	err := wr.sock.Read(wr.readOnceFD)
-	n, rerr := wr.n, wr.rerr
-	wr.rerr = nil
-	switch {
-	case err != nil:
-		return err
-	case rerr == syscall.EAGAIN:
-		return rerr // readReady kept no buffer
-	case rerr != nil:
-		wr.releaseAll()
-		return rerr
-	case n <= 0:
-		wr.releaseAll()
-		return io.EOF
-	}
-	wr.w = n
-	return nil
+	return wr.rawRead(wr.readOnceFD)
 }
 
 // readOnce is readNow's raw read callback: readReady, never waiting.
