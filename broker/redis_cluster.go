@@ -179,11 +179,13 @@ func (r *Redis) readSlots(ctx context.Context) ([]string, error) {
 }
 
 // place subscribes prefixed channels on their connections, one SSUBSCRIBE
-// per slot. Called with r.mu held and the slot table loaded. A missing
-// connection is taken from ready (connected by the fixer without the
-// lock), or else dialled, unless its master is known to be unreachable:
-// Subscribe does not hold the lock for a dial that will fail. What it
-// cannot place is left in r.cs.lost; the error is the first failure.
+// per slot. Called with r.mu held and the slot table loaded. The fixer
+// passes ready, the connections it made without the lock, and a missing
+// connection that is not among them is not dialled: its channels wait for
+// the next round. Subscribe passes nil, and a missing connection is
+// dialled unless its master is known to be unreachable: it does not hold
+// the lock for a dial that will fail. What place cannot place is left in
+// r.cs.lost; the error is the first failure.
 func (r *Redis) place(ctx context.Context, names []string, ready map[subKey]*redis.PubSub) error {
 	bySlot := map[int][]string{}
 	for _, name := range names {
@@ -216,6 +218,10 @@ func (r *Redis) placeSlot(ctx context.Context, slot int, names []string, ready m
 		ps := ready[key]
 		if ps != nil {
 			delete(ready, key)
+		} else if ready != nil {
+			// The fixer dials only without the lock: a channel lost
+			// since it connected waits for its next round.
+			return fmt.Errorf("no connection to master %s of hash slot %d yet", addr, slot)
 		} else if r.cs.down[addr] {
 			return fmt.Errorf("master %s of hash slot %d is unreachable", addr, slot)
 		} else {
