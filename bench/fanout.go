@@ -836,13 +836,7 @@ func (fs *fanState) profile(ctx context.Context, rate float64) ([]string, error)
 	for i, c := range fs.gws {
 		path := filepath.Join(e.opt.Profile, fmt.Sprintf("fanout-gateway-%c-%.0fps.pprof", 'A'+i, rate))
 		paths = append(paths, path)
-		go func() {
-			b, err := c.get(ctx, fmt.Sprintf("/debug/pprof/profile?seconds=%d", secs))
-			if err == nil {
-				err = os.WriteFile(path, b, 0o644)
-			}
-			errs <- err
-		}()
+		go func() { errs <- c.saveProfile(ctx, path, secs) }()
 	}
 	ph, err := fs.phase(ctx, rate, dur, false)
 	err = errors.Join(err, <-errs, <-errs)

@@ -24,13 +24,7 @@ func (e *env) profile(ctx context.Context, c *caddyProc, tput, hs bool) ([]strin
 	take := func(name string, secs int) func(context.Context) error {
 		path := filepath.Join(e.opt.Profile, name+".pprof")
 		paths = append(paths, path)
-		return func(ctx context.Context) error {
-			b, err := c.get(ctx, fmt.Sprintf("/debug/pprof/profile?seconds=%d", max(1, secs)))
-			if err != nil {
-				return err
-			}
-			return os.WriteFile(path, b, 0o644)
-		}
+		return func(ctx context.Context) error { return c.saveProfile(ctx, path, secs) }
 	}
 	file := func(v string) string { return strings.NewReplacer(" ", "-", ",", "").Replace(v) }
 	if tput {
@@ -63,13 +57,16 @@ func (e *env) profileDuring(ctx context.Context, c *caddyProc, name string, secs
 	}
 	path := filepath.Join(e.opt.Profile, name+".pprof")
 	done := make(chan error, 1)
-	go func() {
-		b, err := c.get(ctx, fmt.Sprintf("/debug/pprof/profile?seconds=%d", max(1, secs)))
-		if err == nil {
-			err = os.WriteFile(path, b, 0o644)
-		}
-		done <- err
-	}()
+	go func() { done <- c.saveProfile(ctx, path, secs) }()
 	err := run()
 	return path, errors.Join(err, <-done)
+}
+
+// saveProfile takes a CPU profile of c, secs long (at least 1), into path.
+func (c *caddyProc) saveProfile(ctx context.Context, path string, secs int) error {
+	b, err := c.get(ctx, fmt.Sprintf("/debug/pprof/profile?seconds=%d", max(1, secs)))
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(path, b, 0o644)
 }
