@@ -177,10 +177,10 @@ func (c *Client) readLoop(cn *conn) {
 			}
 			return
 		}
-		// Counted before the time is stored: whoever sees the new time
-		// sees the frame counted too.
+		// Counted at its header, its time stored once it is whole:
+		// whoever sees the new time sees the frame counted too, and no
+		// later store moves it.
 		cn.frames.Add(1)
-		cn.lastRecv.Store(c.clock.Now().UnixNano())
 		b, err := io.ReadAll(rd)
 		if err != nil {
 			if err == errCloseFrame {
