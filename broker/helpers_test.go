@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/wsgate/wsgate/broker"
+	"github.com/wsgate/wsgate/internal/poll"
 	"github.com/wsgate/wsgate/internal/testports"
 )
 
@@ -128,13 +129,7 @@ const waitLong = 15 * time.Second
 // eventually polls cond until it holds or within has passed.
 func eventually(t testing.TB, within time.Duration, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(within)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", within, what)
-		}
-		pollPause()
-	}
+	poll.Until(t, within, what, cond)
 }
 
 // pollPause is the interval between two polls of a condition.

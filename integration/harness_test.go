@@ -18,6 +18,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/wsgate/wsgate/internal/poll"
 	"github.com/wsgate/wsgate/internal/testports"
 )
 
@@ -321,16 +322,10 @@ func (g *gateway) memstats() memStats {
 	return v.Memstats
 }
 
-// eventually polls cond until it holds or the deadline passes.
+// eventually polls cond until it holds or within has passed.
 func eventually(t testing.TB, within time.Duration, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(within)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", within, what)
-		}
-		pollPause()
-	}
+	poll.Until(t, within, what, cond)
 }
 
 // pollPause is the interval between two polls of a condition.

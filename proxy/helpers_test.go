@@ -16,6 +16,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	pollpkg "github.com/wsgate/wsgate/internal/poll"
 )
 
 // Opcodes, written out here rather than taken from gobwas/ws.
@@ -164,14 +166,7 @@ func (tg *testGateway) waitLen(t testing.TB, n int) {
 // poll waits, with a deadline, until cond holds.
 func poll(t testing.TB, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(waitFor)
-	for d := time.Millisecond; !cond(); d = min(2*d, 20*time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		timer := time.NewTimer(d)
-		<-timer.C
-	}
+	pollpkg.Until(t, waitFor, what, cond)
 }
 
 // fakeClock is an injectable clock for rate limits.

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/coder/websocket"
+	"github.com/wsgate/wsgate/internal/poll"
 )
 
 // fakeClock fires timers only when the test advances it.
@@ -112,15 +113,7 @@ func (f *fakeClock) waitTimerWithin(t *testing.T, d time.Duration) {
 // eventually polls cond until it holds, or fails the test after 5 s.
 func eventually(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	tick := time.NewTicker(2 * time.Millisecond)
-	defer tick.Stop()
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		<-tick.C
-	}
+	poll.Until(t, 5*time.Second, what, cond)
 }
 
 // noLeaks fails the test if goroutines started during it outlive it (its
