@@ -139,14 +139,37 @@ type Hub struct {
 }
 
 // room is a channel's local subscribers. Its lock orders the channel's
-// deliveries and guards what follows.
+// deliveries and guards subs and pos.
 type room struct {
 	mu   sync.Mutex
 	subs map[Subscriber]*subState // nil state: a subscriber that gets everything
 	// pos is the place in the channel's history of the last publication
 	// delivered (Epoch "": none yet), for channels that keep history.
 	pos broker.Position
+	// size is len(subs), for deciding without mu where a fan-out runs.
+	size atomic.Int32
+
+	// The room's fan-out runs in one goroutine at a time (fanning), which
+	// takes the publications waiting in queue in their order. qmu guards
+	// these; it is never taken after mu.
+	qmu     sync.Mutex
+	queue   []*Publication
+	fanning bool
+	taken   chan struct{} // closed when the fan-out takes the queue; made by a publisher waiting for room in it
 }
+
+// Fan-out: a room of up to fanInline local subscribers is fanned out by
+// the goroutine that hands its publication over (the broker's, or the
+// publisher's with the memory broker), when nothing of the room's is
+// queued; a larger room's publications are queued and fanned out by a
+// goroutine of the room's, started when the queue fills and gone when it
+// is empty, so that a publisher waits for neither. Up to fanQueue
+// publications wait per room; a publisher that finds the queue full waits
+// until the fan-out takes it.
+const (
+	fanInline = 64
+	fanQueue  = 1024
+)
 
 // subState is a subscriber of a channel with history that has not yet
 // caught up: while pending it is being sent history and live publications
@@ -239,8 +262,9 @@ func isObject(b []byte) bool {
 	return len(b) > 1 && b[0] == '{' && utf8.Valid(b) && json.Valid(b)
 }
 
-// deliver fans p out to its channel's local subscribers, in the order of
-// the channel's history when it keeps one.
+// deliver fans p out to its channel's local subscribers, in the order
+// deliver was called for the channel (see fanInline), and of the channel's
+// history when it keeps one.
 func (h *Hub) deliver(p *Publication) {
 	h.mu.RLock()
 	r := h.rooms[p.Channel]
@@ -248,9 +272,67 @@ func (h *Hub) deliver(p *Publication) {
 	if r == nil {
 		return
 	}
+	r.qmu.Lock()
+	if !r.fanning && r.size.Load() <= fanInline {
+		r.fanning = true
+		r.qmu.Unlock()
+		h.fanOut(r, p)
+		h.fanQueued(r, true)
+		return
+	}
+	for len(r.queue) >= fanQueue {
+		if r.taken == nil {
+			r.taken = make(chan struct{})
+		}
+		taken := r.taken
+		r.qmu.Unlock()
+		<-taken
+		r.qmu.Lock()
+	}
+	r.queue = append(r.queue, p)
+	start := !r.fanning
+	r.fanning = true
+	r.qmu.Unlock()
+	if start {
+		go h.fanQueued(r, false)
+	}
+}
+
+// fanQueued fans out r's queue until it is empty; the caller is r's
+// fan-out (r.fanning). After an inline fan-out, a queue that filled
+// meanwhile is handed to a goroutine of its own.
+func (h *Hub) fanQueued(r *room, inline bool) {
+	for {
+		r.qmu.Lock()
+		if len(r.queue) == 0 {
+			r.fanning = false
+			r.qmu.Unlock()
+			return
+		}
+		if inline {
+			r.qmu.Unlock()
+			go h.fanQueued(r, false)
+			return
+		}
+		ps := r.queue
+		r.queue = nil
+		if r.taken != nil {
+			close(r.taken)
+			r.taken = nil
+		}
+		r.qmu.Unlock()
+		h.fanOut(r, ps...)
+	}
+}
+
+// fanOut delivers ps, in order, to r's subscribers; the caller is r's
+// fan-out.
+func (h *Hub) fanOut(r *room, ps ...*Publication) {
 	n := 0
 	r.mu.Lock()
-	r.pos = h.follow(p.Channel, r.pos, p, func(q *Publication) { n += r.fan(q) })
+	for _, p := range ps {
+		r.pos = h.follow(p.Channel, r.pos, p, func(q *Publication) { n += r.fan(q) })
+	}
 	r.mu.Unlock()
 	h.delivered.Add(int64(n))
 }
@@ -275,6 +357,7 @@ func (h *Hub) subscribe(ctx context.Context, channel string, s Subscriber, st *s
 	}
 	r.mu.Lock()
 	r.subs[s] = st
+	r.size.Store(int32(len(r.subs)))
 	r.mu.Unlock()
 	h.mu.Unlock()
 	if first {
@@ -298,6 +381,7 @@ func (h *Hub) remove(channel string, s Subscriber) (last, found bool) {
 	r.mu.Lock()
 	_, found = r.subs[s]
 	delete(r.subs, s)
+	r.size.Store(int32(len(r.subs)))
 	last = len(r.subs) == 0
 	r.mu.Unlock()
 	if last {

@@ -11,9 +11,11 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 	"unicode/utf8"
 
 	"github.com/wsgate/wsgate/broker"
+	"github.com/wsgate/wsgate/internal/poll"
 	"github.com/wsgate/wsgate/proxy"
 	"github.com/wsgate/wsgate/rooms"
 )
@@ -473,6 +475,10 @@ func TestHubLargeRoomInOrder(t *testing.T) {
 	for m := range msgs {
 		h.Handle("big", broker.Message{Data: []byte(fmt.Sprintf(`{"n":%d}`, m))})
 	}
+	// A room this large is fanned out by a goroutine of its own.
+	poll.Until(t, 10*time.Second, "the fan-out to every subscriber", func() bool {
+		return h.Stats().Delivered >= subs*msgs
+	})
 	first := sessions[0].queued()
 	if len(first) != msgs {
 		t.Fatalf("subscriber 0 got %d frames, want %d", len(first), msgs)
@@ -561,5 +567,120 @@ func TestChannelListings(t *testing.T) {
 	}
 	if got := b.Channels(); len(got) != 0 {
 		t.Fatalf("a closed connection lists %v", got)
+	}
+}
+
+// gateSub is a subscriber whose deliveries wait until the gate opens,
+// as a stand-in for a fan-out that takes long; it keeps what it got.
+type gateSub struct {
+	recSub
+	gate    chan struct{}
+	entered chan struct{} // closed at the first delivery
+	once    sync.Once
+}
+
+func newGateSub() *gateSub {
+	return &gateSub{gate: make(chan struct{}), entered: make(chan struct{})}
+}
+
+func (s *gateSub) Deliver(p *rooms.Publication) {
+	s.once.Do(func() { close(s.entered) })
+	<-s.gate
+	s.recSub.Deliver(p)
+}
+
+// TestHubLargeRoomPublishReturnsQueued: with the memory broker, a publish
+// to a room of more than FanInline local subscribers returns once its
+// publication is queued, while the fan-out is still running; the queue
+// holds FanQueue publications, a publisher that finds it full waits for
+// the fan-out to take it, and every subscriber gets every publication in
+// the order published.
+func TestHubLargeRoomPublishReturnsQueued(t *testing.T) {
+	ctx := context.Background()
+	h, _ := newMemoryHub(t)
+	slow := newGateSub()
+	subs := []*recSub{&slow.recSub}
+	if err := h.Subscribe(ctx, "big", slow); err != nil {
+		t.Fatal(err)
+	}
+	for range rooms.FanInline {
+		s := &recSub{}
+		if err := h.Subscribe(ctx, "big", s); err != nil {
+			t.Fatal(err)
+		}
+		subs = append(subs, s)
+	}
+	publish := func(n int) {
+		if err := h.Publish(ctx, "big", []byte(strconv.Itoa(n))); err != nil {
+			t.Error(err)
+		}
+	}
+	publish(0)
+	<-slow.entered // the fan-out of 0 runs, held by slow: Publish returned all the same
+	for n := 1; n <= rooms.FanQueue; n++ {
+		publish(n)
+	}
+	if q, waiting := h.FanQueue("big"); q != rooms.FanQueue || waiting {
+		t.Fatalf("queue holds %d (a publisher waiting: %v), want %d and none waiting", q, waiting, rooms.FanQueue)
+	}
+	last := make(chan struct{})
+	go func() {
+		defer close(last)
+		publish(rooms.FanQueue + 1)
+	}()
+	poll.Until(t, 10*time.Second, "the publisher to wait for room", func() bool {
+		_, waiting := h.FanQueue("big")
+		return waiting
+	})
+	if q, _ := h.FanQueue("big"); q != rooms.FanQueue {
+		t.Fatalf("queue holds %d with a publisher waiting, want %d", q, rooms.FanQueue)
+	}
+	select {
+	case <-last:
+		t.Fatal("the publisher that waits for room returned")
+	default:
+	}
+	close(slow.gate)
+	<-last
+	want := make([]string, rooms.FanQueue+2)
+	for n := range want {
+		want[n] = strconv.Itoa(n)
+	}
+	for i, s := range subs {
+		poll.Until(t, 10*time.Second, fmt.Sprintf("subscriber %d's deliveries", i), func() bool {
+			return len(s.pubs()) >= len(want)
+		})
+		if got := s.data(); !slices.Equal(got, want) {
+			t.Fatalf("subscriber %d got %d publications, first %q, want 0…%d in order", i, len(got), got[:min(5, len(got))], len(want)-1)
+		}
+	}
+	poll.Until(t, 10*time.Second, "the fan-out to end", func() bool {
+		q, waiting := h.FanQueue("big")
+		return q == 0 && !waiting
+	})
+}
+
+// TestHubSmallRoomFansOutInline: a room of up to FanInline local
+// subscribers is fanned out before Publish returns (no goroutine, no
+// queue).
+func TestHubSmallRoomFansOutInline(t *testing.T) {
+	ctx := context.Background()
+	h, _ := newMemoryHub(t)
+	subs := make([]*recSub, rooms.FanInline)
+	for i := range subs {
+		subs[i] = &recSub{}
+		if err := h.Subscribe(ctx, "small", subs[i]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for n := range 3 {
+		if err := h.Publish(ctx, "small", []byte(strconv.Itoa(n))); err != nil {
+			t.Fatal(err)
+		}
+		for i, s := range subs {
+			if got := len(s.pubs()); got != n+1 {
+				t.Fatalf("after publish %d subscriber %d has %d publications, want %d", n, i, got, n+1)
+			}
+		}
 	}
 }
