@@ -272,10 +272,11 @@ func newPeerHTTP() *http.Client {
 
 // peersCaddyfile is scenario p's wsgate: a rooms route with
 // wsgate_publish, the default in-process broker, and peerPing as its
-// ping_interval.
+// ping_interval. Like its peers (nginx's access_log off, Centrifugo's log
+// level warn) it writes no log line per connection.
 func (e *env) peersCaddyfile(c *caddyProc) string {
 	return fmt.Sprintf("{\n\tadmin %s\n\tpersist_config off\n\tauto_https off\n}\n\n%s", c.admin,
-		roomsSite(c.roomsPort, true, fmt.Sprintf("\t\t\tping_interval %v\n", peerPing)))
+		roomsSite(c.roomsPort, true, fmt.Sprintf("\t\t\tping_interval %v\n\t\t\tlog_connections off\n", peerPing)))
 }
 
 // centrifugoConfig is Centrifugo's configuration: clients connect without
@@ -1108,15 +1109,17 @@ func (r *report) peersSection(w writer) {
 	res := r.peers
 	w("wsgate beside two peer servers, each run by the harness from a configuration it writes, driven by the same\n")
 	w("load generator (the harness's gobwas/ws clients, in one process on the same cores). **wsgate**: `caddy run`\n")
-	w("with a rooms route (`wsgate %s { rooms { publish_rate off }; origins …; ping_interval %v }`), the default\n", roomsPath, peerPing)
-	w("in-process broker and `wsgate_publish %s { key … }`. **Centrifugo**: `centrifugo --config` with the memory\n", pubPath)
-	w("engine, `client.allow_anonymous_connect_without_token`, `allow_subscribe_for_anonymous` on channels without a\n")
-	w("namespace, `client.allowed_origins`, `client.ping_interval` %v (its default) and the HTTP API with a key;\n", peerPing)
-	w("clients speak its JSON protocol on `/connection/websocket` (`connect`, then `subscribe`; its `{}` pings are\n")
-	w("answered with `{}`). **Nchan**: nginx (`daemon off`, master process and `worker_processes %d`: one per core, as\n", nchanWorkers)
+	w("with a rooms route (`wsgate %s { rooms { publish_rate off }; origins …; ping_interval %v; log_connections off }`),\n", roomsPath, peerPing)
+	w("the default in-process broker and `wsgate_publish %s { key … }`. **Centrifugo**: `centrifugo --config` with\n", pubPath)
+	w("the memory engine, `client.allow_anonymous_connect_without_token`, `allow_subscribe_for_anonymous` on channels\n")
+	w("without a namespace, `client.allowed_origins`, `client.ping_interval` %v (its default), log level `warn` and\n", peerPing)
+	w("the HTTP API with a key; clients speak its JSON protocol on `/connection/websocket` (`connect`, then\n")
+	w("`subscribe`; its `{}` pings are answered with `{}`). **Nchan**: nginx (`daemon off`, master process and `worker_processes %d`: one per core, as\n", nchanWorkers)
 	w("`auto` picks here, the cores a Go server's GOMAXPROCS spreads over) with `nchan_subscriber websocket` on\n")
 	w("`/sub/<channel>`, `nchan_publisher` on `/pub/<channel>`, `nchan_websocket_ping_interval %d`,\n", int(peerPing.Seconds()))
-	w("`nchan_store_messages off` (no server keeps history here). Every server sends its heartbeat every %v;\n", peerPing)
+	w("`nchan_store_messages off` (no server keeps history here) and `access_log off`. No server writes a line per\n")
+	w("connection: wsgate's `log_connections` is off, as nginx's access log is, and Centrifugo logs connections at\n")
+	w("`debug`. Every server sends its heartbeat every %v;\n", peerPing)
 	w("the clients answer every one. A server's RSS and CPU are those of all its processes (nginx's master and\n")
 	w("workers summed: pages they share count once per process), from `/proc/PID/status` (`VmRSS`) and\n")
 	w("`/proc/PID/stat` (utime + stime). %d round(s); each round runs wsgate, Centrifugo, Nchan in turn; ratios are\n", len(res.rounds))
