@@ -99,7 +99,7 @@ func (wr *wireReader) init(c net.Conn) {
 	}
 	if sc, ok := under.(syscall.Conn); ok {
 		if raw, err := sc.SyscallConn(); err == nil {
-			wr.sock, wr.direct = raw, under == c
+			wr.sock, wr.direct = raw, rawIO && under == c
 		}
 	}
 }
@@ -352,7 +352,7 @@ func (wr *wireReader) readOnce(fd uintptr) bool {
 func (wr *wireReader) readReady(fd uintptr) bool {
 	buf := readBufPool.Get().(*[]byte)
 	for {
-		wr.n, wr.rerr = syscall.Read(int(fd), *buf)
+		wr.n, wr.rerr = sysRead(fd, *buf)
 		if wr.rerr != syscall.EINTR {
 			break
 		}

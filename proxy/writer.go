@@ -403,7 +403,7 @@ func (w *writer) finish(rest []byte) {
 // writeNow is deliver's raw write callback: one write, never a wait.
 func (w *writer) writeNow(fd uintptr) bool {
 	for {
-		n, err := syscall.Write(int(fd), w.nb)
+		n, err := sysWrite(fd, w.nb)
 		if err == syscall.EINTR {
 			continue
 		}
