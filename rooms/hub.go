@@ -165,10 +165,12 @@ type room struct {
 // goroutine of the room's, started when the queue fills and gone when it
 // is empty, so that a publisher waits for neither. Up to fanQueue
 // publications wait per room; a publisher that finds the queue full waits
-// until the fan-out takes it.
+// until the fan-out takes it. The bound caps the delay a room published to
+// faster than it can be fanned out builds up (about a second at 1,000
+// subscribers), beyond which its publishers are slowed down instead.
 const (
 	fanInline = 64
-	fanQueue  = 1024
+	fanQueue  = 128
 )
 
 // subState is a subscriber of a channel with history that has not yet
