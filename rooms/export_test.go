@@ -3,7 +3,7 @@ package rooms
 // Fan-out bounds, for tests.
 const (
 	FanInline = fanInline
-	FanQueue  = fanQueue
+	FanQueue  = fanQueueMax
 )
 
 // FanQueue reports how many of channel's publications wait for its
@@ -15,7 +15,11 @@ func (h *Hub) FanQueue(channel string) (queued int, waiting bool) {
 	if r == nil {
 		return 0, false
 	}
-	r.qmu.Lock()
-	defer r.qmu.Unlock()
-	return len(r.queue), r.taken != nil
+	q := r.fq.Load()
+	if q == nil {
+		return 0, false
+	}
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return len(q.ps), q.taken != nil
 }

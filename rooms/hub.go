@@ -146,31 +146,33 @@ type room struct {
 	// pos is the place in the channel's history of the last publication
 	// delivered (Epoch "": none yet), for channels that keep history.
 	pos broker.Position
-	// size is len(subs), for deciding without mu where a fan-out runs.
-	size atomic.Int32
-
-	// The room's fan-out runs in one goroutine at a time (fanning), which
-	// takes the publications waiting in queue in their order. qmu guards
-	// these; it is never taken after mu.
-	qmu     sync.Mutex
-	queue   []*Publication
-	fanning bool
-	taken   chan struct{} // closed when the fan-out takes the queue; made by a publisher waiting for room in it
+	// fq holds the publications waiting for a fan-out that runs in a
+	// goroutine of the room's, while one does (nil otherwise).
+	fq atomic.Pointer[fanQueue]
 }
 
-// Fan-out: a room of up to fanInline local subscribers is fanned out by
-// the goroutine that hands its publication over (the broker's, or the
-// publisher's with the memory broker), when nothing of the room's is
-// queued; a larger room's publications are queued and fanned out by a
-// goroutine of the room's, started when the queue fills and gone when it
-// is empty, so that a publisher waits for neither. Up to fanQueue
-// publications wait per room; a publisher that finds the queue full waits
-// until the fan-out takes it. The bound caps the delay a room published to
-// faster than it can be fanned out builds up (about a second at 1,000
-// subscribers), beyond which its publishers are slowed down instead.
+// fanQueue is the queue of a room's fan-out goroutine.
+type fanQueue struct {
+	mu    sync.Mutex
+	ps    []*Publication
+	done  bool          // drained and detached from its room: a publisher makes a new one
+	taken chan struct{} // closed when the fan-out takes ps; made by a publisher waiting for room in it
+}
+
+// Fan-out: a publication to a room of up to fanInline local subscribers
+// is fanned out by the goroutine that hands it over (the broker's, or the
+// publisher's with the memory broker) when the room is free and nothing
+// of its is queued. Otherwise (a larger room, or a fan-out in progress) it
+// is queued for a goroutine of the room's, started by the first
+// publication queued and gone when the queue is empty, so that a
+// publisher waits for no fan-out. Up to fanQueueMax publications wait per
+// room; a publisher that finds the queue full waits until the fan-out
+// takes it. The bound caps the delay a room published to faster than it
+// can be fanned out builds up (about a second at 1,000 subscribers),
+// beyond which its publishers are slowed down instead.
 const (
-	fanInline = 64
-	fanQueue  = 128
+	fanInline   = 64
+	fanQueueMax = 128
 )
 
 // subState is a subscriber of a channel with history that has not yet
@@ -274,69 +276,87 @@ func (h *Hub) deliver(p *Publication) {
 	if r == nil {
 		return
 	}
-	r.qmu.Lock()
-	if !r.fanning && r.size.Load() <= fanInline {
-		r.fanning = true
-		r.qmu.Unlock()
-		h.fanOut(r, p)
-		h.fanQueued(r, true)
-		return
-	}
-	for len(r.queue) >= fanQueue {
-		if r.taken == nil {
-			r.taken = make(chan struct{})
-		}
-		taken := r.taken
-		r.qmu.Unlock()
-		<-taken
-		r.qmu.Lock()
-	}
-	r.queue = append(r.queue, p)
-	start := !r.fanning
-	r.fanning = true
-	r.qmu.Unlock()
-	if start {
-		go h.fanQueued(r, false)
-	}
-}
-
-// fanQueued fans out r's queue until it is empty; the caller is r's
-// fan-out (r.fanning). After an inline fan-out, a queue that filled
-// meanwhile is handed to a goroutine of its own.
-func (h *Hub) fanQueued(r *room, inline bool) {
 	for {
-		r.qmu.Lock()
-		if len(r.queue) == 0 {
-			r.fanning = false
-			r.qmu.Unlock()
+		// TryLock: a room being fanned out (or subscribed to) right now
+		// gets the publication queued, not waited for.
+		if r.mu.TryLock() {
+			if r.fq.Load() == nil && len(r.subs) <= fanInline {
+				n := 0
+				r.pos = h.follow(p.Channel, r.pos, p, func(q *Publication) { n += r.fan(q) })
+				r.mu.Unlock()
+				h.delivered.Add(int64(n))
+				return
+			}
+			r.mu.Unlock()
+		}
+		if h.enqueue(r, p) {
 			return
 		}
-		if inline {
-			r.qmu.Unlock()
-			go h.fanQueued(r, false)
-			return
-		}
-		ps := r.queue
-		r.queue = nil
-		if r.taken != nil {
-			close(r.taken)
-			r.taken = nil
-		}
-		r.qmu.Unlock()
-		h.fanOut(r, ps...)
 	}
 }
 
-// fanOut delivers ps, in order, to r's subscribers; the caller is r's
-// fan-out.
-func (h *Hub) fanOut(r *room, ps ...*Publication) {
-	n := 0
-	r.mu.Lock()
-	for _, p := range ps {
-		r.pos = h.follow(p.Channel, r.pos, p, func(q *Publication) { n += r.fan(q) })
+// enqueue queues p for r's fan-out goroutine, starting one when none
+// runs. It reports false when the queue it found had just been drained:
+// the caller tries again.
+func (h *Hub) enqueue(r *room, p *Publication) bool {
+	q := r.fq.Load()
+	start := q == nil
+	if start {
+		q = &fanQueue{}
+		if !r.fq.CompareAndSwap(nil, q) {
+			return false // another publisher's queue: try again
+		}
 	}
-	r.mu.Unlock()
-	h.delivered.Add(int64(n))
+	q.mu.Lock()
+	for len(q.ps) >= fanQueueMax {
+		if q.taken == nil {
+			q.taken = make(chan struct{})
+		}
+		taken := q.taken
+		q.mu.Unlock()
+		<-taken
+		q.mu.Lock()
+	}
+	if q.done {
+		q.mu.Unlock()
+		return false
+	}
+	q.ps = append(q.ps, p)
+	q.mu.Unlock()
+	if start {
+		go h.fanQueued(r, q)
+	}
+	return true
+}
+
+// fanQueued is r's fan-out goroutine: it fans out q until q is empty,
+// then detaches it from r.
+func (h *Hub) fanQueued(r *room, q *fanQueue) {
+	for {
+		q.mu.Lock()
+		ps := q.ps
+		q.ps = nil
+		if q.taken != nil {
+			close(q.taken)
+			q.taken = nil
+		}
+		if len(ps) == 0 {
+			q.done = true
+			r.fq.CompareAndSwap(q, nil)
+			q.mu.Unlock()
+			return
+		}
+		q.mu.Unlock()
+		n := 0
+		for _, p := range ps {
+			// One publication at a time, so that a subscribe to the room
+			// waits for no more than one fan-out.
+			r.mu.Lock()
+			r.pos = h.follow(p.Channel, r.pos, p, func(q *Publication) { n += r.fan(q) })
+			r.mu.Unlock()
+		}
+		h.delivered.Add(int64(n))
+	}
 }
 
 // Subscribe adds s to channel's local subscribers, subscribing the node
@@ -359,7 +379,6 @@ func (h *Hub) subscribe(ctx context.Context, channel string, s Subscriber, st *s
 	}
 	r.mu.Lock()
 	r.subs[s] = st
-	r.size.Store(int32(len(r.subs)))
 	r.mu.Unlock()
 	h.mu.Unlock()
 	if first {
@@ -383,7 +402,6 @@ func (h *Hub) remove(channel string, s Subscriber) (last, found bool) {
 	r.mu.Lock()
 	_, found = r.subs[s]
 	delete(r.subs, s)
-	r.size.Store(int32(len(r.subs)))
 	last = len(r.subs) == 0
 	r.mu.Unlock()
 	if last {
