@@ -352,7 +352,7 @@ func (h *Hub) fanQueued(r *room, q *fanQueue) {
 			// One publication at a time, so that a subscribe to the room
 			// waits for no more than one fan-out.
 			r.mu.Lock()
-			r.pos = h.follow(p.Channel, r.pos, p, func(q *Publication) { n += r.fan(q) })
+			r.pos = h.follow(p.Channel, r.pos, p, func(d *Publication) { n += r.fan(d) })
 			r.mu.Unlock()
 		}
 		h.delivered.Add(int64(n))
