@@ -9,9 +9,7 @@ const (
 // FanQueue reports how many of channel's publications wait for its
 // fan-out, and whether a publisher waits for room in the queue.
 func (h *Hub) FanQueue(channel string) (queued int, waiting bool) {
-	h.mu.RLock()
-	r := h.rooms[channel]
-	h.mu.RUnlock()
+	r := h.room(channel)
 	if r == nil {
 		return 0, false
 	}

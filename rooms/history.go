@@ -181,9 +181,7 @@ func (h *Hub) SubscribeHistory(ctx context.Context, channel string, s Subscriber
 // caughtUp ends s's recovery at position at: the publications held for it
 // are delivered from there on, and it becomes a live subscriber.
 func (h *Hub) caughtUp(channel string, s Subscriber, at broker.Position) {
-	h.mu.RLock()
-	r := h.rooms[channel]
-	h.mu.RUnlock()
+	r := h.room(channel)
 	if r == nil {
 		return
 	}
@@ -295,9 +293,7 @@ func (h *Hub) Resync() {
 	h.mu.RUnlock()
 	for _, name := range names {
 		opt := h.Options(name)
-		h.mu.RLock()
-		r := h.rooms[name]
-		h.mu.RUnlock()
+		r := h.room(name)
 		if opt.History == nil || r == nil {
 			continue
 		}

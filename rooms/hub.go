@@ -270,9 +270,7 @@ func isObject(b []byte) bool {
 // deliver was called for the channel (see fanInline), and of the channel's
 // history when it keeps one.
 func (h *Hub) deliver(p *Publication) {
-	h.mu.RLock()
-	r := h.rooms[p.Channel]
-	h.mu.RUnlock()
+	r := h.room(p.Channel)
 	if r == nil {
 		return
 	}
@@ -281,8 +279,7 @@ func (h *Hub) deliver(p *Publication) {
 		// gets the publication queued, not waited for.
 		if r.mu.TryLock() {
 			if r.fq.Load() == nil && len(r.subs) <= fanInline {
-				n := 0
-				r.pos = h.follow(p.Channel, r.pos, p, func(q *Publication) { n += r.fan(q) })
+				n := h.fanOne(r, p)
 				r.mu.Unlock()
 				h.delivered.Add(int64(n))
 				return
@@ -293,6 +290,20 @@ func (h *Hub) deliver(p *Publication) {
 			return
 		}
 	}
+}
+
+// room is channel's room, or nil when it has no local subscribers.
+func (h *Hub) room(channel string) *room {
+	h.mu.RLock()
+	defer h.mu.RUnlock()
+	return h.rooms[channel]
+}
+
+// fanOne delivers p to r's subscribers, after what the channel's history
+// says comes before it, and counts the deliveries; the caller holds r.mu.
+func (h *Hub) fanOne(r *room, p *Publication) (n int) {
+	r.pos = h.follow(p.Channel, r.pos, p, func(d *Publication) { n += r.fan(d) })
+	return n
 }
 
 // enqueue queues p for r's fan-out goroutine, starting one when none
@@ -352,7 +363,7 @@ func (h *Hub) fanQueued(r *room, q *fanQueue) {
 			// One publication at a time, so that a subscribe to the room
 			// waits for no more than one fan-out.
 			r.mu.Lock()
-			r.pos = h.follow(p.Channel, r.pos, p, func(d *Publication) { n += r.fan(d) })
+			n += h.fanOne(r, p)
 			r.mu.Unlock()
 		}
 		h.delivered.Add(int64(n))
@@ -476,9 +487,7 @@ func (h *Hub) ChannelCounts() []ChannelCount {
 
 // Subscribers is the number of local subscribers of channel.
 func (h *Hub) Subscribers(channel string) int {
-	h.mu.RLock()
-	r := h.rooms[channel]
-	h.mu.RUnlock()
+	r := h.room(channel)
 	if r == nil {
 		return 0
 	}
