@@ -56,15 +56,17 @@ func TestControlFrameAtReadBufferEnd(t *testing.T) {
 	t.Run("dropped ping", func(t *testing.T) {
 		clock := newFakeClock()
 		up := startUpstream(t, nil, nil)
+		stats := NewStats()
 		tg := startGateway(t, up.url, func(c *Config) {
 			c.Now = clock.Now
+			c.Stats = stats
 			c.Client.Rate = &RateLimit{Messages: 1, OnExceed: ExceedDrop}
 		})
 		rc := dialRaw(t, tg.addr(), nil)
 		uc := up.next(t)
 		rc.write(filler, cf(opPing, []byte("dropped")))
 		uc.nextMsg(t)
-		poll(t, "the ping to be limited", func() bool { return clock.calls.Load() >= 2 })
+		poll(t, "the ping to be limited", func() bool { return stats.Snapshot().RateLimited[0][ExceedDrop] == 1 })
 		clock.Advance(time.Second)
 		rc.write(cf(opText, []byte("after")))
 		if got := uc.nextMsg(t); string(got.data) != "after" {

@@ -2,7 +2,6 @@ package proxy
 
 import (
 	"encoding/binary"
-	"math"
 	"math/rand/v2"
 	"net"
 	"strconv"
@@ -11,7 +10,6 @@ import (
 	"time"
 
 	"github.com/gobwas/ws"
-	"golang.org/x/time/rate"
 )
 
 // epoch is the base of the monotonic nanosecond clock used for heartbeats.
@@ -25,14 +23,12 @@ func mono() int64 { return int64(time.Since(epoch)) }
 // Small fields are grouped so that the struct packs tightly: every live
 // connection holds two.
 type peer struct {
-	c       *relay
-	rd      wireReader
-	w       writer
-	other   *peer // the side this one's frames go to
-	limits  *Limits
-	msgLim  *rate.Limiter
-	byteLim *rate.Limiter
-	byteMax int64 // byteLim's burst
+	c      *relay
+	rd     wireReader
+	w      writer
+	other  *peer // the side this one's frames go to
+	limits *Limits
+	rate   *rateLimits // nil: no rate limits
 
 	// reader state, owned by the goroutine reading this side
 	msgSize int64
@@ -93,23 +89,7 @@ func (p *peer) state() ws.State {
 
 func (p *peer) setLimits(l *Limits) {
 	p.limits = l
-	if r := l.Rate; r.enabled() {
-		if r.Messages > 0 {
-			b := r.MessageBurst
-			if b == 0 {
-				b = max(1, int(math.Ceil(r.Messages)))
-			}
-			p.msgLim = rate.NewLimiter(rate.Limit(r.Messages), b)
-		}
-		if r.Bytes > 0 {
-			b := r.ByteBurst
-			if b == 0 {
-				b = max(1, int(math.Ceil(r.Bytes)))
-			}
-			p.byteLim = rate.NewLimiter(rate.Limit(r.Bytes), b)
-			p.byteMax = int64(b)
-		}
-	}
+	p.rate = newRateLimits(l.Rate)
 }
 
 // relay is one client connection and its upstream connection.

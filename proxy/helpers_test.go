@@ -13,7 +13,6 @@ import (
 	"net/http/httptest"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -171,15 +170,13 @@ func poll(t testing.TB, what string, cond func() bool) {
 
 // fakeClock is an injectable clock for rate limits.
 type fakeClock struct {
-	mu    sync.Mutex
-	now   time.Time
-	calls atomic.Int64 // how often Now was called: the limiter has seen that many frames
+	mu  sync.Mutex
+	now time.Time
 }
 
 func newFakeClock() *fakeClock { return &fakeClock{now: time.Unix(1_700_000_000, 0)} }
 
 func (c *fakeClock) Now() time.Time {
-	c.calls.Add(1)
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.now

@@ -76,15 +76,16 @@ func TestRateLimitBytesClose(t *testing.T) {
 func TestRateLimitDrop(t *testing.T) {
 	clock := newFakeClock()
 	up := startUpstream(t, nil, nil)
+	stats := NewStats()
 	tg := startGateway(t, up.url, func(c *Config) {
 		c.Now = clock.Now
+		c.Stats = stats
 		c.Client.Rate = &RateLimit{Messages: 1, OnExceed: ExceedDrop}
 	})
 	rc := dialRaw(t, tg.addr(), nil)
 	uc := up.next(t)
 	for i := 0; i < 3; i++ {
 		m := fmt.Sprintf("m%d", i)
-		calls := clock.calls.Load()
 		rc.write(cf(opText, []byte(m)), cf(opText, []byte("dropped")))
 		// A fragmented message over the limit, bad UTF-8 and all: its
 		// frames are skipped unread.
@@ -96,9 +97,10 @@ func TestRateLimitDrop(t *testing.T) {
 		if f := rc.readData(); string(f.payload) != m {
 			t.Fatalf("client got %q back, want %q", f.payload, m)
 		}
-		// The limiter is asked once per message or control frame: wait
-		// until it has seen all four before time moves on.
-		poll(t, "the limiter to see all frames", func() bool { return clock.calls.Load() >= calls+4 })
+		// Wait until the three after it have been dropped before time
+		// moves on.
+		want := uint64(3 * (i + 1))
+		poll(t, "the limiter to drop three", func() bool { return stats.Snapshot().RateLimited[0][ExceedDrop] >= want })
 		clock.Advance(time.Second)
 	}
 	rc.write(cf(opText, []byte("last")))

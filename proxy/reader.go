@@ -83,6 +83,7 @@ type wireReader struct {
 
 	direct  bool
 	track   bool // successful reads record lastRead
+	fresh   bool // bytes were read since the rate limits last took the time (limits.go)
 	runData bool
 	runOpen bool
 }
@@ -119,6 +120,7 @@ func (wr *wireReader) prime(p []byte) {
 		wr.acquire()
 	}
 	wr.w = copy(*wr.buf, p)
+	wr.fresh = true
 }
 
 func (wr *wireReader) acquire() {
@@ -210,6 +212,7 @@ func (wr *wireReader) fill() error {
 			err = wr.fillMore()
 		}
 		if err == nil {
+			wr.fresh = true
 			if wr.track {
 				wr.lastRead = mono()
 			}

@@ -293,8 +293,10 @@ func TestUpstreamCloseIsAnswered(t *testing.T) {
 func TestDroppedPingKeepsMessage(t *testing.T) {
 	clock := newFakeClock()
 	up := startUpstream(t, nil, nil)
+	stats := NewStats()
 	tg := startGateway(t, up.url, func(c *Config) {
 		c.Now = clock.Now
+		c.Stats = stats
 		c.Client.Rate = &RateLimit{Messages: 1, OnExceed: ExceedDrop}
 		c.PingInterval = -1
 	})
@@ -302,7 +304,7 @@ func TestDroppedPingKeepsMessage(t *testing.T) {
 	uc := up.next(t)
 	// "ab" takes the one token; the ping finds none.
 	rc.write(cfrag(opText, []byte("ab")), cf(opPing, []byte("over")), cf(opCont, []byte("cd")))
-	poll(t, "the ping to be limited", func() bool { return clock.calls.Load() >= 2 })
+	poll(t, "the ping to be limited", func() bool { return stats.Snapshot().RateLimited[0][ExceedDrop] == 1 })
 	clock.Advance(time.Second)
 	rc.write(cf(opText, []byte("next")))
 	for _, want := range []string{"abcd", "next"} {
