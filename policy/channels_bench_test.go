@@ -133,3 +133,22 @@ func BenchmarkExtractJSONFieldBytes4K(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkMessageFieldsRead64 reads the channel and action of the relay
+// throughput benchmark's 64 B message.
+func BenchmarkMessageFieldsRead64(b *testing.B) {
+	m, err := NewMessageFields("room", "type")
+	if err != nil {
+		b.Fatal(err)
+	}
+	msg := []byte(`{"type":"say","room":"org:acme:1","p":"0123456789abcdefxxxxxxxxx"}`)
+	var sc FieldScratch
+	b.SetBytes(int64(len(msg)))
+	b.ReportAllocs()
+	for b.Loop() {
+		var ch []byte
+		if err := m.Read(msg, false, &sc, func(c, _ []byte) { ch = c }); err != nil || string(ch) != "org:acme:1" {
+			b.Fatal(err, string(ch))
+		}
+	}
+}

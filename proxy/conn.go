@@ -221,7 +221,7 @@ func (c *relay) pump(src *peer, resumed bool) {
 	}
 	for {
 		if err == nil {
-			err = c.relayFrames(src, src.other)
+			err = c.read(src)
 		}
 		if err != errPark {
 			break
@@ -232,6 +232,23 @@ func (c *relay) pump(src *peer, resumed bool) {
 		err = c.restoreDeadline(src)
 	}
 	c.stopReading(src, err)
+}
+
+// read relays src's frames until it parks or ends. A relayed side on
+// plain TCP starts with plain reads and has them driven once it is busy
+// (drive.go); a rooms client, mostly idle, parks after every read instead.
+func (c *relay) read(src *peer) error {
+	rd := &src.rd
+	if c.solo || !rd.drivable() {
+		return c.relayFrames(src, src.other)
+	}
+	rd.mayDrive, rd.streak = true, 0
+	err := c.relayFrames(src, src.other)
+	rd.mayDrive = false
+	if err != errDrive {
+		return err
+	}
+	return rd.drive(func() error { return c.relayFrames(src, src.other) })
 }
 
 // stopReading ends src's reader with err: the connection closes for the

@@ -81,6 +81,15 @@ type wireReader struct {
 	waiting   bool // guarded by pmu: in an idle wait a kick may end
 	kicked    bool // guarded by pmu: the sweeper ended this wait
 
+	// drv makes the reads while they are driven (drive.go).
+	drv *driver
+
+	// mayDrive says the reads may become driven: fill returns errDrive,
+	// at a frame boundary, once they are busy; streak counts the idle
+	// reads in a row that found bytes soon.
+	mayDrive bool
+	streak   uint8
+
 	direct  bool
 	track   bool // successful reads record lastRead
 	fresh   bool // bytes were read since the rate limits last took the time (limits.go)
@@ -206,7 +215,12 @@ func (wr *wireReader) fill() error {
 	}
 	for {
 		var err error
-		if wr.buf == nil {
+		var start int64
+		idle := wr.buf == nil
+		if idle && wr.mayDrive {
+			start = mono()
+		}
+		if idle {
 			err = wr.fillIdle()
 		} else {
 			err = wr.fillMore()
@@ -215,6 +229,9 @@ func (wr *wireReader) fill() error {
 			wr.fresh = true
 			if wr.track {
 				wr.lastRead = mono()
+			}
+			if idle && wr.mayDrive && wr.busy(start) {
+				return errDrive
 			}
 			return nil
 		}
@@ -237,6 +254,9 @@ func (wr *wireReader) fillMore() error {
 	if wr.w == len(b) {
 		return errors.New("wsgate: read buffer full")
 	}
+	if wr.drv != nil {
+		return wr.fillDriven()
+	}
 	n, err := wr.conn.Read(b[wr.w:])
 	wr.w += n
 	if n > 0 {
@@ -246,6 +266,24 @@ func (wr *wireReader) fillMore() error {
 		err = io.ErrNoProgress
 	}
 	return err
+}
+
+// fillDriven is fillMore's read when driven (drive.go).
+func (wr *wireReader) fillDriven() error {
+	wr.n, wr.rerr = 0, nil
+	if err := wr.driven(wr.drv.more); err != nil {
+		return err
+	}
+	n, err := wr.n, wr.rerr
+	wr.rerr = nil
+	if err != nil {
+		return err
+	}
+	if n <= 0 {
+		return io.EOF
+	}
+	wr.w += n
+	return nil
 }
 
 // fillIdle waits for data without holding a buffer.
@@ -313,7 +351,12 @@ func (wr *wireReader) waitIdle() error {
 // socket held nothing).
 func (wr *wireReader) rawRead(f func(uintptr) bool) error {
 	wr.n, wr.rerr = 0, nil
-	err := wr.sock.Read(f)
+	var err error
+	if wr.drv != nil {
+		err = wr.driven(f)
+	} else {
+		err = wr.sock.Read(f)
+	}
 	n, rerr := wr.n, wr.rerr
 	wr.rerr = nil
 	if err != nil {
@@ -365,6 +408,9 @@ func (wr *wireReader) readReady(fd uintptr) bool {
 		return false
 	}
 	wr.buf, wr.r, wr.w = buf, 0, 0
+	if wr.drv != nil {
+		wr.drv.space = len(*buf)
+	}
 	return true
 }
 

@@ -425,3 +425,40 @@ func TestCloseCarried(t *testing.T) {
 		}
 	})
 }
+
+// TestBusySidesReadDriven: a conversation of messages in quick succession
+// makes both sides' reads driven (drive.go), and every message gets
+// through in order, through the switch and through the parks that end
+// the driven reads (test gateways park after 2 ms).
+func TestBusySidesReadDriven(t *testing.T) {
+	up := startUpstream(t, nil, nil)
+	stats := NewStats()
+	tg := startGateway(t, up.url, func(c *Config) { c.Stats = stats })
+	c, _ := dialCoder(t, tg, "/", nil)
+	uc := up.next(t)
+	ctx := context.Background()
+	before := drives.Load()
+	for round := range 3 {
+		for i := range 200 {
+			msg := fmt.Appendf(nil, "%d.%d", round, i)
+			if err := c.Write(ctx, websocket.MessageText, msg); err != nil {
+				t.Fatal(err)
+			}
+			if got := uc.nextMsg(t); !bytes.Equal(got.data, msg) {
+				t.Fatalf("upstream got %q, want %q", got.data, msg)
+			}
+			if _, back, err := c.Read(ctx); err != nil || !bytes.Equal(back, msg) {
+				t.Fatalf("client got %q back (%v), want %q", back, err, msg)
+			}
+		}
+		// Let both sides park before the next round.
+		poll(t, "both sides to park", func() bool { return stats.Snapshot().Parked == 2 })
+	}
+	if n := drives.Load() - before; n < 2 {
+		t.Fatalf("reads became driven %d times, want at least once per side", n)
+	}
+	if err := c.Close(websocket.StatusNormalClosure, ""); err != nil {
+		t.Fatal(err)
+	}
+	tg.waitLen(t, 0)
+}

@@ -3,6 +3,7 @@ package proxy
 import (
 	"bytes"
 	"encoding/binary"
+	"fmt"
 	"net"
 	"testing"
 
@@ -209,8 +210,9 @@ func nextHeader(rd *wireReader) (ws.Header, error) {
 }
 
 // TestWireReaderSplitInput reads frames that arrive one byte at a time,
-// over TCP (the syscall.RawConn path) and net.Pipe (the plain Read path),
-// and checks that an idle reader holds no buffer.
+// over TCP (the syscall.RawConn path, its reads plain or driven) and
+// net.Pipe (the plain Read path), and checks that an idle reader holds no
+// buffer.
 func TestWireReaderSplitInput(t *testing.T) {
 	var stream []byte
 	mask := [4]byte{1, 2, 3, 4}
@@ -222,10 +224,10 @@ func TestWireReaderSplitInput(t *testing.T) {
 		{Fin: true, OpCode: ws.OpBinary, Length: 300},
 		{Fin: true, OpCode: ws.OpPing, Masked: true, Mask: mask},
 	}
-	for _, kind := range []string{"tcp", "pipe"} {
+	for _, kind := range []string{"tcp", "tcp-driven", "pipe"} {
 		t.Run(kind, func(t *testing.T) {
 			var w, r net.Conn
-			if kind == "tcp" {
+			if kind != "pipe" {
 				w, r = tcpPair(t)
 			} else {
 				w, r = net.Pipe()
@@ -234,20 +236,35 @@ func TestWireReaderSplitInput(t *testing.T) {
 			feedConn(t, w, stream)
 			var rd wireReader
 			rd.init(r)
-			if rd.direct != (kind == "tcp") {
+			if rd.direct != (kind != "pipe") {
 				t.Fatalf("raw conn path = %v", rd.direct)
 			}
-			for i, wh := range want {
-				h, err := nextHeader(&rd)
-				if err != nil {
-					t.Fatalf("frame %d: %v", i, err)
+			read := func() error {
+				for i, wh := range want {
+					h, err := nextHeader(&rd)
+					if err != nil {
+						return fmt.Errorf("frame %d: %w", i, err)
+					}
+					if h != wh {
+						return fmt.Errorf("frame %d: %+v, want %+v", i, h, wh)
+					}
+					if err := rd.skip(h.Length); err != nil {
+						return fmt.Errorf("frame %d: skip: %w", i, err)
+					}
 				}
-				if h != wh {
-					t.Fatalf("frame %d: %+v, want %+v", i, h, wh)
-				}
-				if err := rd.skip(h.Length); err != nil {
-					t.Fatalf("frame %d: skip: %v", i, err)
-				}
+				return nil
+			}
+			var err error
+			if kind == "tcp-driven" {
+				err = rd.drive(read)
+			} else {
+				err = read()
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if rd.drv != nil {
+				t.Fatal("the reader is still driven")
 			}
 			rd.release()
 			if rd.buf != nil {
