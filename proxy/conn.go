@@ -235,11 +235,12 @@ func (c *relay) pump(src *peer, resumed bool) {
 }
 
 // read relays src's frames until it parks or ends. A relayed side on
-// plain TCP starts with plain reads and has them driven once it is busy
-// (drive.go); a rooms client, mostly idle, parks after every read instead.
+// plain TCP that can park starts with plain reads and has them driven once
+// it is busy (drive.go): the coroutine they take ends when the side parks.
+// A rooms client, mostly idle, parks after every read instead.
 func (c *relay) read(src *peer) error {
 	rd := &src.rd
-	if c.solo || !rd.drivable() {
+	if c.solo || !rd.drivable() || rd.onKick == nil {
 		return c.relayFrames(src, src.other)
 	}
 	rd.mayDrive, rd.streak = true, 0

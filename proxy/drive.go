@@ -27,7 +27,8 @@ import (
 // busy: once driveAfter idle reads in a row found bytes within driveWithin
 // of starting to wait. Driven reads take a second goroutine (the
 // coroutine) until the side parks or ends, so a side that is mostly idle
-// never pays for them.
+// never pays for them, and only a side that parks (park_after, on Linux)
+// has them: a driven side that falls idle gives both goroutines up.
 const (
 	driveAfter  = 4
 	driveWithin = time.Millisecond
