@@ -462,3 +462,43 @@ func TestBusySidesReadDriven(t *testing.T) {
 	}
 	tg.waitLen(t, 0)
 }
+
+// TestDrivenReadsChunkedStream: a client sends frames in pieces of random
+// sizes (headers and payloads split anywhere, fragments and pings among
+// them) in a conversation quick enough for both sides' reads to become
+// driven; everything is relayed whole and in order.
+func TestDrivenReadsChunkedStream(t *testing.T) {
+	up := startUpstream(t, nil, nil)
+	tg := startGateway(t, up.url, nil)
+	rc := dialRaw(t, tg.addr(), nil)
+	uc := up.next(t)
+	rng := rand.New(rand.NewPCG(1, 2))
+	before := drives.Load()
+	for i := range 400 {
+		msg := fmt.Appendf(nil, "%d:%s", i, bytes.Repeat([]byte{'a' + byte(i%26)}, rng.IntN(300)))
+		var stream []byte
+		if i%5 == 0 {
+			// In two fragments with a ping between them.
+			half := len(msg) / 2
+			stream = append(stream, cfrag(opText, msg[:half])...)
+			stream = append(stream, cf(opPing, []byte("p"))...)
+			stream = append(stream, cf(opCont, msg[half:])...)
+		} else {
+			stream = cf(opText, msg)
+		}
+		for len(stream) > 0 {
+			n := min(len(stream), 1+rng.IntN(40))
+			rc.write(stream[:n])
+			stream = stream[n:]
+		}
+		if got := uc.nextMsg(t); !bytes.Equal(got.data, msg) {
+			t.Fatalf("message %d: upstream got %d bytes %.20q, want %d bytes %.20q", i, len(got.data), got.data, len(msg), msg)
+		}
+		if f := rc.readData(); !bytes.Equal(f.payload, msg) {
+			t.Fatalf("message %d: client got %d bytes back, want %d", i, len(f.payload), len(msg))
+		}
+	}
+	if n := drives.Load() - before; n < 2 {
+		t.Fatalf("reads became driven %d times, want at least once per side", n)
+	}
+}
