@@ -15,13 +15,13 @@ import (
 // connection that is one wasted system call per batch of frames.
 //
 // drive avoids it for a plain TCP side. relayFrames runs in a coroutine
-// whose reads are made for it by the driver, inside one
-// RawConn.Read held open across them. A read that returned less than it
-// had room for emptied the socket, so the driver's next read waits first
-// for the poller to report new bytes (a wake-up that arrives while the
-// frames are handled is kept: the poller is edge-triggered, and its state
-// is reset only when a RawConn.Read begins). relayFrames and everything
-// under it run as before; only the read system calls move.
+// whose reads are made for it by the driver, inside one RawConn.Read held
+// open across them. A read that returned less than it had room for
+// emptied the socket, so the driver's next read waits first for the
+// poller to report new bytes (a wake-up that arrives while the frames are
+// handled is kept: the poller is edge-triggered, and its state is reset
+// only when a RawConn.Read begins). relayFrames and everything under it
+// run as before; only the read system calls move.
 
 // A relayed side's reads start plain and become driven once they are
 // busy: once driveAfter idle reads in a row found bytes within driveWithin
@@ -37,7 +37,7 @@ const (
 // errDrive ends plain reading so that the reads continue driven.
 var errDrive = errors.New("wsgate: drive the reads")
 
-// drives counts the times a side's reads became driven.
+// drives counts the times a side's reads became driven (the tests read it).
 var drives atomic.Uint64
 
 // busy counts an idle read that began waiting at start and reports
