@@ -40,10 +40,10 @@ var errDrive = errors.New("wsgate: drive the reads")
 // drives counts the times a side's reads became driven (the tests read it).
 var drives atomic.Uint64
 
-// busy counts an idle read that began waiting at start and reports
+// busy counts an idle read that waited for waited nanoseconds and reports
 // whether the reads are now busy.
-func (wr *wireReader) busy(start int64) bool {
-	if mono()-start >= int64(driveWithin) {
+func (wr *wireReader) busy(waited int64) bool {
+	if waited >= int64(driveWithin) {
 		wr.streak = 0
 		return false
 	}
@@ -141,12 +141,7 @@ func (wr *wireReader) serve(fd uintptr) bool {
 // free end of the buffer once the kernel has bytes.
 func (wr *wireReader) readMore(fd uintptr) bool {
 	b := (*wr.buf)[wr.w:]
-	for {
-		wr.n, wr.rerr = sysRead(fd, b)
-		if wr.rerr != syscall.EINTR {
-			break
-		}
-	}
+	wr.n, wr.rerr = sysRead(fd, b)
 	if wr.rerr == syscall.EAGAIN {
 		return false
 	}

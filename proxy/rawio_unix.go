@@ -9,5 +9,22 @@ import "syscall"
 // wait without a buffer and a fan-out write a frame without a goroutine.
 const rawIO = true
 
-func sysRead(fd uintptr, b []byte) (int, error)  { return syscall.Read(int(fd), b) }
-func sysWrite(fd uintptr, b []byte) (int, error) { return syscall.Write(int(fd), b) }
+// sysRead and sysWrite make one read or write, again if a signal
+// interrupted it (EINTR).
+func sysRead(fd uintptr, b []byte) (int, error) {
+	for {
+		n, err := syscall.Read(int(fd), b)
+		if err != syscall.EINTR {
+			return n, err
+		}
+	}
+}
+
+func sysWrite(fd uintptr, b []byte) (int, error) {
+	for {
+		n, err := syscall.Write(int(fd), b)
+		if err != syscall.EINTR {
+			return n, err
+		}
+	}
+}

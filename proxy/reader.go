@@ -227,11 +227,15 @@ func (wr *wireReader) fill() error {
 		}
 		if err == nil {
 			wr.fresh = true
-			if wr.track {
-				wr.lastRead = mono()
-			}
-			if idle && wr.mayDrive && wr.busy(start) {
-				return errDrive
+			drive := idle && wr.mayDrive
+			if wr.track || drive {
+				now := mono()
+				if wr.track {
+					wr.lastRead = now
+				}
+				if drive && wr.busy(now-start) {
+					return errDrive
+				}
 			}
 			return nil
 		}
@@ -397,12 +401,7 @@ func (wr *wireReader) readOnce(fd uintptr) bool {
 // buffer once the kernel has bytes (n, rerr hold the result).
 func (wr *wireReader) readReady(fd uintptr) bool {
 	buf := readBufPool.Get().(*[]byte)
-	for {
-		wr.n, wr.rerr = sysRead(fd, *buf)
-		if wr.rerr != syscall.EINTR {
-			break
-		}
-	}
+	wr.n, wr.rerr = sysRead(fd, *buf)
 	if wr.rerr == syscall.EAGAIN {
 		readBufPool.Put(buf)
 		return false

@@ -402,14 +402,9 @@ func (w *writer) finish(rest []byte) {
 
 // writeNow is deliver's raw write callback: one write, never a wait.
 func (w *writer) writeNow(fd uintptr) bool {
-	for {
-		n, err := sysWrite(fd, w.nb)
-		if err == syscall.EINTR {
-			continue
-		}
-		w.nw, w.nerr = max(n, 0), err
-		return true
-	}
+	n, err := sysWrite(fd, w.nb)
+	w.nw, w.nerr = max(n, 0), err
+	return true
 }
 
 // enqueue queues an encoded frame without blocking; false means the queue
