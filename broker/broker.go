@@ -22,12 +22,23 @@ type Broker interface {
 	// included (through its own subscription, never directly).
 	Publish(ctx context.Context, channel string, data []byte) error
 	// Subscribe makes this node receive channel's publications. Subscribing
-	// twice is the same as once.
+	// twice is the same as once. A broker that is also a Confirmer may
+	// return before the subscription takes effect.
 	Subscribe(ctx context.Context, channel string) error
 	// Unsubscribe stops them.
 	Unsubscribe(ctx context.Context, channel string) error
 	// Close releases the broker's connections.
 	Close() error
+}
+
+// Confirmer is a broker whose Subscribe returns once the subscription is
+// asked for, before its backend has made it. Confirm returns once every
+// publication made from then on reaches this node; when the backend does not
+// confirm in time it returns an error wrapping ErrUnavailable, and the
+// subscription is still made when the backend can. The rooms hub finds it by
+// type assertion, and confirms outside its own locks.
+type Confirmer interface {
+	Confirm(ctx context.Context, channel string) error
 }
 
 // ErrUnavailable wraps errors of a broker that cannot reach its backend.

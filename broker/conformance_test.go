@@ -108,6 +108,17 @@ func (n *node) publish(t testing.TB, ch string, data []byte) {
 	}
 }
 
+// confirm waits for b's subscription to ch to take effect, on a broker
+// that says when.
+func confirm(t testing.TB, b broker.Broker, ch string) {
+	t.Helper()
+	if c, ok := b.(broker.Confirmer); ok {
+		if err := c.Confirm(ctxT(t), ch); err != nil {
+			t.Fatalf("Confirm(%q): %v", ch, err)
+		}
+	}
+}
+
 // settle publishes probes on channel until one comes back: Subscribe may
 // return before the backend has processed it (go-redis writes SUBSCRIBE and
 // does not wait for the confirmation), so a test proves the subscription
@@ -211,6 +222,33 @@ func runConformance(t *testing.T, im impl) {
 		got = n.rec.waitN(t, ch, 3)
 		if len(got) != 3 || string(got[2]) != `"again"` {
 			t.Fatalf("after resubscribe: got %q", got)
+		}
+	})
+
+	t.Run("ConfirmedSubscriptionIsLive", func(t *testing.T) {
+		// Once Subscribe (and Confirm, on a broker that has it) returned,
+		// a publication by anyone reaches the node: no probe needed.
+		n := im.node(t, newPrefix())
+		var want []string
+		for i := range 50 {
+			ch := "live-" + strconv.Itoa(i)
+			n.subscribe(t, ch)
+			confirm(t, n.b, ch)
+			data := []byte(`"first-` + strconv.Itoa(i) + `"`)
+			if im.publishRaw != nil {
+				if got := im.publishRaw(t, n.prefix+ch, data); got != 1 {
+					t.Fatalf("%s: the backend counted %d receivers right after the subscription was confirmed, want 1", ch, got)
+				}
+			} else {
+				n.publish(t, ch, data)
+			}
+			want = append(want, ch)
+		}
+		for i, ch := range want {
+			got := n.rec.waitN(t, ch, 1)
+			if string(got[0]) != `"first-`+strconv.Itoa(i)+`"` {
+				t.Fatalf("%s: got %q", ch, got)
+			}
 		}
 	})
 

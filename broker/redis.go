@@ -112,7 +112,10 @@ type Redis struct {
 	ps    *redis.PubSub   // standalone and Sentinel: one stream
 	cs    clusterSubs     // cluster: the sharded subscriber connections
 	chans map[string]bool // subscribed channels (without prefix)
-	wg    sync.WaitGroup
+	// unconfirmed holds, by prefixed name, the subscriptions asked for and
+	// not yet confirmed by Redis; the channel is closed on confirmation.
+	unconfirmed map[string]chan struct{}
+	wg          sync.WaitGroup
 }
 
 // CheckRedisURL reports whether NewRedis can read u as RedisOptions.URL.
@@ -138,7 +141,7 @@ func parseRedisURL(u string) (*redis.Options, error) {
 // NewRedis connects lazily (go-redis dials on first use and reconnects by
 // itself); an unreachable Redis at start is not an error.
 func NewRedis(opt RedisOptions, h Handler) (*Redis, error) {
-	r := &Redis{opt: opt, h: h, log: opt.Logger, chans: map[string]bool{}, wake: make(chan struct{}, 1), pongs: make(chan string, 1),
+	r := &Redis{opt: opt, h: h, log: opt.Logger, chans: map[string]bool{}, unconfirmed: map[string]chan struct{}{}, wake: make(chan struct{}, 1), pongs: make(chan string, 1),
 		node: newID(), pending: map[string]*gathering{}}
 	if r.log == nil {
 		r.log = slog.New(slog.DiscardHandler)
@@ -238,9 +241,56 @@ func (r *Redis) receive(ps *redis.PubSub) {
 				case r.pongs <- m.Payload:
 				default:
 				}
+			case *redis.Subscription:
+				if m.Kind == "subscribe" {
+					r.mu.Lock()
+					r.confirmed(m.Channel)
+					r.mu.Unlock()
+				}
 			}
 		}
 	}()
+}
+
+// confirmed records Redis's confirmation of a subscription to a prefixed
+// channel (a reply to our SUBSCRIBE or SSUBSCRIBE, or to go-redis's
+// resubscription after a reconnect). Called with r.mu held.
+func (r *Redis) confirmed(name string) {
+	if c := r.unconfirmed[name]; c != nil {
+		close(c)
+		delete(r.unconfirmed, name)
+	}
+}
+
+// Confirm waits until Redis has confirmed the node's subscription to
+// channel: Redis runs a connection's commands in order, so every
+// publication it runs after the confirmation reaches the node. While Redis
+// (a cluster: the channel's master) is known to be down it does not wait;
+// otherwise it waits at most ioTimeout.
+func (r *Redis) Confirm(ctx context.Context, channel string) error {
+	name := r.opt.Prefix + channel
+	r.mu.Lock()
+	c := r.unconfirmed[name]
+	_, lost := r.cs.lost[name] // a cluster's channel left to the fixer
+	r.mu.Unlock()
+	if c == nil {
+		return nil
+	}
+	if lost || r.cluster == nil && r.down.Load() {
+		return fmt.Errorf("%w: the subscription to %q is made when redis is back", ErrUnavailable, channel)
+	}
+	t := time.NewTimer(ioTimeout)
+	defer t.Stop()
+	select {
+	case <-c:
+		return nil
+	case <-r.ctx.Done():
+		return ErrClosed
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return fmt.Errorf("%w: redis has not confirmed the subscription to %q within %v", ErrUnavailable, channel, ioTimeout)
+	}
 }
 
 // deliver hands a message of a subscription stream to the handler, or to
@@ -424,6 +474,9 @@ func (r *Redis) Subscribe(ctx context.Context, channel string) error {
 	}
 	r.chans[channel] = true
 	name := r.opt.Prefix + channel
+	if r.unconfirmed[name] == nil {
+		r.unconfirmed[name] = make(chan struct{})
+	}
 	if r.cluster == nil {
 		if err := r.ps.Subscribe(ctx, name); err != nil {
 			// go-redis keeps the channel and resubscribes on reconnect.
@@ -446,6 +499,11 @@ func (r *Redis) Unsubscribe(ctx context.Context, channel string) error {
 	}
 	delete(r.chans, channel)
 	name := r.opt.Prefix + channel
+	// A confirmation still due releases no one now. (Subscribing again
+	// before it arrives takes that confirmation, of the subscription
+	// dropped, for its own: a publication in the round trip between may be
+	// missed, as before Confirm existed.)
+	r.confirmed(name)
 	if r.cluster == nil {
 		if err := r.ps.Unsubscribe(ctx, name); err != nil {
 			return fmt.Errorf("%w: %v", ErrUnavailable, err)

@@ -364,8 +364,9 @@ func (r *Redis) receiveShard(sc *subConn) {
 			default:
 			}
 		case *redis.Subscription:
-			if m.Kind == "ssubscribe" && !sc.up {
+			if m.Kind == "ssubscribe" {
 				r.mu.Lock()
+				r.confirmed(m.Channel)
 				sc.up = true
 				r.mu.Unlock()
 				continue

@@ -377,8 +377,28 @@ func (h *Hub) Subscribe(ctx context.Context, channel string, s Subscriber) error
 	return h.subscribe(ctx, channel, s, nil)
 }
 
-// subscribe adds s with state st (nil: a plain subscriber).
+// subscribe adds s with state st (nil: a plain subscriber) and returns
+// once the node's subscription has taken effect: a publication made after
+// it returns reaches s.
 func (h *Hub) subscribe(ctx context.Context, channel string, s Subscriber, st *subState) error {
+	if err := h.join(ctx, channel, s, st); err != nil {
+		return err
+	}
+	c, ok := h.b.(broker.Confirmer)
+	if !ok {
+		return nil
+	}
+	// Outside bmu: the round trip to the broker holds up no other channel.
+	if err := c.Confirm(ctx, channel); err != nil && !errors.Is(err, broker.ErrUnavailable) {
+		h.Unsubscribe(context.WithoutCancel(ctx), channel, s)
+		return err
+	}
+	return nil
+}
+
+// join adds s with state st to channel's room, and subscribes the node
+// when s is the first.
+func (h *Hub) join(ctx context.Context, channel string, s Subscriber, st *subState) error {
 	h.bmu.Lock()
 	defer h.bmu.Unlock()
 	h.mu.Lock()

@@ -366,6 +366,115 @@ func TestHubSubscribeBrokerErrors(t *testing.T) {
 	}
 }
 
+// confirmBroker is a Memory broker that confirms a subscription only when
+// the test says so, as Redis does after a round trip.
+type confirmBroker struct {
+	*broker.Memory
+	mu      sync.Mutex
+	asked   map[string]int           // Confirm calls waiting, by channel
+	release map[string]chan struct{} // closed: the channel is confirmed
+	err     error                    // what Confirm answers once released
+}
+
+func (b *confirmBroker) gate(ch string) chan struct{} {
+	if b.release[ch] == nil {
+		b.release[ch] = make(chan struct{})
+	}
+	return b.release[ch]
+}
+
+func (b *confirmBroker) Confirm(ctx context.Context, ch string) error {
+	b.mu.Lock()
+	b.asked[ch]++
+	g := b.gate(ch)
+	b.mu.Unlock()
+	select {
+	case <-g:
+		return b.err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+func (b *confirmBroker) waiting(ch string) int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.asked[ch]
+}
+
+func (b *confirmBroker) confirm(ch string) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	close(b.gate(ch))
+}
+
+// TestHubSubscribeWaitsForConfirmation: a subscription returns once the
+// broker confirms it, every subscriber of a room not yet confirmed waits
+// for it, one channel's wait holds up no other channel, and a failed
+// confirmation other than the broker being unavailable undoes the
+// subscription.
+func TestHubSubscribeWaitsForConfirmation(t *testing.T) {
+	h := rooms.NewHub()
+	b := &confirmBroker{Memory: broker.NewMemory(h.Handle), asked: map[string]int{}, release: map[string]chan struct{}{}}
+	h.SetBroker(b)
+	t.Cleanup(func() { b.Close() })
+	ctx := context.Background()
+
+	returned := make(chan string, 4)
+	for _, name := range []string{"a1", "a2"} {
+		go func() {
+			if err := h.Subscribe(ctx, "a", &recSub{}); err != nil {
+				t.Error(err)
+			}
+			returned <- name
+		}()
+	}
+	poll.Until(t, 5*time.Second, "both subscribers of a waiting", func() bool { return b.waiting("a") == 2 })
+	// Another channel subscribes and is confirmed while a waits.
+	go func() {
+		if err := h.Subscribe(ctx, "b", &recSub{}); err != nil {
+			t.Error(err)
+		}
+		returned <- "b"
+	}()
+	poll.Until(t, 5*time.Second, "the subscriber of b waiting", func() bool { return b.waiting("b") == 1 })
+	b.confirm("b")
+	if got := <-returned; got != "b" {
+		t.Fatalf("%s returned before its channel was confirmed", got)
+	}
+	b.confirm("a")
+	for range 2 {
+		if got := <-returned; got != "a1" && got != "a2" {
+			t.Fatalf("unexpected %q", got)
+		}
+	}
+	if h.Subscribers("a") != 2 || h.Subscribers("b") != 1 {
+		t.Fatalf("subscribers: a %d, b %d", h.Subscribers("a"), h.Subscribers("b"))
+	}
+
+	// A confirmation the caller gave up on undoes the subscription; an
+	// unavailable broker keeps it, to be made when the broker is back.
+	cctx, cancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- h.Subscribe(cctx, "c", &recSub{}) }()
+	poll.Until(t, 5*time.Second, "the subscriber of c waiting", func() bool { return b.waiting("c") == 1 })
+	cancel()
+	if err := <-done; !errors.Is(err, context.Canceled) {
+		t.Fatalf("Subscribe = %v, want context.Canceled", err)
+	}
+	if h.Subscribers("c") != 0 {
+		t.Fatal("a subscription given up on was kept")
+	}
+	b.err = fmt.Errorf("%w: not confirmed in time", broker.ErrUnavailable)
+	b.confirm("d")
+	if err := h.Subscribe(ctx, "d", &recSub{}); err != nil {
+		t.Fatalf("Subscribe with the broker unavailable = %v, want nil", err)
+	}
+	if h.Subscribers("d") != 1 {
+		t.Fatal("subscription dropped while the broker is unavailable")
+	}
+}
+
 func TestHubPublishBatch(t *testing.T) {
 	ctx := context.Background()
 	names := []string{"a", "b", "a", "b", "a"}
