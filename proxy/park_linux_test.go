@@ -2,6 +2,8 @@ package proxy
 
 import (
 	"context"
+	"runtime"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -66,4 +68,46 @@ func TestPollerFailure(t *testing.T) {
 	}
 	cl.Close(websocket.StatusNormalClosure, "")
 	tg.waitLen(t, 0)
+}
+
+// TestPollerWaitsInNetpoller: the goroutine that waits for parked sockets
+// waits in the runtime's netpoller ("IO wait"), not in a blocking
+// epoll_wait ("syscall"), which would hold a thread and keep the runtime's
+// monitor polling.
+func TestPollerWaitsInNetpoller(t *testing.T) {
+	if !getPoller().usable() {
+		t.Skip("no poller on this platform")
+	}
+	up, tg := startParkingGateway(t, 10*time.Millisecond, nil)
+	cl, _ := dialCoder(t, tg, "/", nil)
+	defer cl.Close(websocket.StatusNormalClosure, "")
+	up.next(t)
+	waitParked(t, onlyRelay(t, tg))
+	var state string
+	poll(t, "the poller's goroutine to wait", func() bool {
+		state = pollerGoroutineState()
+		return state != "" && state != "running" && state != "runnable"
+	})
+	if state != "IO wait" {
+		t.Fatalf("the poller's goroutine waits in state %q, want IO wait", state)
+	}
+}
+
+// pollerGoroutineState is the state in a goroutine dump of the goroutine
+// running the poller's loop ("" when there is none).
+func pollerGoroutineState() string {
+	buf := make([]byte, 1<<20)
+	buf = buf[:runtime.Stack(buf, true)]
+	for _, g := range strings.Split(string(buf), "\n\n") {
+		if !strings.Contains(g, "proxy.(*poller).loop") {
+			continue
+		}
+		// "goroutine 42 [IO wait, 1 minutes]:"
+		head, _, _ := strings.Cut(g, "\n")
+		_, st, _ := strings.Cut(head, "[")
+		st, _, _ = strings.Cut(st, "]")
+		st, _, _ = strings.Cut(st, ",")
+		return st
+	}
+	return ""
 }
