@@ -23,8 +23,7 @@ import (
 // hold its thread in a system call: the runtime's monitor takes the
 // processor from such a call after 10 ms and then polls every 20 µs for a
 // millisecond or more, and with each wake-up of a mostly idle gateway (a
-// handshake, a parked client's message) it starts over: tens of thread
-// wake-ups per event.
+// handshake, a parked client's message) it starts over.
 type poller struct {
 	epfd int
 	file *os.File        // epfd, registered with the runtime's netpoller
