@@ -200,3 +200,63 @@ func TestDeliverWritesInline(t *testing.T) {
 		}
 	}
 }
+
+// TestEnqueueAllWritesTogether: several fan-out frames for an idle
+// plain-TCP client are written by EnqueueAll itself, before it returns;
+// once the client's socket is full, the rest of a batch the socket took in
+// part is written by a goroutine, later batches wait in the queue, and
+// every frame arrives whole and in order.
+func TestEnqueueAllWritesTogether(t *testing.T) {
+	tg, sessions := startSession(t, Config{PingInterval: -1, SendQueue: 1000, ParkAfter: -1}, dropAll)
+	rc := dialRaw(t, tg.addr(), http.Header{"Sec-WebSocket-Protocol": {"test.v1"}})
+	s := <-sessions
+	w := &onlyRelay(t, tg).client.w
+	queued := func() (bool, int) {
+		w.qmu.Lock()
+		defer w.qmu.Unlock()
+		return w.running, w.pending()
+	}
+	batch := func(from, k, size int) []*Message {
+		ms := make([]*Message, k)
+		for i := range ms {
+			ms[i] = NewMessage(ws.OpBinary, sendFrame(from+i, size))
+		}
+		return ms
+	}
+	if !s.EnqueueAll(batch(0, 5, 64)) {
+		t.Fatal("EnqueueAll refused")
+	}
+	if running, n := queued(); running || n != 0 {
+		t.Fatalf("after EnqueueAll: queue goroutine %v, %d frames queued; want the frames written inline", running, n)
+	}
+	for i := range 5 {
+		f, err := rc.read()
+		if err != nil || f.op != opBinary || !bytes.Equal(f.payload, sendFrame(i, 64)) {
+			t.Fatalf("frame %d: op %d %x, %v", i, f.op, f.payload, err)
+		}
+	}
+	// The client stops reading: the socket fills and frames queue.
+	const size, k = 16 << 10, 4
+	n := 5
+	for ; n < 2000; n += k {
+		if !s.EnqueueAll(batch(n, k, size)) {
+			t.Fatalf("EnqueueAll from %d refused", n)
+		}
+		if _, q := queued(); q > 4 {
+			n += k
+			break
+		}
+	}
+	if _, q := queued(); q == 0 {
+		t.Fatalf("%d frames of %d bytes and nothing queued", n-5, size)
+	}
+	for i := 5; i < n; i++ {
+		f, err := rc.read()
+		if err != nil || f.op != opBinary || !bytes.Equal(f.payload, sendFrame(i, size)) {
+			t.Fatalf("frame %d: op %d, %d bytes, %v", i, f.op, len(f.payload), err)
+		}
+	}
+	if got := onlyRelay(t, tg).fanout.msgs.Load(); got != uint64(n) {
+		t.Fatalf("fan-out counted %d messages, want %d", got, n)
+	}
+}

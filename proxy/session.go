@@ -15,6 +15,9 @@ type Session interface {
 	// never lands inside a message the upstream is sending in fragments:
 	// it waits for the message's last fragment.
 	Enqueue(m *Message) bool
+	// EnqueueAll is Enqueue for several messages in order, written
+	// together when the client's writer is idle (one system call).
+	EnqueueAll(ms []*Message) bool
 	// Close closes the connection with code and reason.
 	Close(code uint16, reason string)
 	// Extend moves the time the client's credentials expire (a refreshed
@@ -39,6 +42,26 @@ func (c *relay) Enqueue(m *Message) bool {
 	}
 	if c.client.w.deliver(m.frameFor(c.client.z)) {
 		c.fanout.add(1, uint64(len(m.Payload())))
+		return true
+	}
+	c.overflow()
+	return false
+}
+
+// EnqueueAll implements Session.
+func (c *relay) EnqueueAll(ms []*Message) bool {
+	if c.closing.Load() {
+		return false
+	}
+	var stack [16][]byte
+	frames := stack[:0]
+	var size uint64
+	for _, m := range ms {
+		frames = append(frames, m.frameFor(c.client.z))
+		size += uint64(len(m.Payload()))
+	}
+	if c.client.w.deliverAll(frames) {
+		c.fanout.add(uint64(len(ms)), size)
 		return true
 	}
 	c.overflow()

@@ -355,18 +355,72 @@ func (w *writer) deliver(frame []byte) bool {
 		w.mu.Unlock()
 		return w.enqueue(frame)
 	}
-	w.qmu.Lock()
-	idle := !w.running && w.pending() == 0 && !w.refuse
-	w.qmu.Unlock()
-	if !idle {
+	if !w.idleLocked() {
 		w.mu.Unlock()
 		return w.enqueue(frame)
 	}
+	w.send(frame)
+	return true
+}
+
+// deliverAll sends several encoded fan-out frames, in order, as deliver
+// sends one: when the writer is idle, in one write (the frames end to end
+// in a pooled buffer); otherwise queued. False means the queue did not
+// take them all.
+func (w *writer) deliverAll(frames [][]byte) bool {
+	switch len(frames) {
+	case 0:
+		return true
+	case 1:
+		return w.deliver(frames[0])
+	}
+	if w.p.rd.direct && w.p.c.closeBy.Load() == 0 && w.mu.TryLock() {
+		if !w.inMsg && !w.broken && !w.closed.Load() && w.idleLocked() {
+			bp := joinPool.Get().(*[]byte)
+			b := (*bp)[:0]
+			for _, f := range frames {
+				b = append(b, f...)
+			}
+			*bp = b
+			if w.send(b) && cap(b) <= joinKeepMax {
+				joinPool.Put(bp)
+			}
+			return true
+		}
+		w.mu.Unlock()
+	}
+	for _, f := range frames {
+		if !w.enqueue(f) {
+			return false
+		}
+	}
+	return true
+}
+
+// joinPool holds deliverAll's buffers; one that grew past joinKeepMax is
+// left to the collector.
+var joinPool = sync.Pool{New: func() any { b := make([]byte, 0, 4<<10); return &b }}
+
+const joinKeepMax = 64 << 10
+
+// idleLocked reports, with mu held, whether nothing is queued or being
+// written and the queue takes frames.
+func (w *writer) idleLocked() bool {
+	w.qmu.Lock()
+	defer w.qmu.Unlock()
+	return !w.running && w.pending() == 0 && !w.refuse
+}
+
+// send writes b to the socket of an idle writer whose mu the caller holds,
+// for as many bytes as the socket takes, and unlocks mu; when the socket
+// took only part, a goroutine holds mu until the rest is out. It reports
+// whether b is no longer in use.
+func (w *writer) send(b []byte) bool {
 	if w.writeFD == nil {
 		w.writeFD = w.writeNow
 	}
-	w.nb, w.nw, w.nerr = frame, 0, nil
-	err := rd.sock.Write(w.writeFD)
+	w.nb, w.nw, w.nerr = b, 0, nil
+	err := w.p.rd.sock.Write(w.writeFD)
 	n := w.nw
 	if err == nil {
 		err = w.nerr
@@ -379,14 +433,14 @@ func (w *writer) deliver(frame []byte) bool {
 		go w.p.c.fail(&ioErr{side: w.p.side, write: true, err: err})
 		return true
 	}
-	if n == len(frame) {
+	if n == len(b) {
 		w.mu.Unlock()
 		return true
 	}
-	// Nothing may be written before the rest of the frame: a goroutine
-	// takes the writer, still locked, and writes it.
-	go w.finish(frame[n:])
-	return true
+	// Nothing may be written before the rest: a goroutine takes the
+	// writer, still locked, and writes it.
+	go w.finish(b[n:])
+	return false
 }
 
 // finish writes the rest of a frame deliver began, with mu held on its

@@ -116,6 +116,25 @@ func (c *Conn) Deliver(p *Publication) {
 	}
 }
 
+// DeliverAll queues publications for the client, in order, to be written
+// together.
+func (c *Conn) DeliverAll(ps []*Publication) {
+	s := c.sess
+	if s == nil {
+		return
+	}
+	var stack [2 * fanBatchMax]*proxy.Message
+	fs := stack[:0]
+	for _, p := range ps {
+		if f := p.Frame(c.cfg.Format); f != nil {
+			fs = append(fs, f)
+		}
+	}
+	if len(fs) > 0 {
+		s.EnqueueAll(fs)
+	}
+}
+
 // Close drops every subscription; it is the proxy's OnClose hook.
 func (c *Conn) Close() {
 	c.mu.Lock()

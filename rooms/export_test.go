@@ -4,6 +4,7 @@ package rooms
 const (
 	FanInline = fanInline
 	FanQueue  = fanQueueMax
+	FanBatch  = fanBatchMax
 )
 
 // FanQueue reports how many of channel's publications wait for its

@@ -22,7 +22,8 @@ type fakeSession struct {
 	frames   [][]byte
 	closes   []closeCall
 	extended []time.Time
-	refuse   bool // Enqueue reports a full queue
+	refuse   bool  // Enqueue reports a full queue
+	batches  []int // the size of each EnqueueAll
 }
 
 type closeCall struct {
@@ -38,6 +39,25 @@ func (s *fakeSession) Enqueue(m *proxy.Message) bool {
 	}
 	s.frames = append(s.frames, m.Frame())
 	return true
+}
+
+func (s *fakeSession) EnqueueAll(ms []*proxy.Message) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.refuse {
+		return false
+	}
+	for _, m := range ms {
+		s.frames = append(s.frames, m.Frame())
+	}
+	s.batches = append(s.batches, len(ms))
+	return true
+}
+
+func (s *fakeSession) batchSizes() []int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]int(nil), s.batches...)
 }
 
 func (s *fakeSession) Reply(msg []byte) error {

@@ -120,6 +120,12 @@ type Subscriber interface {
 	Deliver(p *Publication)
 }
 
+// batchSubscriber is a subscriber that takes several publications at
+// once, in order (a connection writes them together).
+type batchSubscriber interface {
+	DeliverAll(ps []*Publication)
+}
+
 // Hub holds a node's local subscriptions.
 type Hub struct {
 	b     broker.Broker
@@ -170,9 +176,15 @@ type fanQueue struct {
 // takes it. The bound caps the delay a room published to faster than it
 // can be fanned out builds up (about a second at 1,000 subscribers),
 // beyond which its publishers are slowed down instead.
+//
+// The fan-out goroutine takes up to fanBatchMax queued publications at a
+// time and hands each subscriber that follows the room live (no history
+// being caught up) all of them at once, so that a room that falls behind
+// costs one write per subscriber per batch, not per publication.
 const (
 	fanInline   = 64
 	fanQueueMax = 128
+	fanBatchMax = 16
 )
 
 // subState is a subscriber of a channel with history that has not yet
@@ -189,24 +201,53 @@ type subState struct {
 func (r *room) fan(p *Publication) int {
 	n := 0
 	for s, st := range r.subs {
-		if st != nil {
-			if st.pending {
-				if p.kind != kindReset { // a subscriber catching up finds breaks itself
-					st.held = append(st.held, p)
-				}
-				continue
-			}
-			if p.Offset > 0 && p.Epoch == st.at.Epoch && p.Offset <= st.at.Offset {
-				continue // already sent from history
-			}
-			if p.Offset > 0 || p.kind == kindReset {
-				r.subs[s] = nil // past its history: from now on, everything
-			}
-		}
-		s.Deliver(p)
-		n++
+		n += r.fanTo(s, st, p)
 	}
 	return n
+}
+
+// fanAll delivers ps, in order, to every subscriber of the room: all at
+// once to those that follow it live; the caller holds r.mu.
+func (r *room) fanAll(ps []*Publication) int {
+	if len(ps) == 1 {
+		return r.fan(ps[0])
+	}
+	n := 0
+	for s, st := range r.subs {
+		if st == nil {
+			if b, ok := s.(batchSubscriber); ok {
+				b.DeliverAll(ps)
+				n += len(ps)
+				continue
+			}
+		}
+		for _, p := range ps {
+			n += r.fanTo(s, r.subs[s], p)
+		}
+	}
+	return n
+}
+
+// fanTo delivers p to s, whose state is st, and reports 1, or 0 when s
+// does not get p now: it is catching up (p is held for it) or already got
+// p from history. The caller holds r.mu.
+func (r *room) fanTo(s Subscriber, st *subState, p *Publication) int {
+	if st != nil {
+		if st.pending {
+			if p.kind != kindReset { // a subscriber catching up finds breaks itself
+				st.held = append(st.held, p)
+			}
+			return 0
+		}
+		if p.Offset > 0 && p.Epoch == st.at.Epoch && p.Offset <= st.at.Offset {
+			return 0 // already sent from history
+		}
+		if p.Offset > 0 || p.kind == kindReset {
+			r.subs[s] = nil // past its history: from now on, everything
+		}
+	}
+	s.Deliver(p)
+	return 1
 }
 
 // NewHub makes a hub; SetBroker must be called before use (the broker
@@ -343,6 +384,7 @@ func (h *Hub) enqueue(r *room, p *Publication) bool {
 // fanQueued is r's fan-out goroutine: it fans out q until q is empty,
 // then detaches it from r.
 func (h *Hub) fanQueued(r *room, q *fanQueue) {
+	var out []*Publication
 	for {
 		q.mu.Lock()
 		ps := q.ps
@@ -359,15 +401,34 @@ func (h *Hub) fanQueued(r *room, q *fanQueue) {
 		}
 		q.mu.Unlock()
 		n := 0
-		for _, p := range ps {
-			// One publication at a time, so that a subscribe to the room
-			// waits for no more than one fan-out.
+		for len(ps) > 0 {
+			// A batch at a time, so that a subscribe to the room waits
+			// for no more than one batch's fan-out.
+			k := min(len(ps), fanBatchMax)
 			r.mu.Lock()
-			n += h.fanOne(r, p)
+			n += h.fanMany(r, ps[:k], &out)
 			r.mu.Unlock()
+			ps = ps[k:]
 		}
 		h.delivered.Add(int64(n))
 	}
+}
+
+// fanMany delivers ps to r's subscribers, each after what the channel's
+// history says comes before it, and counts the deliveries; the caller
+// holds r.mu. out is scratch space for the sequence delivered.
+func (h *Hub) fanMany(r *room, ps []*Publication, out *[]*Publication) int {
+	if len(ps) == 1 {
+		return h.fanOne(r, ps[0])
+	}
+	seq := (*out)[:0]
+	for _, p := range ps {
+		r.pos = h.follow(p.Channel, r.pos, p, func(d *Publication) { seq = append(seq, d) })
+	}
+	n := r.fanAll(seq)
+	clear(seq)
+	*out = seq[:0]
+	return n
 }
 
 // Subscribe adds s to channel's local subscribers, subscribing the node

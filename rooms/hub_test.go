@@ -793,3 +793,57 @@ func TestHubSmallRoomFansOutInline(t *testing.T) {
 		}
 	}
 }
+
+// TestHubLargeRoomBatches: publications that queued while a large room was
+// being fanned out reach each connection that follows the room live in
+// batches of up to FanBatch, in order, one EnqueueAll each; a subscriber
+// without DeliverAll gets them one by one, in the same order.
+func TestHubLargeRoomBatches(t *testing.T) {
+	ctx := context.Background()
+	h, _ := newMemoryHub(t)
+	gate := newGateSub()
+	if err := h.Subscribe(ctx, "big", gate); err != nil {
+		t.Fatal(err)
+	}
+	sessions := make([]*fakeSession, rooms.FanInline)
+	for i := range sessions {
+		s := &fakeSession{}
+		c := rooms.NewConn(h, rooms.ConnConfig{})
+		c.Attach(s)
+		t.Cleanup(c.Close)
+		if perr := c.Subscribe(ctx, "big"); perr != nil {
+			t.Fatal(perr)
+		}
+		sessions[i] = s
+	}
+	const later = rooms.FanBatch + 4
+	h.Handle("big", broker.Message{Data: []byte(`{"n":0}`)})
+	<-gate.entered // the fan-out of the first holds the room
+	for m := 1; m <= later; m++ {
+		h.Handle("big", broker.Message{Data: []byte(fmt.Sprintf(`{"n":%d}`, m))})
+	}
+	if q, _ := h.FanQueue("big"); q != later {
+		t.Fatalf("%d publications queued, want %d", q, later)
+	}
+	close(gate.gate)
+	poll.Until(t, 10*time.Second, "the fan-out to every subscriber", func() bool {
+		return h.Stats().Delivered >= int64((len(sessions)+1)*(later+1))
+	})
+	for i, s := range sessions {
+		got := s.queued()
+		if len(got) != later+1 {
+			t.Fatalf("subscriber %d got %d frames, want %d", i, len(got), later+1)
+		}
+		for m, f := range got {
+			if want := fmt.Sprintf(`{"n":%d}}`, m); !bytes.HasSuffix(f, []byte(want)) {
+				t.Fatalf("subscriber %d: frame %d is %q, want it to end in %s", i, m, f, want)
+			}
+		}
+		if b := s.batchSizes(); !slices.Equal(b, []int{rooms.FanBatch, later - rooms.FanBatch}) {
+			t.Fatalf("subscriber %d got batches %v, want [%d %d]", i, b, rooms.FanBatch, later-rooms.FanBatch)
+		}
+	}
+	if got := gate.data(); len(got) != later+1 || got[0] != `{"n":0}` || got[later] != fmt.Sprintf(`{"n":%d}`, later) {
+		t.Fatalf("the subscriber without DeliverAll got %q", got)
+	}
+}
