@@ -152,21 +152,29 @@ func TestEnqueueSlowConsumer(t *testing.T) {
 
 func dropAll([]byte, bool) (Verdict, []byte) { return Drop, nil }
 
+// inlineSession is a session whose client is a raw plain-TCP client that
+// never parks, with its relay and a look at the client writer's queue:
+// whether its goroutine runs, and how many frames wait.
+func inlineSession(t *testing.T) (Session, *rawClient, *relay, func() (bool, int)) {
+	tg, sessions := startSession(t, Config{PingInterval: -1, SendQueue: 1000, ParkAfter: -1}, dropAll)
+	rc := dialRaw(t, tg.addr(), http.Header{"Sec-WebSocket-Protocol": {"test.v1"}})
+	s := <-sessions
+	c := onlyRelay(t, tg)
+	w := &c.client.w
+	return s, rc, c, func() (bool, int) {
+		w.qmu.Lock()
+		defer w.qmu.Unlock()
+		return w.running, w.pending()
+	}
+}
+
 // TestDeliverWritesInline: a fan-out frame for an idle plain-TCP client is
 // written by Enqueue itself, before it returns: no queue goroutine starts.
 // Once the client's socket is full, the rest of the frame it took in part
 // is written by a goroutine, later frames wait in the queue, and all
 // arrive whole and in order.
 func TestDeliverWritesInline(t *testing.T) {
-	tg, sessions := startSession(t, Config{PingInterval: -1, SendQueue: 1000, ParkAfter: -1}, dropAll)
-	rc := dialRaw(t, tg.addr(), http.Header{"Sec-WebSocket-Protocol": {"test.v1"}})
-	s := <-sessions
-	w := &onlyRelay(t, tg).client.w
-	queued := func() (bool, int) {
-		w.qmu.Lock()
-		defer w.qmu.Unlock()
-		return w.running, w.pending()
-	}
+	s, rc, _, queued := inlineSession(t)
 	for i := range 3 {
 		if !s.Enqueue(NewMessage(ws.OpBinary, sendFrame(i, 64))) {
 			t.Fatalf("Enqueue %d refused", i)
@@ -207,15 +215,7 @@ func TestDeliverWritesInline(t *testing.T) {
 // part is written by a goroutine, later batches wait in the queue, and
 // every frame arrives whole and in order.
 func TestEnqueueAllWritesTogether(t *testing.T) {
-	tg, sessions := startSession(t, Config{PingInterval: -1, SendQueue: 1000, ParkAfter: -1}, dropAll)
-	rc := dialRaw(t, tg.addr(), http.Header{"Sec-WebSocket-Protocol": {"test.v1"}})
-	s := <-sessions
-	w := &onlyRelay(t, tg).client.w
-	queued := func() (bool, int) {
-		w.qmu.Lock()
-		defer w.qmu.Unlock()
-		return w.running, w.pending()
-	}
+	s, rc, c, queued := inlineSession(t)
 	batch := func(from, k, size int) []*Message {
 		ms := make([]*Message, k)
 		for i := range ms {
@@ -256,7 +256,7 @@ func TestEnqueueAllWritesTogether(t *testing.T) {
 			t.Fatalf("frame %d: op %d, %d bytes, %v", i, f.op, len(f.payload), err)
 		}
 	}
-	if got := onlyRelay(t, tg).fanout.msgs.Load(); got != uint64(n) {
+	if got := c.fanout.msgs.Load(); got != uint64(n) {
 		t.Fatalf("fan-out counted %d messages, want %d", got, n)
 	}
 }

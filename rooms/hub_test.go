@@ -567,20 +567,9 @@ func TestHubHandleDropsDataThatIsNotJSON(t *testing.T) {
 // TestHubLargeRoomInOrder: in a room of 1,000, every subscriber gets every
 // publication once, in order, as the one frame encoded for it.
 func TestHubLargeRoomInOrder(t *testing.T) {
-	ctx := context.Background()
 	h, _ := newMemoryHub(t)
 	const subs, msgs = 1000, 20
-	sessions := make([]*fakeSession, subs)
-	for i := range sessions {
-		s := &fakeSession{}
-		c := rooms.NewConn(h, rooms.ConnConfig{})
-		c.Attach(s)
-		t.Cleanup(c.Close)
-		if perr := c.Subscribe(ctx, "big"); perr != nil {
-			t.Fatal(perr)
-		}
-		sessions[i] = s
-	}
+	sessions := subscribedSessions(t, h, "big", subs)
 	for m := range msgs {
 		h.Handle("big", broker.Message{Data: []byte(fmt.Sprintf(`{"n":%d}`, m))})
 	}
@@ -805,17 +794,7 @@ func TestHubLargeRoomBatches(t *testing.T) {
 	if err := h.Subscribe(ctx, "big", gate); err != nil {
 		t.Fatal(err)
 	}
-	sessions := make([]*fakeSession, rooms.FanInline)
-	for i := range sessions {
-		s := &fakeSession{}
-		c := rooms.NewConn(h, rooms.ConnConfig{})
-		c.Attach(s)
-		t.Cleanup(c.Close)
-		if perr := c.Subscribe(ctx, "big"); perr != nil {
-			t.Fatal(perr)
-		}
-		sessions[i] = s
-	}
+	sessions := subscribedSessions(t, h, "big", rooms.FanInline)
 	const later = rooms.FanBatch + 4
 	h.Handle("big", broker.Message{Data: []byte(`{"n":0}`)})
 	<-gate.entered // the fan-out of the first holds the room
@@ -846,4 +825,22 @@ func TestHubLargeRoomBatches(t *testing.T) {
 	if got := gate.data(); len(got) != later+1 || got[0] != `{"n":0}` || got[later] != fmt.Sprintf(`{"n":%d}`, later) {
 		t.Fatalf("the subscriber without DeliverAll got %q", got)
 	}
+}
+
+// subscribedSessions makes n connections of h subscribed to channel, each
+// on a fake session that keeps what it is sent.
+func subscribedSessions(t *testing.T, h *rooms.Hub, channel string, n int) []*fakeSession {
+	t.Helper()
+	sessions := make([]*fakeSession, n)
+	for i := range sessions {
+		s := &fakeSession{}
+		c := rooms.NewConn(h, rooms.ConnConfig{})
+		c.Attach(s)
+		t.Cleanup(c.Close)
+		if perr := c.Subscribe(context.Background(), channel); perr != nil {
+			t.Fatal(perr)
+		}
+		sessions[i] = s
+	}
+	return sessions
 }
