@@ -347,16 +347,7 @@ func (w *writer) queueIdle() bool {
 // holding the writer until it is out. Otherwise the frame is queued.
 // False means the queue is full or closed.
 func (w *writer) deliver(frame []byte) bool {
-	rd := &w.p.rd
-	if !rd.direct || w.p.c.closeBy.Load() != 0 || !w.mu.TryLock() {
-		return w.enqueue(frame)
-	}
-	if w.inMsg || w.broken || w.closed.Load() {
-		w.mu.Unlock()
-		return w.enqueue(frame)
-	}
-	if !w.idleLocked() {
-		w.mu.Unlock()
+	if !w.takeIdle() {
 		return w.enqueue(frame)
 	}
 	w.send(frame)
@@ -374,25 +365,35 @@ func (w *writer) deliverAll(frames [][]byte) bool {
 	case 1:
 		return w.deliver(frames[0])
 	}
-	if w.p.rd.direct && w.p.c.closeBy.Load() == 0 && w.mu.TryLock() {
-		if !w.inMsg && !w.broken && !w.closed.Load() && w.idleLocked() {
-			bp := joinPool.Get().(*[]byte)
-			b := (*bp)[:0]
-			for _, f := range frames {
-				b = append(b, f...)
-			}
-			*bp = b
-			if w.send(b) && cap(b) <= joinKeepMax {
-				joinPool.Put(bp)
-			}
-			return true
+	if w.takeIdle() {
+		bp := joinPool.Get().(*[]byte)
+		b := (*bp)[:0]
+		for _, f := range frames {
+			b = append(b, f...)
 		}
-		w.mu.Unlock()
+		*bp = b
+		if w.send(b) && cap(b) <= joinKeepMax {
+			joinPool.Put(bp)
+		}
+		return true
 	}
 	for _, f := range frames {
 		if !w.enqueue(f) {
 			return false
 		}
+	}
+	return true
+}
+
+// takeIdle locks mu and reports true when a fan-out frame may be written
+// at once (see deliver); otherwise it leaves mu unlocked.
+func (w *writer) takeIdle() bool {
+	if !w.p.rd.direct || w.p.c.closeBy.Load() != 0 || !w.mu.TryLock() {
+		return false
+	}
+	if w.inMsg || w.broken || w.closed.Load() || !w.idleLocked() {
+		w.mu.Unlock()
+		return false
 	}
 	return true
 }

@@ -123,8 +123,7 @@ func (c *Conn) DeliverAll(ps []*Publication) {
 	if s == nil {
 		return
 	}
-	var stack [2 * fanBatchMax]*proxy.Message
-	fs := stack[:0]
+	fs := make([]*proxy.Message, 0, len(ps))
 	for _, p := range ps {
 		if f := p.Frame(c.cfg.Format); f != nil {
 			fs = append(fs, f)
