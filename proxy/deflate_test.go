@@ -440,7 +440,7 @@ func TestCompressedFanout(t *testing.T) {
 	msg := chatJSON(7, 1024)
 	m := NewMessage(opText, msg)
 	for _, s := range []Session{sa, sb} {
-		if !s.Enqueue(m) {
+		if !s.Enqueue(nil, m) {
 			t.Fatal("queue refused")
 		}
 	}

@@ -55,7 +55,7 @@ func fuzzGateways(t *testing.T) {
 				}
 			}
 			if s, ok := fuzzEnv.sessions.Load(id); ok {
-				s.(Session).Enqueue(NewMessage(ws.OpText, []byte("between fragments")))
+				s.(Session).Enqueue(nil, NewMessage(ws.OpText, []byte("between fragments")))
 			}
 		})
 		for v := range fuzzVariants {
@@ -136,7 +136,7 @@ func fanOut(s Session, ended <-chan struct{}) {
 			return
 		default:
 		}
-		s.Enqueue(NewMessage(ws.OpText, []byte("fan-out "+strconv.Itoa(i))))
+		s.Enqueue(nil, NewMessage(ws.OpText, []byte("fan-out "+strconv.Itoa(i))))
 		runtime.Gosched()
 	}
 }

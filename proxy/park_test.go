@@ -358,7 +358,7 @@ func TestParkedSession(t *testing.T) {
 	ctx := context.Background()
 	for i := range 3 {
 		waitParked(t, c)
-		if !s.Enqueue(NewMessage(ws.OpText, []byte("pushed"))) {
+		if !s.Enqueue(nil, NewMessage(ws.OpText, []byte("pushed"))) {
 			t.Fatal("Enqueue refused")
 		}
 		if _, m, err := cl.Read(ctx); err != nil || string(m) != "pushed" {

@@ -135,7 +135,7 @@ func TestEnqueueBetweenFragments(t *testing.T) {
 			t.Fatalf("message %d: opcode %d FIN %v %q, want the first fragment %q", i, f.op, f.fin, f.payload, firstHalf(i))
 		}
 		pushed := fmt.Sprintf("pushed %d", i)
-		if !s.Enqueue(NewMessage(ws.OpText, []byte(pushed))) {
+		if !s.Enqueue(nil, NewMessage(ws.OpText, []byte(pushed))) {
 			t.Fatalf("Enqueue %d refused", i)
 		}
 		signal()

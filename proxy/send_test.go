@@ -35,7 +35,7 @@ func TestEnqueueUnderBackpressure(t *testing.T) {
 	go func() {
 		defer wg.Done()
 		for i := range n {
-			if !s.Enqueue(NewMessage(ws.OpBinary, sendFrame(i, size))) {
+			if !s.Enqueue(nil, NewMessage(ws.OpBinary, sendFrame(i, size))) {
 				t.Errorf("Enqueue %d refused", i)
 				return
 			}
@@ -104,7 +104,7 @@ func TestEnqueueSlowConsumer(t *testing.T) {
 			frame := func(i int) *Message { return NewMessage(ws.OpBinary, sendFrame(i, 64<<10)) }
 			queued := -1
 			for i := range 10000 {
-				if !s.Enqueue(frame(i)) {
+				if !s.Enqueue(nil, frame(i)) {
 					queued = i
 					break
 				}
@@ -114,7 +114,7 @@ func TestEnqueueSlowConsumer(t *testing.T) {
 			}
 			refused := 1
 			for i := range 5 {
-				if s.Enqueue(frame(queued + 1 + i)) {
+				if s.Enqueue(nil, frame(queued+1+i)) {
 					if policy == SlowClose {
 						t.Fatal("Enqueue accepted a frame after refusing one")
 					}
@@ -176,7 +176,7 @@ func inlineSession(t *testing.T) (Session, *rawClient, *relay, func() (bool, int
 func TestDeliverWritesInline(t *testing.T) {
 	s, rc, _, queued := inlineSession(t)
 	for i := range 3 {
-		if !s.Enqueue(NewMessage(ws.OpBinary, sendFrame(i, 64))) {
+		if !s.Enqueue(nil, NewMessage(ws.OpBinary, sendFrame(i, 64))) {
 			t.Fatalf("Enqueue %d refused", i)
 		}
 		if running, n := queued(); running || n != 0 {
@@ -191,7 +191,7 @@ func TestDeliverWritesInline(t *testing.T) {
 	const size = 48 << 10
 	n := 3
 	for ; n < 900; n++ {
-		if !s.Enqueue(NewMessage(ws.OpBinary, sendFrame(n, size))) {
+		if !s.Enqueue(nil, NewMessage(ws.OpBinary, sendFrame(n, size))) {
 			t.Fatalf("Enqueue %d refused", n)
 		}
 		if _, q := queued(); q > 4 {
@@ -223,7 +223,7 @@ func TestEnqueueAllWritesTogether(t *testing.T) {
 		}
 		return ms
 	}
-	if !s.EnqueueAll(batch(0, 5, 64)) {
+	if !s.EnqueueAll(nil, batch(0, 5, 64)) {
 		t.Fatal("EnqueueAll refused")
 	}
 	if running, n := queued(); running || n != 0 {
@@ -239,7 +239,7 @@ func TestEnqueueAllWritesTogether(t *testing.T) {
 	const size, k = 16 << 10, 4
 	n := 5
 	for ; n < 2000; n += k {
-		if !s.EnqueueAll(batch(n, k, size)) {
+		if !s.EnqueueAll(nil, batch(n, k, size)) {
 			t.Fatalf("EnqueueAll from %d refused", n)
 		}
 		if _, q := queued(); q > 4 {

@@ -9,15 +9,17 @@ import (
 // Session is what code outside the relay may do with a live connection.
 type Session interface {
 	// Enqueue queues a message (shared, not modified) for the client
-	// without blocking, compressed when the client agreed to compression. When the queue is full the client is a slow
+	// without blocking (written with b's other writes when b is not nil,
+	// see Batch), compressed when the client agreed to compression. When the queue is full the client is a slow
 	// consumer: the connection is closed with 1013 (or, with SlowConsumer
 	// drop, the frame is dropped) and Enqueue returns false. A queued frame
 	// never lands inside a message the upstream is sending in fragments:
 	// it waits for the message's last fragment.
-	Enqueue(m *Message) bool
+	Enqueue(b *Batch, m *Message) bool
 	// EnqueueAll is Enqueue for several messages in order, written
-	// together when the client's writer is idle (one system call).
-	EnqueueAll(ms []*Message) bool
+	// together when the client's writer is idle: with b's other writes
+	// when b is not nil (see Batch), else at once.
+	EnqueueAll(b *Batch, ms []*Message) bool
 	// Close closes the connection with code and reason.
 	Close(code uint16, reason string)
 	// Extend moves the time the client's credentials expire (a refreshed
@@ -36,11 +38,11 @@ type Session interface {
 func (c *relay) Reply(msg []byte) error { return c.reply(msg) }
 
 // Enqueue implements Session.
-func (c *relay) Enqueue(m *Message) bool {
+func (c *relay) Enqueue(b *Batch, m *Message) bool {
 	if c.closing.Load() {
 		return false
 	}
-	if c.client.w.deliver(m.frameFor(c.client.z)) {
+	if c.client.w.deliver(b, m.frameFor(c.client.z)) {
 		c.fanout.add(1, uint64(len(m.Payload())))
 		return true
 	}
@@ -49,7 +51,7 @@ func (c *relay) Enqueue(m *Message) bool {
 }
 
 // EnqueueAll implements Session.
-func (c *relay) EnqueueAll(ms []*Message) bool {
+func (c *relay) EnqueueAll(b *Batch, ms []*Message) bool {
 	if c.closing.Load() {
 		return false
 	}
@@ -60,7 +62,7 @@ func (c *relay) EnqueueAll(ms []*Message) bool {
 		frames = append(frames, m.frameFor(c.client.z))
 		size += uint64(len(m.Payload()))
 	}
-	if c.client.w.deliverAll(frames) {
+	if c.client.w.deliverAll(b, frames) {
 		c.fanout.add(uint64(len(ms)), size)
 		return true
 	}

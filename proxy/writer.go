@@ -52,10 +52,11 @@ type writer struct {
 	// (deliver): no goroutine is started for it. writeFD is that write's
 	// callback (made once); nb, nw and nerr its frame and results (mu
 	// held).
-	writeFD func(fd uintptr) bool
-	nb      []byte
-	nw      int
-	nerr    error
+	writeFD   func(fd uintptr) bool
+	nb        []byte
+	nw        int
+	nerr      error
+	batchHold // a Batch's, while it holds the writer (mu held)
 
 	running bool // guarded by qmu: the queue goroutine exists
 	refuse  bool // guarded by qmu: nothing more is queued
@@ -342,15 +343,20 @@ func (w *writer) queueIdle() bool {
 
 // deliver sends an encoded fan-out frame without blocking. When nothing
 // is queued or being written, no forwarded message is in progress and the
-// connection is open, it writes the frame at once to a plain TCP socket
-// for as many bytes as the socket takes; a goroutine writes the rest,
-// holding the writer until it is out. Otherwise the frame is queued.
-// False means the queue is full or closed.
-func (w *writer) deliver(frame []byte) bool {
+// connection is open, it writes the frame to a plain TCP socket for as
+// many bytes as the socket takes (at once, or with the rest of batch b
+// when b is not nil); a goroutine writes the rest, holding the writer
+// until it is out. Otherwise the frame is queued. False means the queue is
+// full or closed.
+func (w *writer) deliver(b *Batch, frame []byte) bool {
 	if !w.takeIdle() {
 		return w.enqueue(frame)
 	}
-	w.send(frame)
+	if b != nil {
+		b.add(w, frame, nil)
+	} else {
+		w.send(frame)
+	}
 	return true
 }
 
@@ -358,22 +364,24 @@ func (w *writer) deliver(frame []byte) bool {
 // sends one: when the writer is idle, in one write (the frames end to end
 // in a pooled buffer); otherwise queued. False means the queue did not
 // take them all.
-func (w *writer) deliverAll(frames [][]byte) bool {
+func (w *writer) deliverAll(b *Batch, frames [][]byte) bool {
 	switch len(frames) {
 	case 0:
 		return true
 	case 1:
-		return w.deliver(frames[0])
+		return w.deliver(b, frames[0])
 	}
 	if w.takeIdle() {
 		bp := joinPool.Get().(*[]byte)
-		b := (*bp)[:0]
+		joined := (*bp)[:0]
 		for _, f := range frames {
-			b = append(b, f...)
+			joined = append(joined, f...)
 		}
-		*bp = b
-		if w.send(b) && cap(b) <= joinKeepMax {
-			joinPool.Put(bp)
+		*bp = joined
+		if b != nil {
+			b.add(w, joined, bp)
+		} else if w.send(joined) {
+			putJoined(bp)
 		}
 		return true
 	}
@@ -404,6 +412,13 @@ var joinPool = sync.Pool{New: func() any { b := make([]byte, 0, 4<<10); return &
 
 const joinKeepMax = 64 << 10
 
+// putJoined gives a buffer of deliverAll's, no longer in use, back.
+func putJoined(bp *[]byte) {
+	if cap(*bp) <= joinKeepMax {
+		joinPool.Put(bp)
+	}
+}
+
 // idleLocked reports, with mu held, whether nothing is queued or being
 // written and the queue takes frames.
 func (w *writer) idleLocked() bool {
@@ -427,6 +442,15 @@ func (w *writer) send(b []byte) bool {
 		err = w.nerr
 	}
 	w.nb, w.nerr = nil, nil
+	return w.sent(b, n, err)
+}
+
+// sent finishes a write of b that send (or a batch) made for an idle
+// writer whose mu the caller holds: n bytes went out, and err is the
+// write's error (EAGAIN: the socket was full). It unlocks mu, or hands it
+// to a goroutine that writes the rest, and reports whether b is no longer
+// in use.
+func (w *writer) sent(b []byte, n int, err error) bool {
 	if err != nil && err != syscall.EAGAIN {
 		w.broken = true
 		w.closed.Store(true)

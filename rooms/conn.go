@@ -108,19 +108,19 @@ func NewConn(h *Hub, cfg ConnConfig) *Conn {
 func (c *Conn) Attach(s proxy.Session) { c.sess = s }
 
 // Deliver queues a publication for the client.
-func (c *Conn) Deliver(p *Publication) {
-	if s := c.sess; s != nil {
-		if f := p.Frame(c.cfg.Format); f != nil {
-			s.Enqueue(f)
-		}
-	}
-}
+func (c *Conn) Deliver(p *Publication) { c.DeliverAll(nil, []*Publication{p}) }
 
 // DeliverAll queues publications for the client, in order, to be written
-// together.
-func (c *Conn) DeliverAll(ps []*Publication) {
+// together, with b's other writes when b is not nil.
+func (c *Conn) DeliverAll(b *proxy.Batch, ps []*Publication) {
 	s := c.sess
 	if s == nil {
+		return
+	}
+	if len(ps) == 1 {
+		if f := ps[0].Frame(c.cfg.Format); f != nil {
+			s.Enqueue(b, f)
+		}
 		return
 	}
 	fs := make([]*proxy.Message, 0, len(ps))
@@ -130,7 +130,7 @@ func (c *Conn) DeliverAll(ps []*Publication) {
 		}
 	}
 	if len(fs) > 0 {
-		s.EnqueueAll(fs)
+		s.EnqueueAll(b, fs)
 	}
 }
 

@@ -31,7 +31,7 @@ type closeCall struct {
 	reason string
 }
 
-func (s *fakeSession) Enqueue(m *proxy.Message) bool {
+func (s *fakeSession) Enqueue(_ *proxy.Batch, m *proxy.Message) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.refuse {
@@ -41,7 +41,7 @@ func (s *fakeSession) Enqueue(m *proxy.Message) bool {
 	return true
 }
 
-func (s *fakeSession) EnqueueAll(ms []*proxy.Message) bool {
+func (s *fakeSession) EnqueueAll(_ *proxy.Batch, ms []*proxy.Message) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.refuse {

@@ -121,9 +121,10 @@ type Subscriber interface {
 }
 
 // batchSubscriber is a subscriber that takes several publications at
-// once, in order (a connection writes them together).
+// once, in order, and writes them with the other subscribers' (a
+// connection: see proxy.Batch).
 type batchSubscriber interface {
-	DeliverAll(ps []*Publication)
+	DeliverAll(b *proxy.Batch, ps []*Publication)
 }
 
 // Hub holds a node's local subscriptions.
@@ -198,25 +199,19 @@ type subState struct {
 }
 
 // fan delivers p to every subscriber of the room; the caller holds r.mu.
-func (r *room) fan(p *Publication) int {
-	n := 0
-	for s, st := range r.subs {
-		n += r.fanTo(s, st, p)
-	}
-	return n
-}
+func (r *room) fan(p *Publication) int { return r.fanAll([]*Publication{p}) }
 
 // fanAll delivers ps, in order, to every subscriber of the room: all at
-// once to those that follow it live; the caller holds r.mu.
+// once, and written together, to those that follow it live; the caller
+// holds r.mu.
 func (r *room) fanAll(ps []*Publication) int {
-	if len(ps) == 1 {
-		return r.fan(ps[0])
-	}
+	b := proxy.NewBatch()
+	defer b.End()
 	n := 0
 	for s, st := range r.subs {
 		if st == nil {
-			if b, ok := s.(batchSubscriber); ok {
-				b.DeliverAll(ps)
+			if bs, ok := s.(batchSubscriber); ok {
+				bs.DeliverAll(b, ps)
 				n += len(ps)
 				continue
 			}
