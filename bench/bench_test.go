@@ -558,7 +558,7 @@ func TestCapModel(t *testing.T) {
 	}
 	r := &capResult{one: &capStage{nodes: 1, perNode: []int{1000}, rss: []int64{4096 * 1000}, sockMem: 3000 * 1000,
 		hsCPU:   []time.Duration{1000 * 150 * time.Microsecond},
-		windows: []*capWindowResult{win(3000, capBig, true), win(3000, capBig, false), win(30000, capSmall, false)}}}
+		windows: []*capWindowResult{win(3000, capBig, false), win(30000, capSmall, false), win(30000, capSmall, true)}}}
 	r.derive()
 	near := func(name string, got, want time.Duration) {
 		if d := got - want; d < -time.Nanosecond || d > time.Nanosecond {
