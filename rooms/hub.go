@@ -175,7 +175,7 @@ type fanQueue struct {
 // publisher waits for no fan-out. Up to fanQueueMax publications wait per
 // room; a publisher that finds the queue full waits until the fan-out
 // takes it. The bound caps the delay a room published to faster than it
-// can be fanned out builds up (about a second at 1,000 subscribers),
+// can be fanned out builds up (under a second at 1,000 subscribers),
 // beyond which its publishers are slowed down instead.
 //
 // The fan-out goroutine takes up to fanBatchMax queued publications at a
