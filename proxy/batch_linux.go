@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"errors"
 	"runtime"
 	"sync"
 	"sync/atomic"
@@ -112,7 +113,8 @@ func (b *Batch) submit() {
 // batch finds none; one that failed is closed, and so is one beyond what
 // two batches per processor need. When the kernel has no io_uring, or
 // refuses it (a seccomp profile), off is set and batches write each item
-// on its own.
+// on its own; a ring that cannot be made for now (memory, open files)
+// leaves that batch to do the same.
 type ringPool struct {
 	mu   sync.Mutex
 	free []*uring.Ring
@@ -135,9 +137,8 @@ func (rp *ringPool) get() *uring.Ring {
 		return r
 	}
 	r, err := uring.New(batchMax)
-	if err != nil {
+	if errors.Is(err, uring.ErrUnsupported) {
 		rp.off = true
-		return nil
 	}
 	return r
 }

@@ -2,8 +2,11 @@ package proxy
 
 import (
 	"bytes"
+	"encoding/binary"
+	"fmt"
 	"net/http"
 	"os"
+	"sync"
 	"testing"
 
 	"github.com/gobwas/ws"
@@ -150,5 +153,100 @@ func TestBatchClosedSocket(t *testing.T) {
 	tg.waitLen(t, 2)
 	if f, err := clients[1].read(); err == nil {
 		t.Fatalf("the closed client read a frame: op %d, %d bytes", f.op, len(f.payload))
+	}
+}
+
+// TestBatchStress: several goroutines fan out through batches to the same
+// clients at once, while pings are written to them and some are closed;
+// every client reads well-formed frames, each producer's in order and
+// none twice, and a client left open gets every one. With io_uring and
+// without.
+func TestBatchStress(t *testing.T) {
+	t.Run("io_uring", func(t *testing.T) { useRings(t, true); batchStress(t) })
+	t.Run("one write each", func(t *testing.T) { useRings(t, false); batchStress(t) })
+}
+
+func batchStress(t *testing.T) {
+	const clients, producers, rounds = 40, 4, 200
+	_, sessions, rcs := batchClients(t, clients)
+	frame := func(p, r int) []byte {
+		b := make([]byte, 8+r%97)
+		binary.BigEndian.PutUint32(b, uint32(p))
+		binary.BigEndian.PutUint32(b[4:], uint32(r))
+		return b
+	}
+	closed := func(i int) bool { return i%7 == 3 }
+	var wg sync.WaitGroup
+	for p := range producers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for r := range rounds {
+				b := NewBatch()
+				for i, s := range sessions {
+					if r == rounds/2 && p == 0 && closed(i) {
+						s.Close(1000, "done")
+					}
+					s.Enqueue(b, NewMessage(ws.OpBinary, frame(p, r)))
+				}
+				b.End()
+			}
+		}()
+	}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for r := range rounds {
+			for _, s := range sessions {
+				s.(*relay).client.w.control(ws.OpPing, []byte{byte(r)})
+			}
+		}
+	}()
+	errs := make(chan error, clients)
+	for i, rc := range rcs {
+		go func() {
+			next := make([]int, producers)
+			got := 0
+			for got < producers*rounds {
+				f, err := rc.read()
+				if err != nil {
+					errs <- fmt.Errorf("client %d after %d frames: %v", i, got, err)
+					return
+				}
+				switch f.op {
+				case opPing:
+					continue
+				case opClose:
+					if !closed(i) {
+						errs <- fmt.Errorf("client %d closed after %d frames", i, got)
+					} else {
+						errs <- nil
+					}
+					return
+				}
+				if f.op != opBinary || len(f.payload) < 8 {
+					errs <- fmt.Errorf("client %d: frame op %d, %d bytes", i, f.op, len(f.payload))
+					return
+				}
+				p, r := int(binary.BigEndian.Uint32(f.payload)), int(binary.BigEndian.Uint32(f.payload[4:]))
+				if p >= producers || r != next[p] || !bytes.Equal(f.payload, frame(p, r)) {
+					errs <- fmt.Errorf("client %d: producer %d frame %d (%d bytes), want frame %d", i, p, r, len(f.payload), next[min(p, producers-1)])
+					return
+				}
+				next[p]++
+				got++
+			}
+			if closed(i) {
+				errs <- fmt.Errorf("client %d got every frame though it was closed half way", i)
+				return
+			}
+			errs <- nil
+		}()
+	}
+	wg.Wait()
+	for range clients {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
 	}
 }

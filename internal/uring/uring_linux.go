@@ -94,8 +94,13 @@ var (
 func New(entries uint32) (*Ring, error) {
 	var p params
 	fd, _, errno := syscall.RawSyscall(unix.SYS_IO_URING_SETUP, uintptr(entries), uintptr(unsafe.Pointer(&p)), 0)
-	if errno != 0 {
+	switch errno {
+	case 0:
+	case syscall.ENOSYS, syscall.EPERM, syscall.EACCES:
+		// No io_uring, or refused: kernel.io_uring_disabled, seccomp.
 		return nil, fmt.Errorf("%w: %v", ErrUnsupported, errno)
+	default:
+		return nil, fmt.Errorf("uring: setup: %w", errno) // short of memory or files, for now
 	}
 	r := &Ring{fd: int(fd), entries: p.sqEntries} // close-on-exec, as io_uring makes it
 	if !r.supports(opSend) {
