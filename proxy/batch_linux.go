@@ -17,14 +17,10 @@ type batchSys struct {
 	fds    []int
 	bufs   [][]byte
 	res    []int
-}
-
-// batchHold is the part of a writer a batch uses while it holds the
-// writer's socket (guarded by the writer's mu).
-type batchHold struct {
-	bat    *Batch
-	bidx   int
-	holdFD func(fd uintptr) bool // heldFD, made once
+	// holdFD[i] is the callback of item i's RawConn.Write in hold: with
+	// the socket held, the batch goes on with the next item. Made once
+	// per batch (batches are pooled).
+	holdFD [batchMax]func(fd uintptr) bool
 }
 
 // writeAll writes every item of the batch in one io_uring submission,
@@ -52,25 +48,19 @@ func (b *Batch) hold(i int) {
 		return
 	}
 	it := &b.items[i]
-	w := it.w
-	if w.holdFD == nil {
-		w.holdFD = w.heldFD
+	if b.sys.holdFD[i] == nil {
+		b.sys.holdFD[i] = func(fd uintptr) bool {
+			b.items[i].fd = int(fd)
+			b.hold(i + 1)
+			return true
+		}
 	}
-	w.bat, w.bidx, it.fd = b, i, -1
-	err := w.p.rd.sock.Write(w.holdFD)
-	w.bat = nil
+	it.fd = -1
+	err := it.w.p.rd.sock.Write(b.sys.holdFD[i])
 	if it.fd < 0 { // the socket is closed: nothing is written to it
 		it.err = err
 		b.hold(i + 1)
 	}
-}
-
-// heldFD is the callback of the writer's Write in hold: with the socket
-// held, the batch goes on with the next item.
-func (w *writer) heldFD(fd uintptr) bool {
-	w.bat.items[w.bidx].fd = int(fd)
-	w.bat.hold(w.bidx + 1)
-	return true
 }
 
 // submit writes every held item (fd ≥ 0) in one submission.

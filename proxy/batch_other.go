@@ -5,7 +5,4 @@ package proxy
 // writeAll reports false: each write of a batch is made on its own.
 func (b *Batch) writeAll() bool { return false }
 
-type (
-	batchSys  struct{}
-	batchHold struct{}
-)
+type batchSys struct{}

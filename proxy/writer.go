@@ -52,11 +52,10 @@ type writer struct {
 	// (deliver): no goroutine is started for it. writeFD is that write's
 	// callback (made once); nb, nw and nerr its frame and results (mu
 	// held).
-	writeFD   func(fd uintptr) bool
-	nb        []byte
-	nw        int
-	nerr      error
-	batchHold // a Batch's, while it holds the writer (mu held)
+	writeFD func(fd uintptr) bool
+	nb      []byte
+	nw      int
+	nerr    error
 
 	running bool // guarded by qmu: the queue goroutine exists
 	refuse  bool // guarded by qmu: nothing more is queued
