@@ -54,19 +54,17 @@ func (b *Batch) add(w *writer, frame []byte, join *[]byte) {
 
 // flush writes what the batch holds and lets the writers go.
 func (b *Batch) flush() {
-	if len(b.items) > 1 && b.writeAll() {
-		for i := range b.items {
-			it := &b.items[i]
-			if it.w.sent(it.b, it.n, it.err) && it.join != nil {
-				putJoined(it.join)
-			}
+	together := len(b.items) > 1 && b.writeAll()
+	for i := range b.items {
+		it := &b.items[i]
+		var done bool
+		if together {
+			done = it.w.sent(it.b, it.n, it.err)
+		} else {
+			done = it.w.send(it.b)
 		}
-	} else {
-		for i := range b.items {
-			it := &b.items[i]
-			if it.w.send(it.b) && it.join != nil {
-				putJoined(it.join)
-			}
+		if done && it.join != nil {
+			putJoined(it.join)
 		}
 	}
 	clear(b.items)

@@ -175,8 +175,8 @@ func (r *Ring) Close() error {
 // one system call, and stores in n[i] the bytes written or a negative
 // errno (-EAGAIN when the socket took nothing). The buffers must stay
 // untouched, and the descriptors open, until it returns. At most Entries
-// sends at a time (more: ErrNotSubmitted). Its errors are ErrNotSubmitted and ErrFailed; a send
-// whose result is unknown has n[i] = -EIO.
+// sends at a time (more: ErrNotSubmitted). Its errors are ErrNotSubmitted
+// and ErrFailed; a send whose result is unknown has n[i] = -EIO.
 func (r *Ring) Send(fds []int, bufs [][]byte, n []int) error {
 	count := uint32(len(fds))
 	if count == 0 {
